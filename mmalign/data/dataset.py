@@ -1,0 +1,166 @@
+"""Torch datasets over preference pairs: decoded, resized, cropped, in [-1, 1] (diffusers' VAE input).
+
+Transforms follow the Diffusion-DPO training scripts (SalesforceAIResearch/DiffusionDPO ``train.py``;
+diffusers ``train_diffusion_dpo*.py``): bilinear resize of the shorter side to ``resolution`` (the longer
+side truncated as torchvision's ``Resize``), then a random crop and an optional horizontal flip for training,
+or a centre crop for evaluation, then ``x / 127.5 - 1``. Both images of a pair share the crop position
+(as a fraction of the free space) and the flip, as in diffusers' SDXL DPO script, so the pair stays aligned
+(the official SD1.5 script draws them per image). Augmentation is deterministic: item ``i`` in epoch ``e``
+draws from ``random.Random(f"{seed}:{e}:{i}")``, whatever the worker or the order of fetches.
+
+Decode failures at fetch time: the pair is reported (a warning naming its ``source`` and the error, once
+per worker), recorded in ``failed`` and replaced by the next pair (``i + 1``, wrapping); a dataset where
+no pair decodes raises :class:`~mmalign.errors.DataError`. The streaming dataset simply skips such pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..errors import DataError, MediaError
+from .records import PreferencePair, decode_image
+
+logger = logging.getLogger("mmalign.data")
+
+
+class PairTransform:
+    """Decode and transform one pair into tensors ``[3, R, R]`` in [-1, 1]."""
+
+    def __init__(self, resolution: int = 512, *, train: bool = True, hflip: bool = True, seed: int = 0):
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution = int(resolution)
+        self.train = train
+        self.hflip = hflip
+        self.seed = seed
+
+    def __call__(self, pair: PreferencePair, index: int, epoch: int = 0) -> dict[str, Any]:
+        """Raise :class:`~mmalign.errors.MediaError` naming ``pair.source`` when an image fails to decode."""
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
+        fx, fy, coin = rng.random(), rng.random(), rng.random()
+        flip = self.train and self.hflip and coin < 0.5
+        source = pair.source or f"pair {index}"
+        chosen = decode_image(pair.chosen, f"{source} chosen")
+        rejected = decode_image(pair.rejected, f"{source} rejected")
+        chosen_pixels, top_left = self._apply(chosen, fx, fy, flip)
+        rejected_pixels, _ = self._apply(rejected, fx, fy, flip)
+        return {
+            "chosen_pixels": chosen_pixels,
+            "rejected_pixels": rejected_pixels,
+            "prompt": pair.prompt,
+            "label": torch.tensor(pair.label, dtype=torch.float32),
+            "original_size": torch.tensor((chosen.height, chosen.width)),
+            "crop_top_left": torch.tensor(top_left),
+            "index": index,
+        }
+
+    def _apply(self, image: Image.Image, fx: float, fy: float, flip: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+        size = self.resolution
+        width, height = image.size
+        if width <= height:
+            new_w, new_h = size, max(size, int(size * height / width))
+        else:
+            new_w, new_h = max(size, int(size * width / height)), size
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        if self.train:
+            left = min(int(fx * (new_w - size + 1)), new_w - size)
+            top = min(int(fy * (new_h - size + 1)), new_h - size)
+        else:  # torchvision CenterCrop
+            left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.uint8)
+        pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return pixels, (top, left)
+
+
+class PreferenceDataset(Dataset):
+    """Map-style dataset over a sequence of pairs (a :class:`PreferenceList`, or any list of pairs).
+
+    Items: ``chosen_pixels``, ``rejected_pixels`` float ``[3, R, R]`` in [-1, 1], ``prompt``, ``label``
+    (float32 scalar), ``original_size`` (h, w of ``chosen``), ``crop_top_left`` (top, left; SDXL micro-
+    conditioning) and ``index`` (the pair actually returned, after any replacement). Call :meth:`set_epoch`
+    to draw new augmentations each epoch.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[PreferencePair],
+        resolution: int = 512,
+        *,
+        train: bool = True,
+        hflip: bool = True,
+        seed: int = 0,
+    ):
+        self.pairs = pairs
+        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed)
+        self.epoch = 0
+        self.failed: dict[int, str] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.pairs)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} pairs")
+        index %= n
+        for step in range(n):
+            current = (index + step) % n
+            pair = self.pairs[current]
+            try:
+                return self.transform(pair, current, self.epoch)
+            except MediaError as error:
+                if current not in self.failed:
+                    self.failed[current] = str(error)
+                    logger.warning("pair %d (%s): %s; using the next pair instead", current, pair.source or "?", error)
+        raise DataError("PreferenceDataset", f"none of its {n} pairs could be decoded")
+
+
+class IterablePreferenceDataset(IterableDataset):
+    """Streaming dataset over an iterable of pairs (e.g. a :class:`PreferenceStream` of Pick-a-Pic).
+
+    With several DataLoader workers, worker ``w`` of ``W`` keeps the pairs whose position ``k`` satisfies
+    ``k % W == w`` (each worker reads the source; only the decoding is split). Pairs that fail to decode are
+    logged and skipped. Augmentation is seeded by ``(seed, epoch, k)``.
+    """
+
+    def __init__(
+        self,
+        pairs: Iterable[PreferencePair],
+        resolution: int = 512,
+        *,
+        train: bool = True,
+        hflip: bool = True,
+        seed: int = 0,
+    ):
+        self.pairs = pairs
+        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for position, pair in enumerate(self.pairs):
+            if position % workers != worker:
+                continue
+            try:
+                yield self.transform(pair, position, self.epoch)
+            except MediaError as error:
+                logger.warning("pair %d (%s): %s; skipping it", position, pair.source or "?", error)

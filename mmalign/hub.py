@@ -1,0 +1,177 @@
+"""Find weight files by local path or hub id, and load them without executing pickled code.
+
+Local paths always win and never touch the network; hub ids go through ``huggingface_hub``, which honours
+``HF_HUB_OFFLINE=1`` and its cache. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import StateDictMismatchError, UnsafeCheckpointError, WeightsError
+
+HF_PREFIX = "hf-hub:"
+
+CONVERT_HINT = (
+    "mmalign only loads safetensors or plain tensor pickles (torch.load(weights_only=True)). "
+    "If you trust this file, convert it once with:\n"
+    "    mmalign convert --trust-pickle {path} {stem}.safetensors\n"
+    "and pass the .safetensors file instead."
+)
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _hub_download(repo_id: str, filename: str | None, what: str) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if filename is None:
+            return Path(snapshot_download(repo_id))
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as error:  # offline, missing repo, missing file: say what to do
+        target = f"{repo_id}/{filename}" if filename else repo_id
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = "HF_HUB_OFFLINE is set and the file is not in the local cache; " if offline else ""
+        raise WeightsError(
+            f"cannot fetch {what} from the hub ({target}): {hint}{type(error).__name__}: {error}. "
+            f"Download it elsewhere and pass a local path instead."
+        ) from error
+
+
+def resolve_file(spec: str | os.PathLike | None, *, default_repo: str, filename: str, what: str) -> Path:
+    """Resolve a weights argument to one local file.
+
+    ``spec`` may be ``None`` (use ``default_repo``), a file, a folder holding ``filename``, a hub repo id
+    (``org/name`` or ``hf-hub:org/name``), or ``org/name/file`` naming another file of a repo.
+    """
+    if spec is None:
+        return _hub_download(default_repo, filename, what)
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidate = path / filename
+        if candidate.is_file():
+            return candidate
+        raise WeightsError(f"{path}: folder has no {filename} ({what})")
+    repo = text[len(HF_PREFIX) :] if text.startswith(HF_PREFIX) else text
+    if _looks_like_repo_id(repo):
+        return _hub_download(repo, filename, what)
+    if repo.count("/") >= 2 and not text.startswith((".", "/", "~")):
+        org, name, file_in_repo = repo.split("/", 2)
+        return _hub_download(f"{org}/{name}", file_in_repo, what)
+    raise WeightsError(f"{text}: no such file or folder ({what})")
+
+
+def resolve_dir(spec: str | os.PathLike | None, *, default_repo: str, what: str) -> Path:
+    """Resolve a model folder: a local directory, or a hub repo id snapshot (cached, offline-aware)."""
+    if spec is None:
+        return _hub_download(default_repo, None, what)
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightsError(f"{path}: expected a folder ({what}), found a file")
+    repo = text[len(HF_PREFIX) :] if text.startswith(HF_PREFIX) else text
+    if _looks_like_repo_id(repo):
+        return _hub_download(repo, None, what)
+    raise WeightsError(f"{text}: no such folder ({what})")
+
+
+def load_state_dict(path: str | os.PathLike, *, unwrap: Iterable[str] = ("state_dict",)) -> dict[str, torch.Tensor]:
+    """Load a flat ``{name: tensor}`` dict from safetensors or a weights-only torch pickle.
+
+    A pickle that needs code execution is refused with an :class:`UnsafeCheckpointError` saying how to
+    convert it. A top-level ``{'state_dict': {...}}`` wrapper (HPSv2's format) is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            raise WeightsError(f"{path}: not a readable safetensors file ({error})") from error
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        hint = CONVERT_HINT.format(path=path, stem=path.with_suffix(""))
+        raise UnsafeCheckpointError(
+            f"{path}: refused, this checkpoint needs code execution to unpickle ({error}).\n{hint}"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({error})") from error
+    for key in unwrap:
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    bad = [key for key, value in obj.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:8]))}")
+    return dict(obj)
+
+
+def convert_pickle_to_safetensors(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Convert a trusted full pickle to safetensors. This executes the pickle: only for files you trust."""
+    from safetensors.torch import save_file
+
+    obj = torch.load(str(source), map_location="cpu", weights_only=False)
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    tensors = {k: v.detach().contiguous().clone() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    target = Path(target)
+    save_file(tensors, str(target))
+    return target
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def load_into(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+) -> None:
+    """Load strictly, except for keys matching the documented allow-lists (glob patterns).
+
+    Missing, unexpected and wrongly shaped keys are all reported together in one
+    :class:`StateDictMismatchError`; nothing is loaded silently with ``strict=False``.
+    """
+    allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict and not _matches(k, allow_missing)]
+    unexpected = [k for k in state_dict if k not in own and not _matches(k, allow_unexpected)]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise StateDictMismatchError(source, missing, unexpected, mismatched)
+    known = {k: v for k, v in state_dict.items() if k in own}
+    module.load_state_dict(known, strict=False)

@@ -1,0 +1,1 @@
+"""Decoding media into mmalign's canonical tensors (see DESIGN.md, "Canonical media tensors")."""

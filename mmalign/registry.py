@@ -1,0 +1,130 @@
+"""Named components, imported on first use.
+
+A registry maps a name (``hpsv2.1``) to a ``"module:attribute"`` string and default keyword arguments, so
+``import mmalign`` stays fast and a broken optional backend is reported only when it is asked for
+(the open_clip pattern of named configs crossed with pretrained tags).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MMAlignError
+
+
+class UnknownNameError(MMAlignError, KeyError):
+    """A name that is not in a registry; the message lists close matches."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the sentence readable
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component: where its factory lives and the defaults it is built with."""
+
+    name: str
+    target: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        module_name, _, attribute = self.target.partition(":")
+        module = importlib.import_module(module_name)
+        factory = module
+        for part in attribute.split("."):
+            factory = getattr(factory, part)
+        return factory
+
+
+class Registry:
+    """A table of named components of one kind (rewards, trainers, modalities, datasets)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, target: str, description: str = "", **defaults: Any) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = Entry(name, target, dict(defaults), description)
+
+    def entry(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._entries, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}."
+            ) from None
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        entry = self.entry(name)
+        return entry.load()(**{**entry.defaults, **kwargs})
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries[name] for name in self.names())
+
+
+REWARDS = Registry("reward")
+
+REWARDS.register(
+    "hpsv2",
+    "mmalign.rewards.hps:HPSReward.from_pretrained",
+    "HPSv2.0: open_clip ViT-H-14, letterboxed 224 px, cosine (tgxs002/HPSv2)",
+    version="v2.0",
+)
+REWARDS.register(
+    "hpsv2.1",
+    "mmalign.rewards.hps:HPSReward.from_pretrained",
+    "HPSv2.1: open_clip ViT-H-14, letterboxed 224 px, cosine (tgxs002/HPSv2)",
+    version="v2.1",
+)
+REWARDS.register(
+    "pickscore",
+    "mmalign.rewards.clip:PickScoreReward.from_pretrained",
+    "PickScore v1: CLIP-H/14, logit_scale.exp() * cosine (yuvalkirstain/PickScore)",
+)
+REWARDS.register(
+    "imagereward",
+    "mmalign.rewards.imagereward:ImageReward.from_pretrained",
+    "ImageReward v1.0: BLIP ViT-L/16 + cross-attention BERT + affine head (THUDM/ImageReward)",
+)
+REWARDS.register(
+    "clipscore",
+    "mmalign.rewards.clip:CLIPScoreReward.from_pretrained",
+    "CLIPScore (Hessel et al.): 2.5 * max(cos, 0), ViT-B/32, 'A photo depicts ' prefix",
+)
+REWARDS.register(
+    "clipscore-tm",
+    "mmalign.rewards.clip:TorchmetricsCLIPScoreReward.from_pretrained",
+    "CLIPScore as torchmetrics: 100 * cos per sample, ViT-L/14",
+)
+REWARDS.register(
+    "aesthetic",
+    "mmalign.rewards.aesthetic:AestheticReward.from_pretrained",
+    "LAION aesthetic predictor v2: CLIP ViT-L/14 embedding + linear head, about 1-10",
+)
+REWARDS.register(
+    "jpeg-compressibility",
+    "mmalign.rewards.jpeg:JpegReward",
+    "DDPO: minus the JPEG size in kB at quality 95",
+    sign=-1.0,
+)
+REWARDS.register(
+    "jpeg-incompressibility",
+    "mmalign.rewards.jpeg:JpegReward",
+    "DDPO: the JPEG size in kB at quality 95",
+    sign=1.0,
+)

@@ -1,0 +1,124 @@
+"""Tiny models of the real architectures, built from config and saved in the published formats.
+
+Nothing here downloads: the CLIP tokenizer's vocab.json/merges.txt are generated from the BPE file that
+open_clip ships (the same 49408-token vocabulary as OpenAI CLIP).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_OPEN_CLIP = "mmalign-tiny-ViT"
+TINY_OPEN_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> unicode table, in its published order: printable bytes first."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {byte: chr(byte) for byte in printable}
+    others = [byte for byte in range(256) if byte not in table]
+    table.update({byte: chr(256 + n) for n, byte in enumerate(others)})
+    return table
+
+
+def write_clip_tokenizer(folder: Path) -> Path:
+    """Write vocab.json + merges.txt of the OpenAI CLIP tokenizer from open_clip's shipped BPE merges."""
+    from open_clip.tokenizer import default_bpe
+
+    with gzip.open(default_bpe()) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
+
+
+def register_tiny_open_clip(folder: Path) -> str:
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{TINY_OPEN_CLIP}.json"
+    path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(path)
+    return TINY_OPEN_CLIP
+
+
+def make_hps_checkpoint(folder: Path, seed: int = 0, filename: str = "HPS_v2.1_compressed.pt") -> Path:
+    """A tiny open_clip CLIP saved like HPSv2's release: ``torch.save({'state_dict': ...})``."""
+    import open_clip
+
+    register_tiny_open_clip(folder / "configs")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
+    path = folder / filename
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+def make_clip_model(folder: Path, seed: int = 0, image_size: int = 224, projection_dim: int = 32) -> Path:
+    """A tiny transformers CLIPModel + CLIPProcessor folder (``save_pretrained`` layout)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=32,
+        ),
+        projection_dim=projection_dim,
+        logit_scale_init_value=4.6052,
+    )
+    model = CLIPModel(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder / "_tok")))
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def random_image(seed: int, size: tuple[int, int] = (320, 256), mode: str = "RGB") -> Image.Image:
+    """A smooth random image (width, height), so resizes are not dominated by noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 256, size=(max(h // 16, 2), max(w // 16, 2), 3), dtype=np.uint8)
+    image = Image.fromarray(small, "RGB").resize((w, h), Image.BILINEAR)
+    noise = rng.integers(-12, 13, size=(h, w, 3))
+    array = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(array, "RGB").convert(mode)
