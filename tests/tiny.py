@@ -1,12 +1,10 @@
 """Tiny models of the real architectures, built from config and saved in the published formats.
 
-Nothing here downloads: the CLIP tokenizer's vocab.json/merges.txt are generated from the BPE file that
-open_clip ships (the same 49408-token vocabulary as OpenAI CLIP).
+Nothing here downloads: the CLIP tokenizer files come from :func:`mmalign.tokenizers.write_clip_tokenizer`.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -14,38 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmalign.tokenizers import write_clip_tokenizer
+
 TINY_OPEN_CLIP = "mmalign-tiny-ViT"
 TINY_OPEN_CLIP_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> unicode table, in its published order: printable bytes first."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {byte: chr(byte) for byte in printable}
-    others = [byte for byte in range(256) if byte not in table]
-    table.update({byte: chr(256 + n) for n, byte in enumerate(others)})
-    return table
-
-
-def write_clip_tokenizer(folder: Path) -> Path:
-    """Write vocab.json + merges.txt of the OpenAI CLIP tokenizer from open_clip's shipped BPE merges."""
-    from open_clip.tokenizer import default_bpe
-
-    with gzip.open(default_bpe()) as handle:
-        lines = handle.read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder
 
 
 def register_tiny_open_clip(folder: Path) -> str:

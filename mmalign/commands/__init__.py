@@ -1,0 +1,7 @@
+"""One module per ``mmalign`` subcommand; each exposes ``add_parser(subparsers)`` and sets ``func=run``.
+
+Add a command by writing a module here and naming it in :data:`COMMANDS` (imported when the CLI starts, so keep
+heavy imports inside ``run``).
+"""
+
+COMMANDS = ["score", "list", "convert", "demo"]
