@@ -48,7 +48,7 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, target: str, description: str = "", **defaults: Any) -> None:
+    def register(self, name: str, target: str, description: str = "", /, **defaults: Any) -> None:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = Entry(name, target, dict(defaults), description)
@@ -127,4 +127,26 @@ REWARDS.register(
     "mmalign.rewards.jpeg:JpegReward",
     "DDPO: the JPEG size in kB at quality 95",
     sign=1.0,
+)
+
+TRAINERS = Registry("trainer")
+
+TRAINERS.register("dpo", "mmalign.trainers.dpo:DiffusionDPOTrainer", "Diffusion-DPO (sigmoid, hinge, ipo)")
+TRAINERS.register("sft", "mmalign.trainers.dpo:SFTTrainer", "supervised fine-tuning on the winners")
+TRAINERS.register("smpo", "mmalign.trainers.dpo:SmPOTrainer", "SmPO: DPO with a reward-smoothed preference")
+TRAINERS.register("adaptive-dpo", "mmalign.trainers.dpo:AdaptiveDPOTrainer", "Adaptive-DPO: minority-aware DPO")
+TRAINERS.register("kto", "mmalign.trainers.dpo:KTOTrainer", "Diffusion-KTO: unpaired desirable/undesirable")
+REWARDS.register(
+    "clap",
+    "mmalign.rewards.clap:ClapReward.from_pretrained",
+    "CLAP (LAION HTSAT-unfused): cosine(text, audio), 48 kHz mono, one deterministic 10 s window (centre)",
+    windows="center",
+)
+REWARDS.register(
+    "clap-music",
+    "mmalign.rewards.clap:ClapReward.from_pretrained",
+    "CLAP for music (laion/larger_clap_music): cosine(text, audio), mean over 10 s windows covering the track",
+    default_repo="laion/larger_clap_music",
+    name="clap-music",
+    windows="cover",
 )

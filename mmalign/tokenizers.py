@@ -26,7 +26,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def write_clip_tokenizer(folder: str | Path) -> Path:
-    """Write vocab.json + merges.txt of the OpenAI CLIP tokenizer from open_clip's shipped BPE merges."""
+    """Write vocab.json, merges.txt and tokenizer_config.json of the OpenAI CLIP tokenizer (77 tokens, padded
+    with end-of-text as ``openai/clip-vit-*``) from open_clip's shipped BPE merges."""
     from open_clip.tokenizer import default_bpe
 
     with gzip.open(default_bpe()) as handle:
@@ -39,4 +40,13 @@ def write_clip_tokenizer(folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder

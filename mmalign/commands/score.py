@@ -1,4 +1,9 @@
-"""``mmalign score``: score media with a reward model, one JSON line per item (a stable contract)."""
+"""``mmalign score``: score media with a reward model, one JSON line per item (a stable contract).
+
+Images, videos (mp4/webm/mov/mkv/..., GIFs with ``--modality video``, folders of frames), multi-view sets
+(folders of views, ``--grid RxC`` images) and audio/music files; the modality comes from the extension or folder
+contents, or ``--modality``. Image rewards are lifted to videos and view sets; audio needs an audio reward.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,17 @@ import argparse
 import sys
 
 from ..errors import MMAlignError
+from ..modalities import MODALITIES
 from ..modalities.image import DEFAULT_MAX_PIXELS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
-        help="score images with a reward model, one JSON line per image",
-        description="Score images (files or folders) or the pairs of a JSONL file; resumable with --out.",
+        help="score images, videos, multi-view sets or audio with a reward model, one JSON line per item",
+        description="Score media (files or folders) or the pairs of a JSONL file; resumable with --out.",
     )
-    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders of images")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="media files or folders")
     p.add_argument("--reward", required=True, help="reward name (see `mmalign list`)")
     p.add_argument("--weights", help="weights file, folder or hub id (default: the published hub repo)")
     p.add_argument("--processor", help="processor/tokenizer folder or hub id")
@@ -29,15 +35,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--out", metavar="FILE.jsonl", help="append results here (re-running resumes); default stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    media = p.add_argument_group("video, multi-view and audio")
+    media.add_argument(
+        "--modality",
+        choices=["auto", *MODALITIES],
+        default="auto",
+        help="how to read PATHs (default: by extension; a folder with cameras.json is a view set)",
+    )
+    media.add_argument("--frames", type=int, default=8, help="video: frames sampled (segments for segmental/tar)")
+    media.add_argument(
+        "--aggregate",
+        choices=["mean", "segmental", "tar", "min"],
+        help="units -> score: video mean|segmental|tar|min; multiview and audio mean|min (default mean)",
+    )
+    media.add_argument("--grid", metavar="RxC", help="multiview: each image is a grid of R rows and C columns of views")
+    media.add_argument(
+        "--window-seconds", type=float, metavar="S", help="audio/music: window length (default: the model's 10 s)"
+    )
+    media.add_argument("--sample-fps", type=float, metavar="F", help="video: sample at F frames/s (at most --frames)")
+    media.add_argument(
+        "--consistency",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="video/multiview: add W x temporal / cross-view feature consistency",
+    )
+    media.add_argument("--normalize", choices=["peak", "rms", "lufs"], help="audio: level normalisation")
+    media.add_argument("--video-backend", choices=["pyav", "decord"], default="pyav", help="video decoder")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..rewards import load_reward
-    from ..scoring import device_and_threads, items_from_pairs, items_from_paths, run_scoring
+    from ..modalities.multiview import parse_grid
+    from ..scoring import MediaOptions, device_and_threads, items_from_pairs, items_from_paths, run_scoring
 
     if args.batch_size < 1:
         raise MMAlignError("--batch-size must be at least 1")
+    if args.frames < 1:
+        raise MMAlignError("--frames must be at least 1")
+    if args.grid is not None:
+        try:
+            parse_grid(args.grid)
+        except ValueError as error:
+            raise MMAlignError(f"--grid: {error}") from None
+    if args.window_seconds is not None and args.window_seconds <= 0:
+        raise MMAlignError("--window-seconds must be positive")
+    if args.sample_fps is not None and args.sample_fps <= 0:
+        raise MMAlignError("--sample-fps must be positive")
     if bool(args.paths) == bool(args.pairs):
         raise MMAlignError("give image PATHs or --pairs FILE.jsonl (one of the two)")
     device = device_and_threads(args.device)
@@ -50,11 +95,21 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     if args.pairs:
-        items = items_from_pairs(args.pairs)
+        items = items_from_pairs(args.pairs, args.modality, args.grid)
     else:
         if args.prompt is None and reward.uses_prompt:
-            raise MMAlignError(f"--prompt is required: {args.reward} scores images against a prompt")
-        items = items_from_paths(args.paths, args.prompt or "")
+            raise MMAlignError(f"--prompt is required: {args.reward} scores media against a prompt")
+        items = items_from_paths(args.paths, args.prompt or "", args.modality, args.grid)
+    media = MediaOptions(
+        frames=args.frames,
+        aggregate=args.aggregate,
+        grid=args.grid,
+        window_seconds=args.window_seconds,
+        sample_fps=args.sample_fps,
+        consistency=args.consistency,
+        normalize=args.normalize,
+        backend=args.video_backend,
+    )
     summary = run_scoring(
         reward,
         items,
@@ -63,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         max_pixels=args.max_pixels,
         progress=not args.no_progress,
+        media=media,
     )
     parts = [f"scored {summary.scored}"]
     if summary.already_done:

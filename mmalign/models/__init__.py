@@ -1,0 +1,1 @@
+"""Generators as policies: a thin layer over diffusers pipelines that trainers share."""

@@ -1,0 +1,605 @@
+"""The one training loop, on accelerate, that every diffusion trainer shares.
+
+A trainer family (``dpo.py`` and later the online trainers) only says how a batch becomes a loss
+(:meth:`Trainer.compute_loss`); this module owns everything else: the policy (a diffusers pipeline), LoRA
+through peft (the reference is the same UNet with adapters disabled) or full fine-tuning (a frozen reference
+copy), mixed precision and DDP through accelerate (``accelerate launch`` or ``torchrun``), gradient
+accumulation and checkpointing, EMA, atomic checkpoints with exact resume, a NaN/inf guard, tensorboard logs
+and validation sample grids.
+
+Determinism and exact resume: every random draw of step ``s`` (data order, crops, VAE latent samples, prompt
+dropout, timesteps, noise) comes from generators seeded by ``(seed, s)`` and drawn for the *global* batch, each
+process then taking its slice. Resuming therefore needs only the weights, optimizer, LR schedule, EMA and the
+step, and the result does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..errors import ConfigError, MMAlignError
+from .losses import LossOutput
+
+logger = logging.getLogger("mmalign.train")
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every diffusion trainer. Defaults follow the diffusers Diffusion-DPO LoRA script."""
+
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    data: str = ""
+    output_dir: str = "runs/train"
+    trainer: str = "dpo"
+    max_steps: int = 2000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    scale_lr: bool = False
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    reference: Literal["auto", "adapters", "copy"] = "auto"
+    beta: float = 5000.0
+    resolution: int = 512
+    random_crop: bool = True
+    hflip: bool = True
+    prompt_dropout: float = 0.0
+    tie_policy: Literal["drop", "keep"] = "drop"
+    max_train_samples: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    ema_decay: float = 0.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    log_every: int = 10
+    sample_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 25
+    guidance: float = 7.5
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    tracker: Literal["tensorboard", "none"] = "tensorboard"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "resolution", "checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.reference == "adapters" and self.lora_rank == 0:
+            raise ValueError("reference=adapters needs LoRA (lora_rank > 0); full fine-tuning uses reference=copy")
+
+    @property
+    def reference_mode(self) -> str:
+        if self.reference != "auto":
+            return self.reference
+        return "adapters" if self.lora_rank > 0 else "copy"
+
+
+def _generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator for (seed, step, stream): stateless randomness, hence exact resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
+
+
+class Schedule:
+    """Which pair indices make up global micro-batch ``g``: epochs are seeded permutations of the data."""
+
+    def __init__(self, size: int, global_batch: int, seed: int):
+        self.size, self.global_batch, self.seed = size, global_batch, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 31 + epoch)
+            self._perms = {epoch: torch.randperm(self.size, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def batch(self, micro_index: int) -> list[tuple[int, int]]:
+        """``(epoch, index)`` for each sample of the global micro-batch."""
+        start = micro_index * self.global_batch
+        out = []
+        for flat in range(start, start + self.global_batch):
+            epoch, position = divmod(flat, self.size)
+            out.append((epoch, self._perm(epoch)[position]))
+        return out
+
+
+class Trainer:
+    """The shared loop. Subclasses set ``config_class`` and implement :meth:`compute_loss`."""
+
+    config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    uses_reference: ClassVar[bool] = True
+
+    def __init__(self, config: TrainConfig, policy: Any = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        trackers = None if config.tracker == "none" else config.tracker
+        # Without a GPU, accelerate only forms a multi-process (gloo) group under torchrun when told cpu=True.
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=trackers,
+            project_dir=str(self.output_dir),
+            cpu=not torch.cuda.is_available(),
+        )
+        set_seed(config.seed)
+        from ..models.policy import DiffusionPolicy
+
+        self.policy = policy if policy is not None else DiffusionPolicy.from_pretrained(config.model)
+        self.policy.to(self.accelerator.device)
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self.step = 0
+        self.skipped_steps = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        config, unet = self.config, self.policy.unet
+        unet.requires_grad_(False)
+        self.ref_unet = None
+        if config.lora_rank > 0:
+            from peft import LoraConfig
+
+            unet.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_alpha or config.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora_targets),
+                )
+            )
+        else:
+            unet.requires_grad_(True)
+        if self.uses_reference and config.reference_mode == "copy":
+            import copy
+
+            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            if config.lora_rank > 0:
+                self.ref_unet.disable_adapters()
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.attention == "xformers":
+            if not torch.cuda.is_available():
+                raise ConfigError("attention=xformers needs a CUDA device; use attention=sdpa on CPU")
+            try:
+                unet.enable_xformers_memory_efficient_attention()
+            except Exception as error:
+                raise ConfigError(f"attention=xformers: {error}; install the gpu extra or use sdpa") from error
+        unet.train()
+        self.trainable = [p for p in unet.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise MMAlignError("no trainable parameters (check lora_targets)")
+        self.ema = None
+        if config.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+
+    def _setup_data(self) -> None:
+        from ..data import load_preferences
+        from ..data.dataset import PreferenceDataset
+
+        config = self.config
+        if not config.data:
+            raise ConfigError("data is empty: give a JSONL, parquet, dataset folder or dataset id")
+        loaded = load_preferences(config.data, tie_policy=config.tie_policy)
+        pairs = list(loaded)
+        report = getattr(loaded, "report", None)
+        self.data_skipped = list(getattr(report, "skipped", []) or [])
+        if config.max_train_samples:
+            pairs = pairs[: config.max_train_samples]
+        if not pairs:
+            raise MMAlignError(f"{config.data}: no usable preference pairs")
+        self.pairs = pairs
+        self.dataset = PreferenceDataset(
+            pairs, config.resolution, train=config.random_crop, hflip=config.hflip, seed=config.seed
+        )
+        processes = self.accelerator.num_processes
+        self.global_batch = config.batch_size * processes
+        self.schedule = Schedule(len(pairs), self.global_batch, config.seed)
+        self._latent_cache: dict[int, dict[str, Any]] = {}
+        self._prompt_cache: dict[str, Any] = {}
+
+    def _setup_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        config = self.config
+        lr = config.lr
+        if config.scale_lr:
+            lr = lr * config.batch_size * config.grad_accum * self.accelerator.num_processes
+        kwargs = dict(
+            lr=lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
+        try:  # fused AdamW: no foreach temporaries (lower peak memory), same update rule
+            self.optimizer = torch.optim.AdamW(self.trainable, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            self.optimizer = torch.optim.AdamW(self.trainable, **kwargs)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_steps,
+        )
+        self.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, self.optimizer)
+
+    # -- batches --------------------------------------------------------------------------------------------
+    def _item(self, epoch: int, index: int) -> dict[str, Any]:
+        """One pair with its VAE posteriors; with ``cache_latents`` the first draw is kept for the run."""
+        if self.config.cache_latents and index in self._latent_cache:
+            return self._latent_cache[index]
+        self.dataset.set_epoch(0 if self.config.cache_latents else epoch)
+        item = dict(self.dataset[index])
+        pixels = torch.stack([item.pop("chosen_pixels"), item.pop("rejected_pixels")])
+        mean, std = self.policy.latent_distribution(pixels)
+        item.update(mean_w=mean[0], std_w=std[0], mean_l=mean[1], std_l=std[1])
+        if self.config.cache_latents:
+            self._latent_cache[index] = item
+        return item
+
+    def _embeds(self, prompts: list[str]):
+        from ..models.policy import PromptEmbeds
+
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            embeds = self.policy.encode_prompt(missing)
+            for i, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = embeds.select(slice(i, i + 1))
+        parts = [self._prompt_cache[p] for p in prompts]
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return PromptEmbeds(torch.cat([p.hidden for p in parts]), pooled)
+
+    def make_batch(self, micro_index: int) -> dict[str, Any]:
+        """This process's slice of global micro-batch ``micro_index``, with latents sampled and prompts
+        (dropped out with ``prompt_dropout``) encoded. Random draws cover the global batch."""
+        config, acc = self.config, self.accelerator
+        entries = self.schedule.batch(micro_index)
+        items = [self._item(epoch, index) for epoch, index in entries]
+        gen = _generator(config.seed, micro_index, 1)
+        drop = torch.rand(len(items), generator=gen) < config.prompt_dropout
+        mean = torch.stack([torch.stack([it["mean_w"], it["mean_l"]]) for it in items])
+        std = torch.stack([torch.stack([it["std_w"], it["std_l"]]) for it in items])
+        latents = self.policy.sample_latents(mean, std, gen)  # [G, 2, C, h, w]
+        lo, hi = acc.process_index * config.batch_size, (acc.process_index + 1) * config.batch_size
+        local = items[lo:hi]
+        prompts = ["" if drop[lo + i] else it["prompt"] for i, it in enumerate(local)]
+        batch = {
+            "latents_w": latents[lo:hi, 0].to(acc.device),
+            "latents_l": latents[lo:hi, 1].to(acc.device),
+            "prompts": prompts,
+            "embeds": self._embeds(prompts),
+            "labels": torch.stack([it["label"] for it in local]).to(acc.device),
+            "indices": [it["index"] for it in local],
+            "micro_index": micro_index,
+            "slice": (lo, hi),
+        }
+        if self.policy.is_sdxl:
+            original = torch.stack([it["original_size"] for it in local])
+            crops = torch.stack([it["crop_top_left"] for it in local])
+            batch["time_ids"] = self.policy.time_ids(original, crops, config.resolution)
+        else:
+            batch["time_ids"] = None
+        return batch
+
+    def draw_noise(self, batch: dict[str, Any], count: int = 1, stream: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps ``[b]`` and ``count`` noise tensors ``[count, b, ...]`` drawn for the global batch from
+        random stream ``stream`` of this micro-batch; this process's slice."""
+        gen = _generator(self.config.seed, batch["micro_index"], stream)
+        lo, hi = batch["slice"]
+        shape = (self.global_batch * count, *batch["latents_w"].shape[1:])
+        steps = self.policy.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (self.global_batch,), generator=gen)[lo:hi]
+        noise = torch.randn(shape, generator=gen).view(count, self.global_batch, *shape[1:])[:, lo:hi]
+        device = self.accelerator.device
+        return timesteps.to(device), noise.to(device)
+
+    # -- model calls ----------------------------------------------------------------------------------------
+    def predict(self, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
+        return self.policy.predict(self.unet, noisy, timesteps, embeds, time_ids)
+
+    @torch.no_grad()
+    def predict_reference(self, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
+        if self.ref_unet is not None:
+            return self.policy.predict(self.ref_unet, noisy, timesteps, embeds, time_ids)
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.disable_adapters()
+        try:
+            return self.policy.predict(unet, noisy, timesteps, embeds, time_ids)
+        finally:
+            unet.enable_adapters()
+
+    def compute_loss(self, batch: dict[str, Any]) -> LossOutput:
+        raise NotImplementedError
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.accelerator
+        self._maybe_resume()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._save_config()
+        if acc.log_with:
+            acc.init_trackers("mmalign", config=_scalar_config(config))
+        bar = tqdm(
+            total=config.max_steps,
+            initial=self.step,
+            desc=f"train ({config.trainer})",
+            disable=not (config.progress and acc.is_local_main_process),
+        )
+        while self.step < config.max_steps:
+            metrics = self._train_step()
+            self.step += 1
+            bar.update(1)
+            if metrics:
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                self._log(metrics)
+            if self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
+                self.save_checkpoint()
+            if config.sample_every and config.validation_prompts and self.step % config.sample_every == 0:
+                self.sample_grid()
+        bar.close()
+        self.save_final()
+        if config.validation_prompts:
+            self.sample_grid()
+        acc.end_training()
+        return {
+            "steps": self.step,
+            "skipped_steps": self.skipped_steps,
+            "pairs": len(self.pairs),
+            "skipped_rows": len(self.data_skipped),
+            "history": self.history,
+        }
+
+    def _train_step(self) -> dict[str, float]:
+        config, acc = self.config, self.accelerator
+        skip = False
+        totals: dict[str, float] = {}
+        for micro in range(config.grad_accum):
+            batch = self.make_batch(self.step * config.grad_accum + micro)
+            sync = micro == config.grad_accum - 1
+            context = acc.no_sync(self.unet) if not sync and acc.num_processes > 1 else _nullcontext()
+            with context, acc.autocast():
+                out = self.compute_loss(batch)
+            finite = torch.isfinite(out.loss.detach()).float()
+            if acc.num_processes > 1:
+                finite = acc.reduce(finite.to(acc.device), reduction="mean")
+            if float(finite) < 1.0:
+                skip = True
+                continue
+            with context:
+                acc.backward(out.loss / config.grad_accum)
+            for key, value in out.scalars().items():
+                totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+        grad_norm = float("nan")
+        if not skip and acc.sync_gradients:
+            grad_norm = float(acc.clip_grad_norm_(self.trainable, config.max_grad_norm))
+            skip = not math.isfinite(grad_norm)
+        if skip:
+            self.skipped_steps += 1
+            logger.warning("step %d: non-finite loss or gradient; the step is skipped", self.step + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
+                warnings.simplefilter("ignore", UserWarning)
+                self.lr_scheduler.step()
+            return {}
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        if acc.num_processes > 1 and totals:  # log the global batch's metrics, not process 0's slice
+            keys = sorted(totals)
+            values = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), reduction="mean")
+            totals = dict(zip(keys, values.tolist()))
+        totals.update(grad_norm=grad_norm, lr=self.lr_scheduler.get_last_lr()[0])
+        return totals
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if not metrics:
+            return
+        record = {"step": self.step, **metrics, "skipped_steps": self.skipped_steps}
+        self.history.append(record)
+        if self.accelerator.log_with:
+            self.accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
+        if self.accelerator.is_main_process:
+            with (self.output_dir / "log.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        unet = self.accelerator.unwrap_model(self.unet)
+        params = dict(unet.named_parameters())
+        return {name: params[name].detach().cpu().contiguous() for name in self.trainable_names}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically (a temporary folder renamed when complete)."""
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = root / f".{final.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            if self.ema is not None:
+                state = self.ema.state_dict()
+                shadow = state.pop("shadow_params")
+                save_file({str(i): t.contiguous() for i, t in enumerate(shadow)}, str(tmp / "ema.safetensors"))
+                (tmp / "ema.json").write_text(json.dumps(state))
+            self.save_extra_state(tmp)
+            meta = {"step": self.step, "skipped_steps": self.skipped_steps, "trainer": self.config.trainer}
+            (tmp / "state.json").write_text(json.dumps(meta))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def save_extra_state(self, folder: Path) -> None:
+        """Hook for trainers with more state (e.g. EMA annotators)."""
+
+    def load_extra_state(self, folder: Path) -> None:
+        """Hook for trainers with more state."""
+
+    def _resolve_resume(self) -> Path | None:
+        resume = self.config.resume
+        if not resume:
+            return None
+        if resume == "latest":
+            found = sorted((self.output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise MMAlignError(f"resume={resume}: not a checkpoint folder (no state.json)")
+        return path
+
+    def _maybe_resume(self) -> None:
+        from safetensors.torch import load_file
+
+        from ..hub import load_into
+
+        folder = self._resolve_resume()
+        if folder is None:
+            if self.config.resume == "latest":
+                logger.info("resume=latest: no checkpoint yet in %s; starting from scratch", self.output_dir)
+            return
+        meta = json.loads((folder / "state.json").read_text())
+        unet = self.accelerator.unwrap_model(self.unet)
+        state = load_file(str(folder / "trainable.safetensors"))
+        missing = [n for n in self.trainable_names if n not in state]
+        unexpected = [n for n in state if n not in self.trainable_names]
+        if missing or unexpected:
+            from ..errors import StateDictMismatchError
+
+            raise StateDictMismatchError(str(folder), missing, unexpected)
+        load_into(unet, state, source=str(folder), allow_missing=["*"])
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
+        if self.ema is not None:
+            ema_state = json.loads((folder / "ema.json").read_text())
+            shadow = load_file(str(folder / "ema.safetensors"))
+            ema_state["shadow_params"] = [shadow[str(i)] for i in range(len(shadow))]
+            self.ema.load_state_dict(ema_state)
+        self.load_extra_state(folder)
+        self.step = int(meta["step"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        logger.info("resumed from %s at step %d", folder, self.step)
+
+    def _save_config(self) -> None:
+        (self.output_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+
+    def save_final(self) -> Path:
+        """LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(output_dir)``); full: a
+        pipeline folder (``from_pretrained(output_dir)``). EMA weights are used when EMA is on."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            if self.ema is not None:
+                self.ema.store(self.trainable)
+                self.ema.copy_to(self.trainable)
+            if self.config.lora_rank > 0:
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                pipeline_class = type(self.policy.pipeline(unet))
+                pipeline_class.save_lora_weights(str(self.output_dir), unet_lora_layers=layers)
+            else:
+                self.policy.pipeline(unet).save_pretrained(str(self.output_dir))
+            if self.ema is not None:
+                self.ema.restore(self.trainable)
+        acc.wait_for_everyone()
+        return self.output_dir
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """Images of the validation prompts with a fixed seed, tiled into ``samples/step-N.png``."""
+        if not self.accelerator.is_main_process:
+            return None
+        from PIL import Image
+
+        unet = self.accelerator.unwrap_model(self.unet)
+        was_training = unet.training
+        unet.eval()
+        pipe = self.policy.pipeline(unet)
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i, prompt in enumerate(self.config.validation_prompts):
+            generator = torch.Generator().manual_seed(self.config.seed + i)
+            out = pipe(
+                prompt,
+                num_inference_steps=self.config.sample_steps,
+                guidance_scale=self.config.guidance,
+                generator=generator,
+                height=self.config.resolution,
+                width=self.config.resolution,
+            )
+            images.append(out.images[0])
+        unet.train(was_training)
+        size = images[0].size
+        grid = Image.new("RGB", (size[0] * len(images), size[1]))
+        for i, image in enumerate(images):
+            grid.paste(image, (i * size[0], 0))
+        path = self.output_dir / "samples" / f"{CHECKPOINT_PREFIX}{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _scalar_config(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}

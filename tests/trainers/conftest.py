@@ -1,0 +1,45 @@
+"""Tiny SD / SDXL pipelines and small preference datasets for trainer tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import tiny
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    return tiny.make_sd_pipeline(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    return tiny.make_sd_pipeline(tmp_path_factory.mktemp("sdxl"), sdxl=True)
+
+
+def write_pairs(folder, count: int = 8, size: int = 40, bad_rows: bool = False):
+    """Pairs whose winner is a bright image and loser a dark one, with two prompts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        bright = rng.integers(150, 256, size=(size, size, 3), dtype=np.uint8)
+        dark = rng.integers(0, 100, size=(size, size, 3), dtype=np.uint8)
+        Image.fromarray(bright).save(folder / f"w{i}.png")
+        Image.fromarray(dark).save(folder / f"l{i}.png")
+        lines.append({"prompt": ["a bright image", "light"][i % 2], "chosen": f"w{i}.png", "rejected": f"l{i}.png"})
+    if bad_rows:
+        lines.append({"prompt": "missing rejected", "chosen": "w0.png"})
+        lines.append({"prompt": "no such image", "chosen": "w0.png", "rejected": "nope.png"})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs"))

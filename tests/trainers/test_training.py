@@ -1,0 +1,261 @@
+"""The Diffusion-DPO family on tiny SD / SDXL pipelines: learning, every parameter trained, exact resume,
+two processes equal one, outputs loadable by diffusers, bad rows counted, NaN guard, CLI precedence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmalign.commands.train import resolve_trainer_config
+from tests.trainers.conftest import write_pairs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_trainer(model, data, out, *overrides):
+    base = [
+        f"model={model}",
+        f"data={data}",
+        f"output_dir={out}",
+        "resolution=32",
+        "batch_size=2",
+        "tracker=none",
+        "progress=false",
+        "log_every=1",
+        "max_steps=2",
+        "lr=1e-3",
+        "lora_rank=4",
+    ]
+    cls, config = resolve_trainer_config(None, base + list(overrides))
+    return cls(config)
+
+
+def trainable(trainer):
+    return {k: v.clone() for k, v in trainer._trainable_state().items()}
+
+
+@torch.no_grad()
+def eval_loss(trainer, micro_index=0):
+    batch = trainer.make_batch(micro_index)
+    out = trainer.compute_loss(batch)
+    return float(out.loss), float(out.implicit_acc)
+
+
+def test_dpo_learns_a_fixed_batch_and_trains_every_parameter(sd_folder, pairs_file, tmp_path):
+    trainer = make_trainer(
+        sd_folder,
+        pairs_file,
+        tmp_path / "out",
+        "max_steps=12",
+        "max_train_samples=2",
+        "lr=3e-3",
+        "random_crop=false",
+        "hflip=false",
+        "beta=500",
+    )
+    before_params = trainable(trainer)
+    losses_before = [eval_loss(trainer, i) for i in range(4)]
+    trainer.train()
+    losses_after = [eval_loss(trainer, i) for i in range(4)]
+    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+    assert mean(losses_after, 0) < mean(losses_before, 0) - 1e-3
+    assert mean(losses_after, 1) >= mean(losses_before, 1)
+    after = trainable(trainer)
+    unchanged = [k for k in before_params if torch.equal(before_params[k], after[k])]
+    assert not unchanged and all("lora" in k for k in after)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "out" / "log.jsonl").is_file()
+
+
+def test_lora_output_loads_into_diffusers_and_changes_images(sd_folder, pairs_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    make_trainer(sd_folder, pairs_file, tmp_path / "lora", "lr=5e-2").train()
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a bright image", num_inference_steps=2, height=32, width=32, generator=g, output_type="np").images
+
+    before = sample()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    assert abs(sample() - before).max() > 1e-4
+
+
+def test_full_finetune_with_copy_reference_saves_pipeline(sd_folder, pairs_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    trainer = make_trainer(sd_folder, pairs_file, tmp_path / "full", "lora_rank=0", "lr=1e-4")
+    assert trainer.ref_unet is not None and trainer.config.reference_mode == "copy"
+    before = trainable(trainer)
+    trainer.train()
+    after = trainable(trainer)
+    assert len(after) == sum(1 for _ in trainer.policy.unet.parameters())
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "full")
+    saved = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(saved[k], after[k]) for k in after)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(sd_folder, pairs_file, tmp_path, monkeypatch):
+    common = ["max_steps=4", "checkpoint_every=2", "ema_decay=0.9", "lr_scheduler=linear", "prompt_dropout=0.3"]
+    full = make_trainer(sd_folder, pairs_file, tmp_path / "a", *common)
+    full.train()
+    expected = trainable(full)
+
+    interrupted = make_trainer(sd_folder, pairs_file, tmp_path / "b", *common)
+    original = interrupted._train_step
+    calls = {"n": 0}
+
+    def crash_after_three():
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original()
+
+    monkeypatch.setattr(interrupted, "_train_step", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    checkpoints = sorted((tmp_path / "b" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-0000002"]  # atomic: no temporary folder left behind
+    resumed = make_trainer(sd_folder, pairs_file, tmp_path / "b", *common, "resume=latest")
+    resumed.train()
+    assert resumed.step == 4
+    got = trainable(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    ema_a = [p.clone() for p in full.ema.shadow_params]
+    assert all(torch.equal(a, b) for a, b in zip(ema_a, resumed.ema.shadow_params))
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(sd_folder, pairs_file, tmp_path):
+    args = [
+        f"model={sd_folder}",
+        f"data={pairs_file}",
+        "resolution=32",
+        "tracker=none",
+        "progress=false",
+        "max_steps=2",
+        "lr=1e-3",
+        "lora_rank=4",
+        "random_crop=false",
+        "log_every=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    single = [sys.executable, "-m", "mmalign.cli", "train", *args, "batch_size=2", f"output_dir={tmp_path / 'one'}"]
+    double = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "mmalign.cli",
+        "train",
+        *args,
+        "batch_size=1",
+        f"output_dir={tmp_path / 'two'}",
+    ]
+    for command in (single, double):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    two = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert one.keys() == two.keys()
+    # The gradients (their global norm, before Adam) agree to float rounding; the weights after two Adam
+    # steps of about lr = 1e-3 each agree to a few percent of one step (Adam amplifies rounding on its
+    # smallest gradients; a wrong split of the global batch would differ by whole steps).
+    import json
+
+    norms = [
+        [json.loads(line)["grad_norm"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-4, rtol=0)
+    logs = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+    assert len(logs) == 2  # one process logs
+
+
+def test_sdxl_dpo_trains(sdxl_folder, pairs_file, tmp_path):
+    trainer = make_trainer(sdxl_folder, pairs_file, tmp_path / "xl")
+    assert trainer.policy.is_sdxl
+    batch = trainer.make_batch(0)
+    assert batch["time_ids"].shape == (2, 6) and batch["embeds"].pooled.shape == (2, 32)
+    before = trainable(trainer)
+    trainer.train()
+    after = trainable(trainer)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "xl" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bad_rows_are_skipped_and_counted(sd_folder, tmp_path):
+    data = write_pairs(tmp_path / "data", count=4, bad_rows=True)
+    trainer = make_trainer(sd_folder, data, tmp_path / "out", "max_steps=1")
+    summary = trainer.train()
+    assert summary["pairs"] == 4 and summary["skipped_rows"] == 2
+
+
+def test_nan_guard_skips_the_step(sd_folder, pairs_file, tmp_path, monkeypatch):
+    trainer = make_trainer(sd_folder, pairs_file, tmp_path / "nan", "max_steps=1")
+    before = trainable(trainer)
+    original = trainer.compute_loss
+
+    def poisoned(batch):
+        out = original(batch)
+        return type(out)(loss=out.loss * float("nan"), metrics=out.metrics)
+
+    monkeypatch.setattr(trainer, "compute_loss", poisoned)
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 1
+    after = trainable(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_smpo_needs_scores_and_uses_them(sd_folder, tmp_path):
+    import json
+
+    from mmalign.errors import ConfigError
+
+    data = write_pairs(tmp_path / "d", count=4)
+    with pytest.raises(ConfigError, match="smpo needs reward scores"):
+        make_trainer(sd_folder, data, tmp_path / "o", "trainer=smpo")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, row in enumerate(rows):  # the third pair is mis-ordered by its scores: SmPO swaps it
+        row["score_chosen"], row["score_rejected"] = (0.2, 0.25) if i == 2 else (0.25, 0.15)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = make_trainer(sd_folder, data, tmp_path / "o2", "trainer=smpo")
+    assert str(trainer.pairs[2].chosen).endswith("l2.png")
+    expected = torch.sigmoid(torch.tensor((0.25 - 0.15) / (0.28201571106910706 - 0.11543526500463486)))
+    torch.testing.assert_close(trainer.preferences[0], expected.float())
+    trainer.train()
+
+
+def test_recipe_precedence_and_trainer_choice(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# mmalign train r.yaml\ntrainer: smpo\nbeta: 1234\nlr: 2e-6\nmax_steps: 7\n")
+    cls, config = resolve_trainer_config(str(recipe), ["lr=3e-6"])
+    assert cls.__name__ == "SmPOTrainer" and config.beta == 1234 and config.lr == 3e-6 and config.max_steps == 7
+    assert config.batch_size == 1  # default
+    cls, config = resolve_trainer_config(str(recipe), ["trainer=dpo"])
+    assert cls.__name__ == "DiffusionDPOTrainer" and config.beta == 1234
+
+
+def test_packaged_recipes_load():
+    from mmalign.config import find_recipe, list_recipes, recipe_command
+
+    names = list_recipes()
+    assert {"train/sd15-dpo", "train/sdxl-dpo", "train/sd15-smpo", "train/sd15-adaptive-dpo"} <= set(names)
+    for name in names:
+        if name.startswith("train/"):
+            assert recipe_command(find_recipe(name)).startswith("mmalign train")
+            resolve_trainer_config(name, ["data=x.jsonl"])
