@@ -75,6 +75,8 @@ class SmPOConfig(TrainConfig):
     trainer: str = "smpo"
     beta: float = 2000.0
     smpo_scale: float = 10.0
+    renoise: bool = True
+    renoise_steps: int = 5
     smpo_reward: str | None = None
     smpo_reward_weights: str | None = None
     smpo_reward_processor: str | None = None
@@ -125,6 +127,54 @@ class SmPOTrainer(DiffusionDPOTrainer):
                 values = reward.score_pixels(pixels, [pair.prompt] * 2).tolist()
             scored.append(dataclasses.replace(pair, score_chosen=values[0], score_rejected=values[1]))
         self.pairs = scored
+
+    @torch.no_grad()
+    def renoise_invert(self, x0, timesteps, embeds, time_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """ReNoise inversion (SmPO): DDIM inversion of clean latents ``x0`` up to ``timesteps`` in
+        ``renoise_steps`` steps with the current model, each step averaging the noise predicted at the current
+        point and at its first inverted estimate. Returns ``x_t`` and ``ε̂ = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t)``."""
+        alphas = self.policy.noise_scheduler.alphas_cumprod.to(x0.device, torch.float32)
+        steps = self.config.renoise_steps
+
+        def eps(x, t, alpha_bar):
+            out = self.predict(x, t, embeds, time_ids)
+            if self.policy.prediction_type == "v_prediction":
+                return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x
+            return out
+
+        def ddim_move(x, e, ab_from, ab_to):
+            return ab_to.sqrt() * (x - (1 - ab_from).sqrt() * e) / ab_from.sqrt() + (1 - ab_to).sqrt() * e
+
+        x = x0
+        for k in range(steps):
+            t_cur = (timesteps * k) // steps
+            t_next = (timesteps * (k + 1)) // steps
+            ab_cur = alphas[t_cur].view(-1, 1, 1, 1)
+            ab_next = alphas[t_next].view(-1, 1, 1, 1)
+            e_cur = eps(x, t_cur, ab_cur)
+            guess = ddim_move(x, e_cur, ab_cur, ab_next)
+            e_avg = (e_cur + eps(guess, t_next, ab_next)) / 2
+            x = ddim_move(x, e_avg, ab_cur, ab_next)
+        return x, losses.epsilon_from_x0(x, x0, alphas[timesteps])
+
+    def pair_mses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        if not self.config.renoise:
+            return super().pair_mses(batch)
+        timesteps, _ = self.draw_noise(batch)
+        embeds, time_ids = batch["embeds"], batch["time_ids"]
+        noisy, targets = [], []
+        for x0 in (batch["latents_w"], batch["latents_l"]):
+            x_t, eps_hat = self.renoise_invert(x0, timesteps, embeds, time_ids)
+            _, target = self.policy.noisy_and_target(x0, eps_hat, timesteps)  # ε̂, or v from ε̂
+            noisy.append(x_t)
+            targets.append(target)
+        noisy, target = torch.cat(noisy), torch.cat(targets)
+        timesteps2 = torch.cat([timesteps, timesteps])
+        embeds2 = embeds.repeat(2)
+        time_ids2 = None if time_ids is None else time_ids.repeat(2, 1)
+        model_mse = losses.per_sample_mse(self.predict(noisy, timesteps2, embeds2, time_ids2), target)
+        ref_mse = losses.per_sample_mse(self.predict_reference(noisy, timesteps2, embeds2, time_ids2), target)
+        return (*model_mse.chunk(2), *ref_mse.chunk(2))
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         preference = self.preferences[torch.tensor(batch["indices"])].to(batch["latents_w"].device)
