@@ -37,7 +37,7 @@ class DiffusionDPOTrainer(Trainer):
         embeds = batch["embeds"].repeat(2)
         time_ids = None if batch["time_ids"] is None else batch["time_ids"].repeat(2, 1)
         model_mse = losses.per_sample_mse(self.predict(noisy, timesteps2, embeds, time_ids), target)
-        ref_mse = losses.per_sample_mse(self.predict_reference(noisy, timesteps2, embeds, time_ids), target)
+        ref_mse = self.reference_mse("pair", batch, noisy, timesteps2, embeds, time_ids, target)
         model_w, model_l = model_mse.chunk(2)
         ref_w, ref_l = ref_mse.chunk(2)
         return model_w, model_l, ref_w, ref_l
@@ -77,6 +77,15 @@ class SmPOConfig(TrainConfig):
     smpo_scale: float = 10.0
     renoise: bool = True
     renoise_steps: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.renoise and self.reference == "precomputed":
+            raise ValueError(
+                "ReNoise inverts with the current model, so its inputs cannot be precomputed: "
+                "use reference=copy (or renoise=false)"
+            )
+
     smpo_reward: str | None = None
     smpo_reward_weights: str | None = None
     smpo_reward_processor: str | None = None
@@ -173,7 +182,7 @@ class SmPOTrainer(DiffusionDPOTrainer):
         embeds2 = embeds.repeat(2)
         time_ids2 = None if time_ids is None else time_ids.repeat(2, 1)
         model_mse = losses.per_sample_mse(self.predict(noisy, timesteps2, embeds2, time_ids2), target)
-        ref_mse = losses.per_sample_mse(self.predict_reference(noisy, timesteps2, embeds2, time_ids2), target)
+        ref_mse = self.reference_mse("renoise", batch, noisy, timesteps2, embeds2, time_ids2, target)
         return (*model_mse.chunk(2), *ref_mse.chunk(2))
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
@@ -280,7 +289,7 @@ class KTOTrainer(Trainer):
         embeds = batch["embeds"].repeat(2)
         time_ids = None if batch["time_ids"] is None else batch["time_ids"].repeat(2, 1)
         model_mse = losses.per_sample_mse(self.predict(noisy, timesteps2, embeds, time_ids), target)
-        ref_mse = losses.per_sample_mse(self.predict_reference(noisy, timesteps2, embeds, time_ids), target)
+        ref_mse = self.reference_mse("kto", batch, noisy, timesteps2, embeds, time_ids, target)
         desirable = torch.cat([torch.ones_like(timesteps_w), torch.zeros_like(timesteps_l)]).bool()
         config = self.config
         return losses.diffusion_kto_loss(

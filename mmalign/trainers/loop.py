@@ -59,7 +59,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
-    reference: Literal["auto", "adapters", "copy"] = "auto"
+    reference: Literal["auto", "adapters", "copy", "precomputed"] = "auto"
     beta: float = 5000.0
     resolution: int = 512
     random_crop: bool = True
@@ -97,7 +97,9 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.reference == "adapters" and self.lora_rank == 0:
-            raise ValueError("reference=adapters needs LoRA (lora_rank > 0); full fine-tuning uses reference=copy")
+            raise ValueError(
+                "reference=adapters needs LoRA (lora_rank > 0); full fine-tuning uses reference=copy or precomputed"
+            )
 
     @property
     def reference_mode(self) -> str:
@@ -165,6 +167,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict[str, float]] = []
+        self._recording = False
+        self._reference_table: dict[str, torch.Tensor] = {}
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -332,6 +336,8 @@ class Trainer:
 
     # -- model calls ----------------------------------------------------------------------------------------
     def predict(self, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
+        if self._recording:  # precomputing the reference: the model's own output is not needed
+            return torch.zeros(noisy.shape, device=noisy.device)
         return self.policy.predict(self.unet, noisy, timesteps, embeds, time_ids)
 
     @torch.no_grad()
@@ -339,11 +345,62 @@ class Trainer:
         if self.ref_unet is not None:
             return self.policy.predict(self.ref_unet, noisy, timesteps, embeds, time_ids)
         unet = self.accelerator.unwrap_model(self.unet)
+        if self.config.reference_mode == "precomputed":
+            if not self._recording:
+                raise MMAlignError("reference=precomputed: reference outputs are only available while recording")
+            return self.policy.predict(unet, noisy, timesteps, embeds, time_ids)  # untrained weights = reference
         unet.disable_adapters()
         try:
             return self.policy.predict(unet, noisy, timesteps, embeds, time_ids)
         finally:
             unet.enable_adapters()
+
+    def reference_mse(self, key: str, batch: dict[str, Any], noisy, timesteps, embeds, time_ids, target):
+        """Per-sample MSE of the reference model ``[b]``. With ``reference=precomputed`` it is read from the
+        table recorded before training (see :meth:`precompute_reference`), so no second model is held."""
+        from .losses import per_sample_mse
+
+        slot = f"{batch['micro_index']}:{key}"
+        if self.config.reference_mode == "precomputed" and not self._recording:
+            try:
+                return self._reference_table[slot].to(noisy.device)
+            except KeyError:
+                raise MMAlignError(f"reference=precomputed: no recorded reference output for {slot}") from None
+        mse = per_sample_mse(self.predict_reference(noisy, timesteps, embeds, time_ids), target)
+        if self._recording:
+            self._reference_table[slot] = mse.detach().float().cpu()
+        return mse
+
+    def _reference_table_path(self) -> Path:
+        return self.output_dir / f"reference_mse.rank{self.accelerator.process_index}.safetensors"
+
+    @torch.no_grad()
+    def precompute_reference(self) -> None:
+        """``reference=precomputed`` (full fine-tuning without a frozen copy): every batch of the run is known in
+        advance (stateless randomness), and the model before its first update *is* the reference, so the
+        reference MSEs of all steps are computed first and kept as a small table (a few floats per pair). The
+        same forward passes are done as with a frozen copy, only earlier; memory drops by one model."""
+        from safetensors.torch import load_file, save_file
+
+        path = self._reference_table_path()
+        if path.is_file():
+            self._reference_table = load_file(str(path))
+            return
+        if self.step > 0:
+            raise MMAlignError(f"resume with reference=precomputed needs {path}, written when the run started")
+        from tqdm.auto import tqdm
+
+        total = self.config.max_steps * self.config.grad_accum
+        self._recording = True
+        try:
+            for micro_index in tqdm(range(total), desc="reference (precomputed)", disable=not self.config.progress):
+                self.compute_loss(self.make_batch(micro_index))
+        finally:
+            self._recording = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in self._reference_table.items()}, str(tmp))
+        os.replace(tmp, path)
 
     def compute_loss(self, batch: dict[str, Any]) -> LossOutput:
         raise NotImplementedError
@@ -357,6 +414,8 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
+        if config.reference_mode == "precomputed" and self.uses_reference:
+            self.precompute_reference()
         if acc.log_with:
             acc.init_trackers("mmalign", config=_scalar_config(config))
         bar = tqdm(

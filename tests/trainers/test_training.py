@@ -327,3 +327,20 @@ def test_tensorboard_logs_and_sample_grid(sd_folder, pairs_file, tmp_path):
     from PIL import Image
 
     assert len(grids) == 1 and Image.open(grids[0]).size == (64, 32)
+
+
+def test_precomputed_reference_equals_frozen_copy(sd_folder, pairs_file, tmp_path):
+    """Full fine-tuning without a second model in memory gives exactly the weights of the frozen-copy run."""
+    common = ["lora_rank=0", "lr=1e-4", "max_steps=3", "grad_accum=2"]
+    copy = make_trainer(sd_folder, pairs_file, tmp_path / "copy", *common, "reference=copy")
+    copy.train()
+    pre = make_trainer(sd_folder, pairs_file, tmp_path / "pre", *common, "reference=precomputed")
+    assert pre.ref_unet is None
+    pre.train()
+    assert len(pre._reference_table) == 3 * 2
+    a, b = trainable(copy), trainable(pre)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from mmalign.errors import MMAlignError
+
+    with pytest.raises(MMAlignError, match="no recorded reference output for 99:pair"):
+        pre.reference_mse("pair", {"micro_index": 99}, torch.zeros(1), None, None, None, None)

@@ -1,0 +1,621 @@
+"""Online trainers: the model samples while it learns (DDPO, D3PO, ReFL, DRaFT, AlignProp).
+
+They share the loop of :mod:`mmalign.trainers.loop` (LoRA or full fine-tuning, accumulation, checkpoints, exact
+resume) and read *prompts* instead of pairs: ``data`` is a ``.txt`` file (one prompt per line) or a JSONL file
+of ``{"prompt": ...}`` rows. Every random draw of step ``s`` (prompt order, x_T, step noise, truncation
+indices) comes from generators seeded by ``(seed, s)`` and drawn for the global batch, as in the offline loop.
+
+Rewards: ``reward`` is a registered name or a weighted list ``hpsv2.1:1.0,aesthetic:0.5`` (their weighted
+sum), ``reward_weights`` a checkpoint path (a comma list, one per reward, when several).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, MMAlignError
+from ..models import sampling
+from . import losses
+from .loop import Schedule, TrainConfig, Trainer, _generator
+
+# random streams of a micro-batch (the offline loop uses 1 and 2)
+_SAMPLE_STREAM, _TRUNCATION_STREAM, _LV_STREAM = 3, 4, 5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts and rewards
+# ----------------------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a ``.txt`` (one per non-empty line) or ``.jsonl``/``.json`` (``{"prompt": ...}`` rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data={path}: online trainers read a prompt file (.txt or .jsonl), not found")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if path.suffix in (".jsonl", ".json"):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line:
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError(f'{path}:{number}: expected a JSON object with a "prompt" string')
+            prompts.append(row["prompt"])
+    else:
+        prompts = [line for line in lines if line]
+    if not prompts:
+        raise MMAlignError(f"{path}: no prompts")
+    return prompts
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """``"hpsv2.1:1.0,aesthetic:0.5"`` -> ``[("hpsv2.1", 1.0), ("aesthetic", 0.5)]``; a bare name weighs 1."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, sep, weight = part.rpartition(":")
+        if not sep:
+            name, weight = part, "1"
+        try:
+            out.append((name.strip(), float(weight)))
+        except ValueError:
+            raise ConfigError(f"reward={spec!r}: weight {weight!r} of {name!r} is not a number") from None
+    if not out:
+        raise ConfigError("reward is empty: give a reward name or a list like 'hpsv2.1:1.0,aesthetic:0.5'")
+    return out
+
+
+class WeightedReward:
+    """A weighted sum of rewards ``Σ w_k·r_k``; :meth:`components` gives each ``r_k`` (for Pareto dominance)."""
+
+    def __init__(self, rewards: Sequence[Any], weights: Sequence[float]):
+        if len(rewards) != len(weights) or not rewards:
+            raise ValueError("one weight per reward, at least one reward")
+        self.rewards, self.weights = list(rewards), [float(w) for w in weights]
+
+    @property
+    def is_differentiable(self) -> bool:
+        return all(getattr(r, "is_differentiable", False) for r in self.rewards)
+
+    def to(self, device: torch.device) -> WeightedReward:
+        for reward in self.rewards:
+            if hasattr(reward, "to"):
+                reward.to(device)
+        return self
+
+    def components(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """``[B, K]`` scores; non-differentiable rewards are scored without gradients."""
+        scores = []
+        for reward in self.rewards:
+            if reward.is_differentiable and torch.is_grad_enabled():
+                scores.append(reward.score_tensor(images, prompts).float())
+            else:
+                with torch.no_grad():
+                    scores.append(reward.score_tensor(images.detach(), prompts).float())
+        return torch.stack([s.to(images.device) for s in scores], dim=1)
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        weights = torch.tensor(self.weights, device=images.device)
+        return (self.components(images, prompts) * weights).sum(dim=1)
+
+
+def build_reward(spec: str, weights: str | None = None) -> WeightedReward:
+    """Load the rewards of a spec (:func:`parse_reward_spec`) with optional checkpoint paths."""
+    from ..rewards import load_reward
+
+    parsed = parse_reward_spec(spec)
+    paths: list[str | None] = [None] * len(parsed)
+    if weights:
+        given = [w.strip() or None for w in weights.split(",")]
+        if len(given) != len(parsed):
+            raise ConfigError(f"reward_weights has {len(given)} paths for {len(parsed)} rewards")
+        paths = given
+    rewards = [load_reward(name, **({"weights": p} if p else {})) for (name, _), p in zip(parsed, paths)]
+    return WeightedReward(rewards, [w for _, w in parsed])
+
+
+def pareto_preference(scores_a: Tensor, scores_b: Tensor) -> tuple[Tensor, Tensor]:
+    """D3PO's ``compare`` (yk7333/d3po): ``a`` wins if it is ≥ on every reward and > on one, and vice versa;
+    otherwise a tie. Scores ``[B, K]``; returns ``(a_wins, tie)`` booleans ``[B]``."""
+    a_dom = (scores_a >= scores_b).all(dim=1) & (scores_a > scores_b).any(dim=1)
+    b_dom = (scores_b >= scores_a).all(dim=1) & (scores_b > scores_a).any(dim=1)
+    return a_dom, ~(a_dom | b_dom)
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward normalisation of kvablack/ddpo-pytorch ``stat_tracking.py``: advantages
+    ``(r − mean)/(std + 1e-6)`` over the last ``buffer_size`` rewards of the prompt once it has ``min_count``
+    of them, over the whole batch before that."""
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stats: dict[str, deque] = {}
+
+    def update(self, prompts: Sequence[str], rewards: Tensor) -> Tensor:
+        rewards = rewards.detach().double().cpu()
+        advantages = torch.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):
+            mask = torch.tensor([p == prompt for p in prompts])
+            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            ref = torch.tensor(list(buffer), dtype=torch.float64) if len(buffer) >= self.min_count else rewards
+            advantages[mask] = (rewards[mask] - ref.mean()) / (ref.std(unbiased=False) + 1e-6)
+        return advantages.float()
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {prompt: list(buffer) for prompt, buffer in self.stats.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.stats = {p: deque(v, maxlen=self.buffer_size) for p, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared online base
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Options of every online trainer: the reward, and the sampler (DDIM ``sample_steps``, CFG ``guidance``,
+    η ``eta``). ``checkpoint_unet`` recomputes each UNet call of the chain in backward (less memory)."""
+
+    trainer: str = "ddpo"
+    reward: str = "aesthetic"
+    reward_weights: str | None = None
+    sample_steps: int = 50
+    guidance: float = 5.0
+    eta: float = 1.0
+    lora_rank: int = 4
+    checkpoint_unet: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+
+
+class OnlineTrainer(Trainer):
+    """Reads prompts; :meth:`make_batch` gives this process's prompts, their embeddings and the seeded
+    generator of the micro-batch. ``reward`` (an object with ``__call__(images, prompts) -> [B]``) replaces
+    the configured one, e.g. in tests."""
+
+    config_class: ClassVar[type[TrainConfig]] = OnlineConfig
+    needs_differentiable_reward: ClassVar[bool] = False
+
+    def __init__(self, config: OnlineConfig, policy: Any = None, reward: Any = None):
+        self._reward = reward if reward is None or isinstance(reward, WeightedReward) else WeightedReward([reward], [1])
+        super().__init__(config, policy)
+        if self.needs_differentiable_reward and not self.reward.is_differentiable:
+            raise ConfigError(f"trainer={config.trainer} backpropagates through the reward: {config.reward} is not")
+
+    @property
+    def reward(self) -> WeightedReward:
+        if self._reward is None:
+            self._reward = build_reward(self.config.reward, self.config.reward_weights)
+        self._reward.to(self.accelerator.device)
+        return self._reward
+
+    def _setup_data(self) -> None:
+        config = self.config
+        if not config.data:
+            raise ConfigError("data is empty: give a prompt file (.txt, one per line, or .jsonl with 'prompt')")
+        prompts = read_prompts(config.data)
+        if config.max_train_samples:
+            prompts = prompts[: config.max_train_samples]
+        self.prompts = self.pairs = prompts
+        self.data_skipped: list[Any] = []
+        self.global_batch = config.batch_size * self.accelerator.num_processes
+        self.schedule = Schedule(len(prompts), self.global_batch, config.seed)
+        self._prompt_cache: dict[str, Any] = {}
+
+    def make_batch(self, micro_index: int) -> dict[str, Any]:
+        config, acc = self.config, self.accelerator
+        global_prompts = [self.prompts[index] for _, index in self.schedule.batch(micro_index)]
+        lo, hi = acc.process_index * config.batch_size, (acc.process_index + 1) * config.batch_size
+        prompts = global_prompts[lo:hi]
+        time_ids = None
+        if self.policy.is_sdxl:
+            sizes = torch.tensor([[config.resolution, config.resolution]] * len(prompts))
+            time_ids = self.policy.time_ids(sizes, torch.zeros_like(sizes), config.resolution)
+        return {
+            "prompts": prompts,
+            "global_prompts": global_prompts,
+            "embeds": self._embeds(prompts),
+            "uncond": self._embeds([""] * len(prompts)) if config.guidance != 1.0 else None,
+            "time_ids": time_ids,
+            "generator": _generator(config.seed, micro_index, _SAMPLE_STREAM),
+            "micro_index": micro_index,
+            "slice": (lo, hi),
+        }
+
+    def sample(self, batch: dict[str, Any], pairs: bool = False) -> sampling.Trajectory:
+        """DDIM chains (no gradients) under the current model, for this process's slice of the global batch."""
+        config = self.config
+        return sampling.sample_trajectories(
+            self.policy,
+            self.predict,
+            batch["embeds"],
+            batch["uncond"],
+            batch["generator"],
+            steps=config.sample_steps,
+            guidance=config.guidance,
+            eta=config.eta,
+            resolution=config.resolution,
+            time_ids=batch["time_ids"],
+            pairs=pairs,
+            global_batch=self.global_batch,
+            offset=batch["slice"][0],
+        )
+
+    def x_T(self, batch: dict[str, Any]) -> Tensor:
+        """Initial noise of this process's slice, from the micro-batch's sampling stream."""
+        unet, vae = self.policy.unet, self.policy.vae
+        size = self.config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (self.global_batch, unet.config.in_channels, size, size)
+        lo, hi = batch["slice"]
+        return torch.randn(shape, generator=batch["generator"])[lo:hi].to(self.accelerator.device)
+
+    def step_noise(self, batch: dict[str, Any], like: Tensor) -> Tensor:
+        lo, hi = batch["slice"]
+        noise = torch.randn((self.global_batch, *like.shape[1:]), generator=batch["generator"])
+        return noise[lo:hi].to(like.device)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.policy.decode(latents)
+
+    def train_steps(self, batch: dict[str, Any]) -> list[int]:
+        """All steps, or a seeded subset of ``timestep_fraction`` of them (ddpo-pytorch ``timestep_fraction``)."""
+        steps = self.config.sample_steps
+        count = max(1, int(round(steps * getattr(self.config, "timestep_fraction", 1.0))))
+        if count >= steps:
+            return list(range(steps))
+        gen = _generator(self.config.seed, batch["micro_index"], _TRUNCATION_STREAM)
+        return sorted(torch.randperm(steps, generator=gen)[:count].tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDPO
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class DDPOConfig(OnlineConfig):
+    """DDPO (Black et al. 2023; kvablack/ddpo-pytorch ``config/base.py``): DDIM 50 steps, η 1, CFG 5, PPO clip
+    1e-4, advantages clipped to ±5, per-prompt stat tracking 16/16, lr 3e-4, Adam weight decay 1e-4."""
+
+    trainer: str = "ddpo"
+    reward: str = "jpeg-compressibility"
+    lr: float = 3e-4
+    adam_weight_decay: float = 1e-4
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    per_prompt_stat_tracking: bool = True
+    stat_buffer_size: int = 16
+    stat_min_count: int = 16
+    timestep_fraction: float = 1.0
+
+
+class DDPOTrainer(OnlineTrainer):
+    """DDPO-clip (Black et al. 2023, "Training Diffusion Models with Reinforcement Learning";
+    kvablack/ddpo-pytorch): sample, score with any (non-differentiable) reward, normalise per prompt, and take
+    the PPO-clip loss of every sampled DDIM step (:func:`~mmalign.trainers.losses.ddpo_ppo_loss`), averaged
+    over the trained steps. One sampling round per optimizer step (on-policy)."""
+
+    config_class: ClassVar[type[TrainConfig]] = DDPOConfig
+    uses_reference: ClassVar[bool] = False
+
+    def __init__(self, config: DDPOConfig, policy: Any = None, reward: Any = None):
+        self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+        super().__init__(config, policy, reward)
+
+    def make_batch(self, micro_index: int) -> dict[str, Any]:
+        batch = super().make_batch(micro_index)
+        acc = self.accelerator
+        trajectory = self.sample(batch)
+        with torch.no_grad():
+            rewards = self.reward(self.decode(trajectory.final), batch["prompts"])
+        global_rewards = acc.gather(rewards.to(acc.device)) if acc.num_processes > 1 else rewards
+        if self.config.per_prompt_stat_tracking:
+            advantages = self.tracker.update(batch["global_prompts"], global_rewards)
+        else:
+            advantages = (global_rewards - global_rewards.mean()) / (global_rewards.std(unbiased=False) + 1e-8)
+        lo, hi = batch["slice"]
+        batch.update(trajectory=trajectory, rewards=rewards, advantages=advantages[lo:hi].to(acc.device))
+        return batch
+
+    def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
+        config, trajectory = self.config, batch["trajectory"]
+        steps = self.train_steps(batch)
+        total, metrics = 0.0, {}
+        for j in steps:
+            logp = sampling.step_log_prob(self.policy, self.predict, trajectory, j, config.checkpoint_unet)
+            out = losses.ddpo_ppo_loss(
+                logp, trajectory.log_probs[:, j], batch["advantages"], config.clip_range, config.adv_clip_max
+            )
+            total = total + out.loss / len(steps)
+            for key, value in out.metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value / len(steps)
+        metrics["reward"] = batch["rewards"].mean()
+        return losses.LossOutput(total, metrics)
+
+    def save_extra_state(self, folder: Path) -> None:
+        (folder / "stat_tracker.json").write_text(json.dumps(self.tracker.state_dict()))
+
+    def load_extra_state(self, folder: Path) -> None:
+        path = folder / "stat_tracker.json"
+        if path.is_file():
+            self.tracker.load_state_dict(json.loads(path.read_text()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# D3PO
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class D3POConfig(OnlineConfig):
+    """D3PO (Yang et al. 2024; yk7333/d3po ``scripts/rm/train_d3po.py``): two DDIM chains per prompt from the
+    same x_T (20 steps, η 1, CFG 5), β 0.1, ratio clamp 1 ± 0.1, lr 3e-5, LoRA."""
+
+    trainer: str = "d3po"
+    reward: str = "aesthetic"
+    sample_steps: int = 20
+    lr: float = 3e-5
+    beta: float = 0.1
+    d3po_clip: float = 0.1
+    timestep_fraction: float = 1.0
+
+
+class D3POTrainer(OnlineTrainer):
+    """D3PO (Yang et al. 2024, "Using Human Feedback to Fine-tune Diffusion Models without Any Reward Model";
+    yk7333/d3po): per denoising step, :func:`~mmalign.trainers.losses.d3po_loss` between the preferred and the
+    other trajectory of each pair, against the reference (adapters disabled, or a frozen copy). The preference
+    is the reward's (Pareto dominance across several rewards, ties give no gradient). Gradients go through the
+    accelerate-prepared UNet, so they are synchronised across processes (the reference's LoRA ones are not)."""
+
+    config_class: ClassVar[type[TrainConfig]] = D3POConfig
+    uses_reference: ClassVar[bool] = True
+
+    def make_batch(self, micro_index: int) -> dict[str, Any]:
+        batch = super().make_batch(micro_index)
+        trajectory = self.sample(batch, pairs=True)
+        with torch.no_grad():
+            scores = self.reward.components(self.decode(trajectory.final), batch["prompts"] * 2)
+        scores_a, scores_b = scores.chunk(2)
+        a_wins, tie = pareto_preference(scores_a, scores_b)
+        batch.update(trajectory=trajectory, a_wins=a_wins, tie=tie, rewards=scores.sum(dim=1))
+        return batch
+
+    def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
+        config, trajectory = self.config, batch["trajectory"]
+        a_wins, tie = batch["a_wins"], batch["tie"]
+        steps = self.train_steps(batch)
+        total, metrics = 0.0, {}
+        for j in steps:
+            logp = sampling.step_log_prob(self.policy, self.predict, trajectory, j, config.checkpoint_unet)
+            with torch.no_grad():
+                ref = sampling.step_log_prob(self.policy, self.predict_reference, trajectory, j)
+            (la, lb), (ra, rb) = logp.chunk(2), ref.chunk(2)
+            out = losses.d3po_loss(
+                torch.where(a_wins, la, lb),
+                torch.where(a_wins, lb, la),
+                torch.where(a_wins, ra, rb),
+                torch.where(a_wins, rb, ra),
+                beta=config.beta,
+                clip=config.d3po_clip,
+                tie=tie,
+            )
+            total = total + out.loss / len(steps)
+            for key, value in out.metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value / len(steps)
+        metrics["reward"] = batch["rewards"].mean()
+        return losses.LossOutput(total, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reward backpropagation
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ReFLConfig(OnlineConfig):
+    """ReFL (Xu et al. 2023; THUDM/ImageReward ``ReFL.py``): DDPM 40 steps, no CFG, mid step in [30, 39],
+    ``relu(2 − r)·1e-3``, lr 1e-5."""
+
+    trainer: str = "refl"
+    reward: str = "imagereward"
+    sample_steps: int = 40
+    guidance: float = 1.0
+    lr: float = 1e-5
+    refl_min_step: int = 30
+    refl_max_step: int = 39
+    refl_target: float = 2.0
+    refl_scale: float = 1e-3
+
+
+class ReFLTrainer(OnlineTrainer):
+    """ReFL (Xu et al. 2023, "ImageReward"; THUDM/ImageReward ``ReFL.py``): DDPM sampling without gradients up
+    to a random step ``mid``, one UNet call with gradients there, its predicted x0 decoded and scored;
+    :func:`~mmalign.trainers.losses.refl_loss`. The DDPM variance noise is drawn per process."""
+
+    config_class: ClassVar[type[TrainConfig]] = ReFLConfig
+    uses_reference: ClassVar[bool] = False
+    needs_differentiable_reward: ClassVar[bool] = True
+
+    def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
+        from diffusers import DDPMScheduler
+
+        config = self.config
+        scheduler = DDPMScheduler.from_config(self.policy.noise_scheduler.config)
+        scheduler.set_timesteps(config.sample_steps)
+        gen = batch["generator"]
+        low = min(config.refl_min_step, config.sample_steps - 1)
+        high = min(config.refl_max_step, config.sample_steps - 1)
+        mid = int(torch.randint(low, high + 1, (1,), generator=gen))
+        x = self.x_T(batch)
+        embeds, time_ids = batch["embeds"], batch["time_ids"]
+        with torch.no_grad():
+            for t in scheduler.timesteps[:mid]:
+                out = self.predict(x, t.expand(x.shape[0]).to(x.device), embeds, time_ids)
+                x = scheduler.step(out, t, x, generator=gen).prev_sample
+        t = scheduler.timesteps[mid]
+        out = self.predict(x, t.expand(x.shape[0]).to(x.device), embeds, time_ids)
+        x0 = scheduler.step(out, t, x, generator=gen).pred_original_sample
+        rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
+        return losses.refl_loss(rewards, config.refl_target, config.refl_scale)
+
+
+@dataclass
+class DRaFTConfig(OnlineConfig):
+    """DRaFT (Clark et al. 2024): DDIM 50 steps (η 0 here), CFG 7.5; ``draft_mode`` ``k`` (gradients through the
+    last ``draft_k`` = 1 steps) or ``lv`` (``draft_lv_n`` = 2 re-noised one-step estimates of the final x0)."""
+
+    trainer: str = "draft"
+    reward: str = "hpsv2.1"
+    sample_steps: int = 50
+    guidance: float = 7.5
+    eta: float = 0.0
+    lr: float = 2e-4
+    draft_mode: Literal["k", "lv"] = "k"
+    draft_k: int = 1
+    draft_lv_n: int = 2
+    loss_scale: float = 1.0
+
+
+class DRaFTTrainer(OnlineTrainer):
+    """DRaFT-K / DRaFT-LV (Clark et al. 2024, "Directly Fine-Tuning Diffusion Models on Differentiable
+    Rewards"; no official code): maximise the reward of the sample (:func:`~mmalign.trainers.losses.draft_loss`)
+    with gradients through the last K sampler steps, or (LV) through ``n`` one-step denoisings of the re-noised
+    final sample at the last timestep, averaged."""
+
+    config_class: ClassVar[type[TrainConfig]] = DRaFTConfig
+    uses_reference: ClassVar[bool] = False
+    needs_differentiable_reward: ClassVar[bool] = True
+
+    def _eps(self, batch: dict[str, Any], x: Tensor, t: Tensor, alpha: Tensor) -> Tensor:
+        config = self.config
+        return sampling.guided_eps(
+            self.predict,
+            x,
+            t.to(x.device),
+            alpha.to(x.device),
+            batch["embeds"],
+            batch["uncond"],
+            config.guidance,
+            self.policy.prediction_type,
+            batch["time_ids"],
+        )
+
+    def chain(self, batch: dict[str, Any], grad_from: Tensor | int, checkpoint: bool = False) -> Tensor:
+        """Run the DDIM chain from x_T; sample ``b`` keeps gradients from step ``grad_from[b]`` on (earlier UNet
+        outputs detached, as AlignProp); each UNet call under ``checkpoint`` is recomputed in backward."""
+        config = self.config
+        schedule = sampling.ddim_schedule(self.policy.noise_scheduler, config.sample_steps)
+        x = self.x_T(batch)
+        grad_from = torch.as_tensor(grad_from, device=x.device).expand(x.shape[0])
+        first = int(grad_from.min())
+        for j, t in enumerate(schedule.timesteps):
+            a_t, a_prev = schedule.alpha_bar[j].to(x.device), schedule.alpha_bar_prev[j].to(x.device)
+            noise = self.step_noise(batch, x)
+            if j < first:
+                with torch.no_grad():
+                    eps = self._eps(batch, x, t, a_t)
+            else:
+                if checkpoint:
+                    eps = torch.utils.checkpoint.checkpoint(self._eps, batch, x, t, a_t, use_reentrant=False)
+                else:
+                    eps = self._eps(batch, x, t, a_t)
+                keep = (j >= grad_from).view(-1, *([1] * (x.ndim - 1)))
+                eps = torch.where(keep, eps, eps.detach())
+            mean, std = sampling.ddim_mean_std(x, eps, a_t, a_prev, config.eta)
+            x = mean + std * noise
+        return x
+
+    def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
+        config = self.config
+        if config.draft_mode == "k":
+            x0 = self.chain(batch, max(0, config.sample_steps - config.draft_k))
+            rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
+            return losses.draft_loss(rewards, config.loss_scale)
+        if config.draft_mode != "lv":
+            raise ConfigError(f"draft_mode must be 'k' or 'lv', got {config.draft_mode!r}")
+        with torch.no_grad():
+            x0 = self.chain(batch, config.sample_steps)
+        schedule = sampling.ddim_schedule(self.policy.noise_scheduler, config.sample_steps)
+        t, alpha = schedule.timesteps[-1], schedule.alpha_bar[-1].to(x0.device)
+        gen = _generator(config.seed, batch["micro_index"], _LV_STREAM)
+        lo, hi = batch["slice"]
+        total = 0.0
+        for _ in range(config.draft_lv_n):
+            noise = torch.randn((self.global_batch, *x0.shape[1:]), generator=gen)[lo:hi].to(x0.device)
+            x_t = alpha.sqrt() * x0 + (1.0 - alpha).sqrt() * noise
+            x0_hat = sampling.pred_x0(x_t, self._eps(batch, x_t, t, alpha), alpha)
+            total = total + self.reward(sampling.decode_with_grad(self.policy, x0_hat), batch["prompts"])
+        return losses.draft_loss(total / config.draft_lv_n, config.loss_scale)
+
+
+@dataclass
+class AlignPropConfig(OnlineConfig):
+    """AlignProp (Prabhudesai et al. 2023; mihirp1998/AlignProp): DDIM 50 steps, η 1, CFG 7.5, truncation index
+    ~ N(42, 5) per trajectory (scaled to ``sample_steps``), loss ``0.01·|r − 10|`` (aesthetic), lr 1e-3,
+    LoRA, gradient checkpointing per UNet call."""
+
+    trainer: str = "alignprop"
+    reward: str = "aesthetic"
+    sample_steps: int = 50
+    guidance: float = 7.5
+    eta: float = 1.0
+    lr: float = 1e-3
+    truncation_mean: float = 42.0
+    truncation_std: float = 5.0
+    loss_target: float | None = 10.0
+    loss_scale: float = 0.01
+
+
+class AlignPropTrainer(DRaFTTrainer):
+    """AlignProp (Prabhudesai et al. 2023, "Aligning Text-to-Image Diffusion Models with Reward
+    Backpropagation"; mihirp1998/AlignProp): backpropagate the reward through the whole DDIM chain, each UNet
+    call gradient-checkpointed (``torch.utils.checkpoint``), UNet outputs detached before a random truncation
+    index per trajectory. Loss :func:`~mmalign.trainers.losses.target_distance_loss` (``loss_target`` None:
+    :func:`~mmalign.trainers.losses.draft_loss`)."""
+
+    config_class: ClassVar[type[TrainConfig]] = AlignPropConfig
+
+    def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
+        config = self.config
+        gen = _generator(config.seed, batch["micro_index"], _TRUNCATION_STREAM)
+        lo, hi = batch["slice"]
+        cut = sampling.truncation_indices(
+            self.global_batch, config.sample_steps, gen, config.truncation_mean, config.truncation_std
+        )[lo:hi]
+        x0 = self.chain(batch, cut, checkpoint=config.checkpoint_unet)
+        rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
+        if config.loss_target is None:
+            return losses.draft_loss(rewards, config.loss_scale)
+        out = losses.target_distance_loss(rewards, config.loss_target, config.loss_scale)
+        return losses.LossOutput(out.loss, {**out.metrics, "truncation": cut.float().mean()})
+
+
+__all__ = [
+    "AlignPropConfig",
+    "AlignPropTrainer",
+    "D3POConfig",
+    "D3POTrainer",
+    "DDPOConfig",
+    "DDPOTrainer",
+    "DRaFTConfig",
+    "DRaFTTrainer",
+    "OnlineConfig",
+    "OnlineTrainer",
+    "PerPromptStatTracker",
+    "ReFLConfig",
+    "ReFLTrainer",
+    "WeightedReward",
+    "build_reward",
+    "pareto_preference",
+    "parse_reward_spec",
+    "read_prompts",
+]
