@@ -150,3 +150,8 @@ REWARDS.register(
     name="clap-music",
     windows="cover",
 )
+TRAINERS.register("ddpo", "mmalign.trainers.online:DDPOTrainer", "DDPO: PPO-clip on the DDIM chain, any reward")
+TRAINERS.register("d3po", "mmalign.trainers.online:D3POTrainer", "D3PO: online pairs from the same x_T, per-step DPO")
+TRAINERS.register("refl", "mmalign.trainers.online:ReFLTrainer", "ReFL: one-step reward feedback (ImageReward)")
+TRAINERS.register("draft", "mmalign.trainers.online:DRaFTTrainer", "DRaFT-K / DRaFT-LV reward backpropagation")
+TRAINERS.register("alignprop", "mmalign.trainers.online:AlignPropTrainer", "AlignProp: checkpointed reward backprop")

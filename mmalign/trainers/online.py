@@ -106,6 +106,12 @@ class WeightedReward:
         weights = torch.tensor(self.weights, device=images.device)
         return (self.components(images, prompts) * weights).sum(dim=1)
 
+    @torch.no_grad()
+    def score_images(self, images: Sequence[Any], prompts: list[str]) -> Tensor:
+        """Weighted sum over files or Pillow images, each reward with its reference preprocessing."""
+        scores = torch.stack([r.score_images(list(images), prompts).float().cpu() for r in self.rewards], dim=1)
+        return (scores * torch.tensor(self.weights)).sum(dim=1)
+
 
 def build_reward(spec: str, weights: str | None = None) -> WeightedReward:
     """Load the rewards of a spec (:func:`parse_reward_spec`) with optional checkpoint paths."""
@@ -180,12 +186,14 @@ class OnlineConfig(TrainConfig):
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.reference == "precomputed":  # the samples depend on the weights of the moment
+            raise ValueError("online trainers cannot precompute the reference; use reference=adapters or copy")
 
 
 class OnlineTrainer(Trainer):
     """Reads prompts; :meth:`make_batch` gives this process's prompts, their embeddings and the seeded
-    generator of the micro-batch. ``reward`` (an object with ``__call__(images, prompts) -> [B]``) replaces
-    the configured one, e.g. in tests."""
+    generator of the micro-batch. ``reward`` (a :class:`~mmalign.rewards.base.Reward` or a
+    :class:`WeightedReward`) replaces the configured one, e.g. in tests."""
 
     config_class: ClassVar[type[TrainConfig]] = OnlineConfig
     needs_differentiable_reward: ClassVar[bool] = False
@@ -200,7 +208,9 @@ class OnlineTrainer(Trainer):
     def reward(self) -> WeightedReward:
         if self._reward is None:
             self._reward = build_reward(self.config.reward, self.config.reward_weights)
-        self._reward.to(self.accelerator.device)
+        if not getattr(self, "_reward_placed", False):  # once: .to() drops the text-feature caches of rewards
+            self._reward.to(self.accelerator.device)
+            self._reward_placed = True
         return self._reward
 
     def _setup_data(self) -> None:
@@ -239,21 +249,22 @@ class OnlineTrainer(Trainer):
     def sample(self, batch: dict[str, Any], pairs: bool = False) -> sampling.Trajectory:
         """DDIM chains (no gradients) under the current model, for this process's slice of the global batch."""
         config = self.config
-        return sampling.sample_trajectories(
-            self.policy,
-            self.predict,
-            batch["embeds"],
-            batch["uncond"],
-            batch["generator"],
-            steps=config.sample_steps,
-            guidance=config.guidance,
-            eta=config.eta,
-            resolution=config.resolution,
-            time_ids=batch["time_ids"],
-            pairs=pairs,
-            global_batch=self.global_batch,
-            offset=batch["slice"][0],
-        )
+        with self.accelerator.autocast():  # the precision the loss will recompute the log-probs in
+            return sampling.sample_trajectories(
+                self.policy,
+                self.predict,
+                batch["embeds"],
+                batch["uncond"],
+                batch["generator"],
+                steps=config.sample_steps,
+                guidance=config.guidance,
+                eta=config.eta,
+                resolution=config.resolution,
+                time_ids=batch["time_ids"],
+                pairs=pairs,
+                global_batch=self.global_batch,
+                offset=batch["slice"][0],
+            )
 
     def x_T(self, batch: dict[str, Any]) -> Tensor:
         """Initial noise of this process's slice, from the micro-batch's sampling stream."""
@@ -288,7 +299,8 @@ class OnlineTrainer(Trainer):
 @dataclass
 class DDPOConfig(OnlineConfig):
     """DDPO (Black et al. 2023; kvablack/ddpo-pytorch ``config/base.py``): DDIM 50 steps, η 1, CFG 5, PPO clip
-    1e-4, advantages clipped to ±5, per-prompt stat tracking 16/16, lr 3e-4, Adam weight decay 1e-4."""
+    1e-4, advantages clipped to ±5, per-prompt stat tracking 16/16, lr 3e-4, Adam weight decay 1e-4,
+    ``sample_batches`` 2 (``num_batches_per_epoch``: optimizer steps per sampling round)."""
 
     trainer: str = "ddpo"
     reward: str = "jpeg-compressibility"
@@ -300,35 +312,63 @@ class DDPOConfig(OnlineConfig):
     stat_buffer_size: int = 16
     stat_min_count: int = 16
     timestep_fraction: float = 1.0
+    sample_batches: int = 2
 
 
 class DDPOTrainer(OnlineTrainer):
     """DDPO-clip (Black et al. 2023, "Training Diffusion Models with Reinforcement Learning";
     kvablack/ddpo-pytorch): sample, score with any (non-differentiable) reward, normalise per prompt, and take
     the PPO-clip loss of every sampled DDIM step (:func:`~mmalign.trainers.losses.ddpo_ppo_loss`), averaged
-    over the trained steps. One sampling round per optimizer step (on-policy)."""
+    over the trained steps. Each sampling round serves ``sample_batches`` optimizer steps (ddpo-pytorch's
+    ``num_batches_per_epoch``, one inner epoch): the first is on-policy (ratio 1), later ones are off-policy
+    and the PPO clip acts."""
 
     config_class: ClassVar[type[TrainConfig]] = DDPOConfig
     uses_reference: ClassVar[bool] = False
 
     def __init__(self, config: DDPOConfig, policy: Any = None, reward: Any = None):
+        if config.sample_batches < 1:
+            raise ConfigError(f"sample_batches must be at least 1, got {config.sample_batches}")
+        if config.checkpoint_every % config.sample_batches:
+            raise ConfigError(
+                f"checkpoint_every ({config.checkpoint_every}) must be a multiple of sample_batches "
+                f"({config.sample_batches}) so that a resumed run starts a sampling round"
+            )
         self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+        self._round: tuple[int, list[dict[str, Any]]] | None = None
         super().__init__(config, policy, reward)
 
     def make_batch(self, micro_index: int) -> dict[str, Any]:
-        batch = super().make_batch(micro_index)
+        """Micro-batch ``micro_index`` of its sampling round; the round (``sample_batches`` optimizer steps)
+        is sampled and scored when its first micro-batch is asked for, with the weights of that moment."""
+        per_round = self.config.sample_batches * self.config.grad_accum
+        round_index = micro_index // per_round
+        if self._round is None or self._round[0] != round_index:
+            first = round_index * per_round
+            self._round = (round_index, self._sample_round(range(first, first + per_round)))
+        return self._round[1][micro_index - round_index * per_round]
+
+    def _sample_round(self, micro_indices: range) -> list[dict[str, Any]]:
         acc = self.accelerator
-        trajectory = self.sample(batch)
-        with torch.no_grad():
-            rewards = self.reward(self.decode(trajectory.final), batch["prompts"])
-        global_rewards = acc.gather(rewards.to(acc.device)) if acc.num_processes > 1 else rewards
-        if self.config.per_prompt_stat_tracking:
-            advantages = self.tracker.update(batch["global_prompts"], global_rewards)
+        batches = []
+        for micro_index in micro_indices:
+            batch = super().make_batch(micro_index)
+            batch["trajectory"] = self.sample(batch)
+            with torch.no_grad():
+                batch["rewards"] = self.reward(self.decode(batch["trajectory"].final), batch["prompts"])
+            batches.append(batch)
+        rewards = [acc.gather(b["rewards"].to(acc.device)) if acc.num_processes > 1 else b["rewards"] for b in batches]
+        global_rewards = torch.cat([r.float().cpu() for r in rewards])
+        prompts = [p for b in batches for p in b["global_prompts"]]
+        if self.config.per_prompt_stat_tracking:  # one update per round, as ddpo-pytorch per epoch
+            advantages = self.tracker.update(prompts, global_rewards)
         else:
             advantages = (global_rewards - global_rewards.mean()) / (global_rewards.std(unbiased=False) + 1e-8)
-        lo, hi = batch["slice"]
-        batch.update(trajectory=trajectory, rewards=rewards, advantages=advantages[lo:hi].to(acc.device))
-        return batch
+        for i, batch in enumerate(batches):
+            lo, hi = batch["slice"]
+            own = advantages[i * self.global_batch : (i + 1) * self.global_batch][lo:hi]
+            batch["advantages"] = own.to(acc.device)
+        return batches
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config, trajectory = self.config, batch["trajectory"]

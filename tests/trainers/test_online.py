@@ -191,6 +191,8 @@ def test_policy_gradient_trainers_change_every_parameter(name, sd_folder, prompt
     assert all(torch.isfinite(v).all() for v in after.values())
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0
     assert "reward" in summary["history"][-1]
+    if name == "ddpo":  # two optimizer steps per sampling round: the second is off-policy, the ratio moved
+        assert summary["history"][0]["approx_kl"] == 0.0 and summary["history"][1]["approx_kl"] > 0.0
     assert (tmp_path / name / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -222,6 +224,17 @@ def test_ddpo_resume_equals_uninterrupted_with_the_stat_tracker(sd_folder, promp
 # ----------------------------------------------------------------------------------------------------------
 # Reward backprop
 # ----------------------------------------------------------------------------------------------------------
+def test_configuration_errors(sd_folder, prompts_file, tmp_path):
+    from mmalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backpropagates through the reward"):
+        make("refl", sd_folder, prompts_file, tmp_path / "r", "reward=jpeg-compressibility")
+    with pytest.raises(ConfigError, match="cannot precompute the reference"):
+        make("d3po", sd_folder, prompts_file, tmp_path / "p", "lora_rank=0", "reference=precomputed")
+    with pytest.raises(ConfigError, match="multiple of sample_batches"):
+        make("ddpo", sd_folder, prompts_file, tmp_path / "d", "checkpoint_every=3", "sample_batches=2")
+
+
 @pytest.mark.parametrize(
     "name,extra",
     [
@@ -307,7 +320,8 @@ def test_label_then_train_round_trip(sd_folder, prompts_file, tmp_path):
 
 
 @pytest.mark.slow  # three extra Python processes (~50 s on a loaded 2-core machine); MMALIGN_SLOW=1 runs it
-def test_d3po_two_processes_equal_one_with_the_same_global_batch(sd_folder, prompts_file, tmp_path):
+@pytest.mark.parametrize("name", ["d3po", "ddpo"])
+def test_two_processes_equal_one_with_the_same_global_batch(name, sd_folder, prompts_file, tmp_path):
     import os
     import subprocess
     import sys
@@ -316,12 +330,20 @@ def test_d3po_two_processes_equal_one_with_the_same_global_batch(sd_folder, prom
     from safetensors.torch import load_file
 
     repo = Path(__file__).resolve().parents[2]
-    args = ["train", "trainer=d3po", f"model={sd_folder}", f"data={prompts_file}", "resolution=32"]
+    args = ["train", f"trainer={name}", f"model={sd_folder}", f"data={prompts_file}", "resolution=32"]
     args += ["tracker=none", "progress=false", "max_steps=2", "lr=1e-3", "sample_steps=2", "log_every=1"]
-    args += ["reward=jpeg-compressibility", "d3po_clip=0.5"]
+    args += ["reward=jpeg-compressibility", "d3po_clip=0.5" if name == "d3po" else "sample_batches=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     single = [sys.executable, "-m", "mmalign.cli", *args, "batch_size=2", f"output_dir={tmp_path / 'one'}"]
-    double = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    double = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29533 + (name == "ddpo")),
+    ]
     double += ["-m", "mmalign.cli", *args, "batch_size=1", f"output_dir={tmp_path / 'two'}"]
     for command in (single, double):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
