@@ -243,6 +243,9 @@ def add_generators(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["elo", "bt", "kwise", "all"], default="all")
     p.add_argument("--k-factor", type=float, default=32.0, help="Elo K-factor")
     p.add_argument("--bt-prior", type=float, default=0.1, help="Bradley-Terry pseudo-games per pair")
+    p.add_argument(
+        "--kwise-pairing", choices=["mean", "weng-lin"], default="mean", help="K-wise: average or sum pair updates"
+    )
     p.add_argument("--out", metavar="DIR", help="generators.{json,md} and win_rates.png go here")
     _add_bootstrap_options(p)
     p.set_defaults(func=run_generators)
@@ -324,6 +327,7 @@ def run_generators(args: argparse.Namespace) -> int:
         level=args.level,
         elo_options={"k_factor": args.k_factor},
         bt_options={"prior": args.bt_prior},
+        kwise_options={"pairing": args.kwise_pairing},
     )
     sys.stdout.write(report_markdown(report))
     if args.out:
