@@ -155,3 +155,13 @@ TRAINERS.register("d3po", "mmalign.trainers.online:D3POTrainer", "D3PO: online p
 TRAINERS.register("refl", "mmalign.trainers.online:ReFLTrainer", "ReFL: one-step reward feedback (ImageReward)")
 TRAINERS.register("draft", "mmalign.trainers.online:DRaFTTrainer", "DRaFT-K / DRaFT-LV reward backpropagation")
 TRAINERS.register("alignprop", "mmalign.trainers.online:AlignPropTrainer", "AlignProp: checkpointed reward backprop")
+REWARDS.register(
+    "toyworld",
+    "mmalign.toyworld.reward:ToyReward.from_pretrained",
+    "Toyworld learned reward: tiny CLIP (32 px) cosine trained on judge-ranked pairs (assets/toyworld/reward)",
+)
+REWARDS.register(
+    "toyworld-judge",
+    "mmalign.toyworld.reward:JudgeReward.from_pretrained",
+    "Toyworld exact judge: mean of the colour, shape, count and position checks, in [0, 1] (not differentiable)",
+)

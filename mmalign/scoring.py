@@ -4,6 +4,12 @@ Each scored image is one JSON line (``path``, ``prompt``, ``reward``, ``score``,
 flushed batch by batch, so an interrupted run loses at most one batch; re-running with the same output file
 skips every (path, prompt) already there. Unusable images either stop the job with an error naming the file
 (what was scored stays on disk) or, with ``skip_bad``, are reported and skipped.
+
+Videos, multi-view sets and audio get the same keys plus ``modality``, ``aggregate``, ``variant`` (the settings
+that change the score; part of the resume identity), ``units`` (per-frame / per-view / per-window scores),
+``unit``, ``unit_positions`` and, where they apply, ``unit_weights``, ``consistency``, ``num_frames``, ``fps``,
+``views``, ``duration``. Image rewards are lifted to videos and view sets (:mod:`mmalign.rewards.lifted`);
+audio and music need an audio reward (CLAP).
 """
 
 from __future__ import annotations
@@ -12,21 +18,56 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 
 from .errors import MediaError, MMAlignError
-from .modalities.image import DEFAULT_MAX_PIXELS, list_images, open_image
+from .modalities import MODALITIES, files_with_suffix, natural_key
+from .modalities.audio import AUDIO_EXTENSIONS
+from .modalities.image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images, open_image
+from .modalities.multiview import CAMERAS_FILE
+from .modalities.video import VIDEO_EXTENSIONS
 from .rewards.base import DTYPE_NAMES, Reward
+
+AUTO = "auto"
+PAIR_KEYS = {
+    "image": "image",
+    "video": "video",
+    "views": "multiview",
+    "audio": "audio",
+    "music": "music",
+    "media": AUTO,
+}
+DEFAULT_AGGREGATE = {"video": "mean", "multiview": "mean", "audio": "mean", "music": "mean"}
 
 
 @dataclass(frozen=True)
 class ScoreItem:
+    """One thing to score. Identity (for resume) is ``(path, prompt, variant)``; ``variant`` is set by the job
+    from the scorer's settings for non-image items."""
+
     path: str
     prompt: str
+    modality: str = field(default="image", compare=False)
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    """How non-image items are scored (the ``mmalign score`` flags of the same names)."""
+
+    frames: int = 8
+    aggregate: str | None = None
+    grid: str | None = None
+    window_seconds: float | None = None
+    sample_fps: float | None = None
+    consistency: float = 0.0
+    normalize: str | None = None
+    backend: str = "pyav"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -36,12 +77,75 @@ class ScoreSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def items_from_paths(paths: Iterable[str | os.PathLike], prompt: str) -> list[ScoreItem]:
-    return [ScoreItem(str(p), prompt) for p in list_images(paths)]
+def detect_modality(path: str | os.PathLike, grid: str | None = None) -> str:
+    """The modality of one file by its extension (a GIF is an image unless asked for as a video; with a
+    ``grid`` an image is a multi-view grid); a folder with a ``cameras.json`` is a multi-view set."""
+    path = Path(path)
+    if path.is_dir():
+        return "multiview" if (path / CAMERAS_FILE).is_file() else "image"
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS and suffix != ".gif":
+        return "video"
+    if suffix in AUDIO_EXTENSIONS:
+        return "audio"
+    return "multiview" if grid is not None else "image"
 
 
-def items_from_pairs(pairs_file: str | os.PathLike) -> list[ScoreItem]:
-    """Read ``{"prompt": ..., "image": ...}`` lines; relative image paths are relative to the file."""
+def _subfolders_with(folder: Path, suffixes: frozenset[str]) -> list[Path]:
+    return sorted((d for d in folder.iterdir() if d.is_dir() and files_with_suffix(d, suffixes)), key=natural_key)
+
+
+def _expand(path: Path, modality: str, grid: str | None) -> list[tuple[Path, str]]:
+    """One command-line path -> (path, modality) items."""
+    if not path.exists():
+        raise MediaError(path, "no such file or folder")
+    if not path.is_dir():
+        return [(path, detect_modality(path, grid) if modality == AUTO else modality)]
+    if modality == AUTO:
+        if (path / CAMERAS_FILE).is_file() and grid is None:
+            return [(path, "multiview")]
+        media = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
+        return [
+            (p, detect_modality(p, grid))
+            for p in sorted(q for q in path.iterdir() if q.suffix.lower() in media and q.is_file())
+        ]
+    if modality == "image":
+        return [(p, "image") for p in list_images([path])]
+    if modality in ("audio", "music"):
+        return [(p, modality) for p in files_with_suffix(path, AUDIO_EXTENSIONS)]
+    if modality == "video":
+        videos = files_with_suffix(path, VIDEO_EXTENSIONS)
+        if videos:
+            return [(p, "video") for p in videos]
+        folders = _subfolders_with(path, IMAGE_EXTENSIONS)
+        return [(p, "video") for p in folders] if folders else [(path, "video")]  # a folder of frames
+    if grid is not None:  # multiview: every image of the folder is a grid
+        return [(p, "multiview") for p in files_with_suffix(path, IMAGE_EXTENSIONS)]
+    if files_with_suffix(path, IMAGE_EXTENSIONS):
+        return [(path, "multiview")]  # a folder of views
+    return [(p, "multiview") for p in _subfolders_with(path, IMAGE_EXTENSIONS)]  # a folder of view folders
+
+
+def items_from_paths(
+    paths: Iterable[str | os.PathLike], prompt: str, modality: str = "image", grid: str | None = None
+) -> list[ScoreItem]:
+    """Files and folders -> items. ``modality="image"`` (the default) lists images as it always did; ``auto``
+    picks each file's modality by extension and treats a folder with ``cameras.json`` as one view set; an explicit
+    modality reads folders as that modality's containers (a folder of frames, of views, of view folders...)."""
+    if modality not in (AUTO, *MODALITIES):
+        raise MMAlignError(f"unknown modality {modality!r}; use auto or one of {', '.join(MODALITIES)}")
+    if modality == "image" and grid is None:
+        return [ScoreItem(str(p), prompt) for p in list_images(paths)]
+    items = []
+    for item in paths:
+        items.extend(ScoreItem(str(p), prompt, m) for p, m in _expand(Path(item), modality, grid))
+    return items
+
+
+def items_from_pairs(pairs_file: str | os.PathLike, modality: str = AUTO, grid: str | None = None) -> list[ScoreItem]:
+    """Read ``{"prompt": ..., "image": ...}`` lines (or ``"video"``, ``"views"``, ``"audio"``, ``"music"``;
+    ``"media"`` is detected by extension); relative paths are relative to the file. An explicit ``modality``
+    (not ``auto``) applies to every line."""
     pairs_file = Path(pairs_file)
     if not pairs_file.is_file():
         raise MMAlignError(f"{pairs_file}: no such file")
@@ -55,20 +159,27 @@ def items_from_pairs(pairs_file: str | os.PathLike) -> list[ScoreItem]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise MMAlignError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                raise MMAlignError(f'{where}: expected an object with a string "image" key')
+            key = next((k for k in PAIR_KEYS if isinstance(row, dict) and isinstance(row.get(k), str)), None)
+            if key is None:
+                raise MMAlignError(
+                    f'{where}: expected an object with a string "image" key (or "video", "views", "audio", "music", '
+                    '"media")'
+                )
             if not isinstance(row.get("prompt", ""), str):
                 raise MMAlignError(f'{where}: "prompt" must be a string')
-            image = Path(row["image"])
-            if not image.is_absolute():
-                image = pairs_file.parent / image
-            items.append(ScoreItem(str(image), row.get("prompt", "")))
+            media = Path(row[key])
+            if not media.is_absolute():
+                media = pairs_file.parent / media
+            kind = modality if modality != AUTO else PAIR_KEYS[key]
+            if kind == AUTO:
+                kind = detect_modality(media, grid)
+            items.append(ScoreItem(str(media), row.get("prompt", ""), kind))
     return items
 
 
 def read_done(out: Path, reward: str) -> set[ScoreItem]:
-    """(path, prompt) pairs already scored by ``reward`` in ``out``; a torn last line (a crash mid-write) is
-    cut off. Several rewards may share one output file."""
+    """(path, prompt, variant) already scored by ``reward`` in ``out``; a torn last line (a crash mid-write) is
+    cut off. Several rewards (and variants) may share one output file."""
     if not out.exists():
         return set()
     done: set[ScoreItem] = set()
@@ -78,7 +189,7 @@ def read_done(out: Path, reward: str) -> set[ScoreItem]:
         try:
             row = json.loads(line)
             if row["reward"] == reward:
-                done.add(ScoreItem(row["path"], row["prompt"]))
+                done.add(ScoreItem(row["path"], row["prompt"], variant=row.get("variant")))
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             if line.endswith(b"\n"):
                 number = data[:good_end].count(b"\n") + 1
@@ -96,6 +207,60 @@ def _batches(items: list[ScoreItem], size: int) -> Iterator[list[ScoreItem]]:
         yield items[start : start + size]
 
 
+def media_scorers(reward: Reward, modalities: Iterable[str], options: MediaOptions | None = None) -> dict[str, Any]:
+    """The scorer of each non-image modality: image rewards lifted to video / multiview, an audio reward
+    configured for audio or music. Incompatible pairs raise an error saying which reward would do."""
+    options = options or MediaOptions()
+    scorers: dict[str, Any] = {}
+    for modality in dict.fromkeys(modalities):
+        if modality == "image":
+            if reward.modality != "image":
+                raise MMAlignError(f"{reward.name} scores {reward.modality}, not images; use an image reward")
+            continue
+        aggregate = options.aggregate or DEFAULT_AGGREGATE[modality]
+        try:
+            if modality in ("video", "multiview"):
+                if reward.modality != "image":
+                    raise MMAlignError(
+                        f"{reward.name} scores {reward.modality}; {modality} needs an image reward to lift "
+                        "(e.g. hpsv2.1, pickscore, imagereward)"
+                    )
+                from .rewards.lifted import MultiviewReward, VideoReward
+
+                if modality == "video":
+                    scorers[modality] = VideoReward(
+                        reward,
+                        aggregate,
+                        options.frames,
+                        consistency_weight=options.consistency,
+                        sample_fps=options.sample_fps,
+                        backend=options.backend,
+                        max_pixels=options.max_pixels,
+                    )
+                else:
+                    scorers[modality] = MultiviewReward(
+                        reward,
+                        aggregate,
+                        consistency_weight=options.consistency,
+                        grid=options.grid,
+                        max_pixels=options.max_pixels,
+                    )
+            else:
+                if reward.modality != "audio":
+                    raise MMAlignError(
+                        f"{reward.name} scores {reward.modality}; {modality} needs an audio reward (clap, clap-music)"
+                    )
+                scorers[modality] = reward.with_windows(
+                    windows="cover" if modality == "music" else None,
+                    window_seconds=options.window_seconds,
+                    aggregate=aggregate,
+                    normalize=options.normalize,
+                )
+        except ValueError as error:
+            raise MMAlignError(f"{modality}: {error}") from error
+    return scorers
+
+
 def run_scoring(
     reward: Reward,
     items: list[ScoreItem],
@@ -106,11 +271,17 @@ def run_scoring(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     stdout: IO[str] | None = None,
+    media: MediaOptions | None = None,
 ) -> ScoreSummary:
-    """Score ``items`` with ``reward``, appending JSON lines to ``out`` (or writing to stdout)."""
+    """Score ``items`` with ``reward``, appending JSON lines to ``out`` (or writing to stdout). Videos, view sets
+    and audio are scored by :func:`media_scorers` with ``media`` options; records keep the batch's order."""
     from tqdm.auto import tqdm
 
     summary = ScoreSummary()
+    scorers = media_scorers(reward, [item.modality for item in items], media)
+    items = [
+        item if item.modality == "image" else replace(item, variant=scorers[item.modality].variant) for item in items
+    ]
     out_path = Path(out) if out is not None else None
     done = read_done(out_path, reward.name) if out_path is not None else set()
     todo = [item for item in dict.fromkeys(items) if item not in done]
@@ -119,31 +290,57 @@ def run_scoring(
         out_path.parent.mkdir(parents=True, exist_ok=True)
     handle = out_path.open("a", encoding="utf-8") if out_path is not None else (stdout or sys.stdout)
     dtype = DTYPE_NAMES.get(reward.dtype, str(reward.dtype))
-    bar = tqdm(total=len(todo), unit="img", desc=f"scoring ({reward.name})", disable=not progress, file=sys.stderr)
+    unit = "img" if not scorers else "item"
+    bar = tqdm(total=len(todo), unit=unit, desc=f"scoring ({reward.name})", disable=not progress, file=sys.stderr)
     try:
         for batch in _batches(todo, batch_size):
-            decoded, kept = [], []
+            decoded: dict[str, list[Any]] = {}
+            kept: dict[str, list[ScoreItem]] = {}
             for item in batch:
                 try:
-                    decoded.append(open_image(item.path, max_pixels=max_pixels))
-                    kept.append(item)
+                    if item.modality == "image":
+                        value = open_image(item.path, max_pixels=max_pixels)
+                    else:
+                        value = scorers[item.modality].decode(item.path)
+                    decoded.setdefault(item.modality, []).append(value)
+                    kept.setdefault(item.modality, []).append(item)
                 except MediaError as error:
                     if not skip_bad:
                         raise
                     summary.skipped.append((item.path, error.reason))
-            if kept:
-                scores = reward.score_images(decoded, [item.prompt for item in kept], batch_size=len(kept))
-                for item, value in zip(kept, scores.tolist()):
-                    record = {
+            records: dict[ScoreItem, dict[str, Any]] = {}
+            for modality, group in kept.items():
+                prompts = [item.prompt for item in group]
+                if modality == "image":
+                    scores = reward.score_images(decoded[modality], prompts, batch_size=len(group))
+                    for item, value in zip(group, scores.tolist()):
+                        records[item] = {
+                            "path": item.path,
+                            "prompt": item.prompt,
+                            "reward": reward.name,
+                            "score": value,
+                            "dtype": dtype,
+                        }
+                    continue
+                scorer = scorers[modality]
+                for item, result in zip(group, scorer.score_decoded(decoded[modality], prompts, batch_size)):
+                    records[item] = {
                         "path": item.path,
                         "prompt": item.prompt,
                         "reward": reward.name,
-                        "score": value,
+                        "score": result.total,
                         "dtype": dtype,
+                        "modality": modality,
+                        "aggregate": scorer.aggregate,
+                        "variant": item.variant,
+                        **result.record(),
                     }
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for item in batch:
+                if item in records:
+                    handle.write(json.dumps(records[item], ensure_ascii=False) + "\n")
+            if records:
                 handle.flush()
-                summary.scored += len(kept)
+                summary.scored += len(records)
             bar.update(len(batch))
     finally:
         bar.close()

@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--skip-bad", action="store_true", help="skip unusable images, report them at the end")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--skip-bad", action="store_true", help="skip unusable media files, report them at the end")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (and video frames)")
     p.add_argument("--out", metavar="FILE.jsonl", help="append results here (re-running resumes); default stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     media = p.add_argument_group("video, multi-view and audio")
@@ -66,8 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..rewards import load_reward
     from ..modalities.multiview import parse_grid
+    from ..rewards import load_reward
     from ..scoring import MediaOptions, device_and_threads, items_from_pairs, items_from_paths, run_scoring
 
     if args.batch_size < 1:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sample_fps is not None and args.sample_fps <= 0:
         raise MMAlignError("--sample-fps must be positive")
     if bool(args.paths) == bool(args.pairs):
-        raise MMAlignError("give image PATHs or --pairs FILE.jsonl (one of the two)")
+        raise MMAlignError("give media PATHs or --pairs FILE.jsonl (one of the two)")
     device = device_and_threads(args.device)
     reward = load_reward(
         args.reward,
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         consistency=args.consistency,
         normalize=args.normalize,
         backend=args.video_backend,
+        max_pixels=args.max_pixels,
     )
     summary = run_scoring(
         reward,
