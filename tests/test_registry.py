@@ -37,3 +37,10 @@ def test_duplicate_registration_refused_and_defaults_merge():
     assert registry.build("a", y=2) == {"x": 1, "y": 2}
     assert registry.build("a", x=3) == {"x": 3}
     assert "a" in registry and registry.names() == ["a"]
+
+
+def test_cli_parser_builds_without_torch():
+    """`mmalign --help` stays instant: command modules import heavy libraries inside ``run``."""
+    code = "import sys; from mmalign.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -11,8 +11,7 @@ import argparse
 import sys
 
 from ..errors import MMAlignError
-from ..modalities import MODALITIES
-from ..modalities.image import DEFAULT_MAX_PIXELS
+from ..modalities import DEFAULT_MAX_PIXELS, MODALITIES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

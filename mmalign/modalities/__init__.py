@@ -12,6 +12,10 @@ from pathlib import Path
 
 MODALITIES = ("image", "video", "multiview", "audio", "music")
 
+# Pillow warns above 89.5 Mpx and refuses at twice that; mmalign refuses at the warning level by default,
+# before decoding, so a decompression bomb never allocates its pixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+
 _DIGITS = re.compile(r"(\d+)")
 
 

@@ -18,12 +18,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
+from . import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-# Pillow warns above 89.5 Mpx and refuses at twice that; mmalign refuses at the warning level by default,
-# before decoding, so a decompression bomb never allocates its pixels.
-DEFAULT_MAX_PIXELS = 89_478_485
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
