@@ -344,3 +344,18 @@ def test_precomputed_reference_equals_frozen_copy(sd_folder, pairs_file, tmp_pat
 
     with pytest.raises(MMAlignError, match="no recorded reference output for 99:pair"):
         pre.reference_mse("pair", {"micro_index": 99}, torch.zeros(1), None, None, None, None)
+
+
+def test_policy_targets_follow_prediction_type(tmp_path):
+    """epsilon -> the noise; v_prediction -> scheduler.get_velocity = sqrt(ab)·eps − sqrt(1 − ab)·x0."""
+    from mmalign.models.policy import DiffusionPolicy
+    from tests import tiny
+
+    policy = DiffusionPolicy.from_pretrained(str(tiny.make_sd_pipeline(tmp_path / "v", prediction_type="v_prediction")))
+    assert policy.prediction_type == "v_prediction"
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    noisy, target = policy.noisy_and_target(x0, noise, t)
+    ab = policy.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+    torch.testing.assert_close(target, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
