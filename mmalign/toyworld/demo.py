@@ -1,0 +1,287 @@
+"""The whole alignment loop on the toyworld, offline on a CPU: sample -> label -> train -> evaluate -> report.
+
+1. **evaluate (before)**: the shipped pipeline draws ``eval_samples`` images of each held-out prompt (prompts
+   never trained on) with fixed seeds; the exact judge scores them;
+2. **sample + label**: it draws ``samples_per_prompt`` images of each training prompt; the *learned* reward
+   (not the judge) picks the best and the worst of them as a (chosen, rejected) pair;
+3. **train**: Diffusion-DPO (or any registered trainer) with LoRA on those pairs, through the shared loop;
+   held-out adherence and learned reward are measured every ``eval_every`` steps for the curves;
+4. **evaluate (after)**: the saved LoRA is loaded onto a fresh pipeline (``pipe.load_lora_weights``) and the
+   same held-out prompts and seeds are sampled and judged again;
+5. **report**: ``report.json`` (``{"before": {...}, "after": {...}, "gain": {...}, ...}``), ``report.md``,
+   ``report.html``, before/after image grids and curves.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import DemoConfig
+from .judge import judge, mean_scores
+from .sampling import GUIDANCE, SAMPLE_STEPS, Evaluation, asset_dir, evaluate, load_pipeline, sample, threads
+from .world import ATTRIBUTES, Prompt, split_prompts
+
+# ---------------------------------------------------------------- pairs
+
+
+def make_pairs(
+    pipe: Any,
+    reward: Any,
+    prompts: list[Prompt],
+    samples_per_prompt: int,
+    seed: int,
+    folder: Path,
+    sample_steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+) -> dict[str, Any]:
+    """Sample ``samples_per_prompt`` images per prompt, keep the learned reward's best and worst as a pair, and
+    write them with ``pairs.jsonl`` (reward scores as ``score_chosen``/``score_rejected``; judge scores in
+    ``judge_chosen``/``judge_rejected``, for the report only) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    seeds = [1_000_000 + seed * 100_003 + i for i in range(len(expanded))]
+    images = sample(pipe, expanded, seeds, steps=sample_steps, guidance=guidance)
+    with torch.no_grad():
+        scores = reward.score_tensor(
+            torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, [p.text for p in expanded]
+        )
+    scores = scores.float().numpy()
+    judged = np.array([judge(image, p).overall for image, p in zip(images, expanded)])
+    rows, agree = [], []
+    from PIL import Image
+
+    for k, prompt in enumerate(prompts):
+        block = slice(k * samples_per_prompt, (k + 1) * samples_per_prompt)
+        order = np.argsort(scores[block], kind="stable")
+        best, worst = block.start + int(order[-1]), block.start + int(order[0])
+        if scores[best] == scores[worst]:
+            continue
+        names = (f"{k:03d}_chosen.png", f"{k:03d}_rejected.png")
+        Image.fromarray(images[best]).save(folder / names[0])
+        Image.fromarray(images[worst]).save(folder / names[1])
+        rows.append(
+            {
+                "prompt": prompt.text,
+                "chosen": names[0],
+                "rejected": names[1],
+                "score_chosen": float(scores[best]),
+                "score_rejected": float(scores[worst]),
+                "judge_chosen": float(judged[best]),
+                "judge_rejected": float(judged[worst]),
+            }
+        )
+        if judged[best] != judged[worst]:
+            agree.append(judged[best] > judged[worst])
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {
+        "file": str(folder / "pairs.jsonl"),
+        "pairs": len(rows),
+        "samples": len(expanded),
+        "judge_of_samples": float(judged.mean()),
+        "judge_of_chosen": float(np.mean([r["judge_chosen"] for r in rows])) if rows else 0.0,
+        "judge_of_rejected": float(np.mean([r["judge_rejected"] for r in rows])) if rows else 0.0,
+        "pairs_the_judge_orders": len(agree),
+        "label_agreement_with_judge": float(np.mean(agree)) if agree else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------- training with periodic evaluation
+
+
+def hooked_trainer(trainer_class: type, hook: Callable[[Any, int], None] | None, every: int, cpu_budget: float):
+    """A subclass of ``trainer_class`` that calls ``hook(trainer, step)`` every ``every`` steps (evaluation time
+    excluded from the CPU count) and stops once the training itself has used ``cpu_budget`` CPU seconds."""
+
+    class Hooked(trainer_class):  # type: ignore[misc, valid-type]
+        def _train_step(self) -> dict[str, float]:
+            if not hasattr(self, "cpu_used"):
+                self.cpu_used, self.wall_used = 0.0, 0.0
+            cpu, wall = time.process_time(), time.time()
+            metrics = super()._train_step()
+            self.cpu_used += time.process_time() - cpu
+            self.wall_used += time.time() - wall
+            step = self.step + 1
+            if cpu_budget and self.cpu_used >= cpu_budget:
+                self.config.max_steps = step  # the loop ends after this step and saves the final weights
+            if hook is not None and every and (step % every == 0 or step == self.config.max_steps):
+                hook(self, step)
+            return metrics
+
+    Hooked.__name__ = Hooked.__qualname__ = f"Hooked{trainer_class.__name__}"
+    return Hooked
+
+
+def trainer_overrides(config: DemoConfig, model: Path, data: str, output_dir: Path) -> list[str]:
+    """``key=value`` overrides of the trainer config; no flips or crops (they would move objects across halves)."""
+    return [
+        f"trainer={config.trainer}",
+        f"model={model}",
+        f"data={data}",
+        f"output_dir={output_dir}",
+        "resolution=32",
+        "random_crop=false",
+        "hflip=false",
+        f"lora_rank={config.lora_rank}",
+        f"max_steps={config.steps}",
+        f"batch_size={config.batch_size}",
+        f"lr={config.lr}",
+        f"beta={config.beta}",
+        f"seed={config.seed}",
+        "tracker=none",
+        "checkpoint_every=1000000",
+        "log_every=10",
+        f"sample_steps={config.sample_steps}",
+        f"guidance={config.guidance}",
+        f"progress={str(config.progress).lower()}",
+        *config.overrides,
+    ]
+
+
+def swap_unet(pipe: Any, unet: torch.nn.Module):
+    """The same pipeline with another UNet (the trainer's, LoRA active)."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = {k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+    new = StableDiffusionPipeline(
+        **parts, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def reward_of(reward: Any, result: Evaluation) -> float:
+    with torch.no_grad():
+        pixels = torch.from_numpy(result.images).permute(0, 3, 1, 2).float() / 255
+        return float(reward.score_tensor(pixels, [p.text for p in result.prompts]).mean())
+
+
+def train_with_curves(
+    config: DemoConfig, model: Path, data: str, output_dir: Path, base: Any, reward: Any, heldout: list[Prompt], log
+) -> dict[str, Any]:
+    """Train one trainer from ``model`` on ``data``; the curves are held-out judge adherence and learned reward."""
+    from ..commands.train import resolve_trainer_config
+
+    curve: list[dict[str, float]] = []
+
+    def hook(trainer: Any, step: int) -> None:
+        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        unet.eval()
+        result = evaluate(
+            swap_unet(base, unet), heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance
+        )
+        unet.train()
+        point = {"step": step, **result.scores, "reward": reward_of(reward, result), "train_cpu_s": trainer.cpu_used}
+        curve.append(point)
+        log(f"  step {step}: held-out adherence {point['overall']:.3f}, reward {point['reward']:.4f}")
+
+    trainer_class, trainer_config = resolve_trainer_config(None, trainer_overrides(config, model, data, output_dir))
+    shutil.rmtree(output_dir, ignore_errors=True)
+    trainer = hooked_trainer(trainer_class, hook, config.eval_every, config.cpu_budget)(trainer_config)
+    summary = trainer.train()
+    return {
+        "steps": summary["steps"],
+        "pairs": summary["pairs"],
+        "history": summary["history"],
+        "curve": curve,
+        "train_cpu_seconds": round(trainer.cpu_used, 1),
+        "train_wall_seconds": round(trainer.wall_used, 1),
+        "config": asdict(trainer_config),
+    }
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the loop and write the report; returns the ``report.json`` content."""
+    from ..rewards import load_reward
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, cpu0 = time.time(), time.process_time()
+    timing: dict[str, float] = {}
+    with threads(config.threads):
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        model = Path(config.pipeline) if config.pipeline else asset_dir("pipeline")
+        base = load_pipeline(model)
+        reward = load_reward("toyworld", weights=config.reward)
+        train_prompts, heldout = split_prompts(config.heldout, seed=0)
+
+        t = time.time()
+        before = evaluate(base, heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance)
+        timing["evaluate_before_s"] = round(time.time() - t, 1)
+        log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} images)")
+
+        t = time.time()
+        pairs = make_pairs(
+            base,
+            reward,
+            train_prompts,
+            config.samples_per_prompt,
+            config.seed,
+            out / "pairs",
+            config.sample_steps,
+            config.guidance,
+        )
+        timing["sample_and_label_s"] = round(time.time() - t, 1)
+        log(
+            f"pairs: {pairs['pairs']} from {pairs['samples']} samples; judge of chosen {pairs['judge_of_chosen']:.3f}"
+            f" vs rejected {pairs['judge_of_rejected']:.3f}"
+        )
+
+        t = time.time()
+        log(f"training {config.trainer} (LoRA rank {config.lora_rank}, {config.steps} steps)")
+        training = train_with_curves(config, model, pairs["file"], out / "lora", base, reward, heldout, log)
+        timing["train_s"] = training["train_wall_seconds"]
+        timing["train_cpu_s"] = training["train_cpu_seconds"]
+        timing["train_and_curves_s"] = round(time.time() - t, 1)
+
+        t = time.time()
+        tuned = load_pipeline(model, lora=out / "lora")
+        after = evaluate(tuned, heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance)
+        timing["evaluate_after_s"] = round(time.time() - t, 1)
+        log(f"after: held-out adherence {after.scores['overall']:.3f}")
+        reward_before, reward_after = reward_of(reward, before), reward_of(reward, after)
+    timing["total_s"] = round(time.time() - started, 1)
+    timing["total_cpu_s"] = round(time.process_time() - cpu0, 1)
+
+    from .report import write_report
+
+    report = {
+        "before": {**before.scores, "reward": reward_before},
+        "after": {**after.scores, "reward": reward_after},
+        "gain": {k: after.scores[k] - before.scores[k] for k in before.scores}
+        | {"reward": reward_after - reward_before},
+        "heldout": {"prompts": len(heldout), "samples_per_prompt": config.eval_samples, "seed": config.seed},
+        "per_attribute": list(ATTRIBUTES),
+        "pairs": pairs,
+        "training": {k: v for k, v in training.items() if k != "config"},
+        "trainer_config": training["config"],
+        "demo_config": asdict(config),
+        "timing": timing,
+        "torch_threads": torch.get_num_threads() if not config.threads else config.threads,
+        "files": {},
+    }
+    report["files"] = write_report(report, before, after, out)
+    return report
+
+
+def same_seed_wins(before: Evaluation, after: Evaluation) -> dict[str, int]:
+    """Per image (same prompt and seed): how many the tuning improved, worsened, left equal."""
+    b = np.array([v.overall for v in before.verdicts])
+    a = np.array([v.overall for v in after.verdicts])
+    return {"improved": int((a > b).sum()), "worsened": int((a < b).sum()), "equal": int((a == b).sum())}
+
+
+__all__ = ["DemoConfig", "run_demo", "make_pairs", "hooked_trainer", "train_with_curves", "mean_scores"]

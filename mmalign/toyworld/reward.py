@@ -1,0 +1,68 @@
+"""Toyworld rewards behind the registry names ``toyworld`` (learned) and ``toyworld-judge`` (exact).
+
+* ``toyworld``: the shipped tiny CLIP (``assets/toyworld/reward``) scored by cosine, trained by
+  :mod:`mmalign.toyworld.train_reward` to rank images of one prompt as the judge does; differentiable.
+* ``toyworld-judge``: the exact judge's ``overall`` adherence in [0, 1]; not differentiable (a verifiable reward).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..rewards.base import Reward
+from ..rewards.clip import CLIPReward
+from .judge import judge
+from .world import CANVAS
+
+
+class ToyReward(CLIPReward):
+    """The learned toyworld reward: cosine of a tiny ``CLIPModel`` (32 px, patch 4)."""
+
+    name = "toyworld"
+    default_repo = "assets/toyworld/reward"
+    score_scale: ClassVar[str] = "cosine in [-1, 1]; only differences between images of one prompt are meaningful"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights: str | None = None,
+        processor: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        **kwargs: Any,
+    ) -> ToyReward:
+        """``weights``: a CLIPModel folder (default: the shipped ``assets/toyworld/reward``)."""
+        from .sampling import asset_dir
+
+        weights = weights or str(asset_dir("reward"))
+        return super().from_pretrained(weights, processor, device=device, dtype=dtype, **kwargs)  # type: ignore[return-value]
+
+
+class JudgeReward(Reward):
+    """The exact toyworld judge as a reward: ``overall`` adherence in [0, 1] (images resized to 32 px)."""
+
+    name = "toyworld-judge"
+    is_differentiable: ClassVar[bool] = False
+    score_scale: ClassVar[str] = "mean of 4 binary attribute checks (colour, shape, count, position), in [0, 1]"
+
+    @classmethod
+    def from_pretrained(cls, **_: Any) -> JudgeReward:
+        return cls()
+
+    def preprocess_reference(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if image.size != (CANVAS, CANVAS):
+            image = image.resize((CANVAS, CANVAS), Image.Resampling.NEAREST)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (CANVAS, CANVAS):
+            images = torch.nn.functional.interpolate(images, size=(CANVAS, CANVAS), mode="nearest")
+        return images
+
+    def score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([judge(image, prompt).overall for image, prompt in zip(pixels, prompts)])

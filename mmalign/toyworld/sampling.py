@@ -1,0 +1,116 @@
+"""Sample a toyworld pipeline with per-image seeds and score the samples with the judge."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import GUIDANCE, SAMPLE_STEPS
+from .judge import Verdict, judge, mean_scores
+from .world import Prompt
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
+
+
+def asset_dir(name: str) -> Path:
+    """``assets/toyworld/<name>`` of the checkout, or of ``$MMALIGN_TOYWORLD_ASSETS`` when set."""
+    root = Path(os.environ.get("MMALIGN_TOYWORLD_ASSETS", ASSETS))
+    path = root / name
+    if not path.is_dir():
+        from ..errors import WeightsError
+
+        raise WeightsError(
+            f"{path}: toyworld asset folder not found; run from a checkout of mmalign, set "
+            "MMALIGN_TOYWORLD_ASSETS to the folder holding pipeline/ and reward/, or rebuild them with "
+            "`python -m mmalign.toyworld.train_pipeline` and `python -m mmalign.toyworld.train_reward`"
+        )
+    return path
+
+
+@contextmanager
+def threads(count: int):
+    """Run torch with ``count`` intra-op threads (0: leave as is)."""
+    previous = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def load_pipeline(folder: str | os.PathLike | None = None, lora: str | os.PathLike | None = None):
+    """The shipped toyworld ``StableDiffusionPipeline`` (fp32, CPU, no progress bars), optionally with a LoRA."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder or asset_dir("pipeline")), torch_dtype=torch.float32, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    return pipe
+
+
+@torch.no_grad()
+def sample(
+    pipe: Any,
+    prompts: Sequence[str | Prompt],
+    seeds: Sequence[int],
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``uint8 [N, H, W, 3]`` images; image ``i`` depends only on ``prompts[i]``, ``seeds[i]`` and the model."""
+    texts = [p.text if isinstance(p, Prompt) else str(p) for p in prompts]
+    if len(texts) != len(seeds):
+        raise ValueError(f"{len(texts)} prompts but {len(seeds)} seeds")
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
+        images = pipe(
+            texts[chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="np",
+        ).images
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out) if out else np.empty((0, 0, 0, 3), dtype=np.uint8)
+
+
+@dataclass
+class Evaluation:
+    """Judge scores of ``images`` (``uint8 [N, H, W, 3]``) sampled for ``prompts``."""
+
+    prompts: list[Prompt]
+    seeds: list[int]
+    images: np.ndarray
+    verdicts: list[Verdict]
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return mean_scores(self.verdicts)
+
+
+def evaluate(
+    pipe: Any,
+    prompts: Sequence[Prompt],
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+) -> Evaluation:
+    """Sample every prompt ``samples_per_prompt`` times with fixed seeds (``seed * 100003 + i``) and judge."""
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    images = sample(pipe, expanded, seeds, steps=steps, guidance=guidance)
+    return Evaluation(expanded, seeds, images, [judge(image, p) for image, p in zip(images, expanded)])

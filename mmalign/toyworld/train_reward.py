@@ -1,0 +1,254 @@
+"""Train the shipped toyworld reward (``assets/toyworld/reward``): a tiny CLIP that ranks images as the judge does.
+
+    python -m mmalign.toyworld.train_reward --out assets/toyworld/reward   # after train_pipeline; seeded
+
+Data: images from the shipped pipeline (``samples_per_prompt`` per prompt, all 144 prompts) and VAE
+reconstructions of ground-truth renders of random prompts. The judge scores every image against every prompt
+(one detection pass per image), and each step ranks a batch of images under all 144 prompts with a pairwise
+Bradley-Terry loss on ``logit_scale * cosine`` over the pairs the judge orders (weighted by the judge's gap).
+
+Reported in ``training.json``: agreement with the judge on held-out pairs (fresh pipeline samples, new seeds:
+two images of one prompt that the judge scores differently; the share the reward orders the same way), and the
+judge's mean score of the reward's best and worst of 4 samples per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .judge import detect, score_objects
+from .world import CANVAS, Prompt, all_prompts, random_prompt
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class RewardRecipe:
+    """Every knob of the shipped reward's training (the defaults made the shipped one)."""
+
+    seed: int = 0
+    pipeline: str = ""
+    samples_per_prompt: int = 12
+    recon_pool: int = 4096
+    steps: int = 800
+    batch: int = 128
+    lr: float = 1e-3
+    heldout_samples: int = 4
+    threads: int = 0
+
+
+def build_model(seed: int = 0):
+    """A freshly initialised tiny ``CLIPModel``: 2-layer text tower (width 32, 16 tokens), ViT 32 px / patch 4."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=CANVAS,
+            patch_size=4,
+        ),
+        projection_dim=32,
+    )
+    return CLIPModel(config)
+
+
+def judge_matrix(images: np.ndarray, prompts: list[Prompt]) -> np.ndarray:
+    """``[N, P]`` judge ``overall`` of every image under every prompt (one detection pass per image)."""
+    height, width = images.shape[1:3]
+    out = np.zeros((len(images), len(prompts)), dtype=np.float32)
+    for i, image in enumerate(images):
+        objects = detect(image)
+        out[i] = [score_objects(objects, p, width, height).overall for p in prompts]
+    return out
+
+
+@torch.no_grad()
+def vae_reconstructions(pipe: Any, count: int, seed: int) -> tuple[np.ndarray, list[Prompt]]:
+    """Ground-truth renders of random prompts passed through the pipeline's VAE (a posterior sample each)."""
+    from .train_pipeline import render_batch
+
+    rng = random.Random(f"recon:{seed}")
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [random_prompt(rng) for _ in range(count)]
+    out = []
+    for start in range(0, count, 256):
+        pixels = render_batch(prompts[start : start + 256], rng)
+        posterior = pipe.vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        decoded = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+        out.append((decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    return np.concatenate(out), prompts
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> CLIP-normalised ``[N, 3, H, W]`` (the processor's path for 32 px images)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def features(model: Any, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+    from ..rewards.clip import _features
+
+    image = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+    text = F.normalize(_features(model.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
+    return image, text
+
+
+def ranking_loss(cosine: torch.Tensor, judged: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry over every image pair the judge orders, per prompt. ``cosine``, ``judged``: ``[B, P]``."""
+    gap = judged[:, None, :] - judged[None, :, :]  # [B, B, P]: i better than j under prompt p
+    logits = scale * (cosine[:, None, :] - cosine[None, :, :])
+    weight = gap.clamp(min=0)
+    return (F.softplus(-logits) * weight).sum() / weight.sum().clamp(min=1e-8)
+
+
+def agreement(scores: np.ndarray, judged: np.ndarray, groups: list[int]) -> dict[str, float]:
+    """Pairwise agreement within groups (one prompt's samples), over pairs the judge scores differently."""
+    agree = total = 0
+    by_group: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(group, []).append(index)
+    best, worst, mean = [], [], []
+    for members in by_group.values():
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                i, j = members[a], members[b]
+                if judged[i] != judged[j]:
+                    total += 1
+                    agree += (scores[i] - scores[j]) * (judged[i] - judged[j]) > 0
+        ranked = sorted(members, key=lambda k: scores[k])
+        best.append(judged[ranked[-1]])
+        worst.append(judged[ranked[0]])
+        mean.append(float(np.mean(judged[members])))
+    return {
+        "pairs": total,
+        "agreement": float(agree / max(total, 1)),
+        "judge_of_reward_best": float(np.mean(best)),
+        "judge_of_reward_worst": float(np.mean(worst)),
+        "judge_mean": float(np.mean(mean)),
+    }
+
+
+def write_processor(folder: Path) -> None:
+    """CLIP tokenizer (16 tokens) and a 32 px CLIP image processor, as ``CLIPReward`` loads them."""
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from .train_pipeline import write_tokenizer
+
+    write_tokenizer(folder)
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": CANVAS},
+        crop_size={"height": CANVAS, "width": CANVAS},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor.save_pretrained(str(folder))
+
+
+def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
+    """Build the data, train, measure held-out agreement, save the reward folder and ``training.json``."""
+    from transformers import CLIPTokenizer
+
+    from .sampling import load_pipeline, sample, threads
+    from .save import save_fp16
+
+    started, cpu = time.time(), time.process_time()
+    prompts = all_prompts()
+    with threads(recipe.threads):
+        pipe = load_pipeline(recipe.pipeline or None)
+        expanded = [p for p in prompts for _ in range(recipe.samples_per_prompt)]
+        generated = sample(pipe, expanded, [7_000_000 + i for i in range(len(expanded))])
+        recon, _ = vae_reconstructions(pipe, recipe.recon_pool, recipe.seed)
+        heldout_prompts = [p for p in prompts for _ in range(recipe.heldout_samples)]
+        heldout = sample(pipe, heldout_prompts, [9_000_000 + i for i in range(len(heldout_prompts))])
+        log(f"data: {len(generated)} samples, {len(recon)} reconstructions, {len(heldout)} held out")
+        images = np.concatenate([generated, recon])
+        judged = torch.from_numpy(judge_matrix(images, prompts))
+        pixels = to_pixels(images)
+        log(f"judged {len(images)} images x {len(prompts)} prompts ({time.time() - started:.0f} s)")
+
+        write_processor(out)
+        tokenizer = CLIPTokenizer.from_pretrained(str(out))
+        tokens = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt")
+        model = build_model(recipe.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+        from .train_pipeline import warmup_cosine
+
+        schedule = warmup_cosine(optimizer, recipe.steps)
+        gen = torch.Generator().manual_seed(recipe.seed)
+        model.train()
+        for step in range(recipe.steps):
+            index = torch.randint(0, len(images), (recipe.batch,), generator=gen)
+            image_features, text_features = features(model, pixels[index], tokens.input_ids, tokens.attention_mask)
+            scale = model.logit_scale.exp().clamp(max=100.0)
+            loss = ranking_loss(image_features @ text_features.T, judged[index], scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            if step % 100 == 0 or step == recipe.steps - 1:
+                log(f"reward step {step + 1}/{recipe.steps} loss {loss.item():.4f} scale {scale.item():.1f}")
+        model.eval()
+        with torch.no_grad():
+            image_features, text_features = features(model, to_pixels(heldout), tokens.input_ids, tokens.attention_mask)
+            lookup = {p: i for i, p in enumerate(prompts)}
+            columns = torch.tensor([lookup[p] for p in heldout_prompts])
+            scores = (image_features * text_features[columns]).sum(-1).numpy()
+        truth = judge_matrix(heldout, prompts)[np.arange(len(heldout)), columns.numpy()]
+        groups = [lookup[p] for p in heldout_prompts]
+        heldout_report = agreement(scores, truth, groups)
+        save_fp16(model, out)
+    summary = {
+        "recipe": asdict(recipe),
+        "heldout": heldout_report,
+        "wall_seconds": round(time.time() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),
+        "torch_threads": recipe.threads or torch.get_num_threads(),
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"held-out agreement with the judge: {json.dumps(heldout_report)}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/toyworld/reward"))
+    for name, value in asdict(RewardRecipe()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    recipe = RewardRecipe(**{k: getattr(args, k) for k in asdict(RewardRecipe())})
+    args.out.mkdir(parents=True, exist_ok=True)
+    train(recipe, args.out, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
