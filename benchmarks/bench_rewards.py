@@ -388,7 +388,8 @@ def to_markdown(result) -> str:
         "",
     ]
     lines += [
-        "| model | implementation | dtype | batch | images/s | vs best reference | peak RSS GiB | GFLOP/s | % of peak |",
+        "| model | implementation | dtype | batch | images/s | vs best reference | peak RSS GiB | GFLOP/s "
+        "| % of peak |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):

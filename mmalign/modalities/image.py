@@ -23,7 +23,6 @@ from . import DEFAULT_MAX_PIXELS
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB."""
     if image.mode == "RGB":
