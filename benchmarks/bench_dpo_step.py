@@ -62,20 +62,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+from harness import (
+    BUSY_CORES,
+    GIB,
+    REPO,
+    RESULTS,
+    SD_SIZES,
+    Phases,
+    RssSampler,
+    build_sd_pipeline,
+    cpu_model,
+    ensure_sd_pipeline,
+    fmt,
+    reset_hwm,
+    ru_maxrss,
+    run_worker,
+    versions,
+    vm_hwm,
+)
+
 BUILD_VERSION = 1  # bump when the pipeline builder changes, so cached folders are rebuilt
 
 ANCHORS = {
@@ -109,6 +124,14 @@ ROWS: dict[str, dict] = {
         reference="precomputed",
         label="mmalign full FT, reference=precomputed (no frozen copy)",
     ),
+    "mmalign-full-precomputed-gc": dict(
+        impl="mmalign",
+        kind="full",
+        gc=True,
+        cache=True,
+        reference="precomputed",
+        label="mmalign full FT + GC, reference=precomputed (no frozen copy)",
+    ),
 }
 GROUPS = {
     "all": list(ROWS),
@@ -122,207 +145,15 @@ LORA_RANK = 8
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 BETA = 5000.0  # official convention (-0.5 * beta); diffusers' --beta_dpo 2500 is the same coefficient
 LR = 1e-5
-GIB = 1024**3
-BUSY_CORES = 0.25  # other processes' mean CPU use during a row above which its timings are flagged
 
-SIZES = {
-    # SD1.5 (stable-diffusion-v1-5 unet/vae/text_encoder config.json), random weights
-    "sd15": dict(
-        unet=dict(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        vae=dict(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=32,
-            sample_size=512,
-        ),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-    ),
-    # as tests/tiny.py: seconds per step
-    "tiny": dict(
-        unet=dict(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),
-            norm_num_groups=8,
-        ),
-        vae=dict(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
-            sample_size=32,
-        ),
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
-    ),
-}
+SIZES = SD_SIZES
 
 
 # ==========================================================================================================
 # Worker side (one subprocess per row; imports torch)
 # ==========================================================================================================
-def _vm_hwm() -> int | None:
-    """This process's own peak RSS in bytes (Linux ``VmHWM``), or None."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset the peak-RSS high-water mark to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _ru_maxrss() -> int:
-    import resource
-
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value if sys.platform == "darwin" else value * 1024
-
-
-class _Sampler:
-    """psutil RSS sampler (every ``interval`` s): a cross-check of the kernel's high-water mark."""
-
-    def __init__(self, interval: float = 0.02):
-        import threading
-
-        import psutil
-
-        self.interval, self.peak = interval, 0
-        self._proc, self._stop = psutil.Process(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-class _Phases:
-    """Wall time per named phase of the current step (synchronising CUDA around each phase)."""
-
-    def __init__(self, sync):
-        self.sync, self.current = sync, {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self.sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - start
-
-    def wrap(self, fn, name: str):
-        @functools.wraps(fn)
-        def wrapped(*args, **kwargs):
-            with self(name):
-                return fn(*args, **kwargs)
-
-        return wrapped
-
-
 def _build_pipeline(spec: dict) -> dict:
-    """Random-weight SD pipeline of ``spec['size']`` saved with ``save_pretrained`` into ``spec['folder']``."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from mmalign.tokenizers import write_clip_tokenizer
-
-    folder = Path(spec["folder"])
-    sizes = SIZES[spec["size"]]
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**sizes["unet"])
-    vae = AutoencoderKL(**sizes["vae"])
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=sizes["text"]["hidden_size"],
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            **sizes["text"],
-        )
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
-    with tempfile.TemporaryDirectory() as tok:
-        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(tok) / "tokenizer")))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {
-        "unet_params": count(unet),
-        "vae_params": count(vae),
-        "text_encoder_params": count(text_encoder),
-        "build_s": time.perf_counter() - start,
-    }
+    return build_sd_pipeline(spec["size"], spec["folder"])
 
 
 def _probe(spec: dict) -> dict:
@@ -362,7 +193,7 @@ def _load_pixels(path: Path, resolution: int):
 class BaselineStep:
     """The diffusers LoRA example (``impl='diffusers'``) or the official full fine-tune (``impl='official'``)."""
 
-    def __init__(self, spec: dict, phases: _Phases):
+    def __init__(self, spec: dict, phases: Phases):
         import copy
 
         import torch
@@ -486,7 +317,7 @@ class BaselineStep:
 class MMAlignStep:
     """mmalign's DiffusionDPOTrainer built by ``resolve_trainer_config``; a step is ``trainer._train_step()``."""
 
-    def __init__(self, spec: dict, phases: _Phases):
+    def __init__(self, spec: dict, phases: Phases):
         import torch
 
         from mmalign.commands.train import resolve_trainer_config
@@ -578,18 +409,18 @@ def _run_row(spec: dict) -> dict:
     torch.manual_seed(0)
     cuda = spec["device"] == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    phases = _Phases(sync)
+    phases = Phases(sync)
     start = time.perf_counter()
     runner = (MMAlignStep if spec["impl"] == "mmalign" else BaselineStep)(spec, phases)
     sync()
     setup_s = time.perf_counter() - start
-    setup_hwm, setup_ru = _vm_hwm(), _ru_maxrss()
-    reset = _reset_hwm()
+    setup_hwm, setup_ru = vm_hwm(), ru_maxrss()
+    reset = reset_hwm()
     if cuda:
         gpu_setup_peak = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     step_times, step_phases = [], []
-    with _Sampler() as sampler:
+    with RssSampler() as sampler:
         for i in range(spec["warmup"] + spec["steps"]):
             phases.current = {}
             sync()
@@ -600,7 +431,7 @@ def _run_row(spec: dict) -> dict:
             if i >= spec["warmup"]:
                 step_times.append(elapsed)
                 step_phases.append(dict(phases.current))
-    end_hwm, end_ru = _vm_hwm(), _ru_maxrss()
+    end_hwm, end_ru = vm_hwm(), ru_maxrss()
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     names = ["encode", "forward", "backward", "optimizer"]
     phase_means = {n: mean([p.get(n, 0.0) for p in step_phases]) for n in names}
@@ -649,60 +480,8 @@ def worker_main(spec_path: str) -> int:
 # ==========================================================================================================
 # Parent side (no torch import: keeps this process small, since a child's ru_maxrss can include its parent's)
 # ==========================================================================================================
-def _busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (every process)."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
-def _children_cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _subprocess(spec: dict, threads: int, timeout: float, stats: dict | None = None) -> tuple[dict | None, str]:
-    """Run one worker task; ``(result, '')`` or ``(None, error text)``. ``stats`` receives the wall time and
-    ``other_cores``: the CPU that other processes used meanwhile (machine busy time minus the worker's), in cores."""
-    with tempfile.TemporaryDirectory(prefix="mmalign-bench-dpo-spec-") as tmp:
-        spec = {**spec, "result": str(Path(tmp) / "result.json")}
-        spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env.update(
-            OMP_NUM_THREADS=str(threads),
-            MKL_NUM_THREADS=str(threads),
-            TOKENIZERS_PARALLELISM="false",
-            HF_HUB_OFFLINE="1",
-            PYTHONWARNINGS="ignore",
-        )
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-        busy0, children0, wall0 = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=env,
-                cwd=str(REPO),
-            )
-        except subprocess.TimeoutExpired:
-            return None, f"timed out after {timeout:.0f} s"
-        if stats is not None:
-            wall = time.perf_counter() - wall0
-            worker = _children_cpu_seconds() - children0
-            other = (_busy_cpu_seconds() - busy0 - worker) / wall if wall > 0 else 0.0
-            stats.update(wall_s=wall, other_cores=max(0.0, other))
-        result_path = Path(spec["result"])
-        if proc.returncode != 0 or not result_path.is_file():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-            signal = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-            return None, f"exit status {proc.returncode}{signal}: " + "\n".join(tail)
-        return json.loads(result_path.read_text()), ""
+    return run_worker(__file__, spec, threads, timeout, stats)
 
 
 def _random_image(rng, resolution: int):
@@ -737,19 +516,24 @@ def make_pairs(folder: Path, count: int, resolution: int) -> Path:
 
 
 def ensure_pipeline(cache_dir: Path, size: str, threads: int, timeout: float) -> tuple[Path, dict]:
-    folder = cache_dir / f"{size}-v{BUILD_VERSION}"
-    marker = folder / ".complete.json"
-    if marker.is_file():
-        return folder, json.loads(marker.read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building the random {size} pipeline in {folder} (once) ...", flush=True)
-    info, error = _subprocess({"task": "build", "size": size, "folder": str(folder)}, threads, timeout)
-    if info is None:
-        raise SystemExit(f"building the {size} pipeline failed: {error}")
-    marker.write_text(json.dumps(info))
-    print(f"  built in {info['build_s']:.0f} s (UNet {info['unet_params'] / 1e6:.0f} M parameters)", flush=True)
-    return folder, info
+    return ensure_sd_pipeline(__file__, cache_dir, size, threads, timeout, BUILD_VERSION)
+
+
+def merged_rows(paths: list[str], meta: dict, measured: set[tuple[str, str]]) -> list[dict]:
+    """Rows of earlier reports (``--merge``) that this run does not measure; refused when the set-up differs."""
+    carried: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        for key in ("size", "resolution", "device", "precision", "threads"):
+            if report["meta"].get(key) != meta[key]:
+                raise SystemExit(
+                    f"--merge {path}: {key} {report['meta'].get(key)!r} differs from this run's {meta[key]!r}"
+                )
+        for row in report["rows"]:
+            if row["name"] in ROWS and row.get("ok"):
+                row.setdefault("date", report["meta"]["date"])
+                carried[(row["name"], row["attention"])] = row
+    return [row for key, row in carried.items() if key not in measured]
 
 
 def select_rows(spec: str) -> list[str]:
@@ -762,26 +546,6 @@ def select_rows(spec: str) -> list[str]:
         else:
             raise SystemExit(f"--configs: unknown {part!r}; rows: {', '.join(ROWS)}; groups: {', '.join(GROUPS)}")
     return [n for n in ROWS if n in names]  # canonical order, no repeats
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "xformers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def add_ratios(rows: list[dict], memory_key: str) -> None:
@@ -802,10 +566,6 @@ def add_ratios(rows: list[dict], memory_key: str) -> None:
             row["meets_target"] = row["meets_time"] and row["meets_memory"] and not row.get("skipped_steps")
 
 
-def _fmt(value, spec: str = ".2f", none: str = "–") -> str:
-    return none if value is None else format(value, spec)
-
-
 def render_markdown(report: dict) -> str:
     meta, rows = report["meta"], report["rows"]
     gpu = meta["device"] == "cuda"
@@ -820,6 +580,15 @@ def render_markdown(report: dict) -> str:
         f"{meta['resolution']} px; one pair per step; {meta['precision']}; device {meta['device_name']}; "
         f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''} ({meta['cpu']}).",
         f"- {meta['warmup']} warm-up step, then the mean of {meta['steps']} timed steps; each row in its own process.",
+        *(
+            [
+                "- Rows measured in several runs on this machine (`--merge`), each quiet unless flagged below: "
+                + "; ".join(f"`{r['name']}` {r['date']}" for r in rows if r.get("date"))
+                + "."
+            ]
+            if len({r.get("date", meta["date"])[:13] for r in rows}) > 1
+            else []
+        ),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
         "- mmalign rows with the latent cache were primed first (every pair's VAE posterior and prompt embedding "
         "computed once): they are the steady state of later epochs; `mmalign-lora-nocache` is a first-epoch step.",
@@ -861,8 +630,8 @@ def render_markdown(report: dict) -> str:
                 f"memory <= {max_mem}: {yes(row['meets_memory'])})"
             )
         lines.append(
-            f"| {name} | {row['s_per_step']:.2f} | {_fmt(row['time_ratio'])} | {row[mem_key]:.2f} "
-            f"| {_fmt(row['mem_ratio'])} | {row[step_key]:.2f} | {p['encode']:.2f} | {p['forward']:.2f} "
+            f"| {name} | {row['s_per_step']:.2f} | {fmt(row['time_ratio'])} | {row[mem_key]:.2f} "
+            f"| {fmt(row['mem_ratio'])} | {row[step_key]:.2f} | {p['encode']:.2f} | {p['forward']:.2f} "
             f"| {p['backward']:.2f} | {p['optimizer']:.2f} | {target} |"
         )
     lines += ["", "Per row: optimizer implementation, trainable parameters, set-up time, cache priming:", ""]
@@ -924,6 +693,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=None, help="output path without suffix (default benchmarks/results/dpo_step)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
+    parser.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="carry the rows of an earlier report (same model, resolution and device) that this run does not "
+        "measure; repeatable, later files win; each carried row keeps its own date",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -982,10 +759,10 @@ def main(argv=None) -> int:
         "precision": precision,
         "attentions": attentions,
         "multi_attention": len(attentions) > 1,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "versions": _versions(),
+        "versions": versions(),
         "model_folder": str(folder),
         "data": str(data),
     }
@@ -996,10 +773,18 @@ def main(argv=None) -> int:
     )
     rows: list[dict] = []
     mem_key = "gpu_peak_gib" if device == "cuda" else "peak_rss_gib"
+    carried = merged_rows(args.merge, meta, {(n, a) for n in rows_selected for a in attentions})
 
     def write_report() -> None:  # after every row, so an interrupted run keeps its partial results
-        add_ratios(rows, mem_key)
-        report = {"meta": meta, "anchors": ANCHORS, "targets": TARGETS, "rows": rows, "summary": summarize(rows)}
+        everything = sorted(carried + rows, key=lambda r: (r["attention"], list(ROWS).index(r["name"])))
+        add_ratios(everything, mem_key)
+        report = {
+            "meta": meta,
+            "anchors": ANCHORS,
+            "targets": TARGETS,
+            "rows": everything,
+            "summary": summarize(everything),
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))
         out.with_suffix(".md").write_text(render_markdown(report))
@@ -1007,6 +792,7 @@ def main(argv=None) -> int:
     for attention in attentions:
         for name in rows_selected:
             row = {"name": name, **ROWS[name], "attention": attention, "cache": ROWS[name].get("cache")}
+            row["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             if attention == "xformers" and (device != "cuda" or not probe["xformers"]):
                 why = "xformers needs CUDA" if device != "cuda" else "xformers is not installed"
                 row.update(ok=False, status="skipped", error=why)

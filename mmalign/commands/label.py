@@ -1,7 +1,12 @@
 """``mmalign label``: AI-feedback labelling. K samples per prompt from a pipeline, scored by a reward; writes
 the images, ``rankings.jsonl`` (one line per prompt) and ``pairs.jsonl`` (every pair of differing scores,
 ``{"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}``, paths relative to DIR) that
-``mmalign train data=DIR/pairs.jsonl`` reads directly (the RLAIF recipe of D3PO/Diffusion-DPO style pairs)."""
+``mmalign train data=DIR/pairs.jsonl`` reads directly (the RLAIF recipe of D3PO/Diffusion-DPO style pairs).
+
+With ``--trajectories`` the K samples of a prompt share x_T (D3PO's sampling protocol) and each prompt's DDIM
+chains are kept in ``DIR/trajectories/`` with the sampler settings in ``DIR/label.json``: ``mmalign train
+trainer=d3po feedback=DIR [human=SCORES]`` then trains D3PO on them from human scores (or from the reward's);
+formats in :mod:`mmalign.data.feedback`."""
 
 from __future__ import annotations
 
@@ -32,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--trajectories",
+        action="store_true",
+        help="K samples per prompt from one x_T, chains kept for D3PO's human-feedback training (feedback=DIR)",
+    )
     p.set_defaults(func=run)
 
 
@@ -46,12 +56,16 @@ def label(
     eta: float = 1.0,
     resolution: int = 512,
     seed: int = 0,
+    trajectories: bool = False,
+    model: str = "",
 ) -> dict[str, int]:
     """Sample, score and write; prompt ``i`` uses generator seed ``seed + i`` (re-runs are identical).
     ``reward``: a :class:`~mmalign.trainers.online.WeightedReward` or Reward (``score_images``), or any
-    ``reward(images [K, 3, H, W] in [0, 1], prompts) -> [K]``. Returns counts of prompts, images and pairs."""
+    ``reward(images [K, 3, H, W] in [0, 1], prompts) -> [K]``. Returns counts of prompts, images and pairs.
+    ``trajectories``: the K chains of a prompt start from one x_T and are saved (:mod:`mmalign.data.feedback`)."""
     import torch
 
+    from ..data.feedback import LABEL_FILE, TRAJECTORY_DIR, save_trajectories
     from ..modalities.image import tensor_to_pil
     from ..models import sampling
 
@@ -59,6 +73,9 @@ def label(
         raise ValueError(f"k must be at least 2 to form pairs, got {k}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    if trajectories:
+        settings = dict(model=model, k=k, steps=steps, guidance=guidance, eta=eta, resolution=resolution, seed=seed)
+        (out / LABEL_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     def predict(noisy, timesteps, embeds, time_ids):
         return policy.predict(policy.unet, noisy, timesteps, embeds, time_ids)
@@ -74,7 +91,17 @@ def label(
                 time_ids = policy.time_ids(sizes, torch.zeros_like(sizes), resolution)
             generator = torch.Generator().manual_seed(seed + i)
             trajectory = sampling.sample_trajectories(
-                policy, predict, embeds, uncond, generator, steps, guidance, eta, resolution, time_ids
+                policy,
+                predict,
+                embeds,
+                uncond,
+                generator,
+                steps,
+                guidance,
+                eta,
+                resolution,
+                time_ids,
+                shared_start=trajectories,
             )
             with torch.no_grad():
                 images = policy.decode(trajectory.final)
@@ -89,7 +116,17 @@ def label(
                     raw = reward(images, [prompt] * k)
             scores = [float(s) for s in raw]
             order = sorted(range(k), key=lambda j: -scores[j])
-            rankings.write(json.dumps({"prompt": prompt, "images": names, "scores": scores, "ranking": order}) + "\n")
+            row = {"prompt": prompt, "images": names, "scores": scores, "ranking": order}
+            if trajectories:
+                row["trajectory"] = f"{TRAJECTORY_DIR}/{i:05d}.safetensors"
+                save_trajectories(
+                    out / row["trajectory"],
+                    trajectory.latents,
+                    trajectory.log_probs,
+                    trajectory.schedule.timesteps,
+                    {"prompt": prompt},
+                )
+            rankings.write(json.dumps(row) + "\n")
             for a, b in itertools.combinations(range(k), 2):
                 if scores[a] == scores[b]:
                     continue
@@ -123,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         eta=args.eta,
         resolution=args.resolution,
         seed=args.seed,
+        trajectories=args.trajectories,
+        model=args.model,
     )
     print(json.dumps({"out": args.out, **summary}), file=sys.stderr)
     return 0

@@ -198,12 +198,15 @@ def sample_trajectories(
     pairs: bool = False,
     global_batch: int | None = None,
     offset: int = 0,
+    shared_start: bool = False,
 ) -> Trajectory:
     """Sample DDIM chains without gradients, recording each step's log-prob (0 when η = 0).
 
     ``pairs``: two trajectories per prompt from the SAME x_T (D3PO), returned as ``[2B]``: rows ``0..B-1`` are
     the first of each pair and ``B..2B-1`` the second. Noise is drawn for ``global_batch`` prompts (default: this
     batch) and rows ``offset…`` are kept, so a multi-process run draws exactly what one process would.
+    ``shared_start``: every chain starts from the first row's x_T (D3PO's human-feedback sampling: the K images
+    of a prompt share x_T; the noise of their steps is independent).
     """
     device = embeds.hidden.device
     batch = embeds.hidden.shape[0]
@@ -213,6 +216,8 @@ def sample_trajectories(
     factor = 2 ** (len(policy.vae.config.block_out_channels) - 1)
     shape = (channels, resolution // factor, resolution // factor)
     x = _global_randn(generator, total, offset, shape, batch).to(device)
+    if shared_start:
+        x = x[:1].expand_as(x).clone()
     if pairs:
         embeds, uncond = embeds.repeat(2), None if uncond is None else uncond.repeat(2)
         time_ids = None if time_ids is None else time_ids.repeat(2, 1)

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import ConfigError, MMAlignError
 from ..models import sampling
 from . import losses
-from .loop import Schedule, TrainConfig, Trainer, _generator
+from .loop import Schedule, TrainConfig, Trainer, _generator, logger
 
 # random streams of a micro-batch (the offline loop uses 1 and 2)
 _SAMPLE_STREAM, _TRUNCATION_STREAM, _LV_STREAM = 3, 4, 5
@@ -409,6 +409,13 @@ class D3POConfig(OnlineConfig):
     beta: float = 0.1
     d3po_clip: float = 0.1
     timestep_fraction: float = 1.0
+    feedback: str | None = None
+    human: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.human and not self.feedback:
+            raise ValueError("human= scores need feedback= (the `mmalign label --trajectories` folder they score)")
 
 
 class D3POTrainer(OnlineTrainer):
@@ -421,7 +428,105 @@ class D3POTrainer(OnlineTrainer):
     config_class: ClassVar[type[TrainConfig]] = D3POConfig
     uses_reference: ClassVar[bool] = True
 
+    # -- offline: stored chains scored by people (feedback=DIR, human=SCORES) ---------------------------------
+    def _setup_data(self) -> None:
+        config = self.config
+        if not config.feedback:
+            return super()._setup_data()
+        from ..data.feedback import feedback_pairs, read_human_scores, read_labelled_samples
+
+        samples = read_labelled_samples(config.feedback)
+        groups = samples.groups
+        unstored = [i for i, g in enumerate(groups) if g.trajectory is None]
+        if unstored:
+            raise ConfigError(
+                f"{config.feedback}: prompt {unstored[0]} has no stored chains; "
+                "label with `mmalign label --trajectories`"
+            )
+        settings = samples.settings  # the chains were sampled so: their log-probs are recomputed the same way
+        for key in ("sample_steps", "guidance", "eta", "resolution"):
+            stored = settings["steps" if key == "sample_steps" else key]
+            if getattr(config, key) != stored:
+                logger.info(
+                    "feedback=%s: %s=%s (as sampled; the config said %s)",
+                    config.feedback,
+                    key,
+                    stored,
+                    getattr(config, key),
+                )
+                setattr(config, key, type(getattr(config, key))(stored))
+        scores = read_human_scores(config.human, groups) if config.human else [list(g.scores) for g in groups]
+        pairs = feedback_pairs(groups, scores)
+        if config.max_train_samples:
+            pairs = pairs[: config.max_train_samples]
+        if not pairs:
+            raise MMAlignError(f"{config.human or config.feedback}: no pair of images with different scores")
+        self.feedback_groups, self.pairs = groups, pairs
+        self.data_skipped = [(f"prompt {i}", "not scored") for i, s in enumerate(scores) if s is None]
+        self.global_batch = config.batch_size * self.accelerator.num_processes
+        self.schedule = Schedule(len(pairs), self.global_batch, config.seed)
+        self._prompt_cache = {}
+        self._chains: dict[int, dict[str, Tensor]] = {}
+
+    def _stored(self, group: int) -> dict[str, Tensor]:
+        from ..data.feedback import load_trajectories
+
+        if group not in self._chains:
+            chains = load_trajectories(self.feedback_groups[group].trajectory)
+            expected = sampling.ddim_schedule(self.policy.noise_scheduler, self.config.sample_steps).timesteps
+            if not torch.equal(chains["timesteps"], expected):
+                raise MMAlignError(
+                    f"{self.feedback_groups[group].trajectory}: timesteps {chains['timesteps'].tolist()} are not this "
+                    f"model's {self.config.sample_steps}-step DDIM schedule {expected.tolist()}"
+                )
+            self._chains[group] = chains
+        return self._chains[group]
+
+    def _feedback_batch(self, micro_index: int) -> dict[str, Any]:
+        """This process's slice of the global batch of stored pairs, as a paired :class:`Trajectory`."""
+        config, acc = self.config, self.accelerator
+        lo, hi = acc.process_index * config.batch_size, (acc.process_index + 1) * config.batch_size
+        pairs = [self.pairs[index] for _, index in self.schedule.batch(micro_index)][lo:hi]
+        prompts = [self.feedback_groups[p.group].prompt for p in pairs]
+        device = acc.device
+        first = [self._stored(p.group) for p in pairs]
+        latents = torch.stack(
+            [c["latents"][p.a] for c, p in zip(first, pairs)] + [c["latents"][p.b] for c, p in zip(first, pairs)]
+        ).to(device)
+        log_probs = torch.stack(
+            [c["log_probs"][p.a] for c, p in zip(first, pairs)] + [c["log_probs"][p.b] for c, p in zip(first, pairs)]
+        ).to(device)
+        time_ids = None
+        if self.policy.is_sdxl:
+            sizes = torch.tensor([[config.resolution, config.resolution]] * len(pairs))
+            time_ids = self.policy.time_ids(sizes, torch.zeros_like(sizes), config.resolution).repeat(2, 1)
+        embeds = self._embeds(prompts).repeat(2)
+        uncond = self._embeds([""] * len(pairs)).repeat(2) if config.guidance != 1.0 else None
+        trajectory = sampling.Trajectory(
+            latents,
+            log_probs,
+            sampling.ddim_schedule(self.policy.noise_scheduler, config.sample_steps),
+            embeds,
+            uncond,
+            time_ids,
+            config.guidance,
+            config.eta,
+        )
+        a_wins = torch.tensor([p.a_wins for p in pairs], device=device)
+        rewards = torch.tensor([max(p.score_a, p.score_b) for p in pairs], device=device)
+        return {
+            "prompts": prompts,
+            "trajectory": trajectory,
+            "a_wins": a_wins,
+            "tie": torch.zeros_like(a_wins),
+            "rewards": rewards,
+            "micro_index": micro_index,
+            "slice": (lo, hi),
+        }
+
     def make_batch(self, micro_index: int) -> dict[str, Any]:
+        if self.config.feedback:
+            return self._feedback_batch(micro_index)
         batch = super().make_batch(micro_index)
         trajectory = self.sample(batch, pairs=True)
         with torch.no_grad():
@@ -577,7 +682,8 @@ class DRaFTTrainer(OnlineTrainer):
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config = self.config
         if config.draft_mode == "k":
-            x0 = self.chain(batch, max(0, config.sample_steps - config.draft_k))
+            checkpoint = config.checkpoint_unet and config.draft_k > 1  # one step: nothing to save by recomputing
+            x0 = self.chain(batch, max(0, config.sample_steps - config.draft_k), checkpoint=checkpoint)
             rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
             return losses.draft_loss(rewards, config.loss_scale)
         if config.draft_mode != "lv":
