@@ -604,10 +604,12 @@ class Trainer:
                 self.ema.store(self.trainable)
                 self.ema.copy_to(self.trainable)
             if self.config.lora_rank > 0:
-                from diffusers.utils import convert_state_dict_to_diffusers
                 from peft.utils import get_peft_model_state_dict
 
-                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                # PEFT key names as they are: diffusers' convert_state_dict_to_diffusers renames only attention
+                # projections (to_q.lora_A -> to_q.lora.down), and a file mixing both namings loads with the
+                # attention LoRA silently dropped once other modules (conv1, time_emb_proj, ...) are targeted
+                layers = get_peft_model_state_dict(unet)
                 pipeline_class = type(self.policy.pipeline(unet))
                 pipeline_class.save_lora_weights(str(self.output_dir), unet_lora_layers=layers)
             else:

@@ -89,6 +89,27 @@ def test_lora_output_loads_into_diffusers_and_changes_images(sd_folder, pairs_fi
     assert abs(sample() - before).max() > 1e-4
 
 
+@pytest.mark.parametrize(
+    "targets", ["[to_k,to_q,to_v,to_out.0]", "[to_k,to_q,to_v,to_out.0,conv1,time_emb_proj,proj_in]"]
+)
+def test_loaded_lora_equals_the_trained_unet(targets, sd_folder, pairs_file, tmp_path):
+    """Every targeted module's LoRA survives save -> ``load_lora_weights`` (diffusers' attention-only renaming
+    once dropped the attention LoRA of a file that also held conv/linear LoRA)."""
+    from diffusers import UNet2DConditionModel
+
+    trainer = make_trainer(sd_folder, pairs_file, tmp_path / "lora", "lr=5e-2", f"lora_targets={targets}")
+    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    loaded = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet").eval()
+    loaded.load_lora_adapter(str(tmp_path / "lora"), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    base = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet").eval()
+    x, t, h = torch.randn(2, 4, 4, 4), torch.tensor([500, 20]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        want, got, untouched = (m(x, t, h).sample for m in (trained, loaded, base))
+    assert (want - untouched).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def test_full_finetune_with_copy_reference_saves_pipeline(sd_folder, pairs_file, tmp_path):
     from diffusers import StableDiffusionPipeline
 
