@@ -79,16 +79,13 @@ from harness import (
     RESULTS,
     SD_SIZES,
     Phases,
-    RssSampler,
     build_sd_pipeline,
     cpu_model,
     ensure_sd_pipeline,
     fmt,
-    reset_hwm,
-    ru_maxrss,
+    measure_steps,
     run_worker,
     versions,
-    vm_hwm,
 )
 
 BUILD_VERSION = 1  # bump when the pipeline builder changes, so cached folders are rebuilt
@@ -414,44 +411,18 @@ def _run_row(spec: dict) -> dict:
     runner = (MMAlignStep if spec["impl"] == "mmalign" else BaselineStep)(spec, phases)
     sync()
     setup_s = time.perf_counter() - start
-    setup_hwm, setup_ru = vm_hwm(), ru_maxrss()
-    reset = reset_hwm()
     if cuda:
         gpu_setup_peak = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    step_times, step_phases = [], []
-    with RssSampler() as sampler:
-        for i in range(spec["warmup"] + spec["steps"]):
-            phases.current = {}
-            sync()
-            t0 = time.perf_counter()
-            runner.step()
-            sync()
-            elapsed = time.perf_counter() - t0
-            if i >= spec["warmup"]:
-                step_times.append(elapsed)
-                step_phases.append(dict(phases.current))
-    end_hwm, end_ru = vm_hwm(), ru_maxrss()
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    names = ["encode", "forward", "backward", "optimizer"]
-    phase_means = {n: mean([p.get(n, 0.0) for p in step_phases]) for n in names}
-    phase_means["other"] = max(0.0, mean(step_times) - sum(phase_means.values()))
-    if setup_hwm is not None and end_hwm is not None:
-        peak, step_peak = max(setup_hwm, end_hwm), (end_hwm if reset else sampler.peak)
-    else:
-        peak, step_peak = max(setup_ru, end_ru), sampler.peak
+    measured = measure_steps(runner.step, phases, spec["warmup"], spec["steps"], sync)
+    phase_means = {n: measured["phases"].get(n, 0.0) for n in ("encode", "forward", "backward", "optimizer")}
+    phase_means["other"] = max(0.0, measured["s_per_step"] - sum(phase_means.values()))
     info = runner.info()
     result = {
-        "s_per_step": mean(step_times) + (info.get("precompute_s_per_step") or 0.0),
-        "step_times": step_times,
+        **measured,
+        "s_per_step": measured["s_per_step"] + (info.get("precompute_s_per_step") or 0.0),
         "phases": phase_means,
         "setup_s": setup_s,
-        "peak_rss_gib": peak / GIB,
-        "step_peak_rss_gib": step_peak / GIB,
-        "setup_peak_rss_gib": (setup_hwm or setup_ru) / GIB,
-        "sampled_step_peak_rss_gib": sampler.peak / GIB,
-        "ru_maxrss_gib": max(setup_ru, end_ru) / GIB,
-        "hwm_reset": reset,
         "torch_threads": torch.get_num_threads(),
         **info,
     }

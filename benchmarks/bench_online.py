@@ -46,19 +46,16 @@ from pathlib import Path
 
 from harness import (
     BUSY_CORES,
-    GIB,
     RESULTS,
     Phases,
-    RssSampler,
     build_sd_pipeline,
     cpu_model,
     default_threads,
     ensure_sd_pipeline,
     fmt,
-    reset_hwm,
+    measure_steps,
     run_worker,
     versions,
-    vm_hwm,
 )
 
 PIPELINE_VERSION = 1  # the cache of bench_dpo_step.py (same builder, same folder names)
@@ -298,35 +295,14 @@ def _run_row(spec: dict) -> dict:
     start = time.perf_counter()
     runner = (MMAlignRow if spec["impl"] == "mmalign" else PlainRow)(spec, phases)
     setup_s = time.perf_counter() - start
-    setup_hwm = vm_hwm()
-    reset = reset_hwm()
-    step_times, step_phases = [], []
-    with RssSampler() as sampler:
-        for i in range(spec["warmup"] + spec["steps"]):
-            phases.current = {}
-            t0 = time.perf_counter()
-            runner.step()
-            if i >= spec["warmup"]:
-                step_times.append(time.perf_counter() - t0)
-                step_phases.append(dict(phases.current))
-    end_hwm = vm_hwm()
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    names = ["sample", "forward", "backward", "optimizer"]
-    phase_means = {n: mean([p.get(n, 0.0) for p in step_phases]) for n in names}
-    step_peak = end_hwm if (reset and end_hwm is not None) else sampler.peak
-    s_per_step = mean(step_times)
+    measured = measure_steps(runner.step, phases, spec["warmup"], spec["steps"])
     per_step_samples = SAMPLES_PER_PROMPT[spec["trainer"]]
     result = {
-        "s_per_step": s_per_step,
-        "s_per_sample": s_per_step / per_step_samples,
+        **measured,
+        "phases": {n: measured["phases"].get(n, 0.0) for n in ("sample", "forward", "backward", "optimizer")},
+        "s_per_sample": measured["s_per_step"] / per_step_samples,
         "samples_per_step": per_step_samples,
-        "step_times": step_times,
-        "phases": phase_means,
         "setup_s": setup_s,
-        "setup_peak_rss_gib": (setup_hwm or 0) / GIB,
-        "step_peak_rss_gib": step_peak / GIB,
-        "sampled_step_peak_rss_gib": sampler.peak / GIB,
-        "hwm_reset": reset,
         "torch_threads": torch.get_num_threads(),
         **runner.info(),
     }

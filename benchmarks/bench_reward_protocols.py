@@ -42,25 +42,15 @@ from tests.tiny import make_clip_model, random_image  # noqa: E402
 
 def make_small_clip(folder: Path) -> Path:
     """A 6 + 6-layer, width-256 CLIP in the same save_pretrained layout as the tiny one."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
+
+    from mmalign.models.builders import clip_config
 
     make_clip_model(folder)  # tokenizer + processor files
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
-        vision_config=dict(
-            hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, patch_size=32
-        ),
+    config = clip_config(
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4),
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, patch_size=32),
         projection_dim=256,
     )
     CLIPModel(config).eval().save_pretrained(folder)

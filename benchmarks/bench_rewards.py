@@ -28,17 +28,17 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import RssSampler  # noqa: E402
 
 from mmalign.rewards.base import resolve_dtype  # noqa: E402
 from mmalign.rewards.preprocess import hps_reference  # noqa: E402
@@ -48,30 +48,6 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 
 
 # -- measurement helpers ---------------------------------------------------------------------------------
-class PeakRSS:
-    """Sample the process RSS every few milliseconds; ``peak`` is the maximum seen inside the block."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._proc = psutil.Process()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
 def count_flops(fn) -> int:
     """FLOPs of ``fn()``. nn.MultiheadAttention's inference fast path (open_clip's attention) is a fused kernel
     that ``FlopCounterMode`` cannot see, so it is switched off while counting (it would hide a third of
@@ -110,7 +86,7 @@ def sample_images(count: int, seed: int = 0) -> list[Image.Image]:
 
 def timed(fn) -> tuple[float, int, object]:
     gc.collect()
-    with PeakRSS() as rss:
+    with RssSampler(interval=0.005) as rss:
         start = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - start

@@ -16,67 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmalign.models.builders import SD15, TINY_SD
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 GIB = 1024**3
 BUSY_CORES = 0.25  # other processes' mean CPU use during a row above which its timings are flagged
 
-SD_SIZES = {
-    # SD1.5 (stable-diffusion-v1-5 unet/vae/text_encoder config.json), random weights
-    "sd15": dict(
-        unet=dict(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        vae=dict(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=32,
-            sample_size=512,
-        ),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-    ),
-    # as tests/tiny.py: seconds per step
-    "tiny": dict(
-        unet=dict(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),
-            norm_num_groups=8,
-        ),
-        vae=dict(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
-            sample_size=32,
-        ),
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
-    ),
-}
+SD_SIZES = {"sd15": SD15, "tiny": TINY_SD}  # SD1.5's configs (random weights) and the tests' tiny pipeline
 
 
 # ==========================================================================================================
@@ -164,60 +111,50 @@ class Phases:
         return wrapped
 
 
+def measure_steps(step, phases: Phases, warmup: int, steps: int, sync=lambda: None) -> dict:
+    """Run ``warmup + steps`` calls of ``step()`` (after set-up) and measure the timed ones: wall time per step
+    and per phase, the peak RSS of the steps (``VmHWM`` reset first; the psutil sampler where that is not
+    allowed) and the set-up's high-water mark."""
+    setup_hwm, setup_ru = vm_hwm(), ru_maxrss()
+    reset = reset_hwm()
+    step_times, step_phases = [], []
+    with RssSampler() as sampler:
+        for i in range(warmup + steps):
+            phases.current = {}
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if i >= warmup:
+                step_times.append(time.perf_counter() - t0)
+                step_phases.append(dict(phases.current))
+    end_hwm, end_ru = vm_hwm(), ru_maxrss()
+    if setup_hwm is not None and end_hwm is not None:
+        peak, step_peak = max(setup_hwm, end_hwm), (end_hwm if reset else sampler.peak)
+    else:
+        peak, step_peak = max(setup_ru, end_ru), sampler.peak
+    names = sorted({name for p in step_phases for name in p})
+    return {
+        "step_times": step_times,
+        "s_per_step": sum(step_times) / len(step_times),
+        "phases": {n: sum(p.get(n, 0.0) for p in step_phases) / len(step_phases) for n in names},
+        "peak_rss_gib": peak / GIB,
+        "step_peak_rss_gib": step_peak / GIB,
+        "setup_peak_rss_gib": (setup_hwm or setup_ru) / GIB,
+        "sampled_step_peak_rss_gib": sampler.peak / GIB,
+        "ru_maxrss_gib": max(setup_ru, end_ru) / GIB,
+        "hwm_reset": reset,
+    }
+
+
 def build_sd_pipeline(size: str, folder: str | Path) -> dict:
     """Random-weight SD pipeline of ``SD_SIZES[size]`` saved with ``save_pretrained`` into ``folder``."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from mmalign.models.builders import build_sd_pipeline as build
 
-    from mmalign.tokenizers import write_clip_tokenizer
-
-    sizes = SD_SIZES[size]
     start = time.perf_counter()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**sizes["unet"])
-    vae = AutoencoderKL(**sizes["vae"])
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=sizes["text"]["hidden_size"],
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            **sizes["text"],
-        )
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
-    with tempfile.TemporaryDirectory() as tok:
-        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(tok) / "tokenizer")))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {
-        "unet_params": count(unet),
-        "vae_params": count(vae),
-        "text_encoder_params": count(text_encoder),
-        "build_s": time.perf_counter() - start,
-    }
+    sizes = SD_SIZES[size]
+    counts = build(folder, sizes["unet"], sizes["vae"], sizes["text"])
+    return {**counts, "build_s": time.perf_counter() - start}
 
 
 # ==========================================================================================================

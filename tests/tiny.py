@@ -46,23 +46,15 @@ def make_hps_checkpoint(folder: Path, seed: int = 0, filename: str = "HPS_v2.1_c
 
 def make_clip_model(folder: Path, seed: int = 0, image_size: int = 224, projection_dim: int = 32) -> Path:
     """A tiny transformers CLIPModel + CLIPProcessor folder (``save_pretrained`` layout)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip import CLIPImageProcessorPil
 
+    from mmalign.models.builders import clip_config
+
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
-        vision_config=dict(
+    config = clip_config(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vision=dict(
             hidden_size=48,
             intermediate_size=96,
             num_hidden_layers=2,
@@ -100,92 +92,8 @@ def random_image(seed: int, size: tuple[int, int] = (320, 256), mode: str = "RGB
 
 def make_sd_pipeline(folder: Path, sdxl: bool = False, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """A tiny StableDiffusion(XL)Pipeline folder (``save_pretrained`` layout), as diffusers' own tests build."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from mmalign.models.builders import TINY_SD, TINY_SDXL_UNET, build_sd_pipeline
 
-    torch.manual_seed(seed)
-    text_kwargs = dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        projection_dim=32,
-    )
-    unet_kwargs = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=(2, 4),
-    )
-    if sdxl:
-        unet_kwargs.update(
-            cross_attention_dim=64,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 1),
-        )
-    else:
-        unet_kwargs.update(cross_attention_dim=32)
-    unet = UNet2DConditionModel(**unet_kwargs)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type=prediction_type,
-        clip_sample=False,
-        steps_offset=1,
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(folder) / "_tok")))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_kwargs))
-    if sdxl:
-        from diffusers import StableDiffusionXLPipeline
-
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_kwargs))
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-        )
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.save_pretrained(folder)
+    unet = dict(TINY_SD["unet"], **(TINY_SDXL_UNET if sdxl else {}))
+    build_sd_pipeline(folder, unet, TINY_SD["vae"], TINY_SD["text"], seed, prediction_type, sdxl=sdxl)
     return Path(folder)

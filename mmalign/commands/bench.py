@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, str] = {
     "rewards": "mmalign.commands.bench:add_rewards",
     "leaderboard": "mmalign.commands.bench:add_leaderboard",
     "generators": "mmalign.commands.bench:add_generators",
+    # toyworld trainer comparison (issue 5): parser and runner live in mmalign/toyworld/bench.py
+    "trainers": "mmalign.toyworld.bench:add_trainers",
 }
 
 

@@ -49,9 +49,8 @@ def bench_trainers(
     import torch
 
     from ..rewards import load_reward
-    from .demo import make_pairs, train_with_curves
+    from .demo import demo_prompts, make_pairs, train_with_curves
     from .sampling import asset_dir, evaluate, load_pipeline, threads
-    from .world import split_prompts
 
     out = Path(out or config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,11 +59,19 @@ def bench_trainers(
         model = Path(config.pipeline) if config.pipeline else asset_dir("pipeline")
         base = load_pipeline(model)
         reward = load_reward("toyworld", weights=config.reward)
-        train_prompts, heldout = split_prompts(config.heldout, seed=0)
+        train_prompts, heldout = demo_prompts(config)
         before = evaluate(base, heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance)
         log(f"base: held-out adherence {before.scores['overall']:.3f}")
         pairs = make_pairs(
-            base, reward, train_prompts, config.samples_per_prompt, config.seed, out / "pairs", config.sample_steps
+            base,
+            reward,
+            train_prompts,
+            config.samples_per_prompt,
+            config.seed,
+            out / "pairs",
+            config.sample_steps,
+            config.guidance,
+            config.pairing,
         )
         log(f"pairs: {pairs['pairs']} (label agreement with the judge {pairs['label_agreement_with_judge']:.3f})")
         for name in names:

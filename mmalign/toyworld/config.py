@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 SAMPLE_STEPS = 20
 GUIDANCE = 3.0
+# LoRA on the attention projections and on the ResNet convolutions and their time(+text)-embedding projections:
+# in this tiny UNet the attention projections are under a tenth of the weights, and the global attributes
+# (colour, count) live mostly in the ResNet path
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "time_emb_proj", "conv1", "conv2", "proj_in", "proj_out")
 
 
 @dataclass
@@ -15,15 +19,18 @@ class DemoConfig:
     out: str = "runs/demo"
     seed: int = 0
     trainer: str = "dpo"
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 1e-3
     beta: float = 1000.0
     lora_rank: int = 8
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     samples_per_prompt: int = 8
+    pairing: str = "halves"
     heldout: int = 32
+    train_prompts: int = 0
     eval_samples: int = 8
-    eval_every: int = 100
+    eval_every: int = 50
     sample_steps: int = SAMPLE_STEPS
     guidance: float = GUIDANCE
     threads: int = 0

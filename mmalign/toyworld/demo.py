@@ -34,6 +34,32 @@ from .world import ATTRIBUTES, Prompt, split_prompts
 # ---------------------------------------------------------------- pairs
 
 
+def demo_prompts(config: DemoConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """``(train, heldout)`` prompts: the seed-0 split, the training side cut to a seeded ``train_prompts`` subset."""
+    train, heldout = split_prompts(config.heldout, seed=0)
+    if 0 < config.train_prompts < len(train):
+        train = sorted(random.Random(config.seed).sample(train, config.train_prompts))
+    return train, heldout
+
+
+PAIRINGS = ("extremes", "halves")
+
+
+def pair_indices(scores: np.ndarray, pairing: str) -> list[tuple[int, int]]:
+    """``(chosen, rejected)`` positions among one prompt's samples by the reward's ``scores``: ``extremes`` - the
+    best and the worst; ``halves`` - every sample of the better half against every one of the worse half (all
+    of a prompt's samples used, K²/4 pairs); pairs of equal scores are left out."""
+    order = np.argsort(-scores, kind="stable")
+    if pairing == "extremes":
+        candidates = [(int(order[0]), int(order[-1]))]
+    elif pairing == "halves":
+        half = len(order) // 2
+        candidates = [(int(w), int(l)) for w in order[:half] for l in order[len(order) - half :]]
+    else:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    return [(w, l) for w, l in candidates if scores[w] > scores[l]]
+
+
 def make_pairs(
     pipe: Any,
     reward: Any,
@@ -43,10 +69,13 @@ def make_pairs(
     folder: Path,
     sample_steps: int = SAMPLE_STEPS,
     guidance: float = GUIDANCE,
+    pairing: str = "extremes",
 ) -> dict[str, Any]:
-    """Sample ``samples_per_prompt`` images per prompt, keep the learned reward's best and worst as a pair, and
-    write them with ``pairs.jsonl`` (reward scores as ``score_chosen``/``score_rejected``; judge scores in
-    ``judge_chosen``/``judge_rejected``, for the report only) into ``folder``."""
+    """Sample ``samples_per_prompt`` images per prompt, pair them by the learned reward (:func:`pair_indices`),
+    and write the images with ``pairs.jsonl`` (reward scores as ``score_chosen``/``score_rejected``; judge scores
+    in ``judge_chosen``/``judge_rejected``, for the report only) into ``folder``."""
+    from PIL import Image
+
     folder.mkdir(parents=True, exist_ok=True)
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     seeds = [1_000_000 + seed * 100_003 + i for i in range(len(expanded))]
@@ -57,35 +86,33 @@ def make_pairs(
         )
     scores = scores.float().numpy()
     judged = np.array([judge(image, p).overall for image, p in zip(images, expanded)])
-    rows, agree = [], []
-    from PIL import Image
-
+    rows, agree, saved = [], [], set()
     for k, prompt in enumerate(prompts):
-        block = slice(k * samples_per_prompt, (k + 1) * samples_per_prompt)
-        order = np.argsort(scores[block], kind="stable")
-        best, worst = block.start + int(order[-1]), block.start + int(order[0])
-        if scores[best] == scores[worst]:
-            continue
-        names = (f"{k:03d}_chosen.png", f"{k:03d}_rejected.png")
-        Image.fromarray(images[best]).save(folder / names[0])
-        Image.fromarray(images[worst]).save(folder / names[1])
-        rows.append(
-            {
-                "prompt": prompt.text,
-                "chosen": names[0],
-                "rejected": names[1],
-                "score_chosen": float(scores[best]),
-                "score_rejected": float(scores[worst]),
-                "judge_chosen": float(judged[best]),
-                "judge_rejected": float(judged[worst]),
-            }
-        )
-        if judged[best] != judged[worst]:
-            agree.append(judged[best] > judged[worst])
+        start = k * samples_per_prompt
+        for w, l in pair_indices(scores[start : start + samples_per_prompt], pairing):
+            best, worst = start + w, start + l
+            for index in (best, worst):
+                if index not in saved:
+                    Image.fromarray(images[index]).save(folder / f"{k:03d}_{index - start:02d}.png")
+                    saved.add(index)
+            rows.append(
+                {
+                    "prompt": prompt.text,
+                    "chosen": f"{k:03d}_{w:02d}.png",
+                    "rejected": f"{k:03d}_{l:02d}.png",
+                    "score_chosen": float(scores[best]),
+                    "score_rejected": float(scores[worst]),
+                    "judge_chosen": float(judged[best]),
+                    "judge_rejected": float(judged[worst]),
+                }
+            )
+            if judged[best] != judged[worst]:
+                agree.append(judged[best] > judged[worst])
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return {
         "file": str(folder / "pairs.jsonl"),
         "pairs": len(rows),
+        "pairing": pairing,
         "samples": len(expanded),
         "judge_of_samples": float(judged.mean()),
         "judge_of_chosen": float(np.mean([r["judge_chosen"] for r in rows])) if rows else 0.0,
@@ -121,21 +148,41 @@ def hooked_trainer(trainer_class: type, hook: Callable[[Any, int], None] | None,
     return Hooked
 
 
+def is_online(trainer: str) -> bool:
+    """Whether a registered trainer samples while it learns (reads prompts and a reward, not pairs)."""
+    from ..registry import TRAINERS
+    from ..trainers.online import OnlineTrainer
+
+    return issubclass(TRAINERS.entry(trainer).load(), OnlineTrainer)
+
+
 def trainer_overrides(config: DemoConfig, model: Path, data: str, output_dir: Path) -> list[str]:
-    """``key=value`` overrides of the trainer config; no flips or crops (they would move objects across halves)."""
+    """``key=value`` overrides of the trainer config; no flips or crops (they would move objects across halves).
+    Online trainers get the training prompts of ``data`` (a pairs JSONL: its prompts, once each) and the learned
+    toyworld reward; their own sampler defaults (η, truncation) stay."""
+    online = [f"beta={config.beta}"]  # the offline (DPO-family) beta; online trainers keep their own
+    if is_online(config.trainer):
+        prompts = output_dir.parent / f"{output_dir.name}-prompts.txt"
+        texts = dict.fromkeys(json.loads(line)["prompt"] for line in Path(data).read_text().splitlines() if line)
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        prompts.write_text("".join(f"{t}\n" for t in texts))
+        data = str(prompts)
+        reward_dir = Path(config.reward) if config.reward else asset_dir("reward")
+        online = ["reward=toyworld", f"reward_weights={reward_dir}"]
     return [
         f"trainer={config.trainer}",
         f"model={model}",
         f"data={data}",
+        *online,
         f"output_dir={output_dir}",
         "resolution=32",
         "random_crop=false",
         "hflip=false",
         f"lora_rank={config.lora_rank}",
+        f"lora_targets=[{','.join(config.lora_targets)}]",
         f"max_steps={config.steps}",
         f"batch_size={config.batch_size}",
         f"lr={config.lr}",
-        f"beta={config.beta}",
         f"seed={config.seed}",
         "tracker=none",
         "checkpoint_every=1000000",
@@ -216,7 +263,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         model = Path(config.pipeline) if config.pipeline else asset_dir("pipeline")
         base = load_pipeline(model)
         reward = load_reward("toyworld", weights=config.reward)
-        train_prompts, heldout = split_prompts(config.heldout, seed=0)
+        train_prompts, heldout = demo_prompts(config)
 
         t = time.time()
         before = evaluate(base, heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance)
@@ -233,6 +280,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
             out / "pairs",
             config.sample_steps,
             config.guidance,
+            config.pairing,
         )
         timing["sample_and_label_s"] = round(time.time() - t, 1)
         log(

@@ -4,10 +4,11 @@ Steps (all pure numpy/scipy, no learned parts):
 
 1. colour segmentation: every pixel takes the nearest palette colour (background included, Euclidean RGB);
 2. connected components (8-connectivity) per colour; components under ``MIN_AREA`` pixels are noise;
-3. per object: colour, centre of mass, and a shape test on its pixels: an upward triangle has most of its mass
-   below its box centre (``asymmetry >= 0.2``; 0.4 when exact); otherwise a square fills its bounding box
-   (``fill >= 0.9``; 1.0 exact) and a disc fills about π/4 of it (``fill >= 0.65``); anything else, or a box
-   with aspect ratio beyond 1.5, is a ``"blob"`` (two merged objects, smears);
+3. per object: colour, centre of mass, and shape by template matching: the ideal disc, square and upward
+   triangle drawn in the object's bounding box (as the renderer draws them) are compared with its pixels, and
+   the best intersection-over-union wins; under ``MIN_IOU``, or with a box of aspect ratio beyond
+   ``MAX_ASPECT``, the object is a ``"blob"`` (two merged objects, smears). Rendered objects match their own
+   template exactly (IoU 1), and a blurred square with rounded corners is still a square;
 4. per attribute (each 0 or 1; all four need at least one object): ``color`` - every object has the prompted
    colour; ``shape`` - every object has the prompted shape; ``count`` - the number of objects equals the
    prompted count; ``position`` - every object's centre lies strictly inside the prompted half.
@@ -26,9 +27,7 @@ import numpy as np
 from .world import ATTRIBUTES, BACKGROUND, COLORS, Prompt, parse_prompt
 
 MIN_AREA = 10
-SQUARE_FILL = 0.9
-CIRCLE_FILL = 0.65
-TRIANGLE_ASYMMETRY = 0.2
+MIN_IOU = 0.6
 MAX_ASPECT = 1.5
 
 _PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float64)
@@ -44,8 +43,7 @@ class Detection:
     area: int
     cx: float
     cy: float
-    fill: float
-    asymmetry: float
+    iou: float
 
 
 @dataclass(frozen=True)
@@ -91,22 +89,32 @@ def segment(image: np.ndarray) -> np.ndarray:
     return np.argmin(((pixels - _PALETTE) ** 2).sum(-1), axis=-1)
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float, float]:
-    """``(shape, fill, asymmetry)`` of one component's boolean mask."""
+def templates(height: int, width: int) -> dict[str, np.ndarray]:
+    """Ideal masks of every shape in a ``height`` x ``width`` box (for square boxes exactly the renderer's)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    ry, rx = height / 2, width / 2
+    return {
+        "circle": ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1 - 0.5 / (rx * ry),
+        "square": np.ones((height, width), dtype=bool),
+        "triangle": np.abs(xs - cx) <= (ys + 1) / height * rx,
+    }
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    """``(shape, iou)`` of one component's boolean mask: the best-matching template, or ``"blob"``."""
     ys, xs = np.nonzero(mask)
-    height, width = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
-    fill = len(ys) / (height * width)
-    middle = (ys.min() + ys.max()) / 2
-    asymmetry = float((ys > middle).sum() - (ys < middle).sum()) / len(ys)
-    if max(height, width) > MAX_ASPECT * min(height, width):
-        return "blob", fill, asymmetry
-    if asymmetry >= TRIANGLE_ASYMMETRY:
-        return "triangle", fill, asymmetry
-    if abs(asymmetry) < TRIANGLE_ASYMMETRY and fill >= SQUARE_FILL:
-        return "square", fill, asymmetry
-    if abs(asymmetry) < TRIANGLE_ASYMMETRY and fill >= CIRCLE_FILL:
-        return "circle", fill, asymmetry
-    return "blob", fill, asymmetry
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    height, width = crop.shape
+    scores = {
+        name: float(np.logical_and(crop, t).sum() / np.logical_or(crop, t).sum())
+        for name, t in templates(height, width).items()
+    }
+    shape = max(scores, key=scores.__getitem__)
+    iou = scores[shape]
+    if max(height, width) > MAX_ASPECT * min(height, width) or iou < MIN_IOU:
+        return "blob", iou
+    return shape, iou
 
 
 def detect(image) -> tuple[Detection, ...]:
@@ -123,8 +131,8 @@ def detect(image) -> tuple[Detection, ...]:
             if area < MIN_AREA:
                 continue
             ys, xs = np.nonzero(mask)
-            shape, fill, asymmetry = classify_shape(mask)
-            found.append(Detection(color, shape, area, float(xs.mean()), float(ys.mean()), fill, asymmetry))
+            shape, iou = classify_shape(mask)
+            found.append(Detection(color, shape, area, float(xs.mean()), float(ys.mean()), iou))
     return tuple(found)
 
 

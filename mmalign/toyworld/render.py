@@ -30,16 +30,13 @@ class Item:
 
 
 def shape_mask(shape: str, size: int) -> np.ndarray:
-    """Boolean ``[size, size]`` mask: a filled square, a disc, or an upward isosceles triangle."""
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
-    centre = (size - 1) / 2
-    if shape == "square":
-        return np.ones((size, size), dtype=bool)
-    if shape == "circle":
-        return (xs - centre) ** 2 + (ys - centre) ** 2 <= (size / 2) ** 2 - 0.5
-    if shape == "triangle":
-        return np.abs(xs - centre) <= (ys + 1) / 2
-    raise ValueError(f"unknown shape {shape!r}")
+    """Boolean ``[size, size]`` mask: a filled square, a disc, or an upward isosceles triangle (the judge's
+    templates, :func:`mmalign.toyworld.judge.templates`)."""
+    from .judge import templates
+
+    if shape not in ("circle", "square", "triangle"):
+        raise ValueError(f"unknown shape {shape!r}")
+    return templates(size, size)[shape]
 
 
 def region(position: str, canvas: int = CANVAS) -> tuple[int, int, int, int]:

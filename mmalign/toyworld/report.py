@@ -32,7 +32,8 @@ def grid_figure(result: Evaluation, title: str, path: Path, prompts: int = GRID_
         order.setdefault(prompt.text, []).append(index)
     rows = list(order.items())[:prompts]
     cols = max(len(indices) for _, indices in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.0 * cols + 2.6, 1.1 * len(rows) + 0.4), squeeze=False)
+    label_inches, width = 2.4, 1.0 * cols + 2.6
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width, 1.1 * len(rows) + 0.4), squeeze=False)
     for r, (text, indices) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -50,7 +51,7 @@ def grid_figure(result: Evaluation, title: str, path: Path, prompts: int = GRID_
             if c == 0:
                 ax.text(-0.12, 0.5, text, transform=ax.transAxes, ha="right", va="center", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.24, right=0.99, top=0.9, bottom=0.02, wspace=0.08, hspace=0.35)
+    fig.subplots_adjust(left=label_inches / width, right=0.99, top=0.92, bottom=0.02, wspace=0.08, hspace=0.35)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -91,6 +92,9 @@ def curves_figure(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+PAIRING_TEXT = {"extremes": "best vs worst", "halves": "every better-half vs worse-half sample"}
+
+
 def _table(report: dict[str, Any]) -> list[tuple[str, float, float, float]]:
     return [(name, report["before"][name], report["after"][name], report["gain"][name]) for name in ROWS]
 
@@ -109,8 +113,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
         *[f"| {name} | {b:.3f} | {a:.3f} | {g:+.3f} |" for name, b, a, g in _table(report)],
         "",
-        f"Pairs: {pairs['pairs']} (best vs worst of {report['demo_config']['samples_per_prompt']} samples by the "
-        f"learned reward); judge of chosen {pairs['judge_of_chosen']:.3f} vs rejected {pairs['judge_of_rejected']:.3f};"
+        f"Pairs: {pairs['pairs']} ({PAIRING_TEXT[pairs.get('pairing', 'extremes')]} of "
+        f"{report['demo_config']['samples_per_prompt']} samples per training prompt, by the learned reward); "
+        f"judge of chosen {pairs['judge_of_chosen']:.3f} vs rejected {pairs['judge_of_rejected']:.3f};"
         f" the reward's label agrees with the judge on {pairs['label_agreement_with_judge']:.1%} of the "
         f"{pairs['pairs_the_judge_orders']} pairs the judge orders.",
         "",

@@ -51,11 +51,18 @@ def load_pipeline(folder: str | os.PathLike | None = None, lora: str | os.PathLi
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder or asset_dir("pipeline")), torch_dtype=torch.float32, safety_checker=None
+        str(folder or asset_dir("pipeline")), dtype=torch.float32, safety_checker=None
     )
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
-        pipe.load_lora_weights(str(lora))
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "no LoRA keys for CLIPTextModel": this LoRA is UNet-only
+        try:
+            pipe.load_lora_weights(str(lora))
+        finally:
+            diffusers_logging.set_verbosity(level)
     return pipe
 
 

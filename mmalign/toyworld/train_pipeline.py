@@ -1,18 +1,24 @@
 """Train the shipped toyworld text-to-image pipeline (``assets/toyworld/pipeline``) from nothing, on a CPU.
 
-    python -m mmalign.toyworld.train_pipeline --out assets/toyworld/pipeline   # seeded; about 10 min, 2 cores
+    python -m mmalign.toyworld.train_pipeline --out assets/toyworld/pipeline --threads 1   # seeded; ~25 min
 
 A diffusers ``StableDiffusionPipeline`` of tiny parts: a VAE (32 px RGB <-> 8 x 8 x 8 latents), a 2-layer
-CLIP text encoder of width 32 on the real CLIP tokenizer (16 tokens), a two-level UNet with cross-attention,
-and a DDIM scheduler. Stages:
+CLIP text encoder of width 32 on the real CLIP tokenizer (16 tokens), a three-level UNet with cross-attention
+and an attention-pooled text embedding added to the time embedding, and a DDIM scheduler. Stages:
 
 1. the VAE learns to reconstruct ground-truth renders (L1 + MSE, a small KL term);
-2. the UNet and the text encoder learn epsilon-prediction on the VAE latents of renders whose captions are
-   noisy: each attribute of the caption is replaced by a wrong value with probability ``caption_noise`` (like
-   web alt-text), and 10 % of captions are dropped for classifier-free guidance. The model therefore draws
-   clean objects but follows prompts only partly, which leaves room for preference training;
+2. the UNet and the text encoder learn epsilon-prediction (min-SNR weighting; ``--prediction v_prediction
+   --zero-snr true`` trains v-prediction on a zero-terminal-SNR schedule instead) on the VAE latents of renders
+   whose captions are noisy: each attribute of the caption is replaced by a wrong value with probability
+   ``caption_noise`` (like web alt-text), and 10 % of captions are dropped for classifier-free guidance. The
+   model therefore draws clean objects but follows prompts only partly, which leaves room for preference
+   training;
 3. the parts are saved as one pipeline folder, in fp16 safetensors (loaded back in fp32), and the judge
    adherence of the result on every prompt is written to ``training.json`` beside it.
+
+The defaults are the shipped pipeline's recipe (its ``training.json``: 3000 UNet steps, caption noise 0.25,
+one thread; its VAE came from an earlier run of the same VAE stage, ``vae_from``, which this seeded stage
+reproduces: scaling factor 1.2946 both times). A killed run resumes from its checkpoint when rerun.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import shutil
 import time
@@ -50,14 +57,17 @@ class PipelineRecipe:
     unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 2e-3
-    caption_noise: float = 0.4
+    caption_noise: float = 0.25
     prompt_dropout: float = 0.1
     min_snr: float = 5.0
     ema_decay: float = 0.995
     global_text: bool = True
     film: bool = True
+    prediction: str = "epsilon"
+    zero_snr: bool = False
     vae_from: str = ""
     eval_every: int = 0
+    checkpoint_every: int = 250
     threads: int = 0
 
 
@@ -68,6 +78,8 @@ def build_parts(recipe: PipelineRecipe) -> dict[str, Any]:
     shape, count) are learnt much faster than through cross-attention alone."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.builders import clip_text_config, sd_scheduler_config
 
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(
@@ -82,18 +94,7 @@ def build_parts(recipe: PipelineRecipe) -> dict[str, Any]:
         sample_size=32,
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
+        CLIPTextConfig(**clip_text_config(32, 64, 2, 2, max_position_embeddings=MAX_TOKENS, projection_dim=32))
     )
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -111,14 +112,10 @@ def build_parts(recipe: PipelineRecipe) -> dict[str, Any]:
         resnet_time_scale_shift="scale_shift" if recipe.film else "default",
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        clip_sample=False,
+        **sd_scheduler_config(recipe.prediction),
         set_alpha_to_one=False,
-        steps_offset=1,
+        rescale_betas_zero_snr=recipe.zero_snr,
+        timestep_spacing="trailing" if recipe.zero_snr else "leading",
     )
     return {"vae": vae, "text_encoder": text_encoder, "unet": unet, "scheduler": scheduler}
 
@@ -202,8 +199,17 @@ class TokenCache:
         return torch.tensor([self.cache[t] for t in texts])
 
 
-def train_unet(parts: dict[str, Any], tokens: TokenCache, recipe: PipelineRecipe, log, evaluate=None) -> None:
-    """Epsilon-prediction with min-SNR weighting on noisy captions; the UNet and text encoder keep EMA weights."""
+def train_unet(
+    parts: dict[str, Any],
+    tokens: TokenCache,
+    recipe: PipelineRecipe,
+    log,
+    evaluate=None,
+    checkpoint: Path | None = None,
+) -> None:
+    """Epsilon-prediction with min-SNR weighting on noisy captions; the UNet and text encoder keep EMA weights.
+    With ``checkpoint``, the whole state (weights, EMA, optimizer, schedule, random streams) is written there every
+    ``checkpoint_every`` steps and a run resumes from it exactly."""
     unet, text_encoder, scheduler = parts["unet"], parts["text_encoder"], parts["scheduler"]
     latents, prompts = latent_pool(parts["vae"], recipe.pool, recipe.seed)
     rng = random.Random(f"unet:{recipe.seed}")
@@ -215,9 +221,22 @@ def train_unet(parts: dict[str, Any], tokens: TokenCache, recipe: PipelineRecipe
     schedule = warmup_cosine(optimizer, recipe.unet_steps)
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=recipe.min_snr) / snr
+    # epsilon: min-SNR-gamma weighting (Hang et al. 2023); v-prediction: the plain v loss (x0 loss weighted by
+    # SNR + 1), which also trains the zero-SNR step
+    weights = torch.clamp(snr, max=recipe.min_snr) / snr if recipe.prediction == "epsilon" else torch.ones_like(snr)
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        modules.load_state_dict(state["modules"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(_tuples(state["rng"]))
+        gen.set_state(state["gen"])
+        start = int(state["step"])
+        log(f"resumed from {checkpoint} at step {start}")
     modules.train()
-    for step in range(recipe.unet_steps):
+    for step in range(start, recipe.unet_steps):
         index = torch.randint(0, len(prompts), (recipe.unet_batch,), generator=gen)
         captions = [
             "" if rng.random() < recipe.prompt_dropout else corrupt(prompts[i], rng, recipe.caption_noise).text
@@ -229,7 +248,8 @@ def train_unet(parts: dict[str, Any], tokens: TokenCache, recipe: PipelineRecipe
         noisy = scheduler.add_noise(x0, noise, timesteps)
         hidden = text_encoder(tokens(captions))[0]
         pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights[timesteps]).mean()
+        target = noise if recipe.prediction == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights[timesteps]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -243,10 +263,27 @@ def train_unet(parts: dict[str, Any], tokens: TokenCache, recipe: PipelineRecipe
             log(f"unet step {step + 1}/{recipe.unet_steps} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e}")
         if evaluate is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0:
             evaluate(ema, step + 1)
+        if checkpoint is not None and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.unet_steps:
+            state = {
+                "modules": modules.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": rng.getstate(),
+                "gen": gen.get_state(),
+                "step": step + 1,
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
     with torch.no_grad():
         for p, e in zip(modules.parameters(), ema.parameters()):
             p.copy_(e)
     modules.eval()
+
+
+def _tuples(value: Any) -> Any:
+    """``random.Random`` state read back from a checkpoint (lists -> the tuples ``setstate`` wants)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def assemble(parts: dict[str, Any], tokenizer: Any):
@@ -279,28 +316,35 @@ def train(recipe: PipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         parts = build_parts(recipe)
         tokenizer_dir = write_tokenizer(out / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-        if recipe.vae_from:
-            from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL
 
-            parts["vae"] = AutoencoderKL.from_pretrained(recipe.vae_from, subfolder="vae", torch_dtype=torch.float32)
+        stage = out / ".vae-stage"  # the trained VAE, kept until the run completes (a killed run resumes)
+        if recipe.vae_from:
+            parts["vae"] = AutoencoderKL.from_pretrained(recipe.vae_from, subfolder="vae", dtype=torch.float32)
+        elif (stage / "config.json").is_file():
+            parts["vae"] = AutoencoderKL.from_pretrained(str(stage), dtype=torch.float32)
+            log(f"resumed the trained VAE from {stage}")
         else:
             train_vae(parts["vae"], recipe, log)
+            parts["vae"].save_pretrained(str(stage))
         log(f"vae done: scaling_factor {parts['vae'].config.scaling_factor:.4f}, {time.time() - started:.0f} s")
         history = []
 
         def evaluate(ema, step):
             trial = assemble(dict(parts, unet=ema[0], text_encoder=ema[1]), tokenizer)
-            for guidance in (1.5, 3.0):
+            for guidance in (1.0, 1.5, 3.0):
                 scores = judge_pipeline(trial, all_prompts(), 1, seed=1, guidance=guidance).scores
                 history.append({"step": step, "guidance": guidance, **scores})
                 log(f"eval step {step} guidance {guidance}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
 
-        train_unet(parts, TokenCache(tokenizer), recipe, log, evaluate)
+        train_unet(parts, TokenCache(tokenizer), recipe, log, evaluate, checkpoint=out / ".unet-checkpoint.pt")
         pipe = assemble(parts, tokenizer)
         final = judge_pipeline(pipe, all_prompts(), 2, seed=12345).scores
         save_fp16(pipe, out)
         shutil.rmtree(out / "tokenizer")  # save_pretrained adds a 3.6 MB tokenizer.json; vocab + merges suffice
         write_tokenizer(out / "tokenizer")
+        shutil.rmtree(stage, ignore_errors=True)
+        (out / ".unet-checkpoint.pt").unlink(missing_ok=True)
     summary = {
         "recipe": asdict(recipe),
         "adherence_all_prompts": final,

@@ -2,10 +2,13 @@
 
     python -m mmalign.toyworld.train_reward --out assets/toyworld/reward   # after train_pipeline; seeded
 
-Data: images from the shipped pipeline (``samples_per_prompt`` per prompt, all 144 prompts) and VAE
-reconstructions of ground-truth renders of random prompts. The judge scores every image against every prompt
-(one detection pass per image), and each step ranks a batch of images under all 144 prompts with a pairwise
-Bradley-Terry loss on ``logit_scale * cosine`` over the pairs the judge orders (weighted by the judge's gap).
+Data, in groups of images that share an anchor prompt: the shipped pipeline's samples of each prompt
+(``samples_per_prompt`` per prompt, all 144 prompts), and VAE reconstructions of ground-truth renders of a
+random prompt and of its near misses (one attribute changed, each attribute once; two changed; a random prompt).
+The judge scores every image against every prompt (one detection pass per image). Each step takes
+``sample_groups`` + ``recon_groups`` groups and minimises a pairwise Bradley-Terry loss on ``logit_scale *
+cosine`` over every pair of one group that the judge orders under the group's prompt (the demo's use: ranking
+samples of one prompt), plus half the same loss over the whole batch under all 144 prompts.
 
 Reported in ``training.json``: agreement with the judge on held-out pairs (fresh pipeline samples, new seeds:
 two images of one prompt that the judge scores differently; the share the reward orders the same way), and the
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from .judge import detect, score_objects
 from .world import CANVAS, Prompt, all_prompts, random_prompt
 
+GROUP = 8
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -41,8 +45,9 @@ class RewardRecipe:
     pipeline: str = ""
     samples_per_prompt: int = 12
     recon_pool: int = 4096
-    steps: int = 800
-    batch: int = 128
+    steps: int = 1500
+    sample_groups: int = 6
+    recon_groups: int = 8
     lr: float = 1e-3
     heldout_samples: int = 4
     threads: int = 0
@@ -50,22 +55,16 @@ class RewardRecipe:
 
 def build_model(seed: int = 0):
     """A freshly initialised tiny ``CLIPModel``: 2-layer text tower (width 32, 16 tokens), ViT 32 px / patch 4."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
+
+    from ..models.builders import clip_config
 
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
+    config = clip_config(
+        text=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16
         ),
-        vision_config=dict(
+        vision=dict(
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=3,
@@ -88,22 +87,33 @@ def judge_matrix(images: np.ndarray, prompts: list[Prompt]) -> np.ndarray:
     return out
 
 
+def near_miss_group(prompt: Prompt, rng: random.Random) -> list[Prompt]:
+    """``prompt``, one near miss per attribute, two with two attributes changed, and a random prompt (8)."""
+    from .world import ATTRIBUTES, perturb
+
+    misses = [perturb(prompt, rng, [name]) for name in ATTRIBUTES]
+    doubles = [perturb(prompt, rng, rng.sample(ATTRIBUTES, 2)) for _ in range(2)]
+    return [prompt, *misses, *doubles, random_prompt(rng)]
+
+
 @torch.no_grad()
-def vae_reconstructions(pipe: Any, count: int, seed: int) -> tuple[np.ndarray, list[Prompt]]:
-    """Ground-truth renders of random prompts passed through the pipeline's VAE (a posterior sample each)."""
+def vae_reconstructions(pipe: Any, count: int, seed: int) -> tuple[np.ndarray, list[Prompt], list[Prompt]]:
+    """Renders of near-miss groups (:func:`near_miss_group`, ``count // 8`` groups) passed through the pipeline's
+    VAE (a posterior sample each); returns the images, the prompts they show, and each group's anchor."""
     from .train_pipeline import render_batch
 
     rng = random.Random(f"recon:{seed}")
     gen = torch.Generator().manual_seed(seed)
-    prompts = [random_prompt(rng) for _ in range(count)]
+    anchors = [random_prompt(rng) for _ in range(count // GROUP)]
+    prompts = [p for anchor in anchors for p in near_miss_group(anchor, rng)]
     out = []
-    for start in range(0, count, 256):
+    for start in range(0, len(prompts), 256):
         pixels = render_batch(prompts[start : start + 256], rng)
         posterior = pipe.vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         decoded = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
         out.append((decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
-    return np.concatenate(out), prompts
+    return np.concatenate(out), prompts, anchors
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -122,11 +132,19 @@ def features(model: Any, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Te
 
 
 def ranking_loss(cosine: torch.Tensor, judged: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry over every image pair the judge orders, per prompt. ``cosine``, ``judged``: ``[B, P]``."""
-    gap = judged[:, None, :] - judged[None, :, :]  # [B, B, P]: i better than j under prompt p
+    """Bradley-Terry over every image pair the judge orders, per prompt (column); ``cosine``, ``judged``:
+    ``[B, P]``. Every ordered pair weighs the same, so near misses count as much as wrong images."""
+    better = (judged[:, None, :] > judged[None, :, :]).float()  # [B, B, P]: i better than j under prompt p
     logits = scale * (cosine[:, None, :] - cosine[None, :, :])
-    weight = gap.clamp(min=0)
-    return (F.softplus(-logits) * weight).sum() / weight.sum().clamp(min=1e-8)
+    return (F.softplus(-logits) * better).sum() / better.sum().clamp(min=1.0)
+
+
+def group_loss(cosine: torch.Tensor, judged: torch.Tensor, groups: list[tuple[int, list[int]]], scale) -> torch.Tensor:
+    """:func:`ranking_loss` within each group under its own prompt; ``groups``: ``(prompt column, rows)``."""
+    terms = [
+        ranking_loss(cosine[rows, column][:, None], judged[rows, column][:, None], scale) for column, rows in groups
+    ]
+    return torch.stack(terms).mean()
 
 
 def agreement(scores: np.ndarray, judged: np.ndarray, groups: list[int]) -> dict[str, float]:
@@ -182,16 +200,34 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
     started, cpu = time.time(), time.process_time()
     prompts = all_prompts()
     with threads(recipe.threads):
-        pipe = load_pipeline(recipe.pipeline or None)
-        expanded = [p for p in prompts for _ in range(recipe.samples_per_prompt)]
-        generated = sample(pipe, expanded, [7_000_000 + i for i in range(len(expanded))])
-        recon, _ = vae_reconstructions(pipe, recipe.recon_pool, recipe.seed)
         heldout_prompts = [p for p in prompts for _ in range(recipe.heldout_samples)]
-        heldout = sample(pipe, heldout_prompts, [9_000_000 + i for i in range(len(heldout_prompts))])
+        cache = out / ".data.npz"  # the sampled images, kept until the run completes (a killed run reuses them)
+        data_keys = ("seed", "pipeline", "samples_per_prompt", "recon_pool", "heldout_samples")
+        key = json.dumps({name: getattr(recipe, name) for name in data_keys}, sort_keys=True)
+        lookup = {p: i for i, p in enumerate(prompts)}
+        if cache.is_file() and str(np.load(cache)["key"]) == key:
+            data = np.load(cache)
+            generated, recon, heldout = data["generated"], data["recon"], data["heldout"]
+            anchors = [prompts[i] for i in data["anchors"]]
+            log(f"reusing the sampled images of {cache}")
+        else:
+            pipe = load_pipeline(recipe.pipeline or None)
+            expanded = [p for p in prompts for _ in range(recipe.samples_per_prompt)]
+            generated = sample(pipe, expanded, [7_000_000 + i for i in range(len(expanded))])
+            recon, _, anchors = vae_reconstructions(pipe, recipe.recon_pool, recipe.seed)
+            heldout = sample(pipe, heldout_prompts, [9_000_000 + i for i in range(len(heldout_prompts))])
+            out.mkdir(parents=True, exist_ok=True)
+            ids = np.array([lookup[a] for a in anchors])
+            np.savez(cache, generated=generated, recon=recon, heldout=heldout, anchors=ids, key=np.array(key))
         log(f"data: {len(generated)} samples, {len(recon)} reconstructions, {len(heldout)} held out")
         images = np.concatenate([generated, recon])
         judged = torch.from_numpy(judge_matrix(images, prompts))
         pixels = to_pixels(images)
+        k, offset = recipe.samples_per_prompt, len(generated)
+        sample_groups = [(i, list(range(i * k, (i + 1) * k))) for i in range(len(prompts))]
+        recon_groups = [
+            (lookup[a], list(range(offset + g * GROUP, offset + (g + 1) * GROUP))) for g, a in enumerate(anchors)
+        ]
         log(f"judged {len(images)} images x {len(prompts)} prompts ({time.time() - started:.0f} s)")
 
         write_processor(out)
@@ -205,10 +241,20 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(recipe.seed)
         model.train()
         for step in range(recipe.steps):
-            index = torch.randint(0, len(images), (recipe.batch,), generator=gen)
+            chosen = [
+                sample_groups[i] for i in torch.randperm(len(sample_groups), generator=gen)[: recipe.sample_groups]
+            ]
+            chosen += [recon_groups[i] for i in torch.randperm(len(recon_groups), generator=gen)[: recipe.recon_groups]]
+            index, local, start = [], [], 0
+            for column, rows in chosen:
+                index += rows
+                local.append((column, list(range(start, start + len(rows)))))
+                start += len(rows)
+            index = torch.tensor(index)
             image_features, text_features = features(model, pixels[index], tokens.input_ids, tokens.attention_mask)
             scale = model.logit_scale.exp().clamp(max=100.0)
-            loss = ranking_loss(image_features @ text_features.T, judged[index], scale)
+            cosine = image_features @ text_features.T
+            loss = group_loss(cosine, judged[index], local, scale) + 0.5 * ranking_loss(cosine, judged[index], scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -219,13 +265,13 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
         model.eval()
         with torch.no_grad():
             image_features, text_features = features(model, to_pixels(heldout), tokens.input_ids, tokens.attention_mask)
-            lookup = {p: i for i, p in enumerate(prompts)}
             columns = torch.tensor([lookup[p] for p in heldout_prompts])
             scores = (image_features * text_features[columns]).sum(-1).numpy()
         truth = judge_matrix(heldout, prompts)[np.arange(len(heldout)), columns.numpy()]
         groups = [lookup[p] for p in heldout_prompts]
         heldout_report = agreement(scores, truth, groups)
         save_fp16(model, out)
+        cache.unlink(missing_ok=True)
     summary = {
         "recipe": asdict(recipe),
         "heldout": heldout_report,

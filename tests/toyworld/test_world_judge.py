@@ -39,11 +39,20 @@ def test_perturb_changes_exactly_the_named_attributes():
     assert corrupt(prompt, rng, 0.0) == prompt
 
 
-def test_shape_features_separate_the_shapes():
+def test_shape_templates_match_rendered_shapes_exactly():
     for size in (7, 8, 9, 10):
-        assert classify_shape(shape_mask("square", size))[0] == "square"
-        assert classify_shape(shape_mask("circle", size))[0] == "circle"
-        assert classify_shape(shape_mask("triangle", size))[0] == "triangle"
+        for shape in ("circle", "square", "triangle"):
+            assert classify_shape(shape_mask(shape, size)) == (shape, 1.0)
+
+
+def test_rounded_square_is_a_square_and_a_smear_is_a_blob():
+    rounded = shape_mask("square", 8).copy()
+    rounded[0, 0] = rounded[0, -1] = rounded[-1, 0] = rounded[-1, -1] = False
+    assert classify_shape(rounded)[0] == "square"
+    smear = np.zeros((8, 8), dtype=bool)
+    smear[np.arange(8), np.arange(8)] = True
+    smear[np.arange(7), np.arange(1, 8)] = True
+    assert classify_shape(smear)[0] == "blob"
 
 
 def test_judge_scores_ground_truth_one():

@@ -1,0 +1,196 @@
+"""Random-weight models of the published architectures, built from configs: what the tests, the benchmarks and
+the toyworld's training scripts build instead of downloading (nothing here touches the network).
+
+The CLIP text towers use the real 49408-token vocabulary and its special ids (the tokenizer files come from
+:func:`mmalign.tokenizers.write_clip_tokenizer`); the noise schedulers use Stable Diffusion's betas.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CLIP_TEXT_IDS = dict(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+# Stable Diffusion 1.5's UNet / VAE / text-encoder configs (stable-diffusion-v1-5 config.json files)
+SD15: dict[str, dict[str, Any]] = dict(
+    unet=dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    vae=dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        sample_size=512,
+    ),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+)
+# a tiny pipeline of the same architecture (as diffusers' own tests build): seconds per training step on a CPU
+TINY_SD: dict[str, dict[str, Any]] = dict(
+    unet=dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+    ),
+    vae=dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=32,
+    ),
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+)
+# the SDXL-style additions to the tiny UNet: a bigger cross-attention input and micro-conditioning time ids
+TINY_SDXL_UNET: dict[str, Any] = dict(
+    cross_attention_dim=64,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+    use_linear_projection=True,
+    transformer_layers_per_block=(1, 1),
+)
+
+__all__ = [
+    "CLIP_TEXT_IDS",
+    "SD15",
+    "SD_BETAS",
+    "TINY_SD",
+    "TINY_SDXL_UNET",
+    "build_sd_pipeline",
+    "clip_config",
+    "clip_text_config",
+    "clip_tokenizer",
+    "sd_scheduler_config",
+]
+
+
+def clip_text_config(
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    max_position_embeddings: int = 77,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Keyword arguments of a ``CLIPTextConfig`` with CLIP's vocabulary and special token ids."""
+    return dict(
+        CLIP_TEXT_IDS,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        **extra,
+    )
+
+
+def clip_config(text: dict[str, Any], vision: dict[str, Any], projection_dim: int, **extra: Any):
+    """A transformers ``CLIPConfig``: ``text`` = :func:`clip_text_config` arguments, ``vision`` = a
+    ``CLIPVisionConfig``'s."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=clip_text_config(**text), vision_config=vision, projection_dim=projection_dim, **extra
+    )
+
+
+def sd_scheduler_config(prediction_type: str = "epsilon", **extra: Any) -> dict[str, Any]:
+    """Stable Diffusion's noise-scheduler settings (scaled-linear betas 0.00085-0.012, 1000 steps, offset 1)."""
+    return dict(SD_BETAS, prediction_type=prediction_type, clip_sample=False, steps_offset=1, **extra)
+
+
+def clip_tokenizer(folder: str | Path | None = None):
+    """The real CLIP tokenizer, written offline into ``folder`` (default: a temporary folder) and loaded."""
+    from transformers import CLIPTokenizer
+
+    from ..tokenizers import write_clip_tokenizer
+
+    if folder is not None:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(folder))))
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(tmp) / "tokenizer")))
+
+
+def build_sd_pipeline(
+    folder: str | Path,
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    text: dict[str, Any],
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    sdxl: bool = False,
+) -> dict[str, int]:
+    """A random-weight ``StableDiffusionPipeline`` (``sdxl``: ``StableDiffusionXLPipeline``, two text encoders)
+    from UNet, VAE and text-tower configs (``text``: :func:`clip_text_config` arguments), saved with
+    ``save_pretrained`` into ``folder``; returns the parameter counts."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet_model = UNet2DConditionModel(**unet)
+    vae_model = AutoencoderKL(**vae)
+    text_config = CLIPTextConfig(**clip_text_config(**{"projection_dim": text["hidden_size"], **text}))
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDPMScheduler(**sd_scheduler_config(prediction_type))
+    tokenizer = clip_tokenizer()
+    if sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=vae_model,
+            text_encoder=text_encoder,
+            text_encoder_2=CLIPTextModelWithProjection(text_config),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet_model,
+            scheduler=scheduler,
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae_model,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet_model,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {
+        "unet_params": count(unet_model),
+        "vae_params": count(vae_model),
+        "text_encoder_params": count(text_encoder),
+    }
