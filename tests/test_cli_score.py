@@ -9,7 +9,6 @@ import pytest
 
 import mmalign
 from mmalign.cli import main
-from tests import tiny
 
 
 def read(path):
@@ -140,17 +139,3 @@ def test_unknown_reward_and_stdout(image_files, capsys):
 def test_missing_weights_offline_message(image_files, capsys):
     assert main(["score", "--reward", "pickscore", "--prompt", "x", str(image_files[0])]) == 2
     assert "local path" in capsys.readouterr().err
-
-
-def test_demo_runs(tmp_path, capsys):
-    out = tmp_path / "demo.jsonl"
-    assert main(["demo", "--assets", str(tiny_assets(tmp_path)), "--out", str(out)]) == 0
-    assert len(read(out)) == 4
-
-
-def tiny_assets(tmp_path):
-    folder = tmp_path / "assets"
-    folder.mkdir()
-    for seed in range(2):
-        tiny.random_image(seed, (64, 64)).save(folder / f"s{seed}.png")
-    return folder
