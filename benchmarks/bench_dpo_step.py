@@ -79,6 +79,7 @@ from harness import (
     RESULTS,
     SD_SIZES,
     Phases,
+    backward_and_step,
     build_sd_pipeline,
     cpu_model,
     ensure_sd_pipeline,
@@ -294,13 +295,7 @@ class BaselineStep:
                 ref_w, ref_l = ref_losses.chunk(2)
             inside = -0.5 * BETA * ((model_w - model_l) - (ref_w - ref_l))
             loss = -F.logsigmoid(inside).mean()
-        with phases("backward"):
-            loss.backward()
-        with phases("optimizer"):
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(float(loss.detach()))
+        self.losses.append(backward_and_step(loss, self.params, self.optimizer, phases))
 
     def info(self) -> dict:
         return {

@@ -48,6 +48,7 @@ from harness import (
     BUSY_CORES,
     RESULTS,
     Phases,
+    backward_and_step,
     build_sd_pipeline,
     cpu_model,
     default_threads,
@@ -274,13 +275,7 @@ class PlainRow:
                     mean, std = self._step(x, self._eps(self.unet, x, t, prompt), j, eta)
                     x = mean + std * torch.randn(x.shape, generator=gen)
                 loss = -self._decode(x).mean(dim=(1, 2, 3)).mean()
-        with phases("backward"):
-            loss.backward()
-        with phases("optimizer"):
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(float(loss.detach()))
+        self.losses.append(backward_and_step(loss, self.params, self.optimizer, phases))
 
     def info(self) -> dict:
         return {"trainable_params": sum(p.numel() for p in self.params), "losses": self.losses}

@@ -111,6 +111,20 @@ class Phases:
         return wrapped
 
 
+def backward_and_step(loss, params, optimizer, phases: Phases, max_norm: float = 1.0) -> float:
+    """The plain training-step tail of the reference scripts: backward, clip to ``max_norm``, AdamW step,
+    zero_grad (set to None), timed as the ``backward`` and ``optimizer`` phases; returns the loss value."""
+    import torch
+
+    with phases("backward"):
+        loss.backward()
+    with phases("optimizer"):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def measure_steps(step, phases: Phases, warmup: int, steps: int, sync=lambda: None) -> dict:
     """Run ``warmup + steps`` calls of ``step()`` (after set-up) and measure the timed ones: wall time per step
     and per phase, the peak RSS of the steps (``VmHWM`` reset first; the psutil sampler where that is not
