@@ -1,4 +1,6 @@
-"""Save the shipped toyworld models with fp16 safetensors weights that load back in fp32 everywhere.
+"""The edges of the toyworld's training scripts: saving models, their ``training.json``, and their command line.
+
+Models are saved with fp16 safetensors weights that load back in fp32 everywhere:
 
 transformers 5 loads a model in the ``dtype`` its ``config.json`` names, and diffusers loads its own models in
 fp32 by default; a pipeline folder whose text encoder says float16 would then mix dtypes. The weights are
@@ -8,8 +10,12 @@ upcast them on load.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +50,33 @@ def save_fp16(model: Any, folder: str | Path) -> None:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
     _float32_configs(folder)
+
+
+def write_summary(out: Path, recipe: Any, started: float, cpu: float, **figures: Any) -> dict[str, Any]:
+    """Write ``out/training.json``: the recipe (a dataclass), the run's figures, wall and CPU seconds since
+    ``started`` / ``cpu`` (``time.time()`` / ``time.process_time()``) and the torch threads; returns it."""
+    summary = {
+        "recipe": asdict(recipe),
+        **figures,
+        "wall_seconds": round(time.time() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),
+        "torch_threads": recipe.threads or torch.get_num_threads(),
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def recipe_main(
+    recipe_class: type, train: Callable[..., Any], default_out: str, description: str, argv: list[str] | None
+) -> int:
+    """``--out`` plus one ``--flag`` per recipe field (booleans read 1/true/yes), then ``train(recipe, out)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    for name, value in asdict(recipe_class()).items():
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    args = parser.parse_args(argv)
+    recipe = recipe_class(**{k: getattr(args, k) for k in asdict(recipe_class())})
+    args.out.mkdir(parents=True, exist_ok=True)
+    train(recipe, args.out, log=lambda m: print(m, flush=True))
+    return 0

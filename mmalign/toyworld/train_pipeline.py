@@ -23,14 +23,13 @@ reproduces: scaling factor 1.2946 both times). A killed run resumes from its che
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .render import render
+from .save import recipe_main, save_fp16, write_summary
 from .world import Prompt, all_prompts, corrupt, random_prompt
 
 LATENT_CHANNELS = 8
@@ -309,7 +309,6 @@ def train(recipe: PipelineRecipe, out: Path, log=print) -> dict[str, Any]:
 
     from .sampling import evaluate as judge_pipeline
     from .sampling import threads
-    from .save import save_fp16
 
     started, cpu = time.time(), time.process_time()
     with threads(recipe.threads):
@@ -345,30 +344,13 @@ def train(recipe: PipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         write_tokenizer(out / "tokenizer")
         shutil.rmtree(stage, ignore_errors=True)
         (out / ".unet-checkpoint.pt").unlink(missing_ok=True)
-    summary = {
-        "recipe": asdict(recipe),
-        "adherence_all_prompts": final,
-        "history": history,
-        "wall_seconds": round(time.time() - started, 1),
-        "cpu_seconds": round(time.process_time() - cpu, 1),
-        "torch_threads": recipe.threads or torch.get_num_threads(),
-    }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = write_summary(out, recipe, started, cpu, adherence_all_prompts=final, history=history)
     log(f"adherence (all 144 prompts x 2, DDIM 20 steps, guidance 3): {json.dumps(final)}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("assets/toyworld/pipeline"))
-    for name, value in asdict(PipelineRecipe()).items():
-        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
-    args = parser.parse_args(argv)
-    recipe = PipelineRecipe(**{k: getattr(args, k) for k in asdict(PipelineRecipe())})
-    args.out.mkdir(parents=True, exist_ok=True)
-    train(recipe, args.out, log=lambda m: print(m, flush=True))
-    return 0
+    return recipe_main(PipelineRecipe, train, "assets/toyworld/pipeline", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

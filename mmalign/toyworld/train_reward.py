@@ -17,11 +17,10 @@ judge's mean score of the reward's best and worst of 4 samples per prompt.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .judge import detect, score_objects
+from .save import recipe_main, save_fp16, write_summary
 from .world import CANVAS, Prompt, all_prompts, random_prompt
 
 GROUP = 8
@@ -195,7 +195,6 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
     from transformers import CLIPTokenizer
 
     from .sampling import load_pipeline, sample, threads
-    from .save import save_fp16
 
     started, cpu = time.time(), time.process_time()
     prompts = all_prompts()
@@ -272,28 +271,13 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
         heldout_report = agreement(scores, truth, groups)
         save_fp16(model, out)
         cache.unlink(missing_ok=True)
-    summary = {
-        "recipe": asdict(recipe),
-        "heldout": heldout_report,
-        "wall_seconds": round(time.time() - started, 1),
-        "cpu_seconds": round(time.process_time() - cpu, 1),
-        "torch_threads": recipe.threads or torch.get_num_threads(),
-    }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = write_summary(out, recipe, started, cpu, heldout=heldout_report)
     log(f"held-out agreement with the judge: {json.dumps(heldout_report)}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("assets/toyworld/reward"))
-    for name, value in asdict(RewardRecipe()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    recipe = RewardRecipe(**{k: getattr(args, k) for k in asdict(RewardRecipe())})
-    args.out.mkdir(parents=True, exist_ok=True)
-    train(recipe, args.out, log=lambda m: print(m, flush=True))
-    return 0
+    return recipe_main(RewardRecipe, train, "assets/toyworld/reward", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":
