@@ -49,8 +49,8 @@ def bench_trainers(
     import torch
 
     from ..rewards import load_reward
-    from .demo import demo_prompts, make_pairs, train_with_curves
-    from .sampling import asset_dir, evaluate, load_pipeline, threads
+    from .demo import configured_pairs, demo_prompts, evaluate_heldout, train_with_curves
+    from .sampling import asset_dir, load_pipeline, threads
 
     out = Path(out or config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,33 +60,16 @@ def bench_trainers(
         base = load_pipeline(model)
         reward = load_reward("toyworld", weights=config.reward)
         train_prompts, heldout = demo_prompts(config)
-        before = evaluate(base, heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance)
+        before = evaluate_heldout(base, heldout, config)
         log(f"base: held-out adherence {before.scores['overall']:.3f}")
-        pairs = make_pairs(
-            base,
-            reward,
-            train_prompts,
-            config.samples_per_prompt,
-            config.seed,
-            out / "pairs",
-            config.sample_steps,
-            config.guidance,
-            config.pairing,
-        )
+        pairs = configured_pairs(base, reward, train_prompts, config, out / "pairs")
         log(f"pairs: {pairs['pairs']} (label agreement with the judge {pairs['label_agreement_with_judge']:.3f})")
         for name in names:
             run = replace(config, trainer=name, steps=1_000_000, cpu_budget=cpu_seconds, eval_every=0)
             log(f"{name}: training for {cpu_seconds:.0f} CPU s")
             started = time.time()
             training = train_with_curves(run, model, pairs["file"], out / name, base, reward, heldout, log)
-            after = evaluate(
-                load_pipeline(model, lora=out / name),
-                heldout,
-                config.eval_samples,
-                config.seed,
-                config.sample_steps,
-                config.guidance,
-            )
+            after = evaluate_heldout(load_pipeline(model, lora=out / name), heldout, config)
             cpu_minutes = training["train_cpu_seconds"] / 60
             gain = after.scores["overall"] - before.scores["overall"]
             rows.append(

@@ -122,6 +122,26 @@ def make_pairs(
     }
 
 
+def configured_pairs(pipe: Any, reward: Any, prompts: list[Prompt], config: DemoConfig, folder: Path) -> dict:
+    """:func:`make_pairs` with the sampling and pairing options of ``config``."""
+    return make_pairs(
+        pipe,
+        reward,
+        prompts,
+        config.samples_per_prompt,
+        config.seed,
+        folder,
+        config.sample_steps,
+        config.guidance,
+        config.pairing,
+    )
+
+
+def evaluate_heldout(pipe: Any, prompts: list[Prompt], config: DemoConfig) -> Evaluation:
+    """The judge's evaluation of ``pipe`` on ``prompts`` with the seeds and sampler of ``config``."""
+    return evaluate(pipe, prompts, config.eval_samples, config.seed, config.sample_steps, config.guidance)
+
+
 # ---------------------------------------------------------------- training with periodic evaluation
 
 
@@ -223,9 +243,7 @@ def train_with_curves(
     def hook(trainer: Any, step: int) -> None:
         unet = trainer.accelerator.unwrap_model(trainer.unet)
         unet.eval()
-        result = evaluate(
-            swap_unet(base, unet), heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance
-        )
+        result = evaluate_heldout(swap_unet(base, unet), heldout, config)
         unet.train()
         point = {"step": step, **result.scores, "reward": reward_of(reward, result), "train_cpu_s": trainer.cpu_used}
         curve.append(point)
@@ -266,22 +284,12 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         train_prompts, heldout = demo_prompts(config)
 
         t = time.time()
-        before = evaluate(base, heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance)
+        before = evaluate_heldout(base, heldout, config)
         timing["evaluate_before_s"] = round(time.time() - t, 1)
         log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} images)")
 
         t = time.time()
-        pairs = make_pairs(
-            base,
-            reward,
-            train_prompts,
-            config.samples_per_prompt,
-            config.seed,
-            out / "pairs",
-            config.sample_steps,
-            config.guidance,
-            config.pairing,
-        )
+        pairs = configured_pairs(base, reward, train_prompts, config, out / "pairs")
         timing["sample_and_label_s"] = round(time.time() - t, 1)
         log(
             f"pairs: {pairs['pairs']} from {pairs['samples']} samples; judge of chosen {pairs['judge_of_chosen']:.3f}"
@@ -297,7 +305,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
 
         t = time.time()
         tuned = load_pipeline(model, lora=out / "lora")
-        after = evaluate(tuned, heldout, config.eval_samples, config.seed, config.sample_steps, config.guidance)
+        after = evaluate_heldout(tuned, heldout, config)
         timing["evaluate_after_s"] = round(time.time() - t, 1)
         log(f"after: held-out adherence {after.scores['overall']:.3f}")
         reward_before, reward_after = reward_of(reward, before), reward_of(reward, after)
