@@ -86,6 +86,8 @@ from harness import (
     fmt,
     measure_steps,
     run_worker,
+    time_trainer_phases,
+    trainer_step,
     versions,
 )
 
@@ -356,13 +358,7 @@ class MMAlignStep:
             start = time.perf_counter()
             trainer.precompute_reference()
             self.precompute_s = time.perf_counter() - start
-        trainer.make_batch = phases.wrap(trainer.make_batch, "encode")
-        trainer.compute_loss = phases.wrap(trainer.compute_loss, "forward")
-        acc = trainer.accelerator
-        acc.backward = phases.wrap(acc.backward, "backward")
-        acc.clip_grad_norm_ = phases.wrap(acc.clip_grad_norm_, "optimizer")
-        trainer.optimizer.step = phases.wrap(trainer.optimizer.step, "optimizer")
-        trainer.optimizer.zero_grad = phases.wrap(trainer.optimizer.zero_grad, "optimizer")
+        time_trainer_phases(trainer, phases, "encode")
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         group = inner.param_groups[0]
         impl = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"
@@ -370,9 +366,7 @@ class MMAlignStep:
         self.losses: list[float] = []
 
     def step(self) -> None:
-        metrics = self.trainer._train_step()
-        self.trainer.step += 1
-        self.losses.append(float(metrics.get("loss", float("nan"))))
+        self.losses.append(trainer_step(self.trainer))
 
     def info(self) -> dict:
         trainer = self.trainer

@@ -56,6 +56,8 @@ from harness import (
     fmt,
     measure_steps,
     run_worker,
+    time_trainer_phases,
+    trainer_step,
     versions,
 )
 
@@ -139,19 +141,11 @@ class MMAlignRow:
             overrides += ["truncation_mean=0", "truncation_std=0", "loss_target=null", "loss_scale=1"]
         cls, config = resolve_trainer_config(None, overrides)
         self.trainer = trainer = cls(config, reward=_brightness_reward())
-        trainer.make_batch = phases.wrap(trainer.make_batch, "sample")
-        trainer.compute_loss = phases.wrap(trainer.compute_loss, "forward")
-        acc = trainer.accelerator
-        acc.backward = phases.wrap(acc.backward, "backward")
-        acc.clip_grad_norm_ = phases.wrap(acc.clip_grad_norm_, "optimizer")
-        trainer.optimizer.step = phases.wrap(trainer.optimizer.step, "optimizer")
-        trainer.optimizer.zero_grad = phases.wrap(trainer.optimizer.zero_grad, "optimizer")
+        time_trainer_phases(trainer, phases, "sample")
         self.losses: list[float] = []
 
     def step(self) -> None:
-        metrics = self.trainer._train_step()
-        self.trainer.step += 1
-        self.losses.append(float(metrics.get("loss", float("nan"))))
+        self.losses.append(trainer_step(self.trainer))
 
     def info(self) -> dict:
         return {"trainable_params": sum(p.numel() for p in self.trainer.trainable), "losses": self.losses}

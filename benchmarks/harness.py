@@ -125,6 +125,25 @@ def backward_and_step(loss, params, optimizer, phases: Phases, max_norm: float =
     return float(loss.detach())
 
 
+def time_trainer_phases(trainer, phases: Phases, batch_phase: str) -> None:
+    """Time an mmalign trainer's step by phase: building the batch (``batch_phase``), ``forward`` (the loss),
+    ``backward``, and ``optimizer`` (clipping, step, zero_grad)."""
+    trainer.make_batch = phases.wrap(trainer.make_batch, batch_phase)
+    trainer.compute_loss = phases.wrap(trainer.compute_loss, "forward")
+    acc = trainer.accelerator
+    acc.backward = phases.wrap(acc.backward, "backward")
+    acc.clip_grad_norm_ = phases.wrap(acc.clip_grad_norm_, "optimizer")
+    trainer.optimizer.step = phases.wrap(trainer.optimizer.step, "optimizer")
+    trainer.optimizer.zero_grad = phases.wrap(trainer.optimizer.zero_grad, "optimizer")
+
+
+def trainer_step(trainer) -> float:
+    """One optimizer step of an mmalign trainer, as its loop takes it; returns the loss (NaN when absent)."""
+    metrics = trainer._train_step()
+    trainer.step += 1
+    return float(metrics.get("loss", float("nan")))
+
+
 def measure_steps(step, phases: Phases, warmup: int, steps: int, sync=lambda: None) -> dict:
     """Run ``warmup + steps`` calls of ``step()`` (after set-up) and measure the timed ones: wall time per step
     and per phase, the peak RSS of the steps (``VmHWM`` reset first; the psutil sampler where that is not
