@@ -231,20 +231,24 @@ class OnlineTrainer(Trainer):
         global_prompts = [self.prompts[index] for _, index in self.schedule.batch(micro_index)]
         lo, hi = acc.process_index * config.batch_size, (acc.process_index + 1) * config.batch_size
         prompts = global_prompts[lo:hi]
-        time_ids = None
-        if self.policy.is_sdxl:
-            sizes = torch.tensor([[config.resolution, config.resolution]] * len(prompts))
-            time_ids = self.policy.time_ids(sizes, torch.zeros_like(sizes), config.resolution)
         return {
             "prompts": prompts,
             "global_prompts": global_prompts,
             "embeds": self._embeds(prompts),
             "uncond": self._embeds([""] * len(prompts)) if config.guidance != 1.0 else None,
-            "time_ids": time_ids,
+            "time_ids": self._time_ids(len(prompts)),
             "generator": _generator(config.seed, micro_index, _SAMPLE_STREAM),
             "micro_index": micro_index,
             "slice": (lo, hi),
         }
+
+    def _time_ids(self, count: int) -> Tensor | None:
+        """SDXL's micro-conditioning for ``count`` square samples at the training resolution (None for SD)."""
+        if not self.policy.is_sdxl:
+            return None
+        size = self.config.resolution
+        sizes = torch.tensor([[size, size]] * count)
+        return self.policy.time_ids(sizes, torch.zeros_like(sizes), size)
 
     def sample(self, batch: dict[str, Any], pairs: bool = False) -> sampling.Trajectory:
         """DDIM chains (no gradients) under the current model, for this process's slice of the global batch."""
@@ -489,17 +493,15 @@ class D3POTrainer(OnlineTrainer):
         pairs = [self.pairs[index] for _, index in self.schedule.batch(micro_index)][lo:hi]
         prompts = [self.feedback_groups[p.group].prompt for p in pairs]
         device = acc.device
-        first = [self._stored(p.group) for p in pairs]
-        latents = torch.stack(
-            [c["latents"][p.a] for c, p in zip(first, pairs)] + [c["latents"][p.b] for c, p in zip(first, pairs)]
-        ).to(device)
-        log_probs = torch.stack(
-            [c["log_probs"][p.a] for c, p in zip(first, pairs)] + [c["log_probs"][p.b] for c, p in zip(first, pairs)]
-        ).to(device)
-        time_ids = None
-        if self.policy.is_sdxl:
-            sizes = torch.tensor([[config.resolution, config.resolution]] * len(pairs))
-            time_ids = self.policy.time_ids(sizes, torch.zeros_like(sizes), config.resolution).repeat(2, 1)
+        chains = [self._stored(p.group) for p in pairs]
+
+        def paired(key: str) -> Tensor:  # rows 0..B-1: image a of each pair; B..2B-1: image b (as sampled pairs)
+            rows = [c[key][p.a] for c, p in zip(chains, pairs)] + [c[key][p.b] for c, p in zip(chains, pairs)]
+            return torch.stack(rows).to(device)
+
+        latents, log_probs = paired("latents"), paired("log_probs")
+        time_ids = self._time_ids(len(pairs))
+        time_ids = None if time_ids is None else time_ids.repeat(2, 1)
         embeds = self._embeds(prompts).repeat(2)
         uncond = self._embeds([""] * len(pairs)).repeat(2) if config.guidance != 1.0 else None
         trajectory = sampling.Trajectory(
