@@ -21,13 +21,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[1],
     )
     p.add_argument("--out", default=d.out, help=f"report folder (default {d.out})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps of each round (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of sampling, training and evaluation")
     p.add_argument("--trainer", default=d.trainer, help="registered trainer: dpo, sft, smpo, adaptive-dpo, kto")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step")
     p.add_argument("--lr", type=float, default=d.lr, help="LoRA learning rate")
     p.add_argument("--beta", type=float, default=d.beta, help="DPO beta (official convention)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument(
+        "--timestep-range",
+        type=float,
+        nargs=2,
+        default=list(d.timestep_range),
+        metavar=("LOW", "HIGH"),
+        help="fractions of the training timesteps the DPO-family losses draw from (default %(default)s)",
+    )
     p.add_argument(
         "--samples-per-prompt", type=int, default=d.samples_per_prompt, help="samples of each training prompt"
     )
@@ -36,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["extremes", "halves"],
         default=d.pairing,
         help="pairs of a prompt's samples: best vs worst, or every better-half vs worse-half sample",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=d.rounds,
+        help="on-policy rounds: sample, label and train again from the model so far (default %(default)s)",
     )
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples per held-out prompt")
     p.add_argument("--heldout", type=int, default=d.heldout, help="held-out prompts (of 144)")
@@ -65,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         beta=args.beta,
         lora_rank=args.lora_rank,
+        timestep_range=tuple(args.timestep_range),
         samples_per_prompt=args.samples_per_prompt,
         pairing=args.pairing,
+        rounds=args.rounds,
         eval_samples=args.eval_samples,
         heldout=args.heldout,
         train_prompts=args.train_prompts,

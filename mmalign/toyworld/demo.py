@@ -3,13 +3,20 @@
 1. **evaluate (before)**: the shipped pipeline draws ``eval_samples`` images of each held-out prompt (prompts
    never trained on) with fixed seeds; the exact judge scores them;
 2. **sample + label**: it draws ``samples_per_prompt`` images of each training prompt; the *learned* reward
-   (not the judge) picks the best and the worst of them as a (chosen, rejected) pair;
-3. **train**: Diffusion-DPO (or any registered trainer) with LoRA on those pairs, through the shared loop;
-   held-out adherence and learned reward are measured every ``eval_every`` steps for the curves;
-4. **evaluate (after)**: the saved LoRA is loaded onto a fresh pipeline (``pipe.load_lora_weights``) and the
-   same held-out prompts and seeds are sampled and judged again;
-5. **report**: ``report.json`` (``{"before": {...}, "after": {...}, "gain": {...}, ...}``), ``report.md``,
+   (not the judge) ranks them, and every better-half sample is paired with every worse-half one;
+3. **train**: Diffusion-DPO (or any registered trainer) with LoRA on those pairs, through the shared loop, on
+   the noisier half of the timesteps; held-out adherence and learned reward are measured every ``eval_every``
+   steps for the curves;
+4. **rounds**: steps 2-3 again, ``rounds`` times in all, each from the model so far (the earlier LoRAs fused
+   in), which is also that round's DPO reference - iterated, on-policy DPO: each round's pairs are drawn where
+   the improved model now errs;
+5. **evaluate (after)**: the saved LoRAs are loaded onto a fresh pipeline (``pipe.load_lora_weights``, all
+   rounds' adapters active) and the same held-out prompts and seeds are sampled and judged again;
+6. **report**: ``report.json`` (``{"before": {...}, "after": {...}, "gain": {...}, ...}``), ``report.md``,
    ``report.html``, before/after image grids and curves.
+
+Sampling uses no classifier-free guidance (``GUIDANCE``): the shipped pipeline's errors are then the hedging
+it learnt from noisy captions, which is what preference training removes.
 """
 
 from __future__ import annotations
@@ -70,15 +77,16 @@ def make_pairs(
     sample_steps: int = SAMPLE_STEPS,
     guidance: float = GUIDANCE,
     pairing: str = "extremes",
+    round_index: int = 0,
 ) -> dict[str, Any]:
     """Sample ``samples_per_prompt`` images per prompt, pair them by the learned reward (:func:`pair_indices`),
     and write the images with ``pairs.jsonl`` (reward scores as ``score_chosen``/``score_rejected``; judge scores
-    in ``judge_chosen``/``judge_rejected``, for the report only) into ``folder``."""
+    in ``judge_chosen``/``judge_rejected``, for the report only) into ``folder``. Each round draws other seeds."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
-    seeds = [1_000_000 + seed * 100_003 + i for i in range(len(expanded))]
+    seeds = [1_000_000 + seed * 100_003 + round_index * 10_000_019 + i for i in range(len(expanded))]
     images = sample(pipe, expanded, seeds, steps=sample_steps, guidance=guidance)
     with torch.no_grad():
         scores = reward.score_tensor(
@@ -122,7 +130,9 @@ def make_pairs(
     }
 
 
-def configured_pairs(pipe: Any, reward: Any, prompts: list[Prompt], config: DemoConfig, folder: Path) -> dict:
+def configured_pairs(
+    pipe: Any, reward: Any, prompts: list[Prompt], config: DemoConfig, folder: Path, round_index: int = 0
+) -> dict:
     """:func:`make_pairs` with the sampling and pairing options of ``config``."""
     return make_pairs(
         pipe,
@@ -134,6 +144,7 @@ def configured_pairs(pipe: Any, reward: Any, prompts: list[Prompt], config: Demo
         config.sample_steps,
         config.guidance,
         config.pairing,
+        round_index,
     )
 
 
@@ -200,6 +211,7 @@ def trainer_overrides(config: DemoConfig, model: Path, data: str, output_dir: Pa
         "hflip=false",
         f"lora_rank={config.lora_rank}",
         f"lora_targets=[{','.join(config.lora_targets)}]",
+        f"timestep_range=[{','.join(str(float(v)) for v in config.timestep_range)}]",
         f"max_steps={config.steps}",
         f"batch_size={config.batch_size}",
         f"lr={config.lr}",
@@ -264,6 +276,22 @@ def train_with_curves(
     }
 
 
+def merge_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One training summary for consecutive rounds: steps, losses and curve points numbered on from round to
+    round, times summed; the config is the first round's."""
+    merged: dict[str, Any] = {"steps": 0, "pairs": 0, "history": [], "curve": [], "config": parts[0]["config"]}
+    merged |= {"train_cpu_seconds": 0.0, "train_wall_seconds": 0.0}
+    for part in parts:
+        offset = merged["steps"]
+        merged["history"] += [{**row, "step": row["step"] + offset} for row in part["history"]]
+        merged["curve"] += [{**point, "step": point["step"] + offset} for point in part["curve"]]
+        merged["steps"] += part["steps"]
+        merged["pairs"] += part["pairs"]
+        for key in ("train_cpu_seconds", "train_wall_seconds"):
+            merged[key] = round(merged[key] + part[key], 1)
+    return merged
+
+
 # ---------------------------------------------------------------- the demo
 
 
@@ -288,23 +316,36 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         timing["evaluate_before_s"] = round(time.time() - t, 1)
         log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} images)")
 
-        t = time.time()
-        pairs = configured_pairs(base, reward, train_prompts, config, out / "pairs")
-        timing["sample_and_label_s"] = round(time.time() - t, 1)
-        log(
-            f"pairs: {pairs['pairs']} from {pairs['samples']} samples; judge of chosen {pairs['judge_of_chosen']:.3f}"
-            f" vs rejected {pairs['judge_of_rejected']:.3f}"
-        )
-
-        t = time.time()
-        log(f"training {config.trainer} (LoRA rank {config.lora_rank}, {config.steps} steps)")
-        training = train_with_curves(config, model, pairs["file"], out / "lora", base, reward, heldout, log)
+        rounds, current, trained_from, loras = [], base, model, []
+        for r in range(config.rounds):
+            suffix = "" if r == 0 else f"-{r + 1}"
+            if r:  # the next round trains on (and is referenced to) the model so far: earlier LoRAs fused
+                trained_from = out / f"model{suffix}"
+                fused = load_pipeline(model, lora=loras)
+                fused.fuse_lora()
+                fused.unload_lora_weights()
+                fused.save_pretrained(str(trained_from), safe_serialization=True)
+                current = load_pipeline(trained_from)
+            t = time.time()
+            pairs = configured_pairs(current, reward, train_prompts, config, out / f"pairs{suffix}", round_index=r)
+            timing["sample_and_label_s"] = round(timing.get("sample_and_label_s", 0.0) + time.time() - t, 1)
+            log(
+                f"{f'round {r + 1}: ' if config.rounds > 1 else ''}pairs: {pairs['pairs']} from {pairs['samples']}"
+                f" samples; judge of chosen {pairs['judge_of_chosen']:.3f} vs rejected {pairs['judge_of_rejected']:.3f}"
+            )
+            t = time.time()
+            log(f"training {config.trainer} (LoRA rank {config.lora_rank}, {config.steps} steps)")
+            lora = out / f"lora{suffix}"
+            part = train_with_curves(config, trained_from, pairs["file"], lora, base, reward, heldout, log)
+            timing["train_and_curves_s"] = round(timing.get("train_and_curves_s", 0.0) + time.time() - t, 1)
+            rounds.append({"pairs": pairs, "training": part, "lora": str(lora), "trained_from": str(trained_from)})
+            loras.append(lora)
+        training = merge_rounds([entry["training"] for entry in rounds])
         timing["train_s"] = training["train_wall_seconds"]
         timing["train_cpu_s"] = training["train_cpu_seconds"]
-        timing["train_and_curves_s"] = round(time.time() - t, 1)
 
         t = time.time()
-        tuned = load_pipeline(model, lora=out / "lora")
+        tuned = load_pipeline(model, lora=loras[0] if len(loras) == 1 else loras)
         after = evaluate_heldout(tuned, heldout, config)
         timing["evaluate_after_s"] = round(time.time() - t, 1)
         log(f"after: held-out adherence {after.scores['overall']:.3f}")
@@ -321,8 +362,13 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         | {"reward": reward_after - reward_before},
         "heldout": {"prompts": len(heldout), "samples_per_prompt": config.eval_samples, "seed": config.seed},
         "per_attribute": list(ATTRIBUTES),
-        "pairs": pairs,
+        "pairs": rounds[0]["pairs"],
         "training": {k: v for k, v in training.items() if k != "config"},
+        "rounds": [
+            {"pairs": e["pairs"], "steps": e["training"]["steps"], "lora": e["lora"], "trained_from": e["trained_from"]}
+            | ({"after_round": e["training"]["curve"][-1]} if e["training"]["curve"] else {})
+            for e in rounds
+        ],
         "trainer_config": training["config"],
         "demo_config": asdict(config),
         "timing": timing,

@@ -99,6 +99,25 @@ def _table(report: dict[str, Any]) -> list[tuple[str, float, float, float]]:
     return [(name, report["before"][name], report["after"][name], report["gain"][name]) for name in ROWS]
 
 
+def _rounds_lines(report: dict[str, Any]) -> list[str]:
+    """Per on-policy round: its pairs and the held-out adherence after it (nothing for a single round)."""
+    rounds = report.get("rounds", [])
+    if len(rounds) < 2:
+        return []
+    lines = [f"On-policy rounds: {len(rounds)}; each samples and labels new pairs from the model so far.", ""]
+    lines += [
+        "| round | pairs | judge of samples | chosen | rejected | held-out adherence after |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for i, entry in enumerate(rounds, 1):
+        pairs, after = entry["pairs"], entry.get("after_round", {}).get("overall", float("nan"))
+        lines.append(
+            f"| {i} | {pairs['pairs']} | {pairs['judge_of_samples']:.3f} | {pairs['judge_of_chosen']:.3f} | "
+            f"{pairs['judge_of_rejected']:.3f} | {after:.3f} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown (images referenced by relative path)."""
     t, pairs, held = report["timing"], report["pairs"], report["heldout"]
@@ -119,6 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
         f" the reward's label agrees with the judge on {pairs['label_agreement_with_judge']:.1%} of the "
         f"{pairs['pairs_the_judge_orders']} pairs the judge orders.",
         "",
+        *_rounds_lines(report),
         f"Training: {report['trainer_config']['trainer']}, LoRA rank {report['trainer_config']['lora_rank']}, "
         f"{report['training']['steps']} steps x {report['trainer_config']['batch_size']} pairs, lr "
         f"{report['trainer_config']['lr']}, beta {report['trainer_config']['beta']}: {t['train_s']:.0f} s wall, "

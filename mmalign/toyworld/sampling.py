@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,21 +47,33 @@ def threads(count: int):
         torch.set_num_threads(previous)
 
 
-def load_pipeline(folder: str | os.PathLike | None = None, lora: str | os.PathLike | None = None):
-    """The shipped toyworld ``StableDiffusionPipeline`` (fp32, CPU, no progress bars), optionally with a LoRA."""
+def load_pipeline(
+    folder: str | os.PathLike | None = None, lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None
+):
+    """The shipped toyworld ``StableDiffusionPipeline`` (fp32, CPU, no progress bars), optionally with a LoRA, or
+    with several LoRAs active together (the demo's rounds: each trained on the previous ones fused in; LoRA
+    updates add, so stacking them equals fusing them)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
         str(folder or asset_dir("pipeline")), dtype=torch.float32, safety_checker=None
     )
     pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
+    if lora:
         from diffusers.utils import logging as diffusers_logging
 
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # "no LoRA keys for CLIPTextModel": this LoRA is UNet-only
         try:
-            pipe.load_lora_weights(str(lora))
+            if isinstance(lora, (str, os.PathLike)):
+                pipe.load_lora_weights(str(lora))
+            else:
+                names = [f"round-{i}" for i in range(len(lora))]
+                with warnings.catch_warnings():  # peft: "multiple adapters in the model" - that is the intent
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    for name, path in zip(names, lora):
+                        pipe.load_lora_weights(str(path), adapter_name=name)
+                pipe.set_adapters(names, [1.0] * len(names))
         finally:
             diffusers_logging.set_verbosity(level)
     return pipe

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import GUIDANCE
 from .judge import detect, score_objects
 from .save import recipe_main, save_fp16, write_summary
 from .world import CANVAS, Prompt, all_prompts, random_prompt
@@ -50,6 +51,7 @@ class RewardRecipe:
     recon_groups: int = 8
     lr: float = 1e-3
     heldout_samples: int = 4
+    guidance: float = GUIDANCE  # of the pipeline's samples: the demo's
     threads: int = 0
 
 
@@ -201,7 +203,7 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
     with threads(recipe.threads):
         heldout_prompts = [p for p in prompts for _ in range(recipe.heldout_samples)]
         cache = out / ".data.npz"  # the sampled images, kept until the run completes (a killed run reuses them)
-        data_keys = ("seed", "pipeline", "samples_per_prompt", "recon_pool", "heldout_samples")
+        data_keys = ("seed", "pipeline", "samples_per_prompt", "recon_pool", "heldout_samples", "guidance")
         key = json.dumps({name: getattr(recipe, name) for name in data_keys}, sort_keys=True)
         lookup = {p: i for i, p in enumerate(prompts)}
         if cache.is_file() and str(np.load(cache)["key"]) == key:
@@ -212,9 +214,11 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
         else:
             pipe = load_pipeline(recipe.pipeline or None)
             expanded = [p for p in prompts for _ in range(recipe.samples_per_prompt)]
-            generated = sample(pipe, expanded, [7_000_000 + i for i in range(len(expanded))])
+            generated = sample(pipe, expanded, [7_000_000 + i for i in range(len(expanded))], guidance=recipe.guidance)
             recon, _, anchors = vae_reconstructions(pipe, recipe.recon_pool, recipe.seed)
-            heldout = sample(pipe, heldout_prompts, [9_000_000 + i for i in range(len(heldout_prompts))])
+            heldout = sample(
+                pipe, heldout_prompts, [9_000_000 + i for i in range(len(heldout_prompts))], guidance=recipe.guidance
+            )
             out.mkdir(parents=True, exist_ok=True)
             ids = np.array([lookup[a] for a in anchors])
             np.savez(cache, generated=generated, recon=recon, heldout=heldout, anchors=ids, key=np.array(key))

@@ -65,6 +65,9 @@ class TrainConfig:
     random_crop: bool = True
     hflip: bool = True
     prompt_dropout: float = 0.0
+    # [low, high): fractions of the training timesteps the losses draw from (like diffusers' timestep_bias_*
+    # options); [0.5, 1.0] trains where layout and attributes are decided
+    timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     tie_policy: Literal["drop", "keep"] = "drop"
     max_train_samples: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -92,6 +95,12 @@ class TrainConfig:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        bounds = list(self.timestep_range)
+        if len(bounds) != 2 or not 0.0 <= bounds[0] < bounds[1] <= 1.0:
+            raise ValueError(
+                f"timestep_range must be [low, high] with 0 <= low < high <= 1 (fractions of the training timesteps),"
+                f" got {self.timestep_range}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
@@ -106,6 +115,12 @@ class TrainConfig:
         if self.reference != "auto":
             return self.reference
         return "adapters" if self.lora_rank > 0 else "copy"
+
+
+def timestep_bounds(fractions: list[float], num_train_timesteps: int) -> tuple[int, int]:
+    """``[low, high)`` integer timesteps for ``timestep_range`` fractions (at least one timestep)."""
+    low = min(int(round(fractions[0] * num_train_timesteps)), num_train_timesteps - 1)
+    return low, max(low + 1, int(round(fractions[1] * num_train_timesteps)))
 
 
 def _generator(seed: int, step: int, stream: int) -> torch.Generator:
@@ -328,8 +343,8 @@ class Trainer:
         gen = _generator(self.config.seed, batch["micro_index"], stream)
         lo, hi = batch["slice"]
         shape = (self.global_batch * count, *batch["latents_w"].shape[1:])
-        steps = self.policy.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (self.global_batch,), generator=gen)[lo:hi]
+        low, high = timestep_bounds(self.config.timestep_range, self.policy.noise_scheduler.config.num_train_timesteps)
+        timesteps = torch.randint(low, high, (self.global_batch,), generator=gen)[lo:hi]
         noise = torch.randn(shape, generator=gen).view(count, self.global_batch, *shape[1:])[:, lo:hi]
         device = self.accelerator.device
         return timesteps.to(device), noise.to(device)

@@ -380,3 +380,14 @@ def test_policy_targets_follow_prediction_type(tmp_path):
     ab = policy.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(noisy, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
     torch.testing.assert_close(target, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+
+
+def test_timestep_range_confines_the_drawn_timesteps(sd_folder, pairs_file, tmp_path):
+    trainer = make_trainer(sd_folder, pairs_file, tmp_path / "out", "batch_size=8", "timestep_range=[0.5,0.75]")
+    steps = trainer.policy.noise_scheduler.config.num_train_timesteps
+    drawn = torch.cat([trainer.draw_noise(trainer.make_batch(i))[0] for i in range(4)])
+    assert drawn.min() >= steps // 2 and drawn.max() < steps * 3 // 4
+    assert len(drawn.unique()) > 8  # still random within the range
+    for bad in ("[0.5]", "[0.8,0.2]", "[0.0,1.5]"):
+        with pytest.raises(ValueError, match="timestep_range"):
+            make_trainer(sd_folder, pairs_file, tmp_path / "bad", f"timestep_range={bad}")
