@@ -67,35 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..toyworld.config import DemoConfig
+    from ..toyworld.config import config_from_args
     from ..toyworld.demo import run_demo
 
-    config = DemoConfig(
-        out=args.out,
-        seed=args.seed,
-        trainer=args.trainer,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        beta=args.beta,
-        lora_rank=args.lora_rank,
-        timestep_range=tuple(args.timestep_range),
-        samples_per_prompt=args.samples_per_prompt,
-        pairing=args.pairing,
-        rounds=args.rounds,
-        eval_samples=args.eval_samples,
-        heldout=args.heldout,
-        train_prompts=args.train_prompts,
-        eval_every=args.eval_every,
-        guidance=args.guidance,
-        sample_steps=args.sample_steps,
-        threads=args.threads,
-        cpu_budget=args.cpu_budget,
-        pipeline=args.pipeline,
-        reward=args.reward,
-        overrides=list(args.overrides),
-        progress=not args.quiet,
-    )
+    config = config_from_args(args)
     report = run_demo(config, log=lambda message: print(message, file=sys.stderr, flush=True))
     b, a = report["before"], report["after"]
     print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")

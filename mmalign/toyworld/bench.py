@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import DemoConfig
+from .config import DemoConfig, config_from_args
 
 
 def add_trainers(sub: argparse._SubParsersAction) -> None:
@@ -139,17 +139,7 @@ def run_trainers(args: argparse.Namespace) -> int:
         TRAINERS.entry(name)  # unknown names fail here, with close matches
     if args.cpu_minutes <= 0:
         raise MMAlignError("--cpu-minutes must be positive")
-    config = DemoConfig(
-        out=args.out,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        beta=args.beta,
-        lora_rank=args.lora_rank,
-        eval_samples=args.eval_samples,
-        threads=args.threads,
-        progress=not args.quiet,
-    )
+    config = config_from_args(args)
     result = bench_trainers(
         names, args.cpu_minutes * 60, config, log=lambda m: print(m, file=sys.stderr, flush=True), out=Path(args.out)
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 SAMPLE_STEPS = 20
 # the demo samples without classifier-free guidance: the pipeline's errors are then the hedging it learnt from its
@@ -47,3 +48,15 @@ class DemoConfig:
     reward: str | None = None
     overrides: list[str] = field(default_factory=list)
     progress: bool = True
+
+
+def config_from_args(args: Any) -> DemoConfig:
+    """The :class:`DemoConfig` of a parsed command line: every option named like a field (lists become the tuples
+    those fields hold), ``--quiet`` turning progress bars off; options it does not have keep their defaults."""
+    given = vars(args)
+    values = {
+        f.name: tuple(given[f.name]) if isinstance(f.default, tuple) else given[f.name]
+        for f in fields(DemoConfig)
+        if f.name in given
+    }
+    return DemoConfig(**values, progress=not given.get("quiet", False))

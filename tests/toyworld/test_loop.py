@@ -80,3 +80,17 @@ def test_cli_parses_demo_and_bench_trainers():
     assert (args.steps, args.seed, args.out, args.overrides) == (7, 3, "x", ["loss_type=hinge"])
     args = parser.parse_args(["bench", "trainers", "--world", "toy", "--cpu-minutes", "0.5"])
     assert (args.world, args.cpu_minutes, args.trainers) == ("toy", 0.5, "all")
+
+
+def test_demo_and_bench_command_lines_become_demo_configs():
+    from mmalign.cli import build_parser
+    from mmalign.toyworld.config import config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--steps", "7", "--timestep-range", "0.2", "0.9", "--quiet", "loss_type=hinge"])
+    config = config_from_args(args)
+    assert (config.steps, config.timestep_range, config.progress) == (7, (0.2, 0.9), False)
+    assert config.overrides == ["loss_type=hinge"]
+    assert config_from_args(parser.parse_args(["demo"])) == DemoConfig()
+    config = config_from_args(parser.parse_args(["bench", "trainers", "--lr", "0.5"]))
+    assert (config.lr, config.out, config.progress) == (0.5, "runs/bench-trainers", True)
