@@ -158,15 +158,16 @@ class TwoTowerReward(Reward):
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised float32 text features ``[N, D]``, computed once per distinct prompt string."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            features = self._encode_text(missing).float()
-            features = features / features.norm(dim=-1, keepdim=True)
-            for prompt, feature in zip(missing, features):
-                self._text_cache[prompt] = feature
-                if len(self._text_cache) > self.text_cache_size:
-                    self._text_cache.popitem(last=False)
+        """L2-normalised float32 text features ``[N, D]``, computed once per distinct prompt string, each prompt
+        alone: BLAS kernels round differently for different batch sizes, and features must not depend on which
+        prompts shared a batch when the cache was filled (exact resume, equal scores in any order)."""
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._text_cache:
+                continue
+            feature = self._encode_text([prompt]).float()[0]
+            self._text_cache[prompt] = feature / feature.norm()
+            if len(self._text_cache) > self.text_cache_size:
+                self._text_cache.popitem(last=False)
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

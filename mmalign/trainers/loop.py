@@ -50,6 +50,9 @@ class TrainConfig:
     scale_lr: bool = False
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = 0
+    # adamw (the papers' optimizer); sgd: plain SGD (no momentum, no weight decay), whose update is linear in
+    # the gradient, for checks that compare updates and for ablations
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -261,16 +264,19 @@ class Trainer:
         lr = config.lr
         if config.scale_lr:
             lr = lr * config.batch_size * config.grad_accum * self.accelerator.num_processes
-        kwargs = dict(
-            lr=lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
-            eps=config.adam_epsilon,
-        )
-        try:  # fused AdamW: no foreach temporaries (lower peak memory), same update rule
-            self.optimizer = torch.optim.AdamW(self.trainable, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            self.optimizer = torch.optim.AdamW(self.trainable, **kwargs)
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.trainable, lr=lr)
+        else:
+            kwargs = dict(
+                lr=lr,
+                betas=(config.adam_beta1, config.adam_beta2),
+                weight_decay=config.adam_weight_decay,
+                eps=config.adam_epsilon,
+            )
+            try:  # fused AdamW: no foreach temporaries (lower peak memory), same update rule
+                self.optimizer = torch.optim.AdamW(self.trainable, fused=True, **kwargs)
+            except (RuntimeError, TypeError):
+                self.optimizer = torch.optim.AdamW(self.trainable, **kwargs)
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=self.optimizer,
@@ -296,11 +302,12 @@ class Trainer:
     def _embeds(self, prompts: list[str]):
         from ..models.policy import PromptEmbeds
 
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            embeds = self.policy.encode_prompt(missing)
-            for i, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = embeds.select(slice(i, i + 1))
+        # Each prompt is encoded alone: BLAS kernels round differently for different batch sizes, and a cache
+        # filled by batches would make an embedding depend on which prompts happened to come first (a resumed
+        # run, or another process count, would then differ from the uninterrupted run in the last bits).
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._prompt_cache:
+                self._prompt_cache[prompt] = self.policy.encode_prompt([prompt])
         parts = [self._prompt_cache[p] for p in prompts]
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
         return PromptEmbeds(torch.cat([p.hidden for p in parts]), pooled)

@@ -1,0 +1,96 @@
+"""Two processes against one on the same global batch, compared with tolerances measured for the purpose.
+
+What is mathematically equal: the global gradient (the mean over the global batch) and therefore the update.
+What is not bit-equal: each process runs the UNet on its own slice (batch 1 instead of 2), and BLAS kernels
+round differently for different batch sizes, so the gradients agree to float rounding, not bits.
+
+The runs use plain SGD, whose update is linear in the gradient. After AdamW the weights are not comparable:
+its first step is about ``lr·sign(g)``, and on the smallest gradients a rounding difference flips the sign
+(measured on this kind of machine, AVX-512: AdamW, two steps, 2 processes vs 1 differ by 1.4e-3 ≈ 1.4 lr, the
+size of a whole update; plain SGD, same runs: 3.4e-5 of the update). The DPO losses also cancel: at step 2
+the model/reference error difference is about 1e-3 of the errors, so rounding of 1e-7 in the errors becomes
+1e-4 in the gradient (measured: grad-norm relative difference 0 at step 1, where the LoRA is still zero, and
+5.9e-5 at step 2).
+
+Tolerances, with the measured values and what a wrong split gives (gradients not all-reduced, as in
+DanceGRPO #110; same runs):
+
+- step-1 global gradient norm, relative: ``FIRST_STEP_NORM_RTOL`` 1e-5 (measured: DPO 0, D3PO 7.4e-7, DDPO
+  6.5e-8; unsynchronised 1.0, 0.55, 0.87)
+- later steps' gradient norm, relative: ``NORM_RTOL`` 1e-3 (measured: DPO 5.9e-5, D3PO 3.2e-7, DDPO 1.3e-5;
+  unsynchronised 0.21, 1.0, 0.14)
+- final weights, ``max |one − two| / max |one − init|`` per tensor: ``UPDATE_RTOL`` 1e-3 (measured: DPO 3.4e-5,
+  D3PO 1.0e-5, DDPO 4.4e-5; unsynchronised 5.3, 1.7, 4.0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+FIRST_STEP_NORM_RTOL = 1e-5
+NORM_RTOL = 1e-3
+UPDATE_RTOL = 1e-3
+
+
+def train(args: list[str], out: Path, processes: int, global_batch: int = 2, port: int = 29517, entry=None) -> dict:
+    """``mmalign train ARGS`` in 1 process or under torchrun in 2, each with its share of ``global_batch``;
+    the run's logged ``grad_norm`` list and LoRA tensors. ``entry``: a script to run instead of mmalign.cli."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    program = list(entry) if entry else ["-m", "mmalign.cli"]
+    command = [sys.executable]
+    if processes > 1:
+        command += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    command += [*program, "train", *args, f"batch_size={global_batch // processes}", f"output_dir={out}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {
+        "grad_norm": [row["grad_norm"] for row in logs],
+        "weights": load_file(str(out / "pytorch_lora_weights.safetensors")),
+    }
+
+
+def train_one_and_two(args: list[str], tmp_path: Path, port: int, global_batch: int = 2) -> dict[str, dict]:
+    """The same global batch in one process and in two: ``{"one": run, "two": run}`` (see :func:`train`)."""
+    return {
+        "one": train(args, tmp_path / "one", 1, global_batch),
+        "two": train(args, tmp_path / "two", 2, global_batch, port),
+    }
+
+
+def initial_lora(trainer) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a trainer before training, under the key names of the saved file."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    return {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def update_error(one: dict, two: dict, init: dict) -> float:
+    """The largest ``max |one − two| / max |one − init|`` over the tensors that moved."""
+    assert one.keys() == two.keys() == init.keys()
+    worst = 0.0
+    for key in one:
+        update = float((one[key] - init[key]).abs().max())
+        if update > 0:
+            worst = max(worst, float((one[key] - two[key]).abs().max()) / update)
+    return worst
+
+
+def assert_two_processes_equal_one(runs: dict, init: dict) -> None:
+    one, two = runs["one"], runs["two"]
+    assert len(one["grad_norm"]) == len(two["grad_norm"]) >= 2 and one["grad_norm"][-1] > 0
+    first = abs(one["grad_norm"][0] - two["grad_norm"][0]) / one["grad_norm"][0]
+    assert first <= FIRST_STEP_NORM_RTOL, (one["grad_norm"], two["grad_norm"])
+    for a, b in zip(one["grad_norm"][1:], two["grad_norm"][1:]):
+        assert abs(a - b) <= NORM_RTOL * a, (one["grad_norm"], two["grad_norm"])
+    error = update_error(one["weights"], two["weights"], init)
+    assert error <= UPDATE_RTOL, f"updates differ by {error:.2e} of their size"
