@@ -84,7 +84,7 @@ def label(
     with (out / "rankings.jsonl").open("w") as rankings, (out / "pairs.jsonl").open("w") as pairs:
         for i, prompt in enumerate(prompts):
             embeds = policy.encode_prompt([prompt] * k)
-            uncond = policy.encode_prompt([""] * k) if guidance != 1.0 else None
+            uncond = policy.unconditional(policy.encode_prompt([""] * k)) if guidance != 1.0 else None
             time_ids = None
             if policy.is_sdxl:
                 sizes = torch.tensor([[resolution, resolution]] * k)

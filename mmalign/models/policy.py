@@ -51,6 +51,9 @@ class DiffusionPolicy:
         )
         self.noise_scheduler = components["noise_scheduler"]
         self.is_sdxl = len(self.text_encoders) == 2
+        # diffusers' StableDiffusionXLPipeline config (True by default): guidance without a negative prompt
+        # uses zero embeddings for the unconditional branch instead of encoding ""
+        self.force_zeros_for_empty_prompt = self.is_sdxl and bool(components.get("force_zeros_for_empty_prompt", True))
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise WeightsError(f"{folder}: unsupported prediction_type {self.prediction_type!r}")
@@ -81,6 +84,8 @@ class DiffusionPolicy:
                 folder, subfolder="text_encoder_2"
             )
             components["tokenizer_2"] = AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2")
+        if sdxl:
+            components["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", True)
         policy = cls(components, folder)
         policy.to(device)
         return policy
@@ -96,6 +101,16 @@ class DiffusionPolicy:
 
     # -- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
+    def unconditional(self, empty: PromptEmbeds) -> PromptEmbeds:
+        """The unconditional branch of classifier-free guidance from the empty prompt's embeddings ``empty``:
+        as they are, or zeros of the same shapes (sequence and pooled) when the pipeline's config sets
+        ``force_zeros_for_empty_prompt`` (diffusers ``StableDiffusionXLPipeline.encode_prompt`` without a
+        negative prompt)."""
+        if not self.force_zeros_for_empty_prompt:
+            return empty
+        pooled = None if empty.pooled is None else torch.zeros_like(empty.pooled)
+        return PromptEmbeds(torch.zeros_like(empty.hidden), pooled)
+
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
         """SD: last hidden state of the text encoder. SDXL: penultimate hidden states of both encoders
         concatenated, pooled (projected) embedding of the second."""

@@ -37,7 +37,7 @@ __all__ = [
     "pred_x0",
     "sample_trajectories",
     "step_log_prob",
-    "truncation_indices",
+    "truncation_index",
 ]
 
 
@@ -133,8 +133,10 @@ def guided_eps(
         None if embeds.pooled is None else torch.cat([uncond.pooled, embeds.pooled]),
     )
     ids = None if time_ids is None else torch.cat([time_ids, time_ids])
+    alpha = torch.as_tensor(alpha_bar_t)
+    alpha = torch.cat([alpha, alpha]) if alpha.ndim else alpha  # per-sample ᾱ: one per row of both halves
     out = predict(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), both, ids)
-    eps_u, eps_c = model_output_to_eps(out, torch.cat([x_t, x_t]), alpha_bar_t, prediction_type).chunk(2)
+    eps_u, eps_c = model_output_to_eps(out, torch.cat([x_t, x_t]), alpha, prediction_type).chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
 
@@ -249,14 +251,21 @@ def step_log_prob(
     policy: Any,
     predict: Predict,
     trajectory: Trajectory,
-    j: int,
+    j: int | Tensor,
     checkpoint: bool = False,
 ) -> Tensor:
     """Log-prob ``[B]`` of step ``j`` (``latents[:, j] → latents[:, j + 1]``) of a recorded trajectory under
     ``predict`` (the trained UNet: with gradients; ``predict_reference``: without), with the trajectory's
-    guidance and η. ``checkpoint`` recomputes the UNet call in backward (``torch.utils.checkpoint``)."""
+    guidance and η. ``j`` is one step for every row or a ``[B]`` tensor, one step per row (ddpo-pytorch trains
+    each sample on its own permutation of the steps). ``checkpoint`` recomputes the UNet call in backward
+    (``torch.utils.checkpoint``)."""
     s = trajectory.schedule
-    x_t, prev = trajectory.latents[:, j], trajectory.latents[:, j + 1]
+    if isinstance(j, int):
+        x_t, prev = trajectory.latents[:, j], trajectory.latents[:, j + 1]
+    else:
+        j = j.cpu().long()
+        rows = torch.arange(len(j))
+        x_t, prev = trajectory.latents[rows, j], trajectory.latents[rows, j + 1]
     device = x_t.device
     a_t, a_prev = s.alpha_bar[j].to(device), s.alpha_bar_prev[j].to(device)
     t = s.timesteps[j].to(device)
@@ -278,8 +287,25 @@ def step_log_prob(
     return ddim_step_log_prob(prev, x_t, eps, a_t, a_prev, trajectory.eta).log_prob
 
 
-def truncation_indices(batch: int, steps: int, generator: torch.Generator, mean: float = 42.0, std: float = 5.0):
-    """AlignProp's truncation index per trajectory: ``round(N(mean, std))`` on a 50-step chain, scaled to
-    ``steps`` and clipped to ``[0, steps − 1]``; gradients flow only from that step on."""
-    draw = torch.randn(batch, generator=generator) * std + mean
-    return (draw * steps / 50.0).round().long().clamp(0, steps - 1)
+#: redraws of :func:`truncation_index` before giving up (the mean and std put no mass in the range)
+MAX_TRUNCATION_DRAWS = 10_000
+
+
+def truncation_index(steps: int, generator: torch.Generator, mean: float = 42.0, std: float = 5.0) -> int:
+    """AlignProp's truncation index, one per batch: mihirp1998/AlignProp ``sd_pipeline.py``
+    (``pipeline_step_with_grad``, commit b22918a) draws ``int(Normal(42, 5).sample())`` (truncation toward zero)
+    and draws again until ``1 <= index <= steps − 1``; UNet outputs of the steps before it are detached (so the
+    first step never has a gradient). The draw is scaled by ``steps / 50`` (the reference's 50 steps: unchanged
+    there) before truncation; the bounds follow ``steps``. Raises when the range is empty (``steps`` < 2) or
+    ``mean`` and ``std`` never land in it."""
+    if steps < 2:
+        raise ValueError(f"AlignProp truncation needs at least 2 sampling steps (index in [1, steps - 1]), got {steps}")
+    for _ in range(MAX_TRUNCATION_DRAWS):
+        draw = float(torch.randn((), generator=generator, dtype=torch.float64)) * std + mean
+        index = int(draw * steps / 50.0)  # int(): toward zero, as the reference
+        if 1 <= index <= steps - 1:
+            return index
+    raise ValueError(
+        f"truncation_mean={mean}, truncation_std={std}: no index in [1, {steps - 1}] after "
+        f"{MAX_TRUNCATION_DRAWS} draws (the mean is on a 50-step scale)"
+    )

@@ -199,7 +199,9 @@ def trainer_overrides(config: DemoConfig, model: Path, data: str, output_dir: Pa
         prompts.write_text("".join(f"{t}\n" for t in texts))
         data = str(prompts)
         reward_dir = Path(config.reward) if config.reward else asset_dir("reward")
-        online = ["reward=toyworld", f"reward_weights={reward_dir}"]
+        # one update per batch, no EMA: the toyworld's measured settings (ReFL's recipe defaults, taken from
+        # ImageReward's 8-GPU script, accumulate 4 batches and average with EMA 0.9999)
+        online = ["reward=toyworld", f"reward_weights={reward_dir}", "grad_accum=1", "ema_decay=0"]
     return [
         f"trainer={config.trainer}",
         f"model={model}",

@@ -74,7 +74,8 @@ class TrainConfig:
     tie_policy: Literal["drop", "keep"] = "drop"
     max_train_samples: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    # true / false / "auto": on when the device's free memory looks short (:func:`resolve_gradient_checkpointing`)
+    gradient_checkpointing: bool | Literal["auto"] = False
     cache_latents: bool = True
     ema_decay: float = 0.0
     checkpoint_every: int = 500
@@ -126,6 +127,50 @@ def timestep_bounds(fractions: list[float], num_train_timesteps: int) -> tuple[i
     return low, max(low + 1, int(round(fractions[1] * num_train_timesteps)))
 
 
+#: ``gradient_checkpointing=auto``: activation bytes of one UNet call with gradients on two rows at 512 px, in
+#: units of the UNet's parameter bytes (an SD1.5-size estimate: REFERENCES.md measured under 1 GiB saved at 256 px
+#: for a pair; ×4 at 512 px is about the 3.4 GB of fp32 weights). Weights, gradients and two Adam moments of a full
+#: fine-tuning add 4 units.
+AUTO_ACTIVATION_FACTOR = 1.0
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of ``/proc/meminfo`` on
+    the CPU; None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def resolve_gradient_checkpointing(
+    setting: bool | str, model: torch.nn.Module, device: torch.device, graph_calls: float = 1.0
+) -> bool:
+    """``gradient_checkpointing`` as a bool: true/false as given; ``auto`` is true when the free memory of
+    ``device`` (:func:`free_device_memory`) is under ``(4 + AUTO_ACTIVATION_FACTOR · graph_calls)`` times
+    ``model``'s parameter bytes, ``graph_calls`` being the UNet calls (two rows at 512 px each) whose activations
+    one backward keeps; false when the free memory is unknown. A rule of thumb, logged; set true or false to
+    decide."""
+    if setting != "auto":
+        return bool(setting)
+    free = free_device_memory(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = (4.0 + AUTO_ACTIVATION_FACTOR * graph_calls) * weights
+    chosen = free is not None and free < need
+    logger.info(
+        "gradient_checkpointing=auto -> %s (free %s GiB, estimated need without it %.1f GiB)",
+        chosen,
+        "unknown" if free is None else f"{free / 2**30:.1f}",
+        need / 2**30,
+    )
+    return chosen
+
+
 def _generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A CPU generator for (seed, step, stream): stateless randomness, hence exact resume."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
@@ -159,6 +204,9 @@ class Trainer:
 
     config_class: ClassVar[type[TrainConfig]] = TrainConfig
     uses_reference: ClassVar[bool] = True
+    #: with gradient checkpointing on, recompute the UNet's blocks in backward (diffusers'
+    #: ``enable_gradient_checkpointing``); trainers that checkpoint whole UNet calls themselves set False
+    checkpoint_blocks: ClassVar[bool] = True
 
     def __init__(self, config: TrainConfig, policy: Any = None):
         from accelerate import Accelerator
@@ -212,7 +260,10 @@ class Trainer:
             self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
             if config.lora_rank > 0:
                 self.ref_unet.disable_adapters()
-        if config.gradient_checkpointing:
+        self.gradient_checkpointing = resolve_gradient_checkpointing(
+            config.gradient_checkpointing, unet, self.accelerator.device, self._graph_calls()
+        )
+        if self.gradient_checkpointing and self.checkpoint_blocks:
             unet.enable_gradient_checkpointing()
         if config.attention == "xformers":
             if not torch.cuda.is_available():
@@ -231,6 +282,10 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+
+    def _graph_calls(self) -> float:
+        """UNet calls (two rows at 512 px each) whose activations one backward keeps: a batch of pairs here."""
+        return self.config.batch_size * (self.config.resolution / 512) ** 2
 
     def _setup_data(self) -> None:
         from ..data import load_preferences

@@ -27,7 +27,7 @@ from . import losses
 from .loop import Schedule, TrainConfig, Trainer, _generator, logger
 
 # random streams of a micro-batch (the offline loop uses 1 and 2)
-_SAMPLE_STREAM, _TRUNCATION_STREAM, _LV_STREAM = 3, 4, 5
+_SAMPLE_STREAM, _TRUNCATION_STREAM, _LV_STREAM, _TIMESTEP_STREAM = 3, 4, 5, 6
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +169,11 @@ class PerPromptStatTracker:
 @dataclass
 class OnlineConfig(TrainConfig):
     """Options of every online trainer: the reward, and the sampler (DDIM ``sample_steps``, CFG ``guidance``,
-    η ``eta``). ``checkpoint_unet`` recomputes each UNet call of the chain in backward (less memory)."""
+    η ``eta``). ``gradient_checkpointing`` (true, false or ``auto``, the default: on when the device's free memory
+    is short for the UNet calls the loss keeps in its graph, see
+    :func:`~mmalign.trainers.loop.resolve_gradient_checkpointing`) recomputes each UNet call of a chain in
+    backward (ReFL: the UNet's blocks, as the reference's ``--gradient_checkpointing``): less memory, more time.
+    ``checkpoint_unet`` is its former name, still read (it wins when given)."""
 
     trainer: str = "ddpo"
     reward: str = "aesthetic"
@@ -178,12 +182,21 @@ class OnlineConfig(TrainConfig):
     guidance: float = 5.0
     eta: float = 1.0
     lora_rank: int = 4
-    checkpoint_unet: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    checkpoint_unet: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.checkpoint_unet is not None:
+            self.gradient_checkpointing = self.checkpoint_unet
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
+        fraction = getattr(self, "timestep_fraction", 1.0)
+        if not 0.0 < fraction <= 1.0 or int(self.sample_steps * fraction) < 1:
+            raise ValueError(
+                f"timestep_fraction must be in (0, 1] and keep at least one of the {self.sample_steps} steps "
+                f"(int(sample_steps * timestep_fraction) >= 1), got {fraction}"
+            )
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.reference == "precomputed":  # the samples depend on the weights of the moment
@@ -197,6 +210,7 @@ class OnlineTrainer(Trainer):
 
     config_class: ClassVar[type[TrainConfig]] = OnlineConfig
     needs_differentiable_reward: ClassVar[bool] = False
+    checkpoint_blocks: ClassVar[bool] = False  # whole UNet calls are checkpointed (``torch.utils.checkpoint``)
 
     def __init__(self, config: OnlineConfig, policy: Any = None, reward: Any = None):
         self._reward = reward if reward is None or isinstance(reward, WeightedReward) else WeightedReward([reward], [1])
@@ -235,12 +249,29 @@ class OnlineTrainer(Trainer):
             "prompts": prompts,
             "global_prompts": global_prompts,
             "embeds": self._embeds(prompts),
-            "uncond": self._embeds([""] * len(prompts)) if config.guidance != 1.0 else None,
+            "uncond": self._uncond(len(prompts)),
             "time_ids": self._time_ids(len(prompts)),
             "generator": _generator(config.seed, micro_index, _SAMPLE_STREAM),
             "micro_index": micro_index,
             "slice": (lo, hi),
         }
+
+    def _uncond(self, count: int) -> Any:
+        """The unconditional embeddings of classifier-free guidance (None without guidance): the empty prompt's,
+        or zeros for a pipeline whose config sets ``force_zeros_for_empty_prompt`` (SDXL), as diffusers'
+        ``StableDiffusionXLPipeline.encode_prompt`` does for an absent negative prompt."""
+        if self.config.guidance == 1.0:
+            return None
+        return self.policy.unconditional(self._embeds([""] * count))
+
+    def graph_unet_calls(self) -> float:
+        """UNet calls per prompt whose activations the loss keeps for backward (for ``gradient_checkpointing=auto``)."""
+        return float(self.config.sample_steps)
+
+    def _graph_calls(self) -> float:
+        config = self.config
+        rows = config.batch_size * (2 if config.guidance != 1.0 else 1)
+        return self.graph_unet_calls() * rows / 2 * (config.resolution / 512) ** 2
 
     def _time_ids(self, count: int) -> Tensor | None:
         """SDXL's micro-conditioning for ``count`` square samples at the training resolution (None for SD)."""
@@ -287,14 +318,21 @@ class OnlineTrainer(Trainer):
     def decode(self, latents: Tensor) -> Tensor:
         return self.policy.decode(latents)
 
-    def train_steps(self, batch: dict[str, Any]) -> list[int]:
-        """All steps, or a seeded subset of ``timestep_fraction`` of them (ddpo-pytorch ``timestep_fraction``)."""
-        steps = self.config.sample_steps
-        count = max(1, int(round(steps * getattr(self.config, "timestep_fraction", 1.0))))
+    def train_steps(self, batch: dict[str, Any]) -> Tensor:
+        """The steps each of this process's samples trains on, ``[B, n]``: all of them, or with
+        ``timestep_fraction`` < 1 the first ``n = int(sample_steps · timestep_fraction)`` of an independent random
+        permutation per sample (kvablack/ddpo-pytorch ``scripts/train.py``: ``perms`` per sample and
+        ``num_train_timesteps``; yk7333/d3po the same per pair). The permutations are drawn for the global
+        micro-batch in the order of its samples from the micro-batch's own stream: a function of (seed,
+        micro-batch, global sample index), whatever the process count, and exact on resume."""
+        config, (lo, hi) = self.config, batch["slice"]
+        steps = config.sample_steps
+        count = int(steps * getattr(config, "timestep_fraction", 1.0))
         if count >= steps:
-            return list(range(steps))
-        gen = _generator(self.config.seed, batch["micro_index"], _TRUNCATION_STREAM)
-        return sorted(torch.randperm(steps, generator=gen)[:count].tolist())
+            return torch.arange(steps).expand(hi - lo, steps)
+        gen = _generator(config.seed, batch["micro_index"], _TIMESTEP_STREAM)
+        perms = torch.stack([torch.randperm(steps, generator=gen) for _ in range(self.global_batch)])
+        return perms[lo:hi, :count]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,7 +342,9 @@ class OnlineTrainer(Trainer):
 class DDPOConfig(OnlineConfig):
     """DDPO (Black et al. 2023; kvablack/ddpo-pytorch ``config/base.py``): DDIM 50 steps, η 1, CFG 5, PPO clip
     1e-4, advantages clipped to ±5, per-prompt stat tracking 16/16, lr 3e-4, Adam weight decay 1e-4,
-    ``sample_batches`` 2 (``num_batches_per_epoch``: optimizer steps per sampling round)."""
+    ``sample_batches`` 2 (``num_batches_per_epoch``: optimizer steps per sampling round); ``timestep_fraction``
+    < 1 trains each sample on the first ``int(sample_steps · timestep_fraction)`` steps of its own permutation
+    (``scripts/train.py``), the loss averaged over them."""
 
     trainer: str = "ddpo"
     reward: str = "jpeg-compressibility"
@@ -376,18 +416,22 @@ class DDPOTrainer(OnlineTrainer):
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config, trajectory = self.config, batch["trajectory"]
-        steps = self.train_steps(batch)
+        steps = self.train_steps(batch)  # [B, n]: column k holds each sample's k-th step
+        rows, count = torch.arange(steps.shape[0]), steps.shape[1]
         total, metrics = 0.0, {}
-        for j in steps:
-            logp = sampling.step_log_prob(self.policy, self.predict, trajectory, j, config.checkpoint_unet)
-            out = losses.ddpo_ppo_loss(
-                logp, trajectory.log_probs[:, j], batch["advantages"], config.clip_range, config.adv_clip_max
-            )
-            total = total + out.loss / len(steps)
+        for k in range(count):  # ddpo-pytorch: one batch mean per k, accumulated over the n of them
+            j = steps[:, k]
+            logp = sampling.step_log_prob(self.policy, self.predict, trajectory, j, self.gradient_checkpointing)
+            old = trajectory.log_probs[rows, j.to(trajectory.log_probs.device)]
+            out = losses.ddpo_ppo_loss(logp, old, batch["advantages"], config.clip_range, config.adv_clip_max)
+            total = total + out.loss / count
             for key, value in out.metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + value / len(steps)
+                metrics[key] = metrics.get(key, 0.0) + value / count
         metrics["reward"] = batch["rewards"].mean()
         return losses.LossOutput(total, metrics)
+
+    def graph_unet_calls(self) -> float:  # every trained step of the chain, one backward
+        return float(int(self.config.sample_steps * self.config.timestep_fraction))
 
     def save_extra_state(self, folder: Path) -> None:
         (folder / "stat_tracker.json").write_text(json.dumps(self.tracker.state_dict()))
@@ -403,13 +447,15 @@ class DDPOTrainer(OnlineTrainer):
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class D3POConfig(OnlineConfig):
-    """D3PO (Yang et al. 2024; yk7333/d3po ``scripts/rm/train_d3po.py``): two DDIM chains per prompt from the
-    same x_T (20 steps, η 1, CFG 5), β 0.1, ratio clamp 1 ± 0.1, lr 3e-5, LoRA."""
+    """D3PO (Yang et al. 2024; yk7333/d3po ``scripts/rm/train_d3po.py``, ``config/base.py`` at 40d3175): two DDIM
+    chains per prompt from the same x_T (20 steps, η 1, CFG 5), β 0.1, ratio clamp 1 ± 0.1, lr 3e-5, Adam weight
+    decay 1e-4, LoRA; ``timestep_fraction`` < 1 trains each pair on its own random subset of the steps."""
 
     trainer: str = "d3po"
     reward: str = "aesthetic"
     sample_steps: int = 20
     lr: float = 3e-5
+    adam_weight_decay: float = 1e-4
     beta: float = 0.1
     d3po_clip: float = 0.1
     timestep_fraction: float = 1.0
@@ -503,7 +549,8 @@ class D3POTrainer(OnlineTrainer):
         time_ids = self._time_ids(len(pairs))
         time_ids = None if time_ids is None else time_ids.repeat(2, 1)
         embeds = self._embeds(prompts).repeat(2)
-        uncond = self._embeds([""] * len(pairs)).repeat(2) if config.guidance != 1.0 else None
+        uncond = self._uncond(len(pairs))
+        uncond = None if uncond is None else uncond.repeat(2)
         trajectory = sampling.Trajectory(
             latents,
             log_probs,
@@ -541,10 +588,12 @@ class D3POTrainer(OnlineTrainer):
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config, trajectory = self.config, batch["trajectory"]
         a_wins, tie = batch["a_wins"], batch["tie"]
-        steps = self.train_steps(batch)
+        steps = self.train_steps(batch)  # [B, n] per pair; both trajectories of a pair train on the same steps
+        count = steps.shape[1]
         total, metrics = 0.0, {}
-        for j in steps:
-            logp = sampling.step_log_prob(self.policy, self.predict, trajectory, j, config.checkpoint_unet)
+        for k in range(count):
+            j = steps[:, k].repeat(2)  # rows 0..B-1: first of each pair, B..2B-1: second
+            logp = sampling.step_log_prob(self.policy, self.predict, trajectory, j, self.gradient_checkpointing)
             with torch.no_grad():
                 ref = sampling.step_log_prob(self.policy, self.predict_reference, trajectory, j)
             (la, lb), (ra, rb) = logp.chunk(2), ref.chunk(2)
@@ -557,11 +606,14 @@ class D3POTrainer(OnlineTrainer):
                 clip=config.d3po_clip,
                 tie=tie,
             )
-            total = total + out.loss / len(steps)
+            total = total + out.loss / count
             for key, value in out.metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + value / len(steps)
+                metrics[key] = metrics.get(key, 0.0) + value / count
         metrics["reward"] = batch["rewards"].mean()
         return losses.LossOutput(total, metrics)
+
+    def graph_unet_calls(self) -> float:  # both chains of a pair, every trained step, one backward
+        return 2.0 * int(self.config.sample_steps * self.config.timestep_fraction)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -569,14 +621,24 @@ class D3POTrainer(OnlineTrainer):
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class ReFLConfig(OnlineConfig):
-    """ReFL (Xu et al. 2023; THUDM/ImageReward ``ReFL.py``): DDPM 40 steps, no CFG, mid step in [30, 39],
-    ``relu(2 − r)·1e-3``, lr 1e-5."""
+    """ReFL (Xu et al. 2023; THUDM/ImageReward ``ImageReward/ReFL.py`` and ``scripts/train_refl.sh`` at c1392c6):
+    DDPM 40 steps, no CFG, mid step in [30, 39], ``relu(2 − r)·1e-3``; the script's training setting: full
+    fine-tuning of the UNet (``lora_rank`` 0) with EMA (``--use_ema``: diffusers ``EMAModel`` at its default
+    decay 0.9999), lr 1e-5 constant, 2 prompts per process and 4 accumulation steps (8 GPUs: 64 per update),
+    gradient clipping 1, AdamW weight decay 1e-2 (its default), gradient checkpointing (the UNet's blocks), fp16
+    and 100 updates in the recipe. ``lora_rank=4`` trains a LoRA instead: its learning rate is not the
+    reference's and is not tuned here (raise it, e.g. as DRaFT's 2e-4)."""
 
     trainer: str = "refl"
     reward: str = "imagereward"
     sample_steps: int = 40
     guidance: float = 1.0
     lr: float = 1e-5
+    lora_rank: int = 0
+    ema_decay: float = 0.9999
+    batch_size: int = 2
+    grad_accum: int = 4
+    gradient_checkpointing: bool | Literal["auto"] = True
     refl_min_step: int = 30
     refl_max_step: int = 39
     refl_target: float = 2.0
@@ -591,6 +653,10 @@ class ReFLTrainer(OnlineTrainer):
     config_class: ClassVar[type[TrainConfig]] = ReFLConfig
     uses_reference: ClassVar[bool] = False
     needs_differentiable_reward: ClassVar[bool] = True
+    checkpoint_blocks: ClassVar[bool] = True  # one UNet call with gradients: its blocks are checkpointed
+
+    def graph_unet_calls(self) -> float:
+        return 1.0
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         from diffusers import DDPMScheduler
@@ -684,7 +750,7 @@ class DRaFTTrainer(OnlineTrainer):
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config = self.config
         if config.draft_mode == "k":
-            checkpoint = config.checkpoint_unet and config.draft_k > 1  # one step: nothing to save by recomputing
+            checkpoint = self.gradient_checkpointing and config.draft_k > 1  # one step: nothing saved by recomputing
             x0 = self.chain(batch, max(0, config.sample_steps - config.draft_k), checkpoint=checkpoint)
             rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
             return losses.draft_loss(rewards, config.loss_scale)
@@ -704,47 +770,75 @@ class DRaFTTrainer(OnlineTrainer):
             total = total + self.reward(sampling.decode_with_grad(self.policy, x0_hat), batch["prompts"])
         return losses.draft_loss(total / config.draft_lv_n, config.loss_scale)
 
+    def graph_unet_calls(self) -> float:
+        return float(self.config.draft_k if self.config.draft_mode == "k" else self.config.draft_lv_n)
+
 
 @dataclass
 class AlignPropConfig(OnlineConfig):
-    """AlignProp (Prabhudesai et al. 2023; mihirp1998/AlignProp): DDIM 50 steps, η 1, CFG 7.5, truncation index
-    ~ N(42, 5) per trajectory (scaled to ``sample_steps``), loss ``0.01·|r − 10|`` (aesthetic), lr 1e-3,
-    LoRA, gradient checkpointing per UNet call."""
+    """AlignProp (Prabhudesai et al. 2023) as mihirp1998/AlignProp at commit b22918a
+    (``config/alignprop_config.py``, ``sd_pipeline.py``): DDIM 50 steps, η 1, CFG 5.0, one truncation index per
+    batch ``int(N(42, 5))`` redrawn until in [1, 49] (scaled to ``sample_steps``, bounds [1, sample_steps − 1]),
+    loss ``0.01·|r − 10|`` (its ``reward_fn=aesthetic``, ``aesthetic_target`` 10, ``loss_coeff`` 0.01; its default
+    ``reward_fn`` is HPSv2 with loss ``0.01·(1 − hps)``: ``reward=hpsv2 loss_target=1``), lr 1e-3, Adam weight
+    decay 1e-4, LoRA rank 4, one prompt per step. The reference checkpoints every UNet call; here
+    ``gradient_checkpointing`` decides (``auto`` by default). (Its older ml_collections configuration used CFG
+    7.5; this one is not mixed with it.)"""
 
     trainer: str = "alignprop"
     reward: str = "aesthetic"
     sample_steps: int = 50
-    guidance: float = 7.5
+    guidance: float = 5.0
     eta: float = 1.0
     lr: float = 1e-3
+    adam_weight_decay: float = 1e-4
     truncation_mean: float = 42.0
     truncation_std: float = 5.0
     loss_target: float | None = 10.0
     loss_scale: float = 0.01
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sample_steps < 2:
+            raise ValueError(
+                f"alignprop needs sample_steps >= 2 (truncation index in [1, steps - 1]), got {self.sample_steps}"
+            )
+
 
 class AlignPropTrainer(DRaFTTrainer):
     """AlignProp (Prabhudesai et al. 2023, "Aligning Text-to-Image Diffusion Models with Reward
-    Backpropagation"; mihirp1998/AlignProp): backpropagate the reward through the whole DDIM chain, each UNet
-    call gradient-checkpointed (``torch.utils.checkpoint``), UNet outputs detached before a random truncation
-    index per trajectory. Loss :func:`~mmalign.trainers.losses.target_distance_loss` (``loss_target`` None:
+    Backpropagation"; mihirp1998/AlignProp): backpropagate the reward through the DDIM chain, each UNet call
+    gradient-checkpointed (``torch.utils.checkpoint``) when ``gradient_checkpointing`` is on, UNet outputs
+    detached before one random truncation index per global batch
+    (:func:`~mmalign.models.sampling.truncation_index`, from the micro-batch's seeded stream: the same in every
+    process and on resume). Loss :func:`~mmalign.trainers.losses.target_distance_loss` (``loss_target`` None:
     :func:`~mmalign.trainers.losses.draft_loss`)."""
 
     config_class: ClassVar[type[TrainConfig]] = AlignPropConfig
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config = self.config
-        gen = _generator(config.seed, batch["micro_index"], _TRUNCATION_STREAM)
-        lo, hi = batch["slice"]
-        cut = sampling.truncation_indices(
-            self.global_batch, config.sample_steps, gen, config.truncation_mean, config.truncation_std
-        )[lo:hi]
-        x0 = self.chain(batch, cut, checkpoint=config.checkpoint_unet)
+        cut = self.truncation(batch)
+        x0 = self.chain(batch, cut, checkpoint=self.gradient_checkpointing)
         rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
         if config.loss_target is None:
-            return losses.draft_loss(rewards, config.loss_scale)
-        out = losses.target_distance_loss(rewards, config.loss_target, config.loss_scale)
-        return losses.LossOutput(out.loss, {**out.metrics, "truncation": cut.float().mean()})
+            out = losses.draft_loss(rewards, config.loss_scale)
+        else:
+            out = losses.target_distance_loss(rewards, config.loss_target, config.loss_scale)
+        return losses.LossOutput(out.loss, {**out.metrics, "truncation": torch.tensor(float(cut))})
+
+    def truncation(self, batch: dict[str, Any]) -> int:
+        """The micro-batch's truncation index (one for the global batch)."""
+        config = self.config
+        gen = _generator(config.seed, batch["micro_index"], _TRUNCATION_STREAM)
+        try:
+            return sampling.truncation_index(config.sample_steps, gen, config.truncation_mean, config.truncation_std)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def graph_unet_calls(self) -> float:  # the expected steps after the truncation index
+        steps = self.config.sample_steps
+        return max(1.0, steps - self.config.truncation_mean * steps / 50.0)
 
 
 __all__ = [

@@ -6,6 +6,7 @@ activation bytes, and the label -> train round trip."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -266,8 +267,9 @@ def test_alignprop_checkpointing_saves_fewer_activation_bytes(sd_folder, prompts
             sd_folder,
             prompts_file,
             tmp_path / str(checkpoint),
-            f"checkpoint_unet={str(checkpoint).lower()}",
-            "truncation_mean=0",
+            f"gradient_checkpointing={str(checkpoint).lower()}",
+            "sample_steps=3",
+            "truncation_mean=25",  # int(25 * 3 / 50) = 1: steps 1 and 2 in the graph
             "truncation_std=0.01",
             reward=Brightness(),
         )
@@ -285,6 +287,165 @@ def test_alignprop_checkpointing_saves_fewer_activation_bytes(sd_folder, prompts
 
     with_ckpt, without = saved_bytes(True), saved_bytes(False)
     assert with_ckpt < 0.5 * without, (with_ckpt, without)
+
+
+def _reference_truncation_pmf(mean: float, std: float, steps: int) -> dict[int, float]:
+    """mihirp1998/AlignProp ``sd_pipeline.py``: ``int(N(mean, std))`` redrawn until in [1, steps − 1]. ``int``
+    truncates toward zero, so index k >= 1 comes from ``k <= x < k + 1``; the redraws renormalise."""
+    cdf = [0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2)))) for x in range(steps + 1)]
+    mass = {k: cdf[k + 1] - cdf[k] for k in range(1, steps)}
+    total = sum(mass.values())
+    return {k: m / total for k, m in mass.items()}
+
+
+def test_alignprop_truncation_index_matches_the_reference_distribution():
+    gen = torch.Generator().manual_seed(0)
+    draws = [sampling.truncation_index(50, gen) for _ in range(20000)]
+    assert min(draws) >= 1 and max(draws) <= 49 and all(isinstance(d, int) for d in draws)
+    expected = _reference_truncation_pmf(42.0, 5.0, 50)
+    observed = {k: draws.count(k) / len(draws) for k in expected}
+    assert abs(observed[49] - expected[49]) < 0.006, (observed[49], expected[49])  # 2.7 %, not rounding's 9.6 %
+    assert 0.5 * sum(abs(observed[k] - expected[k]) for k in expected) < 0.02  # total variation
+    # truncation toward zero, not rounding: N(42.9, tiny) gives 42
+    assert sampling.truncation_index(50, torch.Generator().manual_seed(1), 42.9, 1e-6) == 42
+    # bounds follow the steps: 10 steps -> [1, 9] (the draw scaled by 10/50)
+    small = [sampling.truncation_index(10, gen) for _ in range(2000)]
+    assert min(small) >= 1 and max(small) <= 9
+    with pytest.raises(ValueError, match="no index"):
+        sampling.truncation_index(50, gen, mean=0.5, std=1e-6)  # int(0.5) = 0 is never allowed
+
+
+def test_alignprop_one_truncation_index_per_batch(sd_folder, prompts_file, tmp_path):
+    from mmalign.trainers.loop import _generator
+
+    trainer = make("alignprop", sd_folder, prompts_file, tmp_path / "a", "sample_steps=6", reward=Brightness())
+    seen = []
+    original = trainer.chain
+
+    def spy(batch, grad_from, checkpoint=False):
+        seen.append(grad_from)
+        return original(batch, grad_from, checkpoint)
+
+    trainer.chain = spy
+    for micro in range(3):
+        out = trainer.compute_loss(trainer.make_batch(micro))
+        expected = sampling.truncation_index(6, _generator(0, micro, 4), 42.0, 5.0)  # the truncation stream
+        assert seen[-1] == expected and isinstance(seen[-1], int)  # one int for both samples of the batch
+        assert float(out.metrics["truncation"]) == expected
+
+
+def test_online_defaults_follow_the_references():
+    from mmalign.commands.train import resolve_trainer_config
+
+    for recipe, config_class in [
+        ("train/alignprop", online.AlignPropConfig),
+        ("train/d3po", online.D3POConfig),
+        ("train/ddpo", online.DDPOConfig),
+        ("train/refl", online.ReFLConfig),
+    ]:
+        default = config_class()
+        _, loaded = resolve_trainer_config(recipe, [])
+        assert loaded.adam_weight_decay == default.adam_weight_decay, recipe
+        assert (loaded.guidance, loaded.eta, loaded.lr) == (default.guidance, default.eta, default.lr), recipe
+        assert loaded.lora_rank == default.lora_rank, recipe
+    # AlignProp at b22918a: CFG 5.0 with eta 1, lr 1e-3, weight decay 1e-4; D3PO and DDPO weight decay 1e-4
+    align = online.AlignPropConfig()
+    assert (align.guidance, align.eta, align.lr, align.adam_weight_decay) == (5.0, 1.0, 1e-3, 1e-4)
+    assert online.D3POConfig().adam_weight_decay == 1e-4 and online.DDPOConfig().adam_weight_decay == 1e-4
+    # ReFL: ImageReward's script, full fine-tuning with EMA at lr 1e-5
+    refl = online.ReFLConfig()
+    assert (refl.lora_rank, refl.ema_decay, refl.lr, refl.batch_size, refl.grad_accum) == (0, 0.9999, 1e-5, 2, 4)
+    assert refl.gradient_checkpointing is True and refl.reference_mode == "copy"
+    # the gradient_checkpointing choice; checkpoint_unet is its former name
+    assert online.OnlineConfig().gradient_checkpointing == "auto"
+    assert online.OnlineConfig(checkpoint_unet=False).gradient_checkpointing is False
+    with pytest.raises(ValueError, match="timestep_fraction"):
+        online.DDPOConfig(sample_steps=4, timestep_fraction=0.2)  # int(0.8) = 0 steps
+
+
+def test_gradient_checkpointing_auto_picks_by_free_memory(monkeypatch):
+    from mmalign.trainers import loop
+
+    model = torch.nn.Linear(256, 256)  # ~257 kB of parameters
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    device = torch.device("cpu")
+    assert loop.resolve_gradient_checkpointing(True, model, device) is True
+    assert loop.resolve_gradient_checkpointing(False, model, device) is False
+    monkeypatch.setattr(loop, "free_device_memory", lambda d: 3 * weights)
+    assert loop.resolve_gradient_checkpointing("auto", model, device, graph_calls=1.0) is True  # needs 5x
+    monkeypatch.setattr(loop, "free_device_memory", lambda d: 100 * weights)
+    assert loop.resolve_gradient_checkpointing("auto", model, device, graph_calls=1.0) is False
+    assert loop.resolve_gradient_checkpointing("auto", model, device, graph_calls=200.0) is True
+    monkeypatch.setattr(loop, "free_device_memory", lambda d: None)
+    assert loop.resolve_gradient_checkpointing("auto", model, device) is False
+    assert loop.free_device_memory.__name__  # the real one reads /proc/meminfo on the CPU
+
+
+def test_ddpo_timestep_fraction_trains_a_subset_per_sample(sd_folder, prompts_file, tmp_path):
+    """ddpo-pytorch ``scripts/train.py``: an independent permutation of the steps per sample, its first
+    ``int(num_steps · timestep_fraction)`` trained, the PPO loss a batch mean per position k averaged over k."""
+    from mmalign.trainers.loop import _generator
+
+    steps = 5  # timestep_fraction 0.7: int(3.5) = 3 steps (round would give 4)
+    trainer = make(
+        "ddpo",
+        sd_folder,
+        prompts_file,
+        tmp_path / "d",
+        "reward=jpeg-compressibility",
+        f"sample_steps={steps}",
+        "timestep_fraction=0.7",
+        "clip_range=10",
+        "gradient_checkpointing=false",
+    )
+    batch = trainer.make_batch(0)
+    chosen = trainer.train_steps(batch)
+    assert chosen.shape == (2, int(steps * 0.7)) == (2, 3)
+    gen = _generator(0, 0, 6)  # independent re-derivation: one permutation per global sample, in order
+    perms = [torch.randperm(steps, generator=gen) for _ in range(2)]
+    assert torch.equal(chosen, torch.stack(perms)[:, :3])
+    # a second process of a two-process run (global batch 2, its slice 1..2) gets the second sample's steps
+    assert torch.equal(trainer.train_steps({**batch, "slice": (1, 2)}), chosen[1:])
+    # over micro-batches the two samples' subsets differ (independent), never sharing one list for the batch
+    subsets = [trainer.train_steps({**batch, "micro_index": m}) for m in range(8)]
+    assert any(set(s[0].tolist()) != set(s[1].tolist()) for s in subsets)
+    # the loss: move the weights off the sampling policy so that each step's ratio differs, then re-derive
+    with torch.no_grad():
+        for p in trainer.trainable:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    got = trainer.compute_loss(batch).loss
+    traj, adv = batch["trajectory"], batch["advantages"].clamp(-5, 5)
+    per_sample = []
+    with torch.no_grad():
+        for b in range(2):
+            one = traj.select(slice(b, b + 1))
+            terms = []
+            for j in chosen[b].tolist():
+                logp = sampling.step_log_prob(trainer.policy, trainer.predict, one, j)
+                ratio = torch.exp(logp - traj.log_probs[b, j])
+                terms.append(torch.maximum(-adv[b] * ratio, -adv[b] * ratio.clamp(1 - 10, 1 + 10)))
+            per_sample.append(torch.stack(terms).mean())
+    expected = torch.stack(per_sample).mean()
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(expected, -adv.mean(), atol=1e-6)  # the ratios moved: the test can see steps
+
+
+def test_sdxl_guidance_uses_zero_unconditional_embeddings(sdxl_folder, sd_folder, prompts_file, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder))
+    assert pipe.config.force_zeros_for_empty_prompt  # the fixture's config, as saved by diffusers
+    _, neg, _, neg_pooled = pipe.encode_prompt("a red apple", device="cpu", do_classifier_free_guidance=True)
+    assert not neg.any() and not neg_pooled.any()  # diffusers: zeros for both
+    trainer = make("d3po", sdxl_folder, prompts_file, tmp_path / "xl", "guidance=5", reward=Brightness())
+    batch = online.OnlineTrainer.make_batch(trainer, 0)
+    uncond, embeds = batch["uncond"], batch["embeds"]
+    assert uncond.hidden.shape == embeds.hidden.shape and uncond.pooled.shape == embeds.pooled.shape
+    assert not uncond.hidden.any() and not uncond.pooled.any()
+    assert neg.shape[1:] == uncond.hidden.shape[1:] and neg_pooled.shape[1:] == uncond.pooled.shape[1:]
+    sd = DiffusionPolicy.from_pretrained(str(sd_folder))  # SD 1.x: the empty prompt is encoded
+    assert not sd.force_zeros_for_empty_prompt
+    assert sd.unconditional(sd.encode_prompt([""])).hidden.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------------
