@@ -37,7 +37,9 @@ CHECKPOINT_PREFIX = "step-"
 
 @dataclass
 class TrainConfig:
-    """Options shared by every diffusion trainer. Defaults follow the diffusers Diffusion-DPO LoRA script."""
+    """Options shared by every diffusion trainer. Defaults follow the diffusers Diffusion-DPO LoRA script
+    (``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``): e.g. a centre crop with random
+    horizontal flips (``random_crop=False``, ``hflip=True``, as its and the official script's defaults)."""
 
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     data: str = ""
@@ -62,7 +64,8 @@ class TrainConfig:
     reference: Literal["auto", "adapters", "copy", "precomputed"] = "auto"
     beta: float = 5000.0
     resolution: int = 512
-    random_crop: bool = True
+    # the scripts' --random_crop (off: a centre crop after resizing the shorter side) and --no_hflip (off: flips)
+    random_crop: bool = False
     hflip: bool = True
     prompt_dropout: float = 0.0
     # [low, high): fractions of the training timesteps the losses draw from (like diffusers' timestep_bias_*
@@ -246,7 +249,12 @@ class Trainer:
             raise MMAlignError(f"{config.data}: no usable preference pairs")
         self.pairs = pairs
         self.dataset = PreferenceDataset(
-            pairs, config.resolution, train=config.random_crop, hflip=config.hflip, seed=config.seed
+            pairs,
+            config.resolution,
+            train=True,
+            random_crop=config.random_crop,
+            hflip=config.hflip,
+            seed=config.seed,
         )
         processes = self.accelerator.num_processes
         self.global_batch = config.batch_size * processes
