@@ -284,7 +284,10 @@ class AdaptiveDPOTrainer(DiffusionDPOTrainer):
 @dataclass
 class KTOConfig(TrainConfig):
     """Diffusion-KTO (Li et al. 2024; jacklishufan/diffusion-kto): unpaired; each pair's winner is a
-    desirable sample and its loser an undesirable one, each with its own timestep and noise."""
+    desirable sample and its loser an undesirable one, each with its own timestep and noise. The reference
+    point (the KL estimate) is the mean of ``g = mse_ref − mse_θ`` over the GLOBAL batch, all processes
+    together, as the reference script all-reduces it (``accelerator.reduce(kl, "mean")`` in
+    ``train_kto_sd_v1.5.py``; the same value with equal per-process batches), then clamped at 0."""
 
     trainer: str = "kto"
     beta: float = 1000.0
@@ -314,4 +317,5 @@ class KTOTrainer(Trainer):
             beta=config.beta,
             lambda_d=config.lambda_desirable,
             lambda_u=config.lambda_undesirable,
+            kl=self.global_mean(ref_mse - model_mse),  # the loss clamps it at 0 and detaches it
         )

@@ -357,6 +357,18 @@ class Trainer:
         device = self.accelerator.device
         return timesteps.to(device), noise.to(device)
 
+    def global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` (detached) over the global micro-batch: this process's sum and count summed over
+        processes with accelerate's ``reduce`` (nothing to reduce on one process). For batch statistics that
+        the loss uses, e.g. Diffusion-KTO's reference point, so the loss does not depend on the process count."""
+        values = values.detach().float()
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return values.mean()
+        totals = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+        totals = acc.reduce(totals.to(acc.device), reduction="sum")
+        return (totals[0] / totals[1]).to(values.device)
+
     # -- model calls ----------------------------------------------------------------------------------------
     def predict(self, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
         if self._recording:  # precomputing the reference: the model's own output is not needed
