@@ -2,8 +2,10 @@
 
 Transforms follow the Diffusion-DPO training scripts (SalesforceAIResearch/DiffusionDPO ``train.py``;
 diffusers ``train_diffusion_dpo*.py``): bilinear resize of the shorter side to ``resolution`` (the longer
-side truncated as torchvision's ``Resize``), then a random crop and an optional horizontal flip for training,
-or a centre crop for evaluation, then ``x / 127.5 - 1``. Both images of a pair share the crop position
+side truncated as torchvision's ``Resize``), then a random or centre crop (``random_crop``: by default random
+for training and central for evaluation; the trainers pass their own option, whose default is the scripts'
+centre crop), an optional horizontal flip for training (independent of the crop, as in the scripts), then
+``x / 127.5 - 1``. Both images of a pair share the crop position
 (as a fraction of the free space) and the flip, as in diffusers' SDXL DPO script, so the pair stays aligned
 (the official SD1.5 script draws them per image). Augmentation is deterministic: item ``i`` in epoch ``e``
 draws from ``random.Random(f"{seed}:{e}:{i}")``, whatever the worker or the order of fetches.
@@ -34,11 +36,20 @@ logger = logging.getLogger("mmalign.data")
 class PairTransform:
     """Decode and transform one pair into tensors ``[3, R, R]`` in [-1, 1]."""
 
-    def __init__(self, resolution: int = 512, *, train: bool = True, hflip: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        resolution: int = 512,
+        *,
+        train: bool = True,
+        hflip: bool = True,
+        seed: int = 0,
+        random_crop: bool | None = None,
+    ):
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.resolution = int(resolution)
         self.train = train
+        self.random_crop = train if random_crop is None else bool(random_crop)
         self.hflip = hflip
         self.seed = seed
 
@@ -71,7 +82,7 @@ class PairTransform:
             new_w, new_h = max(size, int(size * width / height)), size
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        if self.train:
+        if self.random_crop:
             left = min(int(fx * (new_w - size + 1)), new_w - size)
             top = min(int(fy * (new_h - size + 1)), new_h - size)
         else:  # torchvision CenterCrop
@@ -101,9 +112,10 @@ class PreferenceDataset(Dataset):
         train: bool = True,
         hflip: bool = True,
         seed: int = 0,
+        random_crop: bool | None = None,
     ):
         self.pairs = pairs
-        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed)
+        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed, random_crop=random_crop)
         self.epoch = 0
         self.failed: dict[int, str] = {}
 
@@ -146,9 +158,10 @@ class IterablePreferenceDataset(IterableDataset):
         train: bool = True,
         hflip: bool = True,
         seed: int = 0,
+        random_crop: bool | None = None,
     ):
         self.pairs = pairs
-        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed)
+        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed, random_crop=random_crop)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -70,7 +70,9 @@ class SmPOConfig(TrainConfig):
     """SmPO (Lu et al. 2025; JaydenLyh/SmPO): Diffusion-DPO scaled by a smoothed preference
     ``p = σ(n(s_w) − n(s_l))`` from reward scores in raw PickScore-cosine units. Scores come from the data
     (``score_chosen``/``score_rejected``) or are computed once with ``smpo_reward`` (a reward name; two-tower
-    rewards give their cosine); pairs are re-ordered so the higher-scored image is the winner."""
+    rewards give their cosine); pairs are re-ordered so the higher-scored image is the winner. ``renoise``: the
+    noisy latents come from ReNoise inversion (:meth:`SmPOTrainer.renoise_invert`) on the fixed grid of
+    ``renoise_steps`` points (5 for SD1.5 as the reference; it uses 10 for SDXL)."""
 
     trainer: str = "smpo"
     beta: float = 2000.0
@@ -137,33 +139,46 @@ class SmPOTrainer(DiffusionDPOTrainer):
             scored.append(dataclasses.replace(pair, score_chosen=values[0], score_rejected=values[1]))
         self.pairs = scored
 
+    def renoise_grid(self):
+        """The inversion scheduler and its grid: diffusers' ``DDIMInverseScheduler`` built from the policy's
+        scheduler config with ``renoise_steps`` steps, as SmPO's script builds it from the pipeline's scheduler
+        (SD1.5, leading spacing with ``steps_offset`` 1: ``[1, 201, 401, 601, 801]``; SDXL's 10: ``[1, 101, …]``)."""
+        from diffusers import DDIMInverseScheduler
+
+        inverse = DDIMInverseScheduler.from_config(self.policy.noise_scheduler.config)
+        inverse.set_timesteps(self.config.renoise_steps)
+        return inverse
+
     @torch.no_grad()
     def renoise_invert(self, x0, timesteps, embeds, time_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """ReNoise inversion (SmPO): DDIM inversion of clean latents ``x0`` up to ``timesteps`` in
-        ``renoise_steps`` steps with the current model, each step averaging the noise predicted at the current
-        point and at its first inverted estimate. Returns ``x_t`` and ``ε̂ = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t)``."""
+        """ReNoise inversion of clean latents ``x0`` ``[B, ...]`` for per-sample timesteps ``t0`` ``[B]``, with the
+        current model under no_grad. Returns ``x`` and ``ε̂ = (x − √ᾱ_{t0}·x0)/√(1−ᾱ_{t0})``.
+
+        As SmPO's inversion loop (JaydenLyh/SmPO ``train.py``, the ``for t in times`` loop before the loss): the
+        steps are the points ``t`` of the fixed inversion grid (:meth:`renoise_grid`) strictly below ``t0``, in
+        increasing order (0 to ``renoise_steps`` steps; none when ``t0`` ≤ the first point). A step to ``t``
+        calls the model at the current point and then at ``guess = step(ε₁, t, x)``, BOTH calls labelled with the
+        destination ``t``, and moves ``x`` with the average: ``x ← step((ε₁ + ε₂)/2, t, x)``, ``step`` being
+        ``DDIMInverseScheduler.step`` (from ᾱ at ``t − 1000/renoise_steps``, or its initial ᾱ before the first
+        point, to ᾱ at ``t``). ``x`` therefore ends at the noise level of the last grid point below ``t0``,
+        while ``ε̂`` (and the model call of the loss) use ``t0`` itself, as the reference does. Samples of one
+        batch may have different ``t0``: each step runs the model only on the samples whose ``t0`` lies above it.
+        """
+        inverse = self.renoise_grid()
+        x = x0.clone()
+        for t in inverse.timesteps.tolist():
+            active = (timesteps > t).nonzero().flatten()
+            if active.numel() == 0:  # the grid increases: no later step is active either
+                break
+            x_a = x[active]
+            label = torch.full((active.numel(),), t, dtype=timesteps.dtype, device=timesteps.device)
+            embeds_a = embeds.select(active) if embeds is not None else None
+            time_ids_a = time_ids[active] if time_ids is not None else None
+            first = self.predict(x_a, label, embeds_a, time_ids_a)
+            guess = inverse.step(first, t, x_a).prev_sample
+            second = self.predict(guess, label, embeds_a, time_ids_a)
+            x[active] = inverse.step((first + second) / 2, t, x_a).prev_sample.to(x.dtype)
         alphas = self.policy.noise_scheduler.alphas_cumprod.to(x0.device, torch.float32)
-        steps = self.config.renoise_steps
-
-        def eps(x, t, alpha_bar):
-            out = self.predict(x, t, embeds, time_ids)
-            if self.policy.prediction_type == "v_prediction":
-                return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x
-            return out
-
-        def ddim_move(x, e, ab_from, ab_to):
-            return ab_to.sqrt() * (x - (1 - ab_from).sqrt() * e) / ab_from.sqrt() + (1 - ab_to).sqrt() * e
-
-        x = x0
-        for k in range(steps):
-            t_cur = (timesteps * k) // steps
-            t_next = (timesteps * (k + 1)) // steps
-            ab_cur = alphas[t_cur].view(-1, 1, 1, 1)
-            ab_next = alphas[t_next].view(-1, 1, 1, 1)
-            e_cur = eps(x, t_cur, ab_cur)
-            guess = ddim_move(x, e_cur, ab_cur, ab_next)
-            e_avg = (e_cur + eps(guess, t_next, ab_next)) / 2
-            x = ddim_move(x, e_avg, ab_cur, ab_next)
         return x, losses.epsilon_from_x0(x, x0, alphas[timesteps])
 
     def pair_mses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -269,7 +284,10 @@ class AdaptiveDPOTrainer(DiffusionDPOTrainer):
 @dataclass
 class KTOConfig(TrainConfig):
     """Diffusion-KTO (Li et al. 2024; jacklishufan/diffusion-kto): unpaired; each pair's winner is a
-    desirable sample and its loser an undesirable one, each with its own timestep and noise."""
+    desirable sample and its loser an undesirable one, each with its own timestep and noise. The reference
+    point (the KL estimate) is the mean of ``g = mse_ref − mse_θ`` over the GLOBAL batch, all processes
+    together, as the reference script all-reduces it (``accelerator.reduce(kl, "mean")`` in
+    ``train_kto_sd_v1.5.py``; the same value with equal per-process batches), then clamped at 0."""
 
     trainer: str = "kto"
     beta: float = 1000.0
@@ -299,4 +317,5 @@ class KTOTrainer(Trainer):
             beta=config.beta,
             lambda_d=config.lambda_desirable,
             lambda_u=config.lambda_undesirable,
+            kl=self.global_mean(ref_mse - model_mse),  # the loss clamps it at 0 and detaches it
         )

@@ -37,7 +37,9 @@ CHECKPOINT_PREFIX = "step-"
 
 @dataclass
 class TrainConfig:
-    """Options shared by every diffusion trainer. Defaults follow the diffusers Diffusion-DPO LoRA script."""
+    """Options shared by every diffusion trainer. Defaults follow the diffusers Diffusion-DPO LoRA script
+    (``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``): e.g. a centre crop with random
+    horizontal flips (``random_crop=False``, ``hflip=True``, as its and the official script's defaults)."""
 
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     data: str = ""
@@ -65,7 +67,8 @@ class TrainConfig:
     reference: Literal["auto", "adapters", "copy", "precomputed"] = "auto"
     beta: float = 5000.0
     resolution: int = 512
-    random_crop: bool = True
+    # the scripts' --random_crop (off: a centre crop after resizing the shorter side) and --no_hflip (off: flips)
+    random_crop: bool = False
     hflip: bool = True
     prompt_dropout: float = 0.0
     # [low, high): fractions of the training timesteps the losses draw from (like diffusers' timestep_bias_*
@@ -304,7 +307,12 @@ class Trainer:
             raise MMAlignError(f"{config.data}: no usable preference pairs")
         self.pairs = pairs
         self.dataset = PreferenceDataset(
-            pairs, config.resolution, train=config.random_crop, hflip=config.hflip, seed=config.seed
+            pairs,
+            config.resolution,
+            train=True,
+            random_crop=config.random_crop,
+            hflip=config.hflip,
+            seed=config.seed,
         )
         processes = self.accelerator.num_processes
         self.global_batch = config.batch_size * processes
@@ -410,6 +418,18 @@ class Trainer:
         noise = torch.randn(shape, generator=gen).view(count, self.global_batch, *shape[1:])[:, lo:hi]
         device = self.accelerator.device
         return timesteps.to(device), noise.to(device)
+
+    def global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` (detached) over the global micro-batch: this process's sum and count summed over
+        processes with accelerate's ``reduce`` (nothing to reduce on one process). For batch statistics that
+        the loss uses, e.g. Diffusion-KTO's reference point, so the loss does not depend on the process count."""
+        values = values.detach().float()
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return values.mean()
+        totals = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+        totals = acc.reduce(totals.to(acc.device), reduction="sum")
+        return (totals[0] / totals[1]).to(values.device)
 
     # -- model calls ----------------------------------------------------------------------------------------
     def predict(self, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
