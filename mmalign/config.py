@@ -2,7 +2,8 @@
 
 Each trainer declares a ``<Method>Config`` dataclass (defaults from its paper, checks in ``__post_init__``);
 this module fills any such dataclass. Precedence, lowest first: the dataclass defaults, the YAML recipe, the
-command line. Every value is coerced to its field's annotated type, and every error is a
+command line. The layers are merged here (nested dataclasses field by field) and the result is validated by
+pydantic against the annotations (lax mode, plus the spellings :func:`_prepare` adds); every error is a
 :class:`~mmalign.errors.ConfigError` that names the file (or "command line") and the key::
 
     cfg = load_config(DPOConfig, find_recipe("train/sd15-dpo"), ["lr=1e-5", "lora.rank=8"])
@@ -16,9 +17,11 @@ A recipe starts with the command that runs it, as leading ``#`` comment lines (s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import difflib
 import enum
+import functools
 import importlib.resources
 import re
 import types
@@ -26,7 +29,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import yaml
 
@@ -79,11 +82,17 @@ class _Int(int):
 
     text: str
 
+    def __str__(self) -> str:
+        return self.text
+
 
 class _Float(float):
     """A float read from YAML, remembering its text (for string fields)."""
 
     text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class _Loader(yaml.SafeLoader):
@@ -210,8 +219,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Coercion
+# Layers -> one mapping (mmalign's merge and spelling rules) -> pydantic validates it against the dataclass
 # ----------------------------------------------------------------------------------------------------------
+
+Layer = tuple[str, Mapping]  # (source name, mapping of raw values; keys may be dotted: "lora.rank")
+KeyPath = tuple[str | int, ...]  # a key as a path: ("nested", "targets", 1) is nested.targets[1]
 
 
 def _kind(value: Any) -> str:
@@ -219,182 +231,84 @@ def _kind(value: Any) -> str:
     return {dict: "mapping", list: "list", str: "string", type(None): "null"}.get(kind, kind.__name__)
 
 
+def _options(tp: Any) -> list[Any]:
+    """The members of a union other than None (``[tp]`` for anything else)."""
+    union = typing.get_origin(tp) is Union or isinstance(tp, types.UnionType)
+    return [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
+
+
 def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
+    if len(_options(tp)) > 1:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        return "a path"
     if isinstance(tp, type):
-        return {"str": "a string", "int": "an int", "float": "a float", "bool": "a bool (true or false)"}.get(
-            tp.__name__, tp.__name__
-        )
+        names = {"str": "a string", "int": "an int", "float": "a float", "bool": "a bool (true or false)"}
+        return names.get(tp.__name__, tp.__name__)
     return str(tp).replace("typing.", "")
 
 
-def _bad(source: str, key: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"{source}: {key}: {_plain(value)!r} is not {expected}")
-
-
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType))
-
-
-def _parse_flow(value: str, source: str, key: str) -> Any:
-    """A ``[...]`` or ``{...}`` string from the command line, read as YAML."""
-    return _parse_yaml(value, f"{source}: {key}")
-
-
-def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
-    """``value`` converted to the annotated type ``tp``, or a ConfigError naming ``source`` and ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
-    if tp is Any or tp is object:
-        return _plain(value)
-    if _is_union(tp):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NULL)):
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(value, option, source, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(options) == 1:
-            raise errors[0]
-        raise _bad(source, key, value, " or ".join(_type_name(a) for a in args))
-    if value is None:
-        raise ConfigError(f"{source}: {key}: null is not allowed here (expected {_type_name(tp)})")
-    if origin is Literal:
-        for choice in args:
-            if type(value) is type(choice) and value == choice:
-                return choice
-            if isinstance(value, (str, _Int, _Float)) and str(getattr(value, "text", value)) == str(choice):
-                return choice
-        choices = ", ".join(repr(c) for c in args)
-        close = difflib.get_close_matches(str(value), [str(c) for c in args], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{source}: {key}: {_plain(value)!r} is not one of {choices}{hint}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise _bad(source, key, value, "a bool (true or false)")
-    if tp is int:
-        if isinstance(value, bool):
-            raise _bad(source, key, value, "an int")
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            text = value.strip()
-            try:
-                return int(text, 0) if text[:2].lower() in ("0x", "0o", "0b") else int(text)
-            except ValueError:
-                try:
-                    number = float(text)
-                except ValueError:
-                    number = None
-                if number is not None and number.is_integer():
-                    return int(number)
-        raise _bad(source, key, value, "an int")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise _bad(source, key, value, "a float")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return getattr(value, "text", str(value))
-        raise _bad(source, key, value, "a string")
-    if isinstance(tp, type) and issubclass(tp, PurePath):
-        if isinstance(value, (str, PurePath)):
-            return tp(value)
-        raise _bad(source, key, value, "a path")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        for member in tp:
-            if value == member.value or str(value) in (member.name, str(member.value)):
-                return member
-        names = ", ".join(repr(m.value) for m in tp)
-        raise ConfigError(f"{source}: {key}: {_plain(value)!r} is not one of {names}")
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, str) and value.lstrip().startswith("{"):
-            value = _parse_flow(value, source, key)
-        if isinstance(value, Mapping):
-            return _build(tp, [(source, value)], key + ".")
-        raise ConfigError(f"{source}: {key}: expected a mapping of {tp.__name__} fields, got {_kind(value)}")
-    if origin in (list, tuple, set, frozenset) or origin in (Sequence, typing.Sequence) or tp in (list, tuple):
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                value = _parse_flow(text, source, key)
-            else:
-                value = [part.strip() for part in text.split(",")] if text else []
-        if isinstance(value, (set, frozenset)):
-            value = sorted(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key}: expected a list, got {_kind(value)}")
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(f"{source}: {key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
-        if origin in (tuple, set, frozenset):
-            return origin(items)
-        return tuple(items) if tp is tuple else items
-    if origin in (dict, Mapping, typing.Mapping) or tp is dict:
-        if isinstance(value, str) and value.lstrip().startswith("{"):
-            value = _parse_flow(value, source, key)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {_kind(value)}")
-        key_type, value_type = args if len(args) == 2 else (Any, Any)
-        return {
-            _coerce(k, key_type, source, f"{key}.{k}"): _coerce(v, value_type, source, f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{source}: {key}: cannot read {_plain(value)!r} as {_type_name(tp)}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building a dataclass from layers of values
-# ----------------------------------------------------------------------------------------------------------
-
-Layer = tuple[str, Mapping]  # (source name, mapping of raw values; keys may be dotted: "lora.rank")
+def _key(path: KeyPath) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _dataclass_of(tp: Any) -> type | None:
-    """The dataclass type of a field typed ``D`` or ``D | None``, else None."""
-    if _is_dataclass_type(tp):
-        return tp
-    if _is_union(tp):
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(options) == 1 and _is_dataclass_type(options[0]):
-            return options[0]
-    return None
-
-
 def _is_dict_type(tp: Any) -> bool:
     return typing.get_origin(tp) in (dict, Mapping, typing.Mapping) or tp is dict
+
+
+def _is_list_type(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, tuple, set, frozenset, Sequence) or tp in (list, tuple)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError) as exc:
+        raise TypeError(f"cannot resolve the type hints of {cls.__name__}: {exc}") from exc
+
+
+def _prepare(value: Any, tp: Any, source: str, path: KeyPath, origin: dict) -> Any:
+    """``value`` readied for pydantic's lax mode where mmalign reads more than it does, recursively.
+
+    That is: null words (``none``, ``~``) for optional fields, comma lists and ``[..]``/``{..}`` YAML flow text
+    from the command line, ints written ``1e3`` or ``0x10``, no bool where a number is expected, and YAML numbers
+    keep their text for string fields (``1.10``). A mapping for a nested dataclass is merged (keys checked).
+    """
+    options = _options(tp)
+    if len(options) == 1 and options[0] is not tp:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL):
+            return None
+        return _prepare(value, options[0], source, path, origin)
+    if isinstance(value, bool) and tp in (int, float):
+        raise ConfigError(f"{source}: {_key(path)}: {value!r} is not {_type_name(tp)}")
+    if tp is int and isinstance(value, str):  # pydantic reads neither 1e3 nor 0x10
+        try:
+            return int(value, 0)
+        except ValueError:
+            with contextlib.suppress(ValueError):
+                return int(float(value)) if float(value).is_integer() else value
+    listish = _is_list_type(tp)
+    if isinstance(value, str) and (listish or _is_dict_type(tp) or _is_dataclass_type(tp)):
+        text = value.strip()
+        if text.startswith("[" if listish else "{"):
+            value = _parse_yaml(text, f"{source}: {_key(path)}")
+        elif listish:
+            value = [part.strip() for part in text.split(",")] if text else []
+    args = typing.get_args(tp)
+    if listish and isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else value
+        item = args[0] if args else Any
+        return [_prepare(v, item, source, (*path, i), origin) for i, v in enumerate(items)]
+    if _is_dict_type(tp) and isinstance(value, Mapping):
+        item = args[1] if len(args) == 2 else Any
+        return {_plain(k): _prepare(v, item, source, (*path, k), origin) for k, v in value.items()}
+    if _is_dataclass_type(tp) and isinstance(value, Mapping):
+        return _merge(tp, [(source, value)], origin, path)
+    return value if tp is str else _plain(value)
 
 
 def _instance_mapping(obj: Any) -> Any:
@@ -412,8 +326,8 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _sources(layers: Sequence[Layer]) -> str:
-    names = list(dict.fromkeys(src for src, _ in layers if src != "defaults"))
+def _join(sources: Any) -> str:
+    names = sorted(dict.fromkeys(s for s in sources if s != "defaults"), key=lambda s: s == COMMAND_LINE)
     return " + ".join(names) or "defaults"
 
 
@@ -436,37 +350,37 @@ def _take(layer: Mapping, name: str, source: str, key: str) -> tuple[bool, Any]:
     raise ConfigError(f"{source}: {key} is set both as a whole ({_plain(value)!r}) and by its keys ({subkeys})")
 
 
-def _build(cls: type[T], layers: list[Layer], prefix: str = "") -> T:
-    """Build ``cls`` from ``layers`` (lowest precedence first), each a mapping of raw values."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError) as exc:
-        raise TypeError(f"cannot resolve the type hints of {cls.__name__}: {exc}") from exc
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    names = [f.name for f in fields]
+def _merge(cls: type, layers: list[Layer], origin: dict, path: KeyPath = ()) -> dict[str, Any]:
+    """The init arguments of ``cls`` from ``layers`` (lowest precedence first), not yet validated.
+
+    Checks the keys; records in ``origin`` which source gave each value, and the classes met (for errors).
+    """
+    hints = _hints(cls)
+    prefix = _key(path) + "." if path else ""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     for source, layer in layers:
         for key in layer:
             head = str(key).split(".")[0]
-            if head in names or (not prefix and key == "trainer"):
+            if head in names or (not path and key == "trainer"):
                 continue
             close = difflib.get_close_matches(head, names, n=1, cutoff=0.6)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
 
-    kwargs: dict[str, Any] = {}
-    for f in fields:
-        tp = hints[f.name]
-        key = prefix + f.name
+    out: dict[str, Any] = {}
+    for f in (f for f in dataclasses.fields(cls) if f.init):
+        tp, here = hints[f.name], (*path, f.name)
         given = []
         for src, layer in layers:
-            found, value = _take(layer, f.name, src, key)
+            found, value = _take(layer, f.name, src, _key(here))
             if found:
                 given.append((src, value))
         if not given:
             if _default(f) is dataclasses.MISSING:
-                raise ConfigError(f"{_sources(layers)}: missing required key '{key}'")
+                raise ConfigError(f"{_join(s for s, _ in layers)}: missing required key '{_key(here)}'")
             continue
-        sub = _dataclass_of(tp)
+        options = _options(tp)
+        sub = options[0] if len(options) == 1 and _is_dataclass_type(options[0]) else None
         if sub is not None:
             default = _instance_mapping(_default(f))
             stack = ([("defaults", default)] if isinstance(default, dict) else []) + given
@@ -476,27 +390,68 @@ def _build(cls: type[T], layers: list[Layer], prefix: str = "") -> T:
                 start -= 1
             top_source, top = stack[-1]
             if isinstance(top, Mapping):
-                kwargs[f.name] = _build(sub, stack[start:], key + ".")
+                out[f.name] = _merge(sub, stack[start:], origin, here)
             else:
-                kwargs[f.name] = _coerce(top, tp, top_source, key)
+                origin[here] = top_source
+                out[f.name] = _prepare(top, tp, top_source, here, origin)
         elif _is_dict_type(tp):
             # A mapping given whole replaces the dict; dotted keys (``loss_weights.kl=0.1``) set single entries.
             value = _default(f)
             for src, layer in layers:
                 if f.name in layer:
-                    value = _coerce(layer[f.name], tp, src, key)
+                    value, origin[here] = _prepare(layer[f.name], tp, src, here, origin), src
                 dotted = _dotted(layer, f.name)
                 if dotted:
-                    value = {**(value if isinstance(value, dict) else {}), **_coerce(dotted, tp, src, key)}
-            kwargs[f.name] = value
+                    value = {**(value if isinstance(value, dict) else {}), **_prepare(dotted, tp, src, here, origin)}
+                    origin.update({(*here, k): src for k in dotted})
+            out[f.name] = value
         else:
             src, value = given[-1]
-            kwargs[f.name] = _coerce(value, tp, src, key)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        where = f"{prefix[:-1]}: " if prefix else ""
-        raise ConfigError(f"{_sources(layers)}: {where}invalid {cls.__name__}: {exc}") from exc
+            origin[here] = src
+            out[f.name] = _prepare(value, tp, src, here, origin)
+    return out
+
+
+@functools.cache
+def _validator(cls: type) -> Any:
+    """A pydantic validator of ``list[cls]`` (the list carries the config; a dataclass cannot be given one)."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, arbitrary_types_allowed=True)
+    return TypeAdapter(list[cls], config=config)
+
+
+def _translate(err: dict, cls: type, origin: dict) -> ConfigError:
+    """A pydantic error said as mmalign says it: the source, the key, the value, what was expected."""
+    tp, path = cls, ()
+    for part in err["loc"][1:]:  # walk the annotations down pydantic's location (a union's member tag ends it)
+        tp = _options(tp)[0] if len(_options(tp)) == 1 else tp
+        if _is_dataclass_type(tp) and part in _hints(tp):
+            tp = _hints(tp)[part]
+        elif _is_list_type(tp) or _is_dict_type(tp):
+            tp = (typing.get_args(tp) or (Any, Any))[-1 if _is_dict_type(tp) else 0]
+        else:
+            break
+        path = (*path, part)
+    tp = _options(tp)[0] if len(_options(tp)) == 1 else tp
+    source = next(origin[path[:i]] for i in range(len(path), -1, -1) if path[:i] in origin)
+    value, kind, key = err["input"], err["type"], _key(path)
+    if kind in ("value_error", "assertion_error") and _is_dataclass_type(tp):
+        sources = _join(s for k, s in origin.items() if k[: len(path)] == path) if path else origin[()]
+        return ConfigError(f"{sources}: {key + ': ' if key else ''}invalid {tp.__name__}: {err['ctx']['error']}")
+    if value is None:
+        return ConfigError(f"{source}: {key}: null is not allowed here (expected {_type_name(tp)})")
+    if kind == "literal_error":
+        choices = typing.get_args(tp)
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+    shape = {"list_type": "a list", "tuple_type": "a list", "set_type": "a list", "dict_type": "a mapping"}.get(kind)
+    if kind.startswith("dataclass"):
+        shape = f"a mapping of {tp.__name__} fields"
+    if shape:
+        return ConfigError(f"{source}: {key}: expected {shape}, got {_kind(value)}")
+    return ConfigError(f"{source}: {key}: {value!r} is not {_type_name(tp)}")
 
 
 def load_config(
@@ -510,7 +465,8 @@ def load_config(
     nested mappings). A nested dataclass merges field by field across the layers; any other value, a ``dict``
     field's mapping included, replaces the one below it, except that dotted keys set single entries of a dict.
     A top-level ``trainer:`` key is read like any field when ``cls`` has one, else ignored.
-    Errors raised by ``cls.__post_init__`` (ValueError, TypeError) come back as ConfigError naming the source.
+    Values are validated by pydantic (lax mode) against the annotations; errors raised by ``cls.__post_init__``
+    (ValueError, TypeError) come back as ConfigError naming the source.
     """
     if not _is_dataclass_type(cls):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
@@ -520,7 +476,16 @@ def load_config(
     if overrides:
         flat = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
         layers.append((COMMAND_LINE, flat))
-    return _build(cls, layers)
+    origin: dict[KeyPath, str] = {(): _join(s for s, _ in layers)}
+    data = _merge(cls, layers, origin)
+    from pydantic import ValidationError
+
+    try:
+        return _validator(cls).validate_python([data])[0]
+    except ValidationError as exc:
+        raise _translate(exc.errors(include_url=False)[0], cls, origin) from None
+    except TypeError as exc:
+        raise ConfigError(f"{origin[()]}: invalid {cls.__name__}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------

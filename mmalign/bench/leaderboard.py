@@ -3,7 +3,6 @@ one HTML page and one plot (matplotlib's Agg canvas, no pyplot state), every cel
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -99,32 +98,14 @@ def leaderboard_markdown(results: Sequence[Result], metric: str = "accuracy") ->
 
 def leaderboard_html(results: Sequence[Result], metric: str = "accuracy", title: str = "Reward leaderboard") -> str:
     """A self-contained HTML page with the same two tables as :func:`leaderboard_markdown`."""
+    from ..templates import render
+
     rewards, datasets, cells = _grid(results, metric)
-    esc = html.escape
-    head = "".join(f"<th>{esc(d)}</th>" for d in datasets)
-    body = "".join(
-        f"<tr><th>{esc(w)}</th>" + "".join(f"<td>{esc(_cell(cells.get((w, d)), metric))}</td>" for d in datasets)
-        for w in rewards
-    )
-    second = "".join(
-        f"<tr><th>{esc(w)}</th><td>{esc(d)}</td>"
-        + "".join(f"<td>{esc(_cell(cells[(w, d)], m))}</td>" for m in SECONDARY)
-        + "</tr>"
-        for w in rewards
-        for d in datasets
-        if (w, d) in cells
-    )
-    style = (
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
-    )
-    return (
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{style}</style>"
-        f"</head><body><h1>{esc(title)}</h1>\n<table><tr><th>reward</th>{head}</tr>{body}</table>\n"
-        "<table><tr><th>reward</th><th>dataset</th><th>pairwise %</th><th>Spearman</th><th>Kendall</th>"
-        f"<th>ECE (BT)</th></tr>{second}</table>\n<p>Accuracy in %, 95% percentile bootstrap CI in brackets.</p>"
-        "</body></html>\n"
-    )
+    main = [(w, [_cell(cells.get((w, d)), metric) for d in datasets]) for w in rewards]
+    secondary = [
+        (w, d, [_cell(cells[(w, d)], m) for m in SECONDARY]) for w in rewards for d in datasets if (w, d) in cells
+    ]
+    return render("leaderboard.html.j2", title=title, datasets=datasets, main=main, secondary=secondary)
 
 
 def leaderboard_plot(results: Sequence[Result], path: str | os.PathLike, metric: str = "accuracy") -> Path:

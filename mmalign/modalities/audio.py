@@ -186,7 +186,11 @@ _K_HIGHPASS = ([1.0, -2.0, 1.0], [1.0, -1.99004745483398, 0.99007225036621])
 def loudness(waveform: torch.Tensor, sample_rate: int) -> float:
     """Integrated loudness in LUFS of ``[C, S]`` (ITU-R BS.1770-4): K-weighting (at 48 kHz, resampling first),
     mean square per 400 ms block with 75 % overlap, absolute gate -70 LUFS, relative gate -10 LU. Every channel
-    has weight 1 (no surround channels). ``-inf`` for silence."""
+    has weight 1 (no surround channels). ``-inf`` for silence.
+
+    Not pyloudnorm's meter: that one reads 0.043 LU low everywhere (it normalises the RLB high-pass numerator,
+    so the standard's 997 Hz check sine reads -3.05 instead of -3.01 LKFS), caps at five channels and gives the
+    4th and 5th surround gains. tests/modalities/test_audio.py checks this function against it."""
     from scipy.signal import lfilter
 
     if waveform.ndim == 1:

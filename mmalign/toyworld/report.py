@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 from typing import Any
@@ -158,23 +157,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def html_page(report: dict[str, Any]) -> str:
     """The report as a standalone HTML page (images referenced by relative path)."""
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{b:.3f}</td><td>{a:.3f}</td>"
-        f"<td style='color:{'#1a9850' if g > 0 else '#a50026'}'>{g:+.3f}</td></tr>"
-        for name, b, a, g in _table(report)
-    )
+    from ..templates import render
+
     paragraphs = [line for line in markdown(report).split("\n\n")[1:] if not line.startswith(("|", "!["))]
-    text = "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>mmalign demo</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-        "td:first-child{text-align:left}img{max-width:100%}</style></head><body>"
-        "<h1>mmalign demo: toyworld preference alignment</h1>"
-        f"<table><tr><th>score</th><th>before</th><th>after</th><th>gain</th></tr>{rows}</table>{text}"
-        "<h2>Held-out samples, same seeds</h2><img src='grid_before.png' alt='before'><img src='grid_after.png' "
-        "alt='after'><h2>Curves</h2><img src='curves.png' alt='curves'></body></html>\n"
-    )
+    return render("toyworld_report.html.j2", rows=_table(report), paragraphs=paragraphs)
 
 
 def write_report(report: dict[str, Any], before: Evaluation, after: Evaluation, out: Path) -> dict[str, str]:
