@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,29 +41,45 @@ NORM_RTOL = 1e-3
 UPDATE_RTOL = 1e-3
 
 
-def train(args: list[str], out: Path, processes: int, global_batch: int = 2, port: int = 29517, entry=None) -> dict:
-    """``mmalign train ARGS`` in 1 process or under torchrun in 2, each with its share of ``global_batch``;
-    the run's logged ``grad_norm`` list and LoRA tensors. ``entry``: a script to run instead of mmalign.cli."""
+def free_port() -> int:
+    """A free TCP port for torchrun's rendezvous (a fixed one collides with runs in parallel)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train(args: list[str], out: Path, processes: int, global_batch: int = 2, entry=None) -> dict:
+    """``mmalign train ARGS`` in 1 process or under torchrun in several, each with its share of
+    ``global_batch``; the run's ``log.jsonl`` records (``logs``), their ``grad_norm`` list and the LoRA tensors.
+    ``entry``: a script to run instead of ``-m mmalign.cli``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     program = list(entry) if entry else ["-m", "mmalign.cli"]
     command = [sys.executable]
     if processes > 1:
-        command += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+        command += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+        ]
     command += [*program, "train", *args, f"batch_size={global_batch // processes}", f"output_dir={out}"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return {
+        "logs": logs,
         "grad_norm": [row["grad_norm"] for row in logs],
         "weights": load_file(str(out / "pytorch_lora_weights.safetensors")),
     }
 
 
-def train_one_and_two(args: list[str], tmp_path: Path, port: int, global_batch: int = 2) -> dict[str, dict]:
+def train_one_and_two(args: list[str], tmp_path: Path, global_batch: int = 2) -> dict[str, dict]:
     """The same global batch in one process and in two: ``{"one": run, "two": run}`` (see :func:`train`)."""
     return {
         "one": train(args, tmp_path / "one", 1, global_batch),
-        "two": train(args, tmp_path / "two", 2, global_batch, port),
+        "two": train(args, tmp_path / "two", 2, global_batch),
     }
 
 

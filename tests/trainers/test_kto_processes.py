@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmalign.trainers import losses as L
-from tests.trainers.launch import read_log, train_cli
+from tests.trainers import distributed
+from tests.trainers.test_training import make_trainer
 
 BETA = 1000.0
 
@@ -60,16 +61,20 @@ def test_two_processes_equal_one_for_kto(sd_folder, pairs_file, tmp_path):
         "max_steps=3",
         "max_train_samples=2",
         "lambda_undesirable=0.1",
-        "lr=1e-3",
+        "lr=0.03",  # plain SGD: the reference point moves (4e-4 at step 2) and updates stay comparable
+        "optimizer=sgd",
         "lora_rank=4",
         "log_every=1",
     ]
-    train_cli([*args, "batch_size=2", f"output_dir={tmp_path / 'one'}"])
-    train_cli([*args, "batch_size=1", f"output_dir={tmp_path / 'two'}"], processes=2)
-    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    runs = distributed.train_one_and_two(args, tmp_path)
+    one, two = runs["one"]["logs"], runs["two"]["logs"]
     assert len(one) == len(two) == 3
-    for a, b in zip(one, two):
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-3)  # a mean of MSE differences: cancellation
+    for a, b in zip(one, two):  # tolerances measured in tests/trainers/distributed.py
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=distributed.NORM_RTOL)
+        assert b["loss"] == pytest.approx(a["loss"], rel=distributed.NORM_RTOL, abs=1e-6)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-2)  # a mean of MSE differences: cancellation
     assert min(r["kl"] for r in one[1:]) > 1e-4  # the reference point is in play after the first step
+    # measured (AVX-512): grad-norm relative difference 0, 7e-8, 3e-7 and update error 5.8e-5; with the former
+    # per-process reference point: 0, 7.7e-3, 2.2e-2 and 1.0
+    init = distributed.initial_lora(make_trainer(sd_folder, pairs_file, tmp_path / "init", "trainer=kto"))
+    distributed.assert_two_processes_equal_one(runs, init)

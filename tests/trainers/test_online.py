@@ -489,7 +489,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(name, sd_folder, pro
     args = [f"trainer={name}", f"model={sd_folder}", f"data={prompts_file}", "resolution=32", "tracker=none"]
     args += ["progress=false", "max_steps=2", "lr=1e-3", "optimizer=sgd", "sample_steps=2", "log_every=1"]
     args += ["reward=jpeg-compressibility", "d3po_clip=0.5" if name == "d3po" else "sample_batches=2"]
-    runs = distributed.train_one_and_two(args, tmp_path, port=29533 + (name == "ddpo"))
+    runs = distributed.train_one_and_two(args, tmp_path)
     init = distributed.initial_lora(
         make(name, sd_folder, prompts_file, tmp_path / "init", "reward=jpeg-compressibility")
     )

@@ -158,13 +158,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(sd_folder, pairs_fil
 
     args = [f"model={sd_folder}", f"data={pairs_file}", "resolution=32", "tracker=none", "progress=false"]
     args += ["max_steps=2", "lr=1e-3", "optimizer=sgd", "lora_rank=4", "random_crop=false", "log_every=1"]
-    runs = distributed.train_one_and_two(args, tmp_path, port=29517)
+    runs = distributed.train_one_and_two(args, tmp_path)
     init = distributed.initial_lora(make_trainer(sd_folder, pairs_file, tmp_path / "init"))
     distributed.assert_two_processes_equal_one(runs, init)
     assert len((tmp_path / "two" / "log.jsonl").read_text().splitlines()) == 2  # one process logs
 
     bug = [str(REPO / "tests" / "trainers" / "unsynchronised_train.py")]
-    wrong = distributed.train(args, tmp_path / "wrong", 2, port=29518, entry=bug)
+    wrong = distributed.train(args, tmp_path / "wrong", 2, entry=bug)
     with pytest.raises(AssertionError):
         distributed.assert_two_processes_equal_one({"one": runs["one"], "two": wrong}, init)
     assert distributed.update_error(runs["one"]["weights"], wrong["weights"], init) > 100 * distributed.UPDATE_RTOL
