@@ -82,7 +82,8 @@ class CLIPReward(TwoTowerReward):
             else resolve_dir(processor, default_repo=cls.default_repo, what=f"{cls.name} processor")
         )
         tokenizer, image_processor = load_clip_processor(proc_dir)
-        model = CLIPModel.from_pretrained(str(model_dir))
+        # Loaded in the target dtype: no full-precision copy of the weights is built and then converted.
+        model = CLIPModel.from_pretrained(str(model_dir), dtype=resolve_dtype(dtype))
         max_length = min(getattr(model.config.text_config, "max_position_embeddings", 77), 77)
         reward = cls(model, tokenizer, image_processor, max_length=max_length)
         return reward.to(device=device, dtype=resolve_dtype(dtype))
@@ -93,6 +94,12 @@ class CLIPReward(TwoTowerReward):
             out = self.image_processor(images=image, return_tensors="pt")
             return out["pixel_values"][0]
         return clip_reference(image, self.image_size)
+
+    def preprocess_reference_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """One image-processor call per batch (the same per-image ops, without the per-call overhead)."""
+        if self.use_image_processor:
+            return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return super().preprocess_reference_batch(images)
 
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         return clip_tensor(images, self.image_size, self.image_mean, self.image_std)
