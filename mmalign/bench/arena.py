@@ -16,6 +16,8 @@ Rankings:
 * **Bradley-Terry** maximum likelihood (Bradley & Terry 1952) by Hunter's (2004) MM algorithm
   ``g_i <- W_i / sum_j n_ij / (g_i + g_j)``; a tie is half a win for each side (as Chatbot Arena), and
   ``prior`` pseudo-games split evenly between every pair keep the estimate finite when a model never loses.
+  The default ``prior = 0.1`` (also ``mmalign bench generators --bt-prior``) makes it a regularised (MAP) fit,
+  not the plain maximum likelihood; ``prior = 0`` is the MLE.
   Reported on the Elo scale ``1000 + 400 log10 g_i`` (geometric mean of g = 1).
 * **K-wise Bayesian** (K-Sort Arena, Li et al. 2024, arXiv:2408.14468: Gaussian capability posteriors updated
   from K-wise comparisons). Each model has ``N(mu, sigma^2)``, performance ``~ N(skill, beta^2)`` (Thurstone);
@@ -211,10 +213,11 @@ def bradley_terry(
     scale: float = 400.0,
     initial: float = 1000.0,
 ) -> dict[str, float]:
-    """Bradley-Terry maximum likelihood by Hunter's MM algorithm, on the Elo scale.
+    """Bradley-Terry fit by Hunter's MM algorithm, on the Elo scale.
 
-    Ties are half a win for each side; ``prior`` pseudo-games per pair (half won by each) regularise the fit
-    (0 for the plain MLE, which exists only if every model both wins and loses within a connected graph).
+    Ties are half a win for each side; ``prior`` pseudo-games per pair (half won by each) regularise the fit:
+    with the default 0.1 it is the maximum likelihood of the votes plus those pseudo-games, not of the votes
+    alone; 0 gives the plain MLE, which exists only if every model both wins and loses within a connected graph.
     """
     models, wins, games = win_matrix(votes, models)
     n = len(models)

@@ -244,7 +244,14 @@ def add_generators(sub: argparse._SubParsersAction) -> None:
     _add_reward_options(p)
     p.add_argument("--method", choices=["elo", "bt", "kwise", "all"], default="all")
     p.add_argument("--k-factor", type=float, default=32.0, help="Elo K-factor")
-    p.add_argument("--bt-prior", type=float, default=0.1, help="Bradley-Terry pseudo-games per pair")
+    p.add_argument(
+        "--bt-prior",
+        type=float,
+        default=0.1,
+        help="Bradley-Terry pseudo-games added to every pair, half won by each side (default 0.1: a regularised "
+        "fit, finite when a model never loses); 0 for the plain maximum-likelihood fit, which needs every model "
+        "to win and lose, in every bootstrap resample too (use --bootstrap 0 with few votes)",
+    )
     p.add_argument(
         "--kwise-pairing", choices=["mean", "weng-lin"], default="mean", help="K-wise: average or sum pair updates"
     )

@@ -28,7 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="the prompt of every image")
     p.add_argument("--pairs", metavar="FILE.jsonl", help='lines of {"prompt": ..., "image": ...}')
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="model weights and compute; on a CPU bf16 halves memory but is faster only with AMX (without it, "
+        "e.g. avx512_bf16 alone, bf16 matmuls run at about 0.5-0.7x fp32: benchmarks/results/pickscore_bf16.md)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable media files, report them at the end")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (and video frames)")

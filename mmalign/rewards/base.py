@@ -62,6 +62,11 @@ class Reward(nn.Module):
         """Model input (already preprocessed) -> float32 scores ``[B]``."""
         raise NotImplementedError
 
+    def preprocess_reference_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """:meth:`preprocess_reference` of several decoded images, stacked ``[B, 3, h, w]``; a reward whose
+        reference preprocessor takes a list in one call (transformers' image processors) overrides it."""
+        return torch.stack([self.preprocess_reference(image) for image in images])
+
     # -- shared -----------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -110,7 +115,7 @@ class Reward(nn.Module):
         scores = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = torch.stack([self.preprocess_reference(self._decode(item)) for item in chunk])
+            pixels = self.preprocess_reference_batch([self._decode(item) for item in chunk])
             scores.append(self.score_pixels(pixels, prompts[start : start + batch_size]).float().cpu())
         return torch.cat(scores) if scores else torch.empty(0)
 

@@ -7,7 +7,13 @@
   "A photo depicts ", per sample ``2.5 * max(cos, 0)``; preprocessing is OpenAI CLIP's torchvision transform.
 * ``clipscore-tm``: torchmetrics' ``CLIPScore``: ``100 * cos`` per sample with ViT-L/14 and the CLIP processor.
   torchmetrics clamps the *mean* over a batch at 0 (``max(mean(100 cos), 0)``), Hessel clamps each sample:
-  :meth:`TorchmetricsCLIPScoreReward.corpus_score` gives the torchmetrics aggregate.
+  :meth:`TorchmetricsCLIPScoreReward.corpus_score` gives the torchmetrics aggregate. A deliberate difference on
+  prompts over 77 tokens: mmalign truncates with the tokenizer, which keeps the end-of-text token (76 tokens +
+  EOT), while torchmetrics cuts the first 77 ids and so drops it. CLIP pools the text feature at end-of-text;
+  without it transformers pools at the largest token id (configs with ``eos_token_id = 2``, as
+  ``openai/clip-vit-large-patch14``: some word of the prompt) or at position 0 (newer configs: the start token,
+  which a causal tower sees alone, so the score no longer depends on the prompt). torchmetrics' scores of such
+  prompts are therefore not prompt scores; mmalign's are those of the prompt's first 76 tokens.
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ class CLIPReward(TwoTowerReward):
             else resolve_dir(processor, default_repo=cls.default_repo, what=f"{cls.name} processor")
         )
         tokenizer, image_processor = load_clip_processor(proc_dir)
-        model = CLIPModel.from_pretrained(str(model_dir))
+        # Loaded in the target dtype: no full-precision copy of the weights is built and then converted.
+        model = CLIPModel.from_pretrained(str(model_dir), dtype=resolve_dtype(dtype))
         max_length = min(getattr(model.config.text_config, "max_position_embeddings", 77), 77)
         reward = cls(model, tokenizer, image_processor, max_length=max_length)
         return reward.to(device=device, dtype=resolve_dtype(dtype))
@@ -93,6 +100,12 @@ class CLIPReward(TwoTowerReward):
             out = self.image_processor(images=image, return_tensors="pt")
             return out["pixel_values"][0]
         return clip_reference(image, self.image_size)
+
+    def preprocess_reference_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """One image-processor call per batch (the same per-image ops, without the per-call overhead)."""
+        if self.use_image_processor:
+            return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return super().preprocess_reference_batch(images)
 
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         return clip_tensor(images, self.image_size, self.image_mean, self.image_std)
@@ -136,6 +149,9 @@ class CLIPScoreReward(CLIPReward):
 
 
 class TorchmetricsCLIPScoreReward(CLIPReward):
+    """torchmetrics' ``CLIPScore`` convention (``100 * cos``), except that prompts over 77 tokens keep their
+    end-of-text token (torchmetrics drops it; see the module docstring)."""
+
     name = "clipscore-tm"
     default_repo = "openai/clip-vit-large-patch14"
     score_scale: ClassVar[str] = "100 * cosine per sample (torchmetrics; its aggregate clamps the mean at 0)"

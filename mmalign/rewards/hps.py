@@ -8,6 +8,11 @@ features (about 0.2-0.35; benchmark tables print 100x). Differences from ``hpsv2
 * the prompt is encoded once per distinct string, not once per image;
 * RGBA/P/16-bit inputs are converted to RGB (the reference crashes on RGBA);
 * scores are computed in float32 after the tower (the reference's CUDA fp16 autocast produces exact ties).
+* an image whose longest side is already the model's size (224x100, say) is letterboxed like any other:
+  the reference ``ResizeMaxSize`` (hpsv2's vendored open_clip transform) resizes and pads only when
+  ``scale != 1``, so it passes such an image through unpadded and the tower then fails (positional embedding
+  of 257 tokens against 113). mmalign deliberately pads it to 224x224, which is what the reference does for
+  every other size, so its score equals that of the same image letterboxed by hand (tested).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +396,23 @@ def test_example_files_feed_every_command(tmp_path, monkeypatch):
     assert run([*argv, "--out", "runs/gen", "--bootstrap", 10, "--no-progress"]) == 0
     report = json.loads(Path("runs/gen/generators.json").read_text())
     assert report["rankings"]["bt"][0] == "flux-dev" and report["rankings"]["bt"][-1] == "sd-1.5"
+
+
+def test_generators_bt_prior_zero_is_the_mle(tmp_path):
+    """A beats B 3 times out of 4: the MLE is p(A > B) = 3/4, so R_A - R_B = 400 log10(3); the default prior 0.1
+    adds 0.05 wins to each side: 400 log10(3.05 / 1.05)."""
+    votes = tmp_path / "votes.jsonl"
+    battles = ["model_a"] * 3 + ["model_b"]
+    votes.write_text("".join(json.dumps({"model_a": "A", "model_b": "B", "winner": w}) + "\n" for w in battles))
+    gaps = {}
+    for prior in ("0", None):
+        out = tmp_path / f"prior_{prior}"
+        argv = ["bench", "generators", "--votes", votes, "--method", "bt", "--bootstrap", 0, "--out", out]
+        argv += ["--bt-prior", prior] if prior is not None else []
+        assert run(argv + ["--no-progress"]) == 0
+        report = json.loads((out / "generators.json").read_text())
+        ratings = report["ratings"]["bt"]
+        gaps[prior] = ratings["A"]["value"] - ratings["B"]["value"]
+        assert report["settings"]["bt"]["prior"] == (0.0 if prior == "0" else 0.1)
+    assert gaps["0"] == pytest.approx(400 * math.log10(3.0), abs=1e-6)
+    assert gaps[None] == pytest.approx(400 * math.log10(3.05 / 1.05), abs=1e-6)

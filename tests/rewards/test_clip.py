@@ -92,6 +92,22 @@ def test_pickscore_batch_equals_single_and_tensor_path(clip_folder, image_files)
     assert (tensor_scores.detach() - file_scores).abs().max() < 0.05
 
 
+def test_batched_image_processor_equals_one_by_one(clip_folder, image_files):
+    """score_images runs the image processor once per batch: bit-identical to one call per image."""
+    reward = mmalign.load_reward("pickscore", weights=str(clip_folder))
+    images = [Image.open(p).convert("RGB") for p in image_files]
+    one_by_one = torch.stack([reward.preprocess_reference(image) for image in images])
+    torch.testing.assert_close(reward.preprocess_reference_batch(images), one_by_one, atol=0, rtol=0)
+
+
+def test_bf16_loads_in_bf16(clip_folder, image_files):
+    reward = mmalign.load_reward("pickscore", weights=str(clip_folder), dtype="bf16")
+    assert {p.dtype for p in reward.parameters()} == {torch.bfloat16}
+    fp32 = mmalign.load_reward("pickscore", weights=str(clip_folder))
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    assert (reward.score(image_files, "p") - fp32.score(image_files, "p")).abs().max() < 0.5
+
+
 def test_clipscore_hessel_equals_reference(clip_folder, reference_model, image_files):
     reward = mmalign.load_reward("clipscore", weights=str(clip_folder))
     captions = ["a dog", "two red circles", "a dog", "text", "a very long caption " * 30]

@@ -135,3 +135,20 @@ def test_letterbox_geometry():
     assert y.shape == (1, 3, 224, 224)
     rows = y[0, 0].abs().sum(dim=1) > 0
     assert rows.sum() == 56 and rows[84:140].all()  # 224 * 100/400 = 56 rows, top pad 168 // 2
+
+
+def test_longest_side_already_model_size_is_letterboxed(hps):
+    """Deliberate difference: the reference's ResizeMaxSize leaves a 224x100 image unpadded (and the tower then
+    fails on 113 tokens); mmalign pads it, so it scores like the same image letterboxed by hand."""
+    size = hps.image_size
+    height = size * 100 // 224
+    generator = torch.Generator().manual_seed(0)
+    array = (torch.rand(height, size, 3, generator=generator) * 255).round().to(torch.uint8).numpy()
+    image = Image.fromarray(array)  # width = size (the longest side), height < size
+    pixels = TF.to_tensor(image)
+    pad = size - height
+    by_hand = TF.pad(pixels, [0, pad // 2, 0, pad - pad // 2], fill=0)  # left, top, right, bottom
+    assert by_hand.shape == (3, size, size)
+    expected = hps.score_pixels(((by_hand - MEAN) / STD).unsqueeze(0), ["a red circle"])
+    torch.testing.assert_close(hps.preprocess_reference(image), (by_hand - MEAN) / STD, atol=1e-6, rtol=0)
+    torch.testing.assert_close(hps.score([image], "a red circle"), expected, atol=1e-6, rtol=1e-5)
