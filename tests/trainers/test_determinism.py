@@ -52,10 +52,10 @@ OFFLINE = {
 ONLINE = {
     "ddpo": ["reward=jpeg-compressibility", "stat_min_count=2"],
     "d3po": ["d3po_clip=0.5"],
-    "refl": ["sample_steps=3", "refl_min_step=1", "refl_max_step=2"],
+    "refl": ["sample_steps=3", "refl_min_step=1", "refl_max_step=2", "grad_accum=1"],  # its EMA resumes too
     "draft": ["draft_mode=k", "draft_k=1"],
     "draft-lv": ["trainer=draft", "draft_mode=lv"],
-    "alignprop": ["truncation_mean=1", "truncation_std=0.5"],
+    "alignprop": ["sample_steps=3"],
 }
 
 
