@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -17,6 +16,7 @@ from mmalign.rewards.lifted import MultiviewReward, VideoReward
 from mmalign.scoring import items_from_pairs, items_from_paths
 from tests import tiny
 from tests.modalities.tiny_media import random_frames, sine, write_video
+from tests.tolerances import kernel_approx
 
 CONTRACT = {"path", "prompt", "reward", "score", "dtype"}
 
@@ -92,7 +92,7 @@ def test_audio_end_to_end(media, clap_folder, tmp_path, capsys):
     assert set(row) >= CONTRACT and row["modality"] == "audio" and row["unit"] == "window"
     assert row["units"] == [row["score"]] and row["unit_positions"] == [0.0] and row["duration"] == 2.0
     reward = mmalign.load_reward("clap", weights=str(clap_folder))
-    assert row["score"] == pytest.approx(reward.score(media / "tone.wav", "a beep").item(), abs=1e-6)
+    assert row["score"] == kernel_approx(reward.score(media / "tone.wav", "a beep").item())
     music = base + ["--prompt", "a beep", "--modality", "music", "--window-seconds", "0.5", str(media / "tone.wav")]
     assert main(music) == 0
     row = read(out)[-1]
@@ -154,5 +154,7 @@ def test_frames_folder_video_cli(clip_folder, tmp_path):
     assert main(argv) == 0
     (row,) = read(out)
     image = mmalign.load_reward("pickscore", weights=str(clip_folder)).score([frames / "frame_0.png"], "x").item()
-    assert row["score"] == pytest.approx(image, rel=1e-6) and row["unit_positions"] == [0, 2, 5]
-    assert np.allclose(row["units"], image, rtol=1e-6)
+    # three equal frames scored in one batch vs the image alone: equal up to the kernels' rounding (with AVX2
+    # kernels even the three rows of the batch differ from one another)
+    assert row["score"] == kernel_approx(image) and row["unit_positions"] == [0, 2, 5]
+    assert row["units"] == kernel_approx([image] * 3)

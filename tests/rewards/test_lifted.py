@@ -15,6 +15,7 @@ from mmalign.modalities.image import pil_to_tensor
 from mmalign.rewards import lifted as L
 from tests import tiny
 from tests.modalities.tiny_media import random_frames, write_video
+from tests.tolerances import KERNEL_ATOL, KERNEL_RTOL, kernel_approx
 
 PROMPT = "a cat on a mat"
 
@@ -67,12 +68,12 @@ def test_repeated_frame_scores_as_its_image(hps, clips, aggregate):
     image_score = hps.score([folder / "still.png"], PROMPT)
     video = L.VideoReward(hps, aggregate, frames=4)
     result = video.score_files([folder / "still.mkv"], PROMPT)[0]
-    assert result.total == pytest.approx(image_score.item(), abs=1e-6)
-    assert result.units == pytest.approx([image_score.item()] * 4, abs=1e-6)
+    assert result.total == kernel_approx(image_score.item())
+    assert result.units == kernel_approx([image_score.item()] * 4)
     assert result.unit == "frame" and result.extra["num_frames"] == 8
     expected_positions = [0, 2, 4, 6] if aggregate == "segmental" else [0, 2, 5, 7]
     assert result.positions == expected_positions
-    assert video.score(folder / "still.mkv", PROMPT).item() == pytest.approx(image_score.item(), abs=1e-6)
+    assert video.score(folder / "still.mkv", PROMPT).item() == kernel_approx(image_score.item())
 
 
 def test_repeated_frame_tensor_path_and_tar(hps, clips):
@@ -81,18 +82,18 @@ def test_repeated_frame_tensor_path_and_tar(hps, clips):
     still = frame.expand(8, -1, -1, -1).clone().requires_grad_(True)
     image = hps.score_tensor(frame[None], PROMPT)
     mean = L.VideoReward(hps, "mean", 8).score_tensor(still[None], PROMPT)
-    torch.testing.assert_close(mean, image, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mean, image, atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
     tar = L.VideoReward(hps, "tar", 4)
     detailed = tar.score_detailed(still[None], PROMPT)
     weights = torch.tensor([math.exp(-abs(i - 4)) for i in (0, 2, 4, 6)])
     assert detailed.positions.tolist() == [[0, 2, 4, 6]]
     torch.testing.assert_close(detailed.weights[0], weights)
-    torch.testing.assert_close(detailed.total, image * weights.mean(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(detailed.total, image * weights.mean(), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
     detailed.total.sum().backward()
     assert still.grad is not None and still.grad.abs().sum() > 0
     file_result = tar.score_files([folder / "still.mkv"], PROMPT)[0]
     assert file_result.weights == pytest.approx(weights.tolist())
-    assert file_result.total == pytest.approx(float(image.detach() * weights.mean()), abs=1e-6)
+    assert file_result.total == kernel_approx(float(image.detach() * weights.mean()))
 
 
 def test_aggregations_match_hand_computation(hps):
@@ -147,7 +148,7 @@ def test_file_units_equal_image_scores_of_decoded_frames(hps, clips):
     result = L.VideoReward(hps, "segmental", 4).score_files([folder / "moving.mkv"], PROMPT)[0]
     assert result.positions == [0, 4, 8, 12]
     images = [Image.fromarray(distinct[i]) for i in result.positions]
-    assert result.units == pytest.approx(hps.score(images, PROMPT).tolist(), abs=1e-6)
+    assert result.units == kernel_approx(hps.score(images, PROMPT).tolist())
 
 
 def test_prompt_free_non_differentiable_reward(clips):
@@ -182,17 +183,22 @@ def test_multiview_mean_min_and_grid(hps, view_sets):
     views, grid, tiles = view_sets
     per_view = hps.score(tiles, PROMPT)
     mean = L.MultiviewReward(hps, "mean").score_files([views], PROMPT)[0]
-    assert mean.units == pytest.approx(per_view.tolist(), abs=1e-6)
-    assert mean.total == pytest.approx(per_view.mean().item(), abs=1e-6) and mean.positions == [0, 1, 2, 3]
+    assert mean.units == kernel_approx(per_view.tolist())
+    assert mean.total == kernel_approx(per_view.mean().item()) and mean.positions == [
+        0,
+        1,
+        2,
+        3,
+    ]
     low = L.MultiviewReward(hps, "min", grid="2x2").score_files([grid], PROMPT)[0]
-    assert low.units == pytest.approx(per_view.tolist(), abs=1e-6)
-    assert low.total == pytest.approx(per_view.min().item(), abs=1e-6)
+    assert low.units == kernel_approx(per_view.tolist())
+    assert low.total == kernel_approx(per_view.min().item())
     tensor = torch.stack([pil_to_tensor(t) for t in tiles])[None]
     torch.testing.assert_close(
         L.MultiviewReward(hps, "mean").score_tensor(tensor, PROMPT),
         hps.score_tensor(tensor[0], PROMPT).mean()[None],
-        atol=1e-6,
-        rtol=0,
+        atol=KERNEL_ATOL,
+        rtol=KERNEL_RTOL,
     )
 
 
