@@ -353,6 +353,13 @@ def bench_model(name, args, workdir, peaks) -> list[dict]:
     return rows
 
 
+def cpu_model_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def to_markdown(result) -> str:
     lines = [
         f"# Reward-model throughput ({result['machine']})",
@@ -363,6 +370,22 @@ def to_markdown(result) -> str:
         + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["matmul_peak_gflops"].items()),
         "",
     ]
+    if "cpu" in result:
+        load = result["load_average"]
+        lines += [
+            f"CPU: {result['cpu']} (flags: {', '.join(result['cpu_flags']) or 'none of avx2/avx512/amx'}); "
+            f"1-minute load average {load[0]:.2f} at the start, {load[1]:.2f} at the end (the benchmark's own "
+            f"threads included); {result['date']}.",
+            "",
+        ]
+    peaks = result["matmul_peak_gflops"]
+    if "bf16" in peaks and "fp32" in peaks and peaks["bf16"] < peaks["fp32"]:
+        lines += [
+            f"bf16 matmul runs at {peaks['bf16'] / peaks['fp32']:.2f}x fp32 on this CPU (avx512_bf16 without AMX: "
+            "bf16 dot products but no tile units), so bf16 scoring cannot beat fp32 here; bf16 halves the weights' "
+            "memory. Profile and whole-process figures: [pickscore_bf16.md](pickscore_bf16.md).",
+            "",
+        ]
     lines += [
         "| model | implementation | dtype | batch | images/s | vs best reference | peak RSS GiB | GFLOP/s "
         "| % of peak |",
@@ -411,6 +434,8 @@ def main(argv=None) -> int:
     peaks = {name: matmul_peak(resolve_dtype(name)) for name in args.dtypes}
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    cpu_flags = sorted({f for f in flags.split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")})
+    load_before = os.getloadavg()[0]
     if native_bf16:
         args.bf16_full = True
     print(
@@ -427,6 +452,10 @@ def main(argv=None) -> int:
         machine=f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
         f"native bf16 {native_bf16}",
         command="python benchmarks/bench_rewards.py " + " ".join(argv or sys.argv[1:]),
+        cpu=cpu_model_name(),
+        cpu_flags=cpu_flags,
+        load_average=[load_before, os.getloadavg()[0]],
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         matmul_peak_gflops=peaks,
         rows=rows,
     )

@@ -46,6 +46,7 @@ def pick_args(clip_folder, out):
     return ["score", "--reward", "pickscore", "--weights", str(clip_folder), "--out", str(out), "--no-progress"]
 
 
+@pytest.mark.kernels
 def test_video_and_views_end_to_end(media, clip_folder, tmp_path, capsys):
     out = tmp_path / "scores.jsonl"
     argv = pick_args(clip_folder, out) + ["--prompt", "a chair", "--frames", "4", "--aggregate", "tar"]
@@ -143,6 +144,7 @@ def test_item_expansion(media, tmp_path):
     assert got[0].path == str(tmp_path / "m" / "clip.mkv")
 
 
+@pytest.mark.kernels
 def test_frames_folder_video_cli(clip_folder, tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()

@@ -17,6 +17,8 @@ from tests import tiny
 from tests.modalities.tiny_media import random_frames, write_video
 from tests.tolerances import KERNEL_ATOL, KERNEL_RTOL, kernel_approx
 
+pytestmark = pytest.mark.kernels
+
 PROMPT = "a cat on a mat"
 
 

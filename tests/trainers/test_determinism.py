@@ -6,11 +6,15 @@ composition depends on what ran before."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from tests.trainers.conftest import write_pairs
 from tests.trainers.test_training import make_trainer
+
+pytestmark = pytest.mark.kernels
 
 PROMPTS = ["a red apple", "a blue sky", "a green field", "the sun"]
 
@@ -63,8 +67,6 @@ ONLINE = {
 def scored_pairs(tmp_path_factory):
     """Three scored pairs with three prompts: an odd count, so global batches of two straddle epochs and
     prompts meet in changing company."""
-    import json
-
     path = write_pairs(tmp_path_factory.mktemp("scored"), count=3)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for i, row in enumerate(rows):
@@ -132,4 +134,8 @@ def test_online_trainers_resume_exactly(name, sd_folder, three_prompts, tmp_path
         common = ["max_steps=3", "checkpoint_every=2", "lr=1e-2", *ONLINE[name], *extra]
         return make(trainer, sd_folder, three_prompts, out, *common, reward=reward)
 
-    _assert_same_weights(*_interrupt_then_resume(build, tmp_path, monkeypatch))
+    full, resumed = _interrupt_then_resume(build, tmp_path, monkeypatch)
+    _assert_same_weights(full, resumed)
+    if name == "ddpo":  # the per-prompt reward statistics travel in the checkpoint
+        assert json.loads((tmp_path / "b" / "checkpoints" / "step-0000002" / "stat_tracker.json").read_text())
+        assert resumed.tracker.state_dict() == full.tracker.state_dict()

@@ -197,31 +197,6 @@ def test_policy_gradient_trainers_change_every_parameter(name, sd_folder, prompt
     assert (tmp_path / name / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_ddpo_resume_equals_uninterrupted_with_the_stat_tracker(sd_folder, prompts_file, tmp_path, monkeypatch):
-    common = ["reward=jpeg-compressibility", "max_steps=3", "checkpoint_every=2", "stat_min_count=2", "lr=1e-2"]
-    full = make("ddpo", sd_folder, prompts_file, tmp_path / "a", *common)
-    full.train()
-    interrupted = make("ddpo", sd_folder, prompts_file, tmp_path / "b", *common)
-    original, calls = interrupted._train_step, {"n": 0}
-
-    def crash_on_third():
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original()
-
-    monkeypatch.setattr(interrupted, "_train_step", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.train()
-    checkpoint = tmp_path / "b" / "checkpoints" / "step-0000002"
-    assert json.loads((checkpoint / "stat_tracker.json").read_text())
-    resumed = make("ddpo", sd_folder, prompts_file, tmp_path / "b", *common, "resume=latest")
-    resumed.train()
-    assert resumed.tracker.state_dict() == full.tracker.state_dict()
-    expected, got = trainable(full), trainable(resumed)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Reward backprop
 # ----------------------------------------------------------------------------------------------------------
@@ -482,6 +457,7 @@ def test_label_then_train_round_trip(sd_folder, prompts_file, tmp_path):
 
 @pytest.mark.slow  # three extra Python processes (~50 s on a loaded 2-core machine); MMALIGN_SLOW=1 runs it
 @pytest.mark.parametrize("name", ["d3po", "ddpo"])
+@pytest.mark.kernels
 def test_two_processes_equal_one_with_the_same_global_batch(name, sd_folder, prompts_file, tmp_path):
     """The gradient norms and SGD updates agree to the measured tolerances of tests/trainers/distributed.py."""
     from tests.trainers import distributed

@@ -151,6 +151,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(sd_folder, pairs_file,
     assert all(torch.equal(a, b) for a, b in zip(ema_a, resumed.ema.shadow_params))
 
 
+@pytest.mark.kernels
 def test_two_processes_equal_one_with_the_same_global_batch(sd_folder, pairs_file, tmp_path):
     """The global gradient and the SGD update of 2 processes equal 1's to the measured rounding
     (tests/trainers/distributed.py), and a deliberately wrong split (gradients not all-reduced) fails them."""
