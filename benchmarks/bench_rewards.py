@@ -147,27 +147,14 @@ def build_hps(workdir: Path):
 
 
 def build_pickscore(workdir: Path):
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip import CLIPImageProcessorPil
 
+    from mmalign.models.builders import clip_h14_config
     from mmalign.rewards.clip import PickScoreReward
 
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"
-        ),
-        vision_config=dict(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=16,
-            patch_size=14,
-            image_size=224,
-            hidden_act="gelu",
-        ),
-        projection_dim=1024,
-    )
+    config = clip_h14_config()
     model = CLIPModel(config).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(workdir / "clip_tokenizer")))
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_rewards import PROMPT, sample_images  # noqa: E402
 
+from mmalign.models.builders import clip_h14_config  # noqa: E402
 from mmalign.tokenizers import write_clip_tokenizer  # noqa: E402
 
 
@@ -39,26 +40,6 @@ def say(*parts) -> None:
     print(*parts, f"[{load()}]", flush=True)
 
 
-def clip_h_config():
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"
-        ),
-        vision_config=dict(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=16,
-            patch_size=14,
-            image_size=224,
-            hidden_act="gelu",
-        ),
-        projection_dim=1024,
-    )
-
-
 def ensure_checkpoint(folder: Path) -> Path:
     """A PickScore-shaped folder: fp32 safetensors (as PickScore_v1 is published), tokenizer, PIL processor."""
     if (folder / "model.safetensors").exists():
@@ -67,7 +48,7 @@ def ensure_checkpoint(folder: Path) -> Path:
     from transformers.models.clip import CLIPImageProcessorPil
 
     torch.manual_seed(0)
-    model = CLIPModel(clip_h_config()).eval()
+    model = CLIPModel(clip_h14_config()).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
     write_clip_tokenizer(folder)
@@ -105,7 +86,7 @@ def interleaved_layer(batch: int = 8, rounds: int = 3) -> None:
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
     torch.manual_seed(0)
-    layer = CLIPEncoderLayer(clip_h_config().vision_config).eval()
+    layer = CLIPEncoderLayer(clip_h14_config().vision_config).eval()
     x = torch.randn(batch, 257, 1280)
     times = {torch.float32: [], torch.bfloat16: []}
     with torch.inference_mode():

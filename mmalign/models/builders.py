@@ -87,6 +87,7 @@ __all__ = [
     "build_sd_pipeline",
     "clip_config",
     "clip_text_config",
+    "clip_h14_config",
     "clip_tokenizer",
     "sd_scheduler_config",
 ]
@@ -120,6 +121,24 @@ def clip_config(text: dict[str, Any], vision: dict[str, Any], projection_dim: in
     return CLIPConfig(
         text_config=clip_text_config(**text), vision_config=vision, projection_dim=projection_dim, **extra
     )
+
+
+def clip_h14_config():
+    """CLIP ViT-H/14 (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, PickScore_v1's architecture) as a transformers
+    ``CLIPConfig``: for full-size benchmarks with random weights."""
+    text = dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"
+    )
+    vision = dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+        hidden_act="gelu",
+    )
+    return clip_config(text, vision, projection_dim=1024)
 
 
 def sd_scheduler_config(prediction_type: str = "epsilon", **extra: Any) -> dict[str, Any]:
