@@ -47,8 +47,7 @@ def test_global_reference_point_makes_the_split_batch_gradient_the_full_batch_on
     assert (per_process - expected).abs().max() > 0.05 * expected.abs().max()
 
 
-@pytest.mark.slow  # two training runs in subprocesses: about a minute on 2 cores
-@pytest.mark.kernels
+@pytest.mark.kernels  # two training runs in subprocesses: about 20 s on 2 cores
 def test_two_processes_equal_one_for_kto(sd_folder, pairs_file, tmp_path):
     """The same 2 pairs each step; λ_U = 0.1 so the model improves on both halves and the reference point
     becomes positive (clamped at 0 otherwise, and then the same whatever the split)."""
