@@ -11,6 +11,9 @@ with ``shift=3.0`` and 10 steps (SD3's set-up), every step is taken twice:
    ``noise`` (same generator, same seed, same shape: ``randn_tensor`` on CPU is ``torch.randn``);
 2. evaluation: both recompute the log-prob of flow_grpo's ``prev_sample`` (``prev_sample=``), as the trainer does.
 
+It also compares :func:`mmalign.trainers.losses.group_advantages` with ``flow_grpo/stat_tracking.py``'s
+``PerPromptStatTracker`` (numpy and torch only; loaded the same way) on 48 prompts × 24 random float64 rewards.
+
 Prints the max absolute (and relative) difference of prev_sample, log_prob, mean and std over all steps; exits
 non-zero if any exceeds ``--tol`` (1e-5). Used only by hand: the test suite does not depend on flow_grpo.
 """
@@ -26,14 +29,34 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mmalign.models.flow_sampling import flow_sde_step
+from mmalign.trainers.losses import group_advantages
+
+
+def load_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_reference(checkout: Path):
     path = checkout / "flow_grpo" / "diffusers_patch" / "sd3_sde_with_logprob.py"
-    spec = importlib.util.spec_from_file_location("flow_grpo_sd3_sde_with_logprob", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.sde_step_with_logprob
+    return load_file(path, "flow_grpo_sd3_sde_with_logprob").sde_step_with_logprob
+
+
+def advantages_parity(checkout: Path) -> dict[str, float]:
+    """Max |diff| of :func:`group_advantages` and flow_grpo's ``PerPromptStatTracker.update`` (a fresh tracker
+    per call, as ``train_sd3.py`` clears it every epoch) on 48 groups of 24 random rewards, both std modes."""
+    tracker_cls = load_file(checkout / "flow_grpo" / "stat_tracking.py", "flow_grpo_stat_tracking").PerPromptStatTracker
+    gen = torch.Generator().manual_seed(1)
+    prompts = [f"prompt {i % 48}" for i in range(48 * 24)]
+    rewards = torch.rand(len(prompts), generator=gen, dtype=torch.float64)
+    out = {}
+    for global_std in (True, False):
+        theirs = torch.from_numpy(tracker_cls(global_std).update(prompts, rewards.numpy()))
+        ours = group_advantages(rewards, prompts, global_std=global_std)
+        out[f"advantages (global_std={global_std})"] = (ours - theirs).abs().max().item()
+    return out
 
 
 def main(argv=None) -> int:
@@ -87,6 +110,9 @@ def main(argv=None) -> int:
     for name, (diff, rel) in worst.items():
         print(f"  {name:22s} max |diff| {diff:.3g}   max rel {rel:.3g}")
         failed |= diff > args.tol
+    for name, diff in advantages_parity(args.checkout).items():
+        print(f"  {name:32s} max |diff| {diff:.3g}   (float64)")
+        failed |= diff > 1e-12
     return 1 if failed else 0
 
 
