@@ -27,6 +27,19 @@ class UnsafeCheckpointError(WeightsError):
     """A checkpoint needs arbitrary code execution (a full pickle) to load; mmalign refuses it."""
 
 
+class UnsupportedGeneratorError(WeightsError, ValueError):
+    """A pipeline folder's ``model_index.json`` names a pipeline class that no generator family handles."""
+
+    def __init__(self, source: str, class_name: str | None, supported: Sequence[str]):
+        self.source = source
+        self.class_name = class_name
+        self.supported = list(supported)
+        super().__init__(
+            f"{source}: unsupported generator {class_name!r} (model_index.json _class_name); "
+            f"supported: {', '.join(self.supported)}"
+        )
+
+
 class StateDictMismatchError(WeightsError):
     """A checkpoint's keys or shapes do not match the architecture it is loaded into."""
 

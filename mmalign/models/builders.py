@@ -78,18 +78,71 @@ TINY_SDXL_UNET: dict[str, Any] = dict(
     transformer_layers_per_block=(1, 1),
 )
 
+# a tiny StableDiffusion3Pipeline of the real classes (as diffusers' SD3 tests build it, with SD3's 16-channel VAE):
+# CLIP-L and CLIP-G of different widths whose concatenation (16 + 32) is narrower than T5 (64), as in the real model
+TINY_SD3: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=16,
+        pooled_projection_dim=16 + 32,
+        pos_embed_max_size=32,
+    ),
+    vae=dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    clip_l=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
+    clip_g=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+    t5=dict(
+        vocab_size=128,
+        d_model=64,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    ),
+    # stable-diffusion-3-medium's scheduler config
+    scheduler=dict(num_train_timesteps=1000, shift=3.0),
+)
+
 __all__ = [
     "CLIP_TEXT_IDS",
     "SD15",
     "SD_BETAS",
     "TINY_SD",
+    "TINY_SD3",
     "TINY_SDXL_UNET",
+    "build_sd3_pipeline",
     "build_sd_pipeline",
     "clip_config",
     "clip_text_config",
     "clip_h14_config",
     "clip_tokenizer",
     "sd_scheduler_config",
+    "t5_tokenizer",
 ]
 
 
@@ -213,3 +266,60 @@ def build_sd_pipeline(
         "vae_params": count(vae_model),
         "text_encoder_params": count(text_encoder),
     }
+
+
+def t5_tokenizer(words: tuple[str, ...] = ()):
+    """A small T5 (Unigram, sentencepiece-style) tokenizer built offline: T5's special ids (``<pad>`` 0, ``</s>``
+    1, ``<unk>`` 2), the word boundary ``▁``, single letters and digits (with and without ``▁``) and ``words``;
+    any lowercase ASCII text tokenises without ``<unk>``. 4 + 72 + 2·len(words) entries, no sentinel tokens."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for char in string.ascii_lowercase + string.digits:
+        vocab += [("\u2581" + char, -8.0), (char, -9.0)]
+    for word in words:
+        vocab += [("\u2581" + word, -4.0), (word, -5.0)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_sd3_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A random-weight ``StableDiffusion3Pipeline`` (``SD3Transformer2DModel``, CLIP-L and CLIP-G
+    ``CLIPTextModelWithProjection``, ``T5EncoderModel``, 16-channel ``AutoencoderKL``,
+    ``FlowMatchEulerDiscreteScheduler``) from :data:`TINY_SD3`-shaped ``config``, saved with
+    ``StableDiffusion3Pipeline.save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    config = config or TINY_SD3
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**config["transformer"])
+    vae = AutoencoderKL(**config["vae"])
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip_text_config(**config["clip_l"])))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip_text_config(**config["clip_g"])))
+    t5 = T5EncoderModel(T5Config(**config["t5"]))
+    tokenizer = clip_tokenizer()
+    words = ("a", "photo", "of", "cat", "dog", "red", "blue", "cube", "on", "the", "and")
+    tokenizer_3 = t5_tokenizer(words)
+    if len(tokenizer_3) > config["t5"]["vocab_size"]:
+        raise ValueError(f"T5 vocab_size {config['t5']['vocab_size']} < tokenizer size {len(tokenizer_3)}")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

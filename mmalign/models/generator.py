@@ -1,0 +1,240 @@
+"""One generator protocol for every trainer: what an algorithm needs from a text-to-media model, whatever its
+architecture (UNet or flow-matching transformer), its text encoders and its noise parametrisation.
+
+A trainer written against :class:`Generator` runs on every family that implements it: it encodes prompts once
+(:meth:`Generator.encode_conditions`, cacheable to disk with :meth:`Conditions.save` so that big text encoders
+can be freed), builds noisy inputs and regression targets (:meth:`Generator.add_noise`,
+:meth:`Generator.training_target`), calls the trainable network (:meth:`Generator.predict`), walks a sampling
+schedule (:meth:`Generator.sampling_schedule` with the step functions of :mod:`mmalign.models.flow_sampling`)
+and decodes to the canonical media tensor (:meth:`Generator.decode`).
+
+Time convention: ``t`` is always the *model timestep*, the value the denoiser is conditioned on and that the
+family's diffusers scheduler hands to it: DDPM's integer timesteps (0..999) for UNets, ``σ·num_train_timesteps``
+(a float, σ in [0, 1]) for flow-matching families. :class:`Schedule` carries both the timesteps and the σ
+(or ᾱ-derived) values a sampler step needs.
+
+How the UNet :class:`mmalign.models.policy.DiffusionPolicy` maps onto this protocol (not rewritten yet):
+``family`` = "sd"/"sdxl"; ``encode_conditions`` = ``encode_prompt`` (``PromptEmbeds.hidden`` → "prompt_embeds",
+``pooled`` → "pooled_prompt_embeds"; SDXL time ids would be another named tensor); ``unconditional`` =
+``unconditional(encode_prompt([""]))`` repeated; ``to_latents`` = ``latent_distribution`` + ``sample_latents``
+(on images rescaled to [-1, 1]); ``add_noise`` / ``training_target`` = the two halves of ``noisy_and_target``
+(epsilon, v-prediction or sample, chosen by the scheduler's ``prediction_type``); ``predict`` = ``predict``
+(with ``time_ids``); ``decode`` = ``decode``; ``trainable`` = ``unet``; ``block_class`` = diffusers'
+``BasicTransformerBlock``; its samplers are DDIM steps over ``DDIMScheduler`` timesteps.
+
+Families register in :data:`FAMILIES` under the diffusers pipeline class that ``model_index.json`` names, as
+``"module:Class"`` strings imported on first use (``import mmalign`` stays light).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from ..errors import UnsupportedGeneratorError, WeightsError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+__all__ = ["FAMILIES", "Conditions", "Generator", "Schedule", "load_generator", "read_model_index"]
+
+
+@dataclass
+class Conditions:
+    """The conditioning of a batch as named tensors, all with the batch as their first dimension (SD3:
+    ``prompt_embeds [B, L, D]`` and ``pooled_prompt_embeds [B, P]``; other families add time ids, attention
+    masks, guidance...). A plain bag of tensors so that it can be sliced, concatenated, moved and written to disk
+    without knowing the family; ``meta`` holds strings (the family, the model) saved alongside."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = {name: int(tensor.shape[0]) for name, tensor in self.tensors.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Conditions tensors disagree on the batch size: {sizes}")
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return int(next(iter(self.tensors.values())).shape[0]) if self.tensors else 0
+
+    def select(self, rows: Tensor | slice | Sequence[int]) -> Conditions:
+        """The rows ``rows`` (an index tensor, a list of ints or a slice) of every tensor."""
+        import torch
+
+        if not isinstance(rows, slice | torch.Tensor):
+            rows = torch.as_tensor(list(rows), dtype=torch.long)
+        return Conditions({name: tensor[rows] for name, tensor in self.tensors.items()}, dict(self.meta))
+
+    def repeat(self, times: int) -> Conditions:
+        """Every row repeated ``times`` times in a row (``[a, a, b, b]``), as ``num_images_per_prompt`` does."""
+        return Conditions(
+            {name: tensor.repeat_interleave(times, dim=0) for name, tensor in self.tensors.items()}, dict(self.meta)
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[Conditions]) -> Conditions:
+        """Concatenate along the batch (e.g. ``[unconditional, conditional]`` for classifier-free guidance)."""
+        import torch
+
+        if not parts:
+            raise ValueError("Conditions.cat needs at least one Conditions")
+        names = list(parts[0].tensors)
+        for part in parts[1:]:
+            if list(part.tensors) != names:
+                raise ValueError(f"Conditions.cat: tensor names differ: {names} vs {list(part.tensors)}")
+        return cls({name: torch.cat([p.tensors[name] for p in parts]) for name in names}, dict(parts[0].meta))
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Conditions:
+        """Moved (and floating tensors cast to ``dtype``, when given)."""
+        moved = {}
+        for name, tensor in self.tensors.items():
+            cast = dtype if dtype is not None and tensor.is_floating_point() else None
+            moved[name] = tensor.to(device=device, dtype=cast)
+        return Conditions(moved, dict(self.meta))
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a safetensors file (bit-exact; ``meta`` as its string metadata)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.detach().contiguous().cpu() for n, t in self.tensors.items()}, str(path), metadata=self.meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Conditions:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such conditions file")
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            meta = dict(handle.metadata() or {})
+        return cls(tensors, meta)
+
+
+@dataclass
+class Schedule:
+    """A sampling schedule of ``steps`` steps: ``timesteps [steps]`` (the model timesteps fed to
+    :meth:`Generator.predict`) and ``sigmas [steps + 1]`` (the noise levels a step goes between, ending at the
+    clean level: step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]``)."""
+
+    timesteps: Tensor
+    sigmas: Tensor
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What every trainer needs from a generator family. Implementations hold the frozen components (text
+    encoders, VAE, scheduler config) and the trainable network; they hold no optimiser and no training state."""
+
+    family: ClassVar[str]
+    """Family name ("sd3", "flux", "sd", ...): trainers and recipes check that an algorithm applies (GRPO's SDE
+    needs a flow-matching family) and logs say which code path ran."""
+
+    trainable: torch.nn.Module
+    """The network that training updates (transformer or UNet), the one LoRA wraps and FSDP shards; passed
+    explicitly to :meth:`predict` so that a wrapped or reference copy can be used instead."""
+
+    lora_targets: ClassVar[tuple[str, ...]]
+    """Default peft ``target_modules`` for this family (from its reference training scripts), so recipes do not
+    repeat architecture knowledge."""
+
+    block_class: ClassVar[str]
+    """Class name of the repeated block of :attr:`trainable`: the unit FSDP wraps and gradient checkpointing
+    recomputes."""
+
+    def encode_conditions(self, prompts: Sequence[str]) -> Conditions:
+        """Text → :class:`Conditions`, equal to the diffusers pipeline's own prompt encoding; computed once per
+        prompt and cacheable (:meth:`Conditions.save`) so text encoders can leave memory while training."""
+        ...
+
+    def unconditional(self, count: int) -> Conditions:
+        """The unconditional branch of classifier-free guidance for ``count`` samples, as the pipeline builds it
+        without a negative prompt (encoded empty prompt, or zeros where the pipeline forces them)."""
+        ...
+
+    def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] → the latents the trainable network denoises (VAE posterior sample
+        drawn with ``generator``, scaled/shifted as the family's training scripts do): offline data (DPO pairs,
+        SFT) enters training through here."""
+        ...
+
+    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
+        """Latents → images ``[B, 3, H, W]`` in [0, 1], the canonical tensor rewards read; ``grad=True`` keeps the
+        graph (reward backpropagation: ReFL, DRaFT, AlignProp)."""
+        ...
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The forward process at model timesteps ``t [B]``: the noisy input of a training step."""
+        ...
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What :meth:`predict` regresses on at ``t`` (epsilon, v or flow velocity): losses stay parametrisation
+        free (Diffusion-DPO, SFT, KL terms compare predictions with this target)."""
+        ...
+
+    def predict(self, model: torch.nn.Module, x_t: Tensor, t: Tensor, conditions: Conditions) -> Tensor:
+        """The output of ``model`` (:attr:`trainable`, possibly LoRA-wrapped or a reference copy) at ``x_t``,
+        model timesteps ``t [B]`` and ``conditions``, in float32, in the parametrisation of
+        :meth:`training_target`; the only place that knows the network's call signature."""
+        ...
+
+    def sampling_schedule(self, steps: int, **kwargs: Any) -> Schedule:
+        """The timesteps and noise levels of a ``steps``-step sampler, as the pipeline sets its scheduler:
+        samplers and GRPO-family trainers walk this with the step functions of
+        :mod:`mmalign.models.flow_sampling` (or DDIM for UNets)."""
+        ...
+
+
+# pipeline class named by model_index.json -> "module:Class" of its family, imported on first use
+FAMILIES: dict[str, str] = {
+    "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
+}
+
+
+def read_model_index(folder: str | Path) -> dict[str, Any]:
+    """A pipeline folder's ``model_index.json``, or a :class:`WeightsError` saying it is not one."""
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{path}: not valid JSON ({error})") from error
+
+
+def generator_class(class_name: str | None, source: str = "model_index.json") -> type:
+    """The family class registered for a diffusers pipeline class name."""
+    if class_name not in FAMILIES:
+        raise UnsupportedGeneratorError(source, class_name, sorted(FAMILIES))
+    module, _, name = FAMILIES[class_name].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_generator(model: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Generator:
+    """Load a generator from a hub id or a diffusers pipeline folder, dispatching on ``model_index.json``'s
+    ``_class_name`` through :data:`FAMILIES`; an unknown class raises :class:`UnsupportedGeneratorError` naming
+    it and listing the supported ones. ``kwargs`` go to the family's ``from_pretrained`` (e.g. ``dtype``)."""
+    from ..hub import resolve_dir
+
+    folder = resolve_dir(str(model), default_repo=str(model), what="diffusion pipeline")
+    index: Mapping[str, Any] = read_model_index(folder)
+    cls = generator_class(index.get("_class_name"), source=str(folder))
+    return cls.from_pretrained(folder, device=device, **kwargs)

@@ -1,0 +1,274 @@
+"""Stable Diffusion 3 / 3.5 as a :class:`mmalign.models.generator.Generator` (flow matching).
+
+Components, as diffusers' ``StableDiffusion3Pipeline`` holds them: ``SD3Transformer2DModel`` (trainable), two CLIP
+text towers with projection (CLIP-L ``text_encoder``, CLIP-G ``text_encoder_2``), T5 (``text_encoder_3``,
+``T5EncoderModel``), ``AutoencoderKL`` with 16 latent channels (``scaling_factor`` and ``shift_factor`` from its
+config) and ``FlowMatchEulerDiscreteScheduler`` (its ``shift``, or dynamic shifting when configured).
+
+Prompt encoding re-implements ``StableDiffusion3Pipeline.encode_prompt`` (diffusers 0.42.1): each CLIP's
+penultimate hidden state (prompt padded to the CLIP tokenizer's ``model_max_length``, 77) and projected pooled
+output; the two sequences concatenated on the feature axis and zero-padded to T5's width; T5's last hidden state
+(padded to ``max_sequence_length``, default 256) appended on the sequence axis; pooled = [CLIP-L, CLIP-G].
+Flow matching as in the scheduler: ``x_t = (1 − σ)·x0 + σ·ε``, target velocity ``v = ε − x0``, model timestep
+``t = σ·num_train_timesteps`` (1000).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import WeightsError
+from .generator import Conditions, Schedule, read_model_index
+
+__all__ = ["SD3Generator"]
+
+
+class SD3Generator:
+    """SD3/SD3.5 components behind the generator protocol (see :mod:`mmalign.models.generator`)."""
+
+    family: ClassVar[str] = "sd3"
+    # flow_grpo's SD3 LoRA targets (scripts/train_sd3.py): both streams of every joint attention
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    )
+    block_class: ClassVar[str] = "JointTransformerBlock"
+
+    def __init__(self, components: dict[str, Any], folder: Path | None = None, max_sequence_length: int = 256):
+        self.folder = folder
+        self.transformer = components["transformer"]
+        self.vae = components["vae"]
+        self.scheduler = components["scheduler"]
+        self.tokenizers = [components["tokenizer"], components["tokenizer_2"], components["tokenizer_3"]]
+        self.text_encoders: list[torch.nn.Module] | None = [
+            components["text_encoder"],
+            components["text_encoder_2"],
+            components["text_encoder_3"],
+        ]
+        self.max_sequence_length = max_sequence_length
+        self._unconditional: Conditions | None = None
+        for module in [self.vae, *self.text_encoders]:
+            module.requires_grad_(False)
+            module.eval()
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        return self.transformer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        max_sequence_length: int = 256,
+    ) -> SD3Generator:
+        """Load every component of a ``StableDiffusion3Pipeline`` folder (``save_pretrained`` layout)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        folder = Path(folder)
+        index = read_model_index(folder)
+        missing = [name for name in ("transformer", "vae", "text_encoder", "text_encoder_2") if not index.get(name)]
+        if missing:
+            raise WeightsError(f"{folder}: SD3 pipeline without {', '.join(missing)}")
+        if not index.get("text_encoder_3") or index["text_encoder_3"][0] is None:
+            raise WeightsError(f"{folder}: SD3 pipelines without T5 (text_encoder_3) are not supported yet")
+        typed = {} if dtype is None else {"torch_dtype": dtype}
+        components = {
+            "transformer": SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **typed),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **typed),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+            "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", **typed),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **typed),
+            "text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **typed),
+            "tokenizer": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer"),
+            "tokenizer_2": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2"),
+            "tokenizer_3": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_3"),
+        }
+        generator = cls(components, folder, max_sequence_length)
+        return generator.to(device)
+
+    def to(self, device: str | torch.device) -> SD3Generator:
+        for module in [self.transformer, self.vae, *(self.text_encoders or [])]:
+            module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    # -- conditioning ----------------------------------------------------------------------------------
+    def _clip(self, index: int, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        tokenizer, encoder = self.tokenizers[index], self.text_encoders[index]
+        # the pipeline pads both CLIPs to the first tokenizer's model_max_length
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizers[0].model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        return out.hidden_states[-2].to(self.text_encoders[0].dtype), out[0]
+
+    def _t5(self, prompts: list[str]) -> Tensor:
+        tokenizer, encoder = self.tokenizers[2], self.text_encoders[2]
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        return encoder(ids.to(encoder.device))[0].to(encoder.dtype)
+
+    @torch.no_grad()
+    def encode_conditions(self, prompts: Sequence[str]) -> Conditions:
+        """``prompt_embeds [B, 77 + max_sequence_length, T5 width]`` and ``pooled_prompt_embeds [B, L + G]``,
+        equal to ``StableDiffusion3Pipeline.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)``."""
+        if self.text_encoders is None:
+            raise RuntimeError("the text encoders were freed (free_text_encoders); load cached Conditions instead")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        hidden_l, pooled_l = self._clip(0, prompts)
+        hidden_g, pooled_g = self._clip(1, prompts)
+        clip = torch.cat([hidden_l, hidden_g], dim=-1)
+        t5 = self._t5(prompts)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditions(
+            {
+                "prompt_embeds": torch.cat([clip, t5], dim=-2),
+                "pooled_prompt_embeds": torch.cat([pooled_l, pooled_g], dim=-1),
+            },
+            {"family": self.family},
+        )
+
+    def unconditional(self, count: int) -> Conditions:
+        """The encoded empty prompt ``""`` repeated ``count`` times (SD3 has no ``force_zeros_for_empty_prompt``:
+        the pipeline encodes ``""`` as its default negative prompt). Encoded once and kept, so it survives
+        :meth:`free_text_encoders`."""
+        if self._unconditional is None:
+            self._unconditional = self.encode_conditions([""])
+        return self._unconditional.repeat(count)
+
+    def free_text_encoders(self) -> None:
+        """Drop the three text encoders (after caching the unconditional embedding): training then runs on
+        cached :class:`Conditions`."""
+        if self.text_encoders is not None:
+            self.unconditional(1)
+            self.text_encoders = None
+
+    # -- latents -------------------------------------------------------------------------------------------
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.vae.config.shift_factor or 0.0)
+
+    @torch.no_grad()
+    def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] → ``(z − shift_factor)·scaling_factor`` with ``z`` a VAE posterior sample (diffusers'
+        ``train_dreambooth_sd3.py``), float32."""
+        pixels = (images * 2 - 1).to(self.vae.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.sample(generator)
+        return ((latents.float() - self.shift_factor) * self.scaling_factor).float()
+
+    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
+        """Latents → images ``[B, 3, H, W]`` in [0, 1] (the pipeline's ``z/scaling + shift`` then VAE decode)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+            images = self.vae.decode(z).sample
+            return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- flow matching -----------------------------------------------------------------------------------
+    def sigma(self, t: Tensor | float, like: Tensor) -> Tensor:
+        """Model timesteps ``t`` (scalar or ``[B]``) → σ = t / num_train_timesteps, broadcastable to ``like``."""
+        sigma = torch.as_tensor(t, device=like.device, dtype=torch.float32) / self.num_train_timesteps
+        if sigma.ndim == 1:
+            sigma = sigma.reshape(-1, *([1] * (like.ndim - 1)))
+        return sigma
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``x_t = (1 − σ)·x0 + σ·ε`` with σ = t / 1000 (``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
+        sigma = self.sigma(t, x0)
+        return (1.0 - sigma) * x0 + sigma * noise
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The flow velocity ``ε − x0`` (independent of ``t``)."""
+        return noise - x0
+
+    def predict(self, model: torch.nn.Module, x_t: Tensor, t: Tensor | float, conditions: Conditions) -> Tensor:
+        """``model(hidden_states=x_t, timestep=t, encoder_hidden_states=prompt_embeds,
+        pooled_projections=pooled_prompt_embeds)`` in the model's dtype, returned in float32."""
+        dtype = next(model.parameters()).dtype
+        timestep = torch.as_tensor(t, device=x_t.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(x_t.shape[0])
+        out = model(
+            hidden_states=x_t.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=conditions["prompt_embeds"].to(x_t.device, dtype),
+            pooled_projections=conditions["pooled_prompt_embeds"].to(x_t.device, dtype),
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    def sampling_schedule(self, steps: int, image_seq_len: int | None = None, device: Any = None) -> Schedule:
+        """The pipeline's schedule: a fresh ``FlowMatchEulerDiscreteScheduler`` from this config, ``set_timesteps``
+        with its shift (or, with ``use_dynamic_shifting``, μ from ``image_seq_len`` = latent tokens, as
+        ``StableDiffusion3Pipeline.__call__`` computes it). ``sigmas`` ends with the terminal 0."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        kwargs: dict[str, Any] = {}
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            if image_seq_len is None:
+                raise ValueError("this scheduler uses dynamic shifting: pass image_seq_len (latent tokens)")
+            slope = (config.get("max_shift", 1.16) - config.get("base_shift", 0.5)) / (
+                config.get("max_image_seq_len", 4096) - config.get("base_image_seq_len", 256)
+            )
+            kwargs["mu"] = (
+                image_seq_len * slope + config.get("base_shift", 0.5) - slope * config.get("base_image_seq_len", 256)
+            )
+        scheduler.set_timesteps(steps, device=device or self.device, **kwargs)
+        return Schedule(scheduler.timesteps, scheduler.sigmas)
+
+    # -- pipelines ------------------------------------------------------------------------------------------
+    def pipeline(self, transformer: torch.nn.Module | None = None):
+        """A diffusers ``StableDiffusion3Pipeline`` over these components (validation images, saving)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        if self.text_encoders is None:
+            raise RuntimeError("the text encoders were freed (free_text_encoders)")
+        return StableDiffusion3Pipeline(
+            transformer=transformer if transformer is not None else self.transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
+            vae=self.vae,
+            text_encoder=self.text_encoders[0],
+            tokenizer=self.tokenizers[0],
+            text_encoder_2=self.text_encoders[1],
+            tokenizer_2=self.tokenizers[1],
+            text_encoder_3=self.text_encoders[2],
+            tokenizer_3=self.tokenizers[2],
+        )
