@@ -97,3 +97,10 @@ def make_sd_pipeline(folder: Path, sdxl: bool = False, seed: int = 0, prediction
     unet = dict(TINY_SD["unet"], **(TINY_SDXL_UNET if sdxl else {}))
     build_sd_pipeline(folder, unet, TINY_SD["vae"], TINY_SD["text"], seed, prediction_type, sdxl=sdxl)
     return Path(folder)
+
+
+def make_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusion3Pipeline folder (``save_pretrained`` layout): real classes, random weights."""
+    from mmalign.models.builders import build_sd3_pipeline
+
+    return build_sd3_pipeline(folder, seed)

@@ -104,26 +104,34 @@ class Conditions:
         return Conditions(moved, dict(self.meta))
 
     def save(self, path: str | Path) -> Path:
-        """Write to a safetensors file (bit-exact; ``meta`` as its string metadata)."""
+        """Write to a safetensors file (bit-exact; ``meta`` as its string metadata, plus the tensor order, which
+        safetensors does not keep)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: t.detach().contiguous().cpu() for n, t in self.tensors.items()}, str(path), metadata=self.meta)
+        if _ORDER_KEY in self.meta:
+            raise ValueError(f"Conditions.meta may not use the reserved key {_ORDER_KEY!r}")
+        metadata = {**self.meta, _ORDER_KEY: json.dumps(list(self.tensors))}
+        save_file({n: t.detach().contiguous().cpu() for n, t in self.tensors.items()}, str(path), metadata=metadata)
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Conditions:
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save` (tensors in their saved order)."""
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise WeightsError(f"{path}: no such conditions file")
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
             meta = dict(handle.metadata() or {})
+            names = json.loads(meta.pop(_ORDER_KEY, "null")) or sorted(handle.keys())  # noqa: SIM118
+            tensors = {name: handle.get_tensor(name) for name in names}
         return cls(tensors, meta)
+
+
+_ORDER_KEY = "mmalign.conditions.order"
 
 
 @dataclass
