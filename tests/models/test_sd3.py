@@ -192,3 +192,12 @@ def test_to_latents_and_decode(generator):
     z = z.clone().requires_grad_(True)
     generator.decode(z, grad=True).sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_generator_module_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, mmalign.models.generator; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
