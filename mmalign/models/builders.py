@@ -94,16 +94,9 @@ TINY_SD3: dict[str, dict[str, Any]] = dict(
         pooled_projection_dim=16 + 32,
         pos_embed_max_size=32,
     ),
-    vae=dict(
-        in_channels=3,
-        out_channels=3,
+    vae=dict(  # the tiny SD VAE with SD3's 16 latent channels, scaling and shift factors, and no quant convs
+        TINY_SD["vae"],
         latent_channels=16,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8,
-        sample_size=32,
         scaling_factor=1.5305,
         shift_factor=0.0609,
         use_quant_conv=False,
