@@ -63,6 +63,15 @@ ONLINE = {
 }
 
 
+def test_every_registered_trainer_has_a_resume_case():
+    """A trainer added to the registry must be added here too (exact resume is promised for every trainer)."""
+    from mmalign.registry import TRAINERS
+
+    covered = set(OFFLINE) | {name.split("-")[0] for name in ONLINE}
+    missing = sorted(set(TRAINERS.names()) - covered)
+    assert not missing, f"no exact-resume case for {missing}: add them to OFFLINE or ONLINE"
+
+
 @pytest.fixture(scope="module")
 def scored_pairs(tmp_path_factory):
     """Three scored pairs with three prompts: an odd count, so global batches of two straddle epochs and
