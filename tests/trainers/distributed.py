@@ -6,21 +6,27 @@ round differently for different batch sizes, so the gradients agree to float rou
 
 The runs use plain SGD, whose update is linear in the gradient. After AdamW the weights are not comparable:
 its first step is about ``lr·sign(g)``, and on the smallest gradients a rounding difference flips the sign
-(measured on this kind of machine, AVX-512: AdamW, two steps, 2 processes vs 1 differ by 1.4e-3 ≈ 1.4 lr, the
-size of a whole update; plain SGD, same runs: 3.4e-5 of the update). The DPO losses also cancel: at step 2
-the model/reference error difference is about 1e-3 of the errors, so rounding of 1e-7 in the errors becomes
-1e-4 in the gradient (measured: grad-norm relative difference 0 at step 1, where the LoRA is still zero, and
-5.9e-5 at step 2).
+(measured on this kind of machine, AVX-512: AdamW, two DPO steps, 2 processes vs 1 differ by 1.4e-3 ≈ 1.4 lr, the
+size of a whole update). The DPO losses also cancel: at step 2 the model/reference error difference is about 1e-3
+of the errors, so rounding of 1e-7 in the errors becomes 1e-5 to 1e-4 in the gradient.
 
-Tolerances, with the measured values and what a wrong split gives (gradients not all-reduced, as in
-DanceGRPO #110; same runs):
+Measured on an Intel Xeon (avx512_bf16, no AMX) with its own AVX-512 kernels and with AVX2 kernels forced
+(``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``), for DPO (2 steps), KTO (3
+steps, lr 0.03), D3PO and DDPO (2 steps), against a deliberately wrong split (gradients not all-reduced, as in
+DanceGRPO #110; ``unsynchronised_train.py``):
 
-- step-1 global gradient norm, relative: ``FIRST_STEP_NORM_RTOL`` 1e-5 (measured: DPO 0, D3PO 7.4e-7, DDPO
-  6.5e-8; unsynchronised 1.0, 0.55, 0.87)
-- later steps' gradient norm, relative: ``NORM_RTOL`` 1e-3 (measured: DPO 5.9e-5, D3PO 3.2e-7, DDPO 1.3e-5;
-  unsynchronised 0.21, 1.0, 0.14)
-- final weights, ``max |one − two| / max |one − init|`` per tensor: ``UPDATE_RTOL`` 1e-3 (measured: DPO 3.4e-5,
-  D3PO 1.0e-5, DDPO 4.4e-5; unsynchronised 5.3, 1.7, 4.0)
+============================  =====================  =====================  ===========================
+quantity                      AVX-512, worst case    AVX2, worst case       wrong split, smallest
+============================  =====================  =====================  ===========================
+step-1 grad norm, relative    7.4e-7 (D3PO)          5.8e-7 (DDPO)          6.5e-2 (KTO)
+later grad norms, relative    1.3e-5 (DDPO)          2.5e-4 (DPO)           1.4e-1 (DDPO)
+update error (see below)      8.5e-5 (DPO)           8.1e-5 (DPO)           0.50 (DDPO)
+============================  =====================  =====================  ===========================
+
+The tolerances leave a margin of about 12 or more over the worst measurement and stay 20 or more times below the
+smallest wrong-split error: ``FIRST_STEP_NORM_RTOL`` 1e-5, ``NORM_RTOL`` 3e-3 (KTO's former per-process
+reference point gave 7.7e-3 and 2.2e-2 at steps 2 and 3, so it fails too), ``UPDATE_RTOL`` 1e-3, where the
+update error is ``max |one − two| / max |one − init|`` over all LoRA tensors.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 FIRST_STEP_NORM_RTOL = 1e-5
-NORM_RTOL = 1e-3
+NORM_RTOL = 3e-3
 UPDATE_RTOL = 1e-3
 
 
@@ -92,14 +98,12 @@ def initial_lora(trainer) -> dict[str, torch.Tensor]:
 
 
 def update_error(one: dict, two: dict, init: dict) -> float:
-    """The largest ``max |one − two| / max |one − init|`` over the tensors that moved."""
+    """``max |one − two| / max |one − init|`` over all tensors: the largest disagreement as a fraction of the
+    largest update (per tensor it would divide by updates that are themselves rounding-sized)."""
     assert one.keys() == two.keys() == init.keys()
-    worst = 0.0
-    for key in one:
-        update = float((one[key] - init[key]).abs().max())
-        if update > 0:
-            worst = max(worst, float((one[key] - two[key]).abs().max()) / update)
-    return worst
+    update = max(float((one[k] - init[k]).abs().max()) for k in one)
+    assert update > 0, "nothing was trained"
+    return max(float((one[k] - two[k]).abs().max()) for k in one) / update
 
 
 def assert_two_processes_equal_one(runs: dict, init: dict) -> None:
