@@ -11,22 +11,10 @@ from mmalign.models.flow_rollout import (
     sample_flow_trajectories,
 )
 from mmalign.models.flow_sampling import flow_ode_step
-from mmalign.models.generator import load_generator
-from tests import tiny
 
 PROMPTS = ["a photo of a red cat", "blue cube on the dog", "a green tree", "two birds"]
 SHAPE = (16, 16, 16)
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny.make_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe", seed=0)
-
-
-@pytest.fixture(scope="module")
-def generator(folder):
-    return load_generator(str(folder))
 
 
 @pytest.fixture(scope="module")

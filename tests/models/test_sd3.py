@@ -14,19 +14,8 @@ from mmalign.errors import UnsupportedGeneratorError
 from mmalign.models.flow_sampling import flow_ode_step
 from mmalign.models.generator import FAMILIES, Conditions, Generator, load_generator
 from mmalign.models.sd3 import SD3Generator
-from tests import tiny
 
 PROMPTS = ["a photo of a red cat", "blue cube on the dog"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny.make_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe", seed=0)
-
-
-@pytest.fixture(scope="module")
-def generator(folder):
-    return load_generator(str(folder))
 
 
 @pytest.fixture(scope="module")
