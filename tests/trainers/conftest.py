@@ -43,3 +43,28 @@ def write_pairs(folder, count: int = 8, size: int = 40, bad_rows: bool = False):
 @pytest.fixture(scope="session")
 def pairs_file(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def interrupt_then_resume(build, tmp_path, monkeypatch, steps: int = 3):
+    """Train ``steps`` steps uninterrupted (``build(out, *overrides)`` makes a trainer whose checkpoint_every is
+    2); train again, crash in the last step after the step-2 checkpoint, resume; return (uninterrupted, resumed)."""
+    full = build(tmp_path / "a")
+    full.train()
+    interrupted = build(tmp_path / "b")
+    original, calls = interrupted._train_step, {"n": 0}
+
+    def crash_in_last():
+        calls["n"] += 1
+        if calls["n"] == steps:
+            raise KeyboardInterrupt
+        return original()
+
+    monkeypatch.setattr(interrupted, "_train_step", crash_in_last)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    # atomic: the one checkpoint, no temporary folder left behind
+    assert [c.name for c in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-0000002"]
+    resumed = build(tmp_path / "b", "resume=latest")
+    resumed.train()
+    assert resumed.step == steps
+    return full, resumed

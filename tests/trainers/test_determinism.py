@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.trainers.conftest import write_pairs
+from tests.trainers.conftest import interrupt_then_resume, write_pairs
 from tests.trainers.test_training import make_trainer
 
 pytestmark = pytest.mark.kernels
@@ -92,30 +92,6 @@ def three_prompts(tmp_path_factory):
     return path
 
 
-def _interrupt_then_resume(build, tmp_path, monkeypatch):
-    """Train 3 steps uninterrupted; train again, crash in step 3 after the step-2 checkpoint, resume; return
-    (uninterrupted, resumed) trainers."""
-    full = build(tmp_path / "a")
-    full.train()
-    interrupted = build(tmp_path / "b")
-    original, calls = interrupted._train_step, {"n": 0}
-
-    def crash_in_third():
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original()
-
-    monkeypatch.setattr(interrupted, "_train_step", crash_in_third)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.train()
-    assert [c.name for c in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-0000002"]
-    resumed = build(tmp_path / "b", "resume=latest")
-    resumed.train()
-    assert resumed.step == 3
-    return full, resumed
-
-
 def _assert_same_weights(full, resumed):
     expected, got = full._trainable_state(), resumed._trainable_state()
     assert expected.keys() == got.keys()
@@ -129,7 +105,7 @@ def test_offline_trainers_resume_exactly(name, sd_folder, scored_pairs, tmp_path
         common = ["max_steps=3", "checkpoint_every=2", "lr_scheduler=linear", *OFFLINE[name], *extra]
         return make_trainer(sd_folder, scored_pairs, out, f"trainer={name}", *common)
 
-    _assert_same_weights(*_interrupt_then_resume(build, tmp_path, monkeypatch))
+    _assert_same_weights(*interrupt_then_resume(build, tmp_path, monkeypatch))
 
 
 @pytest.mark.parametrize("name", sorted(ONLINE))
@@ -143,7 +119,7 @@ def test_online_trainers_resume_exactly(name, sd_folder, three_prompts, tmp_path
         common = ["max_steps=3", "checkpoint_every=2", "lr=1e-2", *ONLINE[name], *extra]
         return make(trainer, sd_folder, three_prompts, out, *common, reward=reward)
 
-    full, resumed = _interrupt_then_resume(build, tmp_path, monkeypatch)
+    full, resumed = interrupt_then_resume(build, tmp_path, monkeypatch)
     _assert_same_weights(full, resumed)
     if name == "ddpo":  # the per-prompt reward statistics travel in the checkpoint
         assert json.loads((tmp_path / "b" / "checkpoints" / "step-0000002" / "stat_tracker.json").read_text())

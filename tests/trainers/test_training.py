@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmalign.commands.train import resolve_trainer_config
-from tests.trainers.conftest import write_pairs
+from tests.trainers.conftest import interrupt_then_resume, write_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,28 +123,12 @@ def test_full_finetune_with_copy_reference_saves_pipeline(sd_folder, pairs_file,
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(sd_folder, pairs_file, tmp_path, monkeypatch):
     common = ["max_steps=4", "checkpoint_every=2", "ema_decay=0.9", "lr_scheduler=linear", "prompt_dropout=0.3"]
-    full = make_trainer(sd_folder, pairs_file, tmp_path / "a", *common)
-    full.train()
+
+    def build(out, *extra):
+        return make_trainer(sd_folder, pairs_file, out, *common, *extra)
+
+    full, resumed = interrupt_then_resume(build, tmp_path, monkeypatch, steps=4)
     expected = trainable(full)
-
-    interrupted = make_trainer(sd_folder, pairs_file, tmp_path / "b", *common)
-    original = interrupted._train_step
-    calls = {"n": 0}
-
-    def crash_after_three():
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original()
-
-    monkeypatch.setattr(interrupted, "_train_step", crash_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.train()
-    checkpoints = sorted((tmp_path / "b" / "checkpoints").iterdir())
-    assert [c.name for c in checkpoints] == ["step-0000002"]  # atomic: no temporary folder left behind
-    resumed = make_trainer(sd_folder, pairs_file, tmp_path / "b", *common, "resume=latest")
-    resumed.train()
-    assert resumed.step == 4
     got = trainable(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     ema_a = [p.clone() for p in full.ema.shadow_params]
