@@ -41,7 +41,20 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-__all__ = ["FAMILIES", "Conditions", "Generator", "Schedule", "load_generator", "read_model_index"]
+__all__ = [
+    "FAMILIES",
+    "PARAMETRISATIONS",
+    "Conditions",
+    "Generator",
+    "Schedule",
+    "check_parametrisation",
+    "generator_class_of",
+    "load_generator",
+    "parametrisation_of",
+    "pipeline_class_of",
+    "read_model_index",
+    "save_lora_weights",
+]
 
 
 @dataclass
@@ -75,6 +88,10 @@ class Conditions:
         if not isinstance(rows, slice | torch.Tensor):
             rows = torch.as_tensor(list(rows), dtype=torch.long)
         return Conditions({name: tensor[rows] for name, tensor in self.tensors.items()}, dict(self.meta))
+
+    def tile(self, times: int) -> Conditions:
+        """The whole batch ``times`` times over (``[a, b, a, b]``): both halves of a preference pair."""
+        return Conditions.cat([self] * times)
 
     def repeat(self, times: int) -> Conditions:
         """Every row repeated ``times`` times in a row (``[a, a, b, b]``), as ``num_images_per_prompt`` does."""
@@ -153,8 +170,15 @@ class Generator(Protocol):
     encoders, VAE, scheduler config) and the trainable network; they hold no optimiser and no training state."""
 
     family: ClassVar[str]
-    """Family name ("sd3", "flux", "sd", ...): trainers and recipes check that an algorithm applies (GRPO's SDE
-    needs a flow-matching family) and logs say which code path ran."""
+    """Family name ("sd3", "flux", "sd", ...): logs and checkpoints say which code path ran."""
+
+    parametrisation: ClassVar[str]
+    """"flow" (flow matching: velocity on σ in [0, 1]) or "diffusion" (epsilon/v on a DDPM schedule): trainers
+    declare the ones their mathematics applies to (:data:`PARAMETRISATIONS`), checked before any weight loads."""
+
+    lora_layers_key: ClassVar[str]
+    """The keyword of the diffusers pipeline's ``save_lora_weights`` for :attr:`trainable`'s layers
+    ("transformer_lora_layers", "unet_lora_layers")."""
 
     trainable: torch.nn.Module
     """The network that training updates (transformer or UNet), the one LoRA wraps and FSDP shards; passed
@@ -213,7 +237,15 @@ class Generator(Protocol):
 
 # pipeline class named by model_index.json -> "module:Class" of its family, imported on first use
 FAMILIES: dict[str, str] = {
+    "StableDiffusionPipeline": "mmalign.models.policy:DiffusionPolicy",
+    "StableDiffusionXLPipeline": "mmalign.models.policy:DiffusionPolicy",
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
+}
+
+#: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
+PARAMETRISATIONS: dict[str, str] = {
+    "diffusion": "a DDPM-schedule UNet (SD 1.x/2.x, SDXL: epsilon or v prediction, DDIM chains)",
+    "flow": "a flow-matching transformer (SD3/3.5, FLUX, Qwen-Image, Z-Image: velocity on σ, Euler/SDE chains)",
 }
 
 
@@ -234,6 +266,56 @@ def generator_class(class_name: str | None, source: str = "model_index.json") ->
         raise UnsupportedGeneratorError(source, class_name, sorted(FAMILIES))
     module, _, name = FAMILIES[class_name].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def generator_class_of(model: str | Path) -> type:
+    """The family class of a hub id or pipeline folder, from its ``model_index.json`` alone (no weights load):
+    what :func:`check_parametrisation` reads when a config is read."""
+    from ..hub import resolve_dir
+
+    folder = resolve_dir(str(model), default_repo=str(model), what="diffusion pipeline")
+    return generator_class(read_model_index(folder).get("_class_name"), source=str(folder))
+
+
+def check_parametrisation(trainer: str, supported: Sequence[str], kind: str, model: object) -> None:
+    """Raise :class:`~mmalign.errors.ConfigError` when ``trainer``'s mathematics does not apply to a generator
+    of parametrisation ``kind`` (e.g. DDPO's DDIM log-probs on a flow-matching transformer), saying why and what
+    would apply. ``model`` names the generator in the message."""
+    from ..errors import ConfigError
+
+    if kind not in supported:
+        wanted = "; or ".join(PARAMETRISATIONS[k] for k in supported)
+        raise ConfigError(
+            f"trainer={trainer} does not apply to model={model}: it is {PARAMETRISATIONS[kind]}, and {trainer} "
+            f"needs {wanted}"
+        )
+
+
+def parametrisation_of(model: str | Path) -> str:
+    """ "flow" or "diffusion" for a hub id or pipeline folder, from its ``model_index.json`` alone (no weights
+    load): what trainers check when their config is read."""
+    return getattr(generator_class_of(model), "parametrisation", "diffusion")
+
+
+def pipeline_class_of(generator: Any) -> type:
+    """The diffusers pipeline class of a generator: its ``pipeline_class`` when it has one, else the class name
+    it is registered under in :data:`FAMILIES`."""
+    import diffusers
+
+    if getattr(generator, "pipeline_class", None) is not None:
+        return generator.pipeline_class
+    target = f"{type(generator).__module__}:{type(generator).__name__}"
+    for name, entry in FAMILIES.items():
+        if entry == target:
+            return getattr(diffusers, name)
+    raise UnsupportedGeneratorError(type(generator).__name__, None, sorted(FAMILIES))
+
+
+def save_lora_weights(generator: Any, folder: str | Path, layers: Mapping[str, Tensor]) -> Path:
+    """Write peft LoRA ``layers`` of :attr:`Generator.trainable` as the family's diffusers pipeline does
+    (``pytorch_lora_weights.safetensors``), so that ``pipe.load_lora_weights(folder)`` loads them."""
+    pipeline_class_of(generator).save_lora_weights(str(folder), **{generator.lora_layers_key: layers})
+    return Path(folder)
 
 
 def load_generator(model: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Generator:

@@ -31,13 +31,28 @@ class PromptEmbeds:
         return PromptEmbeds(self.hidden[index], None if self.pooled is None else self.pooled[index])
 
     def repeat(self, times: int) -> PromptEmbeds:
+        """The batch tiled ``times`` times (``[a, b, a, b]``)."""
         return PromptEmbeds(
             self.hidden.repeat(times, 1, 1), None if self.pooled is None else self.pooled.repeat(times, 1)
         )
 
+    tile = repeat  # the name :class:`mmalign.models.generator.Conditions` gives it
+
 
 class DiffusionPolicy:
-    """Components of a UNet pipeline (SD 1.x/2.x or SDXL), loaded from a hub id or a pipeline folder."""
+    """Components of a UNet pipeline (SD 1.x/2.x or SDXL), loaded from a hub id or a pipeline folder.
+
+    Registered in :data:`mmalign.models.generator.FAMILIES` for ``StableDiffusionPipeline`` and
+    ``StableDiffusionXLPipeline``; its conditioning is :class:`PromptEmbeds` (plus SDXL time ids) rather than
+    :class:`~mmalign.models.generator.Conditions`, and its samplers are the DDIM steps of
+    :mod:`mmalign.models.sampling` (the mapping onto the protocol is in :mod:`mmalign.models.generator`)."""
+
+    #: epsilon / v / sample prediction on a DDPM schedule: the DDIM-chain trainers (DDPO, D3PO, ...) apply
+    parametrisation = "diffusion"
+    #: diffusers' DreamBooth/DPO LoRA scripts' UNet attention projections
+    lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    lora_layers_key = "unet_lora_layers"
+    block_class = "BasicTransformerBlock"
 
     def __init__(self, components: dict[str, Any], folder: Path):
         self.folder = folder
@@ -62,11 +77,11 @@ class DiffusionPolicy:
             module.eval()
 
     @classmethod
-    def from_pretrained(cls, model: str, device: str | torch.device = "cpu") -> DiffusionPolicy:
+    def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu") -> DiffusionPolicy:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        folder = resolve_dir(model, default_repo=model, what="diffusion pipeline")
+        folder = resolve_dir(str(model), default_repo=str(model), what="diffusion pipeline")
         index_path = folder / "model_index.json"
         if not index_path.is_file():
             raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
@@ -98,6 +113,24 @@ class DiffusionPolicy:
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.is_sdxl else "sd"
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    @property
+    def pipeline_class(self) -> type:
+        import diffusers
+
+        return diffusers.StableDiffusionXLPipeline if self.is_sdxl else diffusers.StableDiffusionPipeline
 
     # -- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -32,6 +32,8 @@ class SD3Generator:
     """SD3/SD3.5 components behind the generator protocol (see :mod:`mmalign.models.generator`)."""
 
     family: ClassVar[str] = "sd3"
+    parametrisation: ClassVar[str] = "flow"
+    lora_layers_key: ClassVar[str] = "transformer_lora_layers"
     # flow_grpo's SD3 LoRA targets (scripts/train_sd3.py): both streams of every joint attention
     lora_targets: ClassVar[tuple[str, ...]] = (
         "attn.add_k_proj",
@@ -185,13 +187,32 @@ class SD3Generator:
     def shift_factor(self) -> float:
         return float(self.vae.config.shift_factor or 0.0)
 
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (8 for SD3's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one latent for an image of ``height × width`` pixels."""
+        width = height if width is None else width
+        return (int(self.transformer.config.in_channels), height // self.vae_scale, width // self.vae_scale)
+
     @torch.no_grad()
+    def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE posterior ``(mean, std)`` (float32) of images in [-1, 1]: cached by offline trainers, which
+        then draw a fresh latent per step with :meth:`sample_latents`."""
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def sample_latents(self, mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``(z − shift_factor)·scaling_factor`` with ``z = mean + std·n`` (diffusers' ``train_dreambooth_sd3.py``);
+        the noise ``n`` is drawn on the CPU from ``generator``."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+
     def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images in [0, 1] → ``(z − shift_factor)·scaling_factor`` with ``z`` a VAE posterior sample (diffusers'
-        ``train_dreambooth_sd3.py``), float32."""
-        pixels = (images * 2 - 1).to(self.vae.device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample(generator)
-        return ((latents.float() - self.shift_factor) * self.scaling_factor).float()
+        """Images in [0, 1] → latents: :meth:`sample_latents` of :meth:`latent_distribution`, float32."""
+        return self.sample_latents(*self.latent_distribution(images * 2 - 1), generator).float()
 
     def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
         """Latents → images ``[B, 3, H, W]`` in [0, 1] (the pipeline's ``z/scaling + shift`` then VAE decode)."""

@@ -26,15 +26,19 @@ class DPOConfig(TrainConfig):
 
 
 class DiffusionDPOTrainer(Trainer):
+    """Diffusion-DPO on any generator: on a flow-matching family the per-sample errors are those of the
+    velocity (``ε − x0``), which is Flow-DPO (VideoAlign's); the loss is the same function of the errors."""
+
     config_class: ClassVar[type[TrainConfig]] = DPOConfig
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
 
     def pair_mses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """Per-sample denoising MSEs of the model and the reference for winners and losers ``[b]`` each."""
         timesteps, noise = self.draw_noise(batch)
         latents = torch.cat([batch["latents_w"], batch["latents_l"]])
         noise2, timesteps2 = torch.cat([noise[0], noise[0]]), torch.cat([timesteps, timesteps])
-        noisy, target = self.policy.noisy_and_target(latents, noise2, timesteps2)
-        embeds = batch["embeds"].repeat(2)
+        noisy, target = self.noisy_and_target(latents, noise2, timesteps2)
+        embeds = batch["embeds"].tile(2)
         time_ids = None if batch["time_ids"] is None else batch["time_ids"].repeat(2, 1)
         model_mse = losses.per_sample_mse(self.predict(noisy, timesteps2, embeds, time_ids), target)
         ref_mse = self.reference_mse("pair", batch, noisy, timesteps2, embeds, time_ids, target)
@@ -56,11 +60,12 @@ class SFTConfig(TrainConfig):
 
 class SFTTrainer(Trainer):
     config_class: ClassVar[type[TrainConfig]] = SFTConfig
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
     uses_reference: ClassVar[bool] = False
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         timesteps, noise = self.draw_noise(batch)
-        noisy, target = self.policy.noisy_and_target(batch["latents_w"], noise[0], timesteps)
+        noisy, target = self.noisy_and_target(batch["latents_w"], noise[0], timesteps)
         pred = self.predict(noisy, timesteps, batch["embeds"], batch["time_ids"])
         return losses.sft_loss(losses.per_sample_mse(pred, target))
 
@@ -95,6 +100,16 @@ class SmPOConfig(TrainConfig):
 
 class SmPOTrainer(DiffusionDPOTrainer):
     config_class: ClassVar[type[TrainConfig]] = SmPOConfig
+
+    def check_generator(self, parametrisation: str, model: object) -> None:
+        super().check_generator(parametrisation, model)
+        if self.config.renoise and parametrisation != "diffusion":
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"trainer=smpo renoise=true does not apply to model={model}: ReNoise inverts with DDIM on a DDPM "
+                "schedule; set renoise=false on a flow-matching generator (the SmPO loss itself applies)"
+            )
 
     def _setup_data(self) -> None:
         super()._setup_data()
@@ -189,12 +204,12 @@ class SmPOTrainer(DiffusionDPOTrainer):
         noisy, targets = [], []
         for x0 in (batch["latents_w"], batch["latents_l"]):
             x_t, eps_hat = self.renoise_invert(x0, timesteps, embeds, time_ids)
-            _, target = self.policy.noisy_and_target(x0, eps_hat, timesteps)  # ε̂, or v from ε̂
+            _, target = self.noisy_and_target(x0, eps_hat, timesteps)  # ε̂, or v from ε̂
             noisy.append(x_t)
             targets.append(target)
         noisy, target = torch.cat(noisy), torch.cat(targets)
         timesteps2 = torch.cat([timesteps, timesteps])
-        embeds2 = embeds.repeat(2)
+        embeds2 = embeds.tile(2)
         time_ids2 = None if time_ids is None else time_ids.repeat(2, 1)
         model_mse = losses.per_sample_mse(self.predict(noisy, timesteps2, embeds2, time_ids2), target)
         ref_mse = self.reference_mse("renoise", batch, noisy, timesteps2, embeds2, time_ids2, target)
@@ -231,8 +246,8 @@ class AdaptiveDPOTrainer(DiffusionDPOTrainer):
     def _annotator_logits(self, batch: dict[str, Any], ref: tuple[torch.Tensor, torch.Tensor]) -> list:
         timesteps, noise = self.draw_noise(batch)
         latents = torch.cat([batch["latents_w"], batch["latents_l"]])
-        noisy, target = self.policy.noisy_and_target(latents, torch.cat([noise[0], noise[0]]), timesteps.repeat(2))
-        embeds = batch["embeds"].repeat(2)
+        noisy, target = self.noisy_and_target(latents, torch.cat([noise[0], noise[0]]), timesteps.repeat(2))
+        embeds = batch["embeds"].tile(2)
         time_ids = None if batch["time_ids"] is None else batch["time_ids"].repeat(2, 1)
         logits = []
         for annotator in self.annotators:
@@ -297,14 +312,15 @@ class KTOConfig(TrainConfig):
 
 class KTOTrainer(Trainer):
     config_class: ClassVar[type[TrainConfig]] = KTOConfig
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         timesteps_w, noise_w = self.draw_noise(batch, stream=2)
         timesteps_l, noise_l = self.draw_noise(batch, stream=3)
         latents = torch.cat([batch["latents_w"], batch["latents_l"]])
         timesteps2 = torch.cat([timesteps_w, timesteps_l])
-        noisy, target = self.policy.noisy_and_target(latents, torch.cat([noise_w[0], noise_l[0]]), timesteps2)
-        embeds = batch["embeds"].repeat(2)
+        noisy, target = self.noisy_and_target(latents, torch.cat([noise_w[0], noise_l[0]]), timesteps2)
+        embeds = batch["embeds"].tile(2)
         time_ids = None if batch["time_ids"] is None else batch["time_ids"].repeat(2, 1)
         model_mse = losses.per_sample_mse(self.predict(noisy, timesteps2, embeds, time_ids), target)
         ref_mse = self.reference_mse("kto", batch, noisy, timesteps2, embeds, time_ids, target)

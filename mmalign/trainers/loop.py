@@ -23,6 +23,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -63,7 +64,9 @@ class TrainConfig:
     seed: int = 0
     lora_rank: int = 8
     lora_alpha: float | None = None
-    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    # peft target_modules; empty: the generator family's defaults (UNet: to_k/q/v/out.0; SD3: both attention
+    # streams; see each family's ``lora_targets``)
+    lora_targets: list[str] = field(default_factory=list)
     reference: Literal["auto", "adapters", "copy", "precomputed"] = "auto"
     beta: float = 5000.0
     resolution: int = 512
@@ -203,9 +206,18 @@ class Schedule:
 
 
 class Trainer:
-    """The shared loop. Subclasses set ``config_class`` and implement :meth:`compute_loss`."""
+    """The shared loop. Subclasses set ``config_class`` and implement :meth:`compute_loss` (or
+    :meth:`loss_parts`, to backpropagate a loss in parts as soon as each is computed).
+
+    The generator (``policy``) is any family of :data:`mmalign.models.generator.FAMILIES`; its trainable network
+    (UNet or transformer) is :attr:`model` once prepared by accelerate (``unet`` is its former name).
+    ``parametrisations`` says which families the trainer's mathematics applies to, checked before any weight is
+    loaded."""
 
     config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    #: "diffusion" (DDPM-schedule UNets) and/or "flow" (flow-matching transformers); see
+    #: :data:`mmalign.models.generator.PARAMETRISATIONS`
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion",)
     uses_reference: ClassVar[bool] = True
     #: with gradient checkpointing on, recompute the UNet's blocks in backward (diffusers'
     #: ``enable_gradient_checkpointing``); trainers that checkpoint whole UNet calls themselves set False
@@ -226,9 +238,13 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
         )
         set_seed(config.seed)
-        from ..models.policy import DiffusionPolicy
+        from ..models.generator import load_generator, parametrisation_of
 
-        self.policy = policy if policy is not None else DiffusionPolicy.from_pretrained(config.model)
+        kind = parametrisation_of(config.model) if policy is None else getattr(policy, "parametrisation", "diffusion")
+        self.check_generator(kind, config.model if policy is None else type(policy).__name__)
+        if policy is None:
+            policy = load_generator(config.model)
+        self.policy = policy
         self.policy.to(self.accelerator.device)
         self._setup_model()
         self._setup_data()
@@ -240,10 +256,31 @@ class Trainer:
         self._reference_table: dict[str, torch.Tensor] = {}
 
     # -- set-up ---------------------------------------------------------------------------------------------
+    def check_generator(self, parametrisation: str, model: object) -> None:
+        """Fail before any weight loads when this trainer (with this config) does not apply to a generator of
+        ``parametrisation``; subclasses add their own conditions."""
+        from ..models.generator import check_parametrisation
+
+        check_parametrisation(self.config.trainer, self.parametrisations, parametrisation, model)
+
+    # the trainable network under its former, UNet-only names (kept for scripts and tests written against them)
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model
+
+    @property
+    def ref_unet(self) -> torch.nn.Module | None:
+        return self.ref_model
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """``lora_targets`` of the config, or the generator family's defaults when it leaves them empty."""
+        return list(self.config.lora_targets) or list(self.policy.lora_targets)
+
     def _setup_model(self) -> None:
-        config, unet = self.config, self.policy.unet
+        config, unet = self.config, self.policy.trainable
         unet.requires_grad_(False)
-        self.ref_unet = None
+        self.ref_model = None
         if config.lora_rank > 0:
             from peft import LoraConfig
 
@@ -252,7 +289,7 @@ class Trainer:
                     r=config.lora_rank,
                     lora_alpha=config.lora_alpha or config.lora_rank,
                     init_lora_weights="gaussian",
-                    target_modules=list(config.lora_targets),
+                    target_modules=self.lora_targets,
                 )
             )
         else:
@@ -260,9 +297,9 @@ class Trainer:
         if self.uses_reference and config.reference_mode == "copy":
             import copy
 
-            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            self.ref_model = copy.deepcopy(unet).requires_grad_(False).eval()
             if config.lora_rank > 0:
-                self.ref_unet.disable_adapters()
+                self.ref_model.disable_adapters()
         self.gradient_checkpointing = resolve_gradient_checkpointing(
             config.gradient_checkpointing, unet, self.accelerator.device, self._graph_calls()
         )
@@ -346,7 +383,7 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        self.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, self.optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(self.policy.trainable, self.optimizer)
 
     # -- batches --------------------------------------------------------------------------------------------
     def _item(self, epoch: int, index: int) -> dict[str, Any]:
@@ -362,16 +399,28 @@ class Trainer:
             self._latent_cache[index] = item
         return item
 
-    def _embeds(self, prompts: list[str]):
-        from ..models.policy import PromptEmbeds
+    @property
+    def uses_conditions(self) -> bool:
+        """True for generators of the protocol's :class:`~mmalign.models.generator.Conditions` (flow families);
+        False for the UNet policy's ``PromptEmbeds``."""
+        return hasattr(self.policy, "encode_conditions")
 
+    def _embeds(self, prompts: list[str]):
+        """The conditioning of ``prompts`` (``Conditions``, or ``PromptEmbeds`` for UNets), from the cache."""
         # Each prompt is encoded alone: BLAS kernels round differently for different batch sizes, and a cache
         # filled by batches would make an embedding depend on which prompts happened to come first (a resumed
         # run, or another process count, would then differ from the uninterrupted run in the last bits).
+        encode = self.policy.encode_conditions if self.uses_conditions else self.policy.encode_prompt
         for prompt in dict.fromkeys(prompts):
             if prompt not in self._prompt_cache:
-                self._prompt_cache[prompt] = self.policy.encode_prompt([prompt])
+                self._prompt_cache[prompt] = encode([prompt])
         parts = [self._prompt_cache[p] for p in prompts]
+        if self.uses_conditions:
+            from ..models.generator import Conditions
+
+            return Conditions.cat(parts)
+        from ..models.policy import PromptEmbeds
+
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
         return PromptEmbeds(torch.cat([p.hidden for p in parts]), pooled)
 
@@ -399,7 +448,7 @@ class Trainer:
             "micro_index": micro_index,
             "slice": (lo, hi),
         }
-        if self.policy.is_sdxl:
+        if getattr(self.policy, "is_sdxl", False):
             original = torch.stack([it["original_size"] for it in local])
             crops = torch.stack([it["crop_top_left"] for it in local])
             batch["time_ids"] = self.policy.time_ids(original, crops, config.resolution)
@@ -413,7 +462,7 @@ class Trainer:
         gen = _generator(self.config.seed, batch["micro_index"], stream)
         lo, hi = batch["slice"]
         shape = (self.global_batch * count, *batch["latents_w"].shape[1:])
-        low, high = timestep_bounds(self.config.timestep_range, self.policy.noise_scheduler.config.num_train_timesteps)
+        low, high = timestep_bounds(self.config.timestep_range, self.policy.num_train_timesteps)
         timesteps = torch.randint(low, high, (self.global_batch,), generator=gen)[lo:hi]
         noise = torch.randn(shape, generator=gen).view(count, self.global_batch, *shape[1:])[:, lo:hi]
         device = self.accelerator.device
@@ -432,25 +481,34 @@ class Trainer:
         return (totals[0] / totals[1]).to(values.device)
 
     # -- model calls ----------------------------------------------------------------------------------------
-    def predict(self, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
+    def _call(self, model, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
+        """``model``'s prediction through the generator (the UNet policy also takes SDXL's ``time_ids``)."""
+        if self.uses_conditions:
+            return self.policy.predict(model, noisy, timesteps, embeds)
+        return self.policy.predict(model, noisy, timesteps, embeds, time_ids)
+
+    def noisy_and_target(self, x0, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noisy input at ``timesteps`` and the regression target (epsilon, v or flow velocity)."""
+        if self.uses_conditions:
+            return self.policy.add_noise(x0, noise, timesteps), self.policy.training_target(x0, noise, timesteps)
+        return self.policy.noisy_and_target(x0, noise, timesteps)
+
+    def predict(self, noisy, timesteps, embeds, time_ids=None) -> torch.Tensor:
         if self._recording:  # precomputing the reference: the model's own output is not needed
             return torch.zeros(noisy.shape, device=noisy.device)
-        return self.policy.predict(self.unet, noisy, timesteps, embeds, time_ids)
+        return self._call(self.model, noisy, timesteps, embeds, time_ids)
 
     @torch.no_grad()
-    def predict_reference(self, noisy, timesteps, embeds, time_ids) -> torch.Tensor:
-        if self.ref_unet is not None:
-            return self.policy.predict(self.ref_unet, noisy, timesteps, embeds, time_ids)
-        unet = self.accelerator.unwrap_model(self.unet)
+    def predict_reference(self, noisy, timesteps, embeds, time_ids=None) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._call(self.ref_model, noisy, timesteps, embeds, time_ids)
+        model = self.accelerator.unwrap_model(self.model)
         if self.config.reference_mode == "precomputed":
             if not self._recording:
                 raise MMAlignError("reference=precomputed: reference outputs are only available while recording")
-            return self.policy.predict(unet, noisy, timesteps, embeds, time_ids)  # untrained weights = reference
-        unet.disable_adapters()
-        try:
-            return self.policy.predict(unet, noisy, timesteps, embeds, time_ids)
-        finally:
-            unet.enable_adapters()
+            return self._call(model, noisy, timesteps, embeds, time_ids)  # untrained weights = reference
+        with adapters_disabled(model):
+            return self._call(model, noisy, timesteps, embeds, time_ids)
 
     def reference_mse(self, key: str, batch: dict[str, Any], noisy, timesteps, embeds, time_ids, target):
         """Per-sample MSE of the reference model ``[b]``. With ``reference=precomputed`` it is read from the
@@ -502,6 +560,13 @@ class Trainer:
     def compute_loss(self, batch: dict[str, Any]) -> LossOutput:
         raise NotImplementedError
 
+    def loss_parts(self, batch: dict[str, Any]) -> list[Callable[[], LossOutput]]:
+        """The micro-batch's loss as parts whose sum is the loss: functions the loop calls one at a time,
+        backpropagating each result before calling the next (so that only one part's graph is alive: Flow-GRPO's
+        one backward per denoising step). Metrics of the parts are summed, so a part carries its share (e.g.
+        ``1/n`` of a mean over ``n`` steps). Default: one part, :meth:`compute_loss`."""
+        return [lambda: self.compute_loss(batch)]
+
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -552,20 +617,22 @@ class Trainer:
         totals: dict[str, float] = {}
         for micro in range(config.grad_accum):
             batch = self.make_batch(self.step * config.grad_accum + micro)
-            sync = micro == config.grad_accum - 1
-            context = acc.no_sync(self.unet) if not sync and acc.num_processes > 1 else _nullcontext()
-            with context, acc.autocast():
-                out = self.compute_loss(batch)
-            finite = torch.isfinite(out.loss.detach()).float()
-            if acc.num_processes > 1:
-                finite = acc.reduce(finite.to(acc.device), reduction="mean")
-            if float(finite) < 1.0:
-                skip = True
-                continue
-            with context:
-                acc.backward(out.loss / config.grad_accum)
-            for key, value in out.scalars().items():
-                totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+            parts = self.loss_parts(batch)
+            for index, part in enumerate(parts):
+                sync = micro == config.grad_accum - 1 and index == len(parts) - 1  # all-reduce in the last backward
+                context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _nullcontext()
+                with context, acc.autocast():
+                    out = part()
+                finite = torch.isfinite(out.loss.detach()).float()
+                if acc.num_processes > 1:
+                    finite = acc.reduce(finite.to(acc.device), reduction="mean")
+                if float(finite) < 1.0:
+                    skip = True
+                    break
+                with context:
+                    acc.backward(out.loss / config.grad_accum)
+                for key, value in out.scalars().items():
+                    totals[key] = totals.get(key, 0.0) + value / config.grad_accum
         grad_norm = float("nan")
         if not skip and acc.sync_gradients:
             grad_norm = float(acc.clip_grad_norm_(self.trainable, config.max_grad_norm))
@@ -603,7 +670,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = self.accelerator.unwrap_model(self.model)
         params = dict(unet.named_parameters())
         return {name: params[name].detach().cpu().contiguous() for name in self.trainable_names}
 
@@ -666,7 +733,7 @@ class Trainer:
                 logger.info("resume=latest: no checkpoint yet in %s; starting from scratch", self.output_dir)
             return
         meta = json.loads((folder / "state.json").read_text())
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = self.accelerator.unwrap_model(self.model)
         state = load_file(str(folder / "trainable.safetensors"))
         missing = [n for n in self.trainable_names if n not in state]
         unexpected = [n for n in state if n not in self.trainable_names]
@@ -696,7 +763,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            unet = acc.unwrap_model(self.unet)
+            unet = acc.unwrap_model(self.model)
             if self.ema is not None:
                 self.ema.store(self.trainable)
                 self.ema.copy_to(self.trainable)
@@ -706,9 +773,9 @@ class Trainer:
                 # PEFT key names as they are: diffusers' convert_state_dict_to_diffusers renames only attention
                 # projections (to_q.lora_A -> to_q.lora.down), and a file mixing both namings loads with the
                 # attention LoRA silently dropped once other modules (conv1, time_emb_proj, ...) are targeted
-                layers = get_peft_model_state_dict(unet)
-                pipeline_class = type(self.policy.pipeline(unet))
-                pipeline_class.save_lora_weights(str(self.output_dir), unet_lora_layers=layers)
+                from ..models.generator import save_lora_weights
+
+                save_lora_weights(self.policy, self.output_dir, get_peft_model_state_dict(unet))
             else:
                 self.policy.pipeline(unet).save_pretrained(str(self.output_dir))
             if self.ema is not None:
@@ -723,7 +790,7 @@ class Trainer:
             return None
         from PIL import Image
 
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = self.accelerator.unwrap_model(self.model)
         was_training = unet.training
         unet.eval()
         pipe = self.policy.pipeline(unet)
@@ -749,6 +816,21 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
+
+
+class adapters_disabled:
+    """Context in which a peft-adapted diffusers model runs without its adapters (the LoRA reference)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self) -> torch.nn.Module:
+        self.model.disable_adapters()
+        return self.model
+
+    def __exit__(self, *exc) -> bool:
+        self.model.enable_adapters()
+        return False
 
 
 class _nullcontext:
