@@ -17,8 +17,8 @@ Conventions shared by every function here:
   function (stop-gradient), whatever the caller passes; each docstring names every other stop-gradient.
 * Metrics in :attr:`LossOutput.metrics` are detached tensors (scalars unless stated).
 
-The functions live in one module per family (``dpo``, ``policy_gradient``, ``reward_backprop``, ``grpo``) and are
-all importable from here.
+The functions live in one module per family (``dpo``, ``policy_gradient``, ``reward_backprop``, ``grpo``,
+``nft``) and are all importable from here.
 """
 
 from .base import LossOutput
@@ -31,12 +31,21 @@ from .dpo import (
     diffusion_kto_loss,
     dpo_logits,
     epsilon_from_x0,
+    flow_dpo_defaults,
     per_sample_mse,
     sft_loss,
     smpo_loss,
     smpo_preference,
 )
 from .grpo import flow_grpo_loss, group_advantages
+from .nft import (
+    diffusion_nft_loss,
+    nft_old_decay,
+    nft_old_policy_update,
+    nft_optimality,
+    nft_optimality_from_advantages,
+    nft_timestep_indices,
+)
 from .policy_gradient import DDIMLogProb, d3po_loss, ddim_step_log_prob, ddpo_ppo_loss
 from .reward_backprop import alignprop_aesthetic_loss, draft_loss, refl_loss, target_distance_loss
 
@@ -54,10 +63,17 @@ __all__ = [
     "flow_grpo_loss",
     "diffusion_dpo_loss",
     "diffusion_kto_loss",
+    "diffusion_nft_loss",
     "dpo_logits",
     "draft_loss",
     "epsilon_from_x0",
+    "flow_dpo_defaults",
     "group_advantages",
+    "nft_old_decay",
+    "nft_old_policy_update",
+    "nft_optimality",
+    "nft_optimality_from_advantages",
+    "nft_timestep_indices",
     "per_sample_mse",
     "refl_loss",
     "sft_loss",

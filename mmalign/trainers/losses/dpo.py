@@ -146,6 +146,57 @@ def diffusion_dpo_loss(
     return LossOutput(losses.mean(), _pair_metrics(inside, model_mse_w, model_mse_l, ref_mse_w, ref_mse_l))
 
 
+def flow_dpo_defaults() -> dict[str, object]:
+    """Flow-DPO's settings for SD3.5-M (Liu et al. 2025, "Improving Video Generation with Human Feedback"): its
+    loss is :func:`diffusion_dpo_loss` (sigmoid) on velocity MSEs with β = 100, nothing else differs.
+
+    KwaiVGI/VideoAlign (commit 219ab9db64c045e5181a2202d11f686439351292) releases only the VideoReward model;
+    its README points Flow-DPO to yifan123/flow_grpo ``scripts/single_node/dpo.sh`` -> ``scripts/train_sd3_dpo.py``
+    with ``config/dpo.py:geneval_sd3`` (commit ac4c86e8cae021841f1fde853d340e0db67690dd). There (lines
+    924-939) ``target = ε − x0``, ``mse = mean over non-batch elements of (v.float() − target)²`` for the model
+    and the reference, and ``loss = mean −log σ(−½·β·((mse_w − ref_w) − (mse_l − ref_l)))``: exactly
+    :func:`diffusion_dpo_loss` on :func:`per_sample_mse` of velocities (no timestep weight, mean not sum),
+    β = ``config.train.beta`` = 100 (``config/dpo.py`` lines 53 and 92).
+
+    Other settings, returned as a dict (keys below): the winner and loser share the noise and the timestep
+    (lines 884-899); ``timestep_sampling``: u ~ logit-normal(0, 1) (diffusers
+    ``compute_density_for_timestep_sampling``; ``mode_scale`` 1.29 is passed but unused), index ⌊u·1000⌋ into
+    the training scheduler's 1000 shifted timesteps (``FlowMatchEulerDiscreteScheduler`` from the model, shift
+    3), σ = sigmas[index], a fresh draw for each of ``int(40 · 0.99)`` = 39 passes per batch (lines 871-903);
+    ``reference``: a second LoRA adapter "ref" initialised with B = 0, i.e. the base model, never updated
+    (``ref_update_step`` 1e7; a small value makes it online DPO by copying the learner into it); pairs: of 24
+    images per prompt sampled by the reference (SDE, noise level 0.7, 40 steps, CFG 4.5, 512 px), the highest
+    and lowest reward (``flow_grpo/stat_tracking.py`` type ``'dpo'``); training forward without CFG; LoRA r 32,
+    α 64 on the attention projections; AdamW lr 3e-4, weight decay 1e-4, grad-norm clip 1.0, fp16
+    (``config/base.py`` lines 21, 63-76); eval EMA decay 0.9 every 8 steps (``train_sd3_dpo.py`` line 422).
+    """
+    return {
+        "beta": 100.0,
+        "loss_type": "sigmoid",
+        "timestep_sampling": "logit_normal",
+        "logit_mean": 0.0,
+        "logit_std": 1.0,
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "shared_noise_and_timestep": True,
+        "reference": "base model (zero-initialised LoRA adapter, frozen)",
+        "sample_num_steps": 40,
+        "sample_guidance_scale": 4.5,
+        "sample_noise_level": 0.7,
+        "images_per_prompt": 24,
+        "timestep_fraction": 0.99,
+        "resolution": 512,
+        "learning_rate": 3e-4,
+        "adam_weight_decay": 1e-4,
+        "max_grad_norm": 1.0,
+        "lora_rank": 32,
+        "lora_alpha": 64,
+        "mixed_precision": "fp16",
+        "ema_decay": 0.9,
+        "ema_update_step_interval": 8,
+    }
+
+
 SMPO_SCORE_LOW = 0.11543526500463486
 """Lower bound of SmPO's PickScore normalisation (JaydenLyh/SmPO ``train.py``, ``min_val``)."""
 SMPO_SCORE_HIGH = 0.28201571106910706
