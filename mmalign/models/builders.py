@@ -316,3 +316,69 @@ def build_sd3_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+# a tiny FluxPipeline (FLUX.1-dev layout) of the real classes: the tiny SD3 VAE with FLUX.1's scaling and shift
+# factors, a CLIP-L text tower without projection (FLUX reads its pooled output) and the tiny SD3 T5; the
+# transformer takes 2x2-packed latents (in_channels = 4 x 16) and embeds the guidance scale (guidance_embeds: dev;
+# schnell has none); the rotary axes (4, 6, 6) sum to attention_head_dim as FLUX.1's (16, 56, 56) sum to 128
+TINY_FLUX: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    vae=dict(TINY_SD3["vae"], scaling_factor=0.3611, shift_factor=0.1159),
+    clip_l=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    t5=TINY_SD3["t5"],
+    # FLUX.1-dev's scheduler config (resolution-dependent shift between 256 and 4096 latent tokens)
+    scheduler=dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+)
+
+__all__ += ["TINY_FLUX", "build_flux_pipeline"]
+
+
+def build_flux_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A random-weight ``FluxPipeline`` (``FluxTransformer2DModel``, CLIP-L ``CLIPTextModel``, ``T5EncoderModel``,
+    16-channel ``AutoencoderKL``, ``FlowMatchEulerDiscreteScheduler``) from :data:`TINY_FLUX`-shaped ``config``,
+    saved with ``FluxPipeline.save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    config = config or TINY_FLUX
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**config["transformer"])
+    vae = AutoencoderKL(**config["vae"])
+    clip_l = CLIPTextModel(CLIPTextConfig(**clip_text_config(**config["clip_l"])))
+    t5 = T5EncoderModel(T5Config(**config["t5"]))
+    words = ("a", "photo", "of", "cat", "dog", "red", "blue", "cube", "on", "the", "and")
+    tokenizer_2 = t5_tokenizer(words)
+    if len(tokenizer_2) > config["t5"]["vocab_size"]:
+        raise ValueError(f"T5 vocab_size {config['t5']['vocab_size']} < tokenizer size {len(tokenizer_2)}")
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

@@ -184,6 +184,11 @@ class Generator(Protocol):
         SFT) enters training through here."""
         ...
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one latent of a ``height×width`` image, as :meth:`to_latents` returns it and samplers
+        draw initial noise (always the unpacked VAE layout, whatever the network's token packing)."""
+        ...
+
     def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
         """Latents → images ``[B, 3, H, W]`` in [0, 1], the canonical tensor rewards read; ``grad=True`` keeps the
         graph (reward backpropagation: ReFL, DRaFT, AlignProp)."""
@@ -214,6 +219,7 @@ class Generator(Protocol):
 # pipeline class named by model_index.json -> "module:Class" of its family, imported on first use
 FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
+    "FluxPipeline": "mmalign.models.flux:FluxGenerator",
 }
 
 

@@ -185,6 +185,20 @@ class SD3Generator:
     def shift_factor(self) -> float:
         return float(self.vae.config.shift_factor or 0.0)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent (8 for SD3's VAE: ``2 ** (len(block_out_channels) − 1)``, as the pipeline)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latent of an ``height×width`` image (``(16, 64, 64)`` at 512²); sizes must be
+        multiples of ``vae_scale_factor · patch_size``, as ``StableDiffusion3Pipeline.check_inputs`` demands."""
+        multiple = self.vae_scale_factor * int(self.transformer.config.patch_size)
+        if int(height) % multiple or int(width) % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        factor = self.vae_scale_factor
+        return int(self.vae.config.latent_channels), int(height) // factor, int(width) // factor
+
     @torch.no_grad()
     def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images in [0, 1] → ``(z − shift_factor)·scaling_factor`` with ``z`` a VAE posterior sample (diffusers'
