@@ -220,6 +220,7 @@ class Generator(Protocol):
 FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
     "FluxPipeline": "mmalign.models.flux:FluxGenerator",
+    "Flux2KleinPipeline": "mmalign.models.flux2:Flux2KleinGenerator",
 }
 
 
