@@ -104,3 +104,18 @@ def make_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     from mmalign.models.builders import build_sd3_pipeline
 
     return build_sd3_pipeline(folder, seed)
+
+
+def make_flux_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny FluxPipeline folder (FLUX.1-dev layout, ``save_pretrained``): real classes, random weights."""
+    from mmalign.models.builders import build_flux_pipeline
+
+    return build_flux_pipeline(folder, seed)
+
+
+def make_flux2_klein_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny Flux2KleinPipeline folder (FLUX.2-klein base layout, ``save_pretrained``): real classes, random
+    weights, a byte-level Qwen tokenizer."""
+    from mmalign.models.builders import build_flux2_klein_pipeline
+
+    return build_flux2_klein_pipeline(folder, seed)

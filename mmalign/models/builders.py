@@ -316,3 +316,192 @@ def build_sd3_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+# a tiny FluxPipeline (FLUX.1-dev layout) of the real classes: the tiny SD3 VAE with FLUX.1's scaling and shift
+# factors, a CLIP-L text tower without projection (FLUX reads its pooled output) and the tiny SD3 T5; the
+# transformer takes 2x2-packed latents (in_channels = 4 x 16) and embeds the guidance scale (guidance_embeds: dev;
+# schnell has none); the rotary axes (4, 6, 6) sum to attention_head_dim as FLUX.1's (16, 56, 56) sum to 128
+TINY_FLUX: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    vae=dict(TINY_SD3["vae"], scaling_factor=0.3611, shift_factor=0.1159),
+    clip_l=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    t5=TINY_SD3["t5"],
+    # FLUX.1-dev's scheduler config (resolution-dependent shift between 256 and 4096 latent tokens)
+    scheduler=dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+)
+
+__all__ += ["TINY_FLUX", "build_flux_pipeline"]
+
+
+def build_flux_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A random-weight ``FluxPipeline`` (``FluxTransformer2DModel``, CLIP-L ``CLIPTextModel``, ``T5EncoderModel``,
+    16-channel ``AutoencoderKL``, ``FlowMatchEulerDiscreteScheduler``) from :data:`TINY_FLUX`-shaped ``config``,
+    saved with ``FluxPipeline.save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    config = config or TINY_FLUX
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**config["transformer"])
+    vae = AutoencoderKL(**config["vae"])
+    clip_l = CLIPTextModel(CLIPTextConfig(**clip_text_config(**config["clip_l"])))
+    t5 = T5EncoderModel(T5Config(**config["t5"]))
+    words = ("a", "photo", "of", "cat", "dog", "red", "blue", "cube", "on", "the", "and")
+    tokenizer_2 = t5_tokenizer(words)
+    if len(tokenizer_2) > config["t5"]["vocab_size"]:
+        raise ValueError(f"T5 vocab_size {config['t5']['vocab_size']} < tokenizer size {len(tokenizer_2)}")
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+# a tiny Flux2KleinPipeline (FLUX.2-klein layout) of the real classes: the FLUX.2 VAE (32 latent channels, 2x2
+# patchified and batch-norm normalised: the transformer reads 4 x 32 = 128 channels per token) at the tiny SD VAE's
+# widths; a Qwen3 text model as deep as Qwen3-4B's first 28 layers (the pipeline stacks hidden states 9, 18 and 27)
+# but 16 wide, so the transformer's text input is 3 x 16; klein's transformer has no guidance embedding
+TINY_FLUX2_KLEIN: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=32,
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ),
+    vae=dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=32,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=32,
+        patch_size=(2, 2),
+    ),
+    qwen3=dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+    # resolution- and step-dependent shift (the pipeline's compute_empirical_mu)
+    scheduler=dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+)
+
+__all__ += ["TINY_FLUX2_KLEIN", "build_flux2_klein_pipeline", "qwen_tokenizer"]
+
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen3's chat template reduced to what prompt encoding renders: turns between <|im_start|> and <|im_end|>, the
+# assistant header, and the empty think block that enable_thinking=False adds
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen_tokenizer():
+    """A byte-level BPE tokenizer of Qwen's kind built offline (transformers' ``Qwen2Tokenizer``): the 256
+    byte symbols without merges (ids 0-255), ``<|endoftext|>`` (256, also the padding) and Qwen's chat special
+    tokens, with a Qwen3-style chat template; 261 entries, any text tokenises."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    from ..tokenizers import _bytes_to_unicode
+
+    vocab = {symbol: index for index, symbol in enumerate(_bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in QWEN_SPECIAL_TOKENS])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_flux2_klein_pipeline(
+    folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None, is_distilled: bool = False
+) -> Path:
+    """A random-weight ``Flux2KleinPipeline`` (``Flux2Transformer2DModel``, ``Qwen3ForCausalLM``,
+    ``AutoencoderKLFlux2`` with random batch-norm statistics, ``FlowMatchEulerDiscreteScheduler``) from
+    :data:`TINY_FLUX2_KLEIN`-shaped ``config``, saved with ``save_pretrained`` into ``folder``; ``is_distilled``:
+    the step-distilled variant's flag (no classifier-free guidance)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = config or TINY_FLUX2_KLEIN
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(**config["transformer"])
+    vae = AutoencoderKLFlux2(**config["vae"])
+    with torch.no_grad():  # non-trivial normalisation, as the trained VAE's statistics are
+        vae.bn.running_mean.normal_(std=0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), **config["qwen3"]))
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

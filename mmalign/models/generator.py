@@ -208,6 +208,11 @@ class Generator(Protocol):
         SFT) enters training through here."""
         ...
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one latent of a ``height×width`` image, as :meth:`to_latents` returns it and samplers
+        draw initial noise (always the unpacked VAE layout, whatever the network's token packing)."""
+        ...
+
     def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
         """Latents → images ``[B, 3, H, W]`` in [0, 1], the canonical tensor rewards read; ``grad=True`` keeps the
         graph (reward backpropagation: ReFL, DRaFT, AlignProp)."""
@@ -240,6 +245,8 @@ FAMILIES: dict[str, str] = {
     "StableDiffusionPipeline": "mmalign.models.policy:DiffusionPolicy",
     "StableDiffusionXLPipeline": "mmalign.models.policy:DiffusionPolicy",
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
+    "FluxPipeline": "mmalign.models.flux:FluxGenerator",
+    "Flux2KleinPipeline": "mmalign.models.flux2:Flux2KleinGenerator",
 }
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)

@@ -188,14 +188,18 @@ class SD3Generator:
         return float(self.vae.config.shift_factor or 0.0)
 
     @property
-    def vae_scale(self) -> int:
-        """Pixels per latent cell (8 for SD3's VAE)."""
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent (8 for SD3's VAE: ``2 ** (len(block_out_channels) − 1)``, as the pipeline)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
-        """``(C, h, w)`` of one latent for an image of ``height × width`` pixels."""
-        width = height if width is None else width
-        return (int(self.transformer.config.in_channels), height // self.vae_scale, width // self.vae_scale)
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latent of an ``height×width`` image (``(16, 64, 64)`` at 512²); sizes must be
+        multiples of ``vae_scale_factor · patch_size``, as ``StableDiffusion3Pipeline.check_inputs`` demands."""
+        multiple = self.vae_scale_factor * int(self.transformer.config.patch_size)
+        if int(height) % multiple or int(width) % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        factor = self.vae_scale_factor
+        return int(self.vae.config.latent_channels), int(height) // factor, int(width) // factor
 
     @torch.no_grad()
     def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:

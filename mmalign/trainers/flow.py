@@ -204,7 +204,7 @@ class FlowOnlineTrainer(OnlineTrainer):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.policy.latent_shape(self.config.resolution))
+        return tuple(self.policy.latent_shape(self.config.resolution, self.config.resolution))
 
     def round_of(self, micro_index: int) -> tuple[int, int]:
         """``(round index, first micro-batch of the round)``."""

@@ -175,6 +175,10 @@ def test_to_latents_and_decode(generator):
     images = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(7))
     z = generator.to_latents(images, generator=torch.Generator().manual_seed(8))
     assert z.shape == (2, 16, 16, 16) and z.dtype == torch.float32
+    assert generator.latent_shape(32, 32) == tuple(z.shape[1:])
+    assert generator.latent_shape(512, 256) == (16, 256, 128)  # the tiny VAE downsamples by 2, not 8
+    with pytest.raises(ValueError, match="multiples of 4"):
+        generator.latent_shape(34, 32)
     decoded = generator.decode(z)
     assert decoded.shape == (2, 3, 32, 32) and not decoded.requires_grad
     assert decoded.min() >= 0 and decoded.max() <= 1
