@@ -104,3 +104,11 @@ def make_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     from mmalign.models.builders import build_sd3_pipeline
 
     return build_sd3_pipeline(folder, seed)
+
+
+def make_qwen_image_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny QwenImagePipeline folder (``save_pretrained`` layout): real classes, random weights, an offline
+    Qwen2 tokenizer."""
+    from mmalign.models.builders import build_qwen_image_pipeline
+
+    return build_qwen_image_pipeline(folder, seed)

@@ -214,6 +214,7 @@ class Generator(Protocol):
 # pipeline class named by model_index.json -> "module:Class" of its family, imported on first use
 FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
+    "QwenImagePipeline": "mmalign.models.qwen_image:QwenImageGenerator",
 }
 
 
