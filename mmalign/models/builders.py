@@ -487,3 +487,80 @@ def build_qwen_image_pipeline(
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+# a tiny ZImagePipeline of the real classes: the single-stream Z-Image DiT (noise and context refiners, 3-axis
+# RoPE summing to its head width), a Qwen3 text model (Qwen3Model, its second-to-last hidden state is the
+# caption), the tiny SD VAE with Z-Image's 16 latent channels and its (FLUX) scaling and shift factors, and
+# Z-Image-Turbo's static-shift scheduler
+TINY_Z_IMAGE: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 64, 64],
+    ),
+    vae=dict(
+        TINY_SD["vae"],
+        latent_channels=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    text=dict(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+    ),
+    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+)
+
+__all__ += ["TINY_Z_IMAGE", "build_z_image_pipeline"]
+
+
+def build_z_image_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A random-weight ``ZImagePipeline`` (``ZImageTransformer2DModel``, ``Qwen3Model``, 16-channel
+    ``AutoencoderKL``, ``FlowMatchEulerDiscreteScheduler``, :func:`qwen_tokenizer` with
+    :data:`QWEN_CHAT_TEMPLATE`) from :data:`TINY_Z_IMAGE`-shaped ``config``, saved with
+    ``ZImagePipeline.save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = config or TINY_Z_IMAGE
+    tokenizer = qwen_tokenizer(text="user\nassistant\n", chat_template=QWEN_CHAT_TEMPLATE)
+    if len(tokenizer) > config["text"]["vocab_size"]:
+        raise ValueError(f"Qwen3 vocab_size {config['text']['vocab_size']} < tokenizer size {len(tokenizer)}")
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(**config["transformer"])
+    vae = AutoencoderKL(**config["vae"])
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            **config["text"],
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        )
+    ).eval()
+    pipe = ZImagePipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

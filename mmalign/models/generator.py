@@ -215,6 +215,7 @@ class Generator(Protocol):
 FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
     "QwenImagePipeline": "mmalign.models.qwen_image:QwenImageGenerator",
+    "ZImagePipeline": "mmalign.models.z_image:ZImageGenerator",
 }
 
 

@@ -302,7 +302,9 @@ class QwenImageGenerator:
             raise ValueError(f"guidance {guidance} needs the unconditional branch (uncond)")
         if len(uncond) != len(conditions):
             raise ValueError(f"uncond has {len(uncond)} rows, conditions {len(conditions)}")
-        both = self.predict(model, torch.cat([x, x]), t, Conditions.cat([uncond, conditions]))
+        timestep = torch.as_tensor(t, device=x.device)
+        both_t = timestep if timestep.ndim == 0 else torch.cat([timestep, timestep])
+        both = self.predict(model, torch.cat([x, x]), both_t, Conditions.cat([uncond, conditions]))
         v_uncond, v_cond = both.chunk(2)
         combined = v_uncond + guidance * (v_cond - v_uncond)
         if not rescale:
