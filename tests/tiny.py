@@ -119,3 +119,19 @@ def make_flux2_klein_pipeline(folder: Path, seed: int = 0) -> Path:
     from mmalign.models.builders import build_flux2_klein_pipeline
 
     return build_flux2_klein_pipeline(folder, seed)
+
+
+def make_qwen_image_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny QwenImagePipeline folder (``save_pretrained`` layout): real classes, random weights, an offline
+    Qwen2 tokenizer."""
+    from mmalign.models.builders import build_qwen_image_pipeline
+
+    return build_qwen_image_pipeline(folder, seed)
+
+
+def make_z_image_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny ZImagePipeline folder (``save_pretrained`` layout): real classes, random weights, an offline Qwen2
+    tokenizer with a chat template."""
+    from mmalign.models.builders import build_z_image_pipeline
+
+    return build_z_image_pipeline(folder, seed)

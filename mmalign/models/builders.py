@@ -436,9 +436,9 @@ TINY_FLUX2_KLEIN: dict[str, dict[str, Any]] = dict(
     ),
 )
 
-__all__ += ["TINY_FLUX2_KLEIN", "build_flux2_klein_pipeline", "qwen_tokenizer"]
+__all__ += ["TINY_FLUX2_KLEIN", "build_flux2_klein_pipeline", "qwen3_byte_tokenizer"]
 
-QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN3_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 # Qwen3's chat template reduced to what prompt encoding renders: turns between <|im_start|> and <|im_end|>, the
 # assistant header, and the empty think block that enable_thinking=False adds
 QWEN3_CHAT_TEMPLATE = (
@@ -451,7 +451,7 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
-def qwen_tokenizer():
+def qwen3_byte_tokenizer():
     """A byte-level BPE tokenizer of Qwen's kind built offline (transformers' ``Qwen2Tokenizer``): the 256
     byte symbols without merges (ids 0-255), ``<|endoftext|>`` (256, also the padding) and Qwen's chat special
     tokens, with a Qwen3-style chat template; 261 entries, any text tokenises."""
@@ -462,10 +462,10 @@ def qwen_tokenizer():
 
     vocab = {symbol: index for index, symbol in enumerate(_bytes_to_unicode().values())}
     vocab["<|endoftext|>"] = len(vocab)
-    for token in QWEN_SPECIAL_TOKENS:
+    for token in QWEN3_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tokenizer.add_tokens([AddedToken(token, special=True) for token in QWEN_SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in QWEN3_SPECIAL_TOKENS])
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
 
@@ -493,7 +493,7 @@ def build_flux2_klein_pipeline(
     with torch.no_grad():  # non-trivial normalisation, as the trained VAE's statistics are
         vae.bn.running_mean.normal_(std=0.2)
         vae.bn.running_var.uniform_(0.5, 2.0)
-    tokenizer = qwen_tokenizer()
+    tokenizer = qwen3_byte_tokenizer()
     text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), **config["qwen3"]))
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
@@ -502,6 +502,254 @@ def build_flux2_klein_pipeline(
         tokenizer=tokenizer,
         transformer=transformer,
         is_distilled=is_distilled,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+# -- Qwen-Image and Z-Image -------------------------------------------------------------------------------------
+# words the tiny Qwen tokenizers hold as single tokens (besides every byte): QwenImagePipeline's prompt template
+# (its system prefix must tokenise into the 34 tokens the pipeline drops, as it does with Qwen2.5-VL's real
+# tokenizer), the chat roles, and the words of the tests' prompts
+QWEN_IMAGE_TEMPLATE_TEXT = (
+    "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships "
+    "of the objects and background:\nuser\nassistant\n"
+)
+QWEN_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "cube", "on", "the", "and", "user", "assistant")
+# Qwen's chat special tokens (the ids are the tiny vocabulary's, not the published 151643...)
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# a chat template written for the tiny tokenizer (not Qwen3's published template): for plain text messages it
+# renders what Qwen3's does, "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then with
+# add_generation_prompt "<|im_start|>assistant\n" (and "<think>\n\n</think>\n\n" when enable_thinking is False)
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+# a tiny QwenImagePipeline of the real classes: Qwen2.5-VL (text tower 32 wide, multimodal RoPE sections summing
+# to half its head width, a one-block vision tower), the 3D Qwen-Image VAE with the published 16 latent channels
+# and per-channel latents_mean / latents_std (the class defaults), and Qwen-Image's scheduler settings
+TINY_QWEN_IMAGE: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        patch_size=2,
+        in_channels=64,  # 16 latent channels in 2x2 patches
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    vae=dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]),
+    text=dict(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3]),
+    ),
+    vision=dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=14,
+        window_size=112,
+        fullatt_block_indexes=[0],
+    ),
+    # Qwen/Qwen-Image's scheduler_config.json (dynamic shifting with an exponential time shift, terminal σ 0.02)
+    scheduler=dict(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        num_train_timesteps=1000,
+        shift=1.0,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    ),
+)
+
+__all__ += [
+    "QWEN_CHAT_TEMPLATE",
+    "QWEN_SPECIAL_TOKENS",
+    "QWEN_WORDS",
+    "TINY_QWEN_IMAGE",
+    "build_qwen_image_pipeline",
+    "qwen_tokenizer",
+]
+
+
+def qwen_tokenizer(words: tuple[str, ...] = QWEN_WORDS, text: str = QWEN_IMAGE_TEMPLATE_TEXT, chat_template=None):
+    """A small Qwen2 tokenizer (transformers' ``Qwen2Tokenizer``: byte-level BPE behind Qwen's pre-tokenisation
+    regex) built offline: byte-level BPE merges trained with ``tokenizers``' ``BpeTrainer`` until every
+    pre-token of ``text`` and of ``words`` (with and without a leading space) is one token, over the 256-byte
+    alphabet (any text round-trips, unknown words fall back to smaller pieces); ``<|endoftext|>`` (0, also pad and
+    eos), ``<|im_start|>`` (1) and ``<|im_end|>`` (2) as special tokens; ``chat_template`` stored with it."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    corpus = [text, *words, *(" " + word for word in words)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=1 << 16,
+        min_frequency=1,
+        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    extra = {} if chat_template is None else {"chat_template": chat_template}
+    return Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(pair) for pair in model["merges"]],
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        **extra,
+    )
+
+
+def build_qwen_image_pipeline(
+    folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """A random-weight ``QwenImagePipeline`` (``QwenImageTransformer2DModel``, ``Qwen2_5_VLForConditionalGeneration``,
+    ``AutoencoderKLQwenImage``, ``FlowMatchEulerDiscreteScheduler``, :func:`qwen_tokenizer`) from
+    :data:`TINY_QWEN_IMAGE`-shaped ``config``, saved with ``QwenImagePipeline.save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = config or TINY_QWEN_IMAGE
+    tokenizer = qwen_tokenizer()
+    if len(tokenizer) > config["text"]["vocab_size"]:
+        raise ValueError(f"Qwen2.5-VL vocab_size {config['text']['vocab_size']} < tokenizer size {len(tokenizer)}")
+    special = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(**config["transformer"])
+    vae = AutoencoderKLQwenImage(**config["vae"])
+    text_config = dict(
+        config["text"],
+        bos_token_id=special["<|endoftext|>"],
+        eos_token_id=special["<|im_end|>"],
+        pad_token_id=special["<|endoftext|>"],
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=text_config,
+            vision_config=config["vision"],
+            # no image tokens in text-to-image prompts: the vision ids point past the tiny vocabulary's words
+            image_token_id=config["text"]["vocab_size"] - 1,
+            video_token_id=config["text"]["vocab_size"] - 2,
+            vision_start_token_id=config["text"]["vocab_size"] - 3,
+            vision_end_token_id=config["text"]["vocab_size"] - 4,
+        )
+    ).eval()
+    pipe = QwenImagePipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+# a tiny ZImagePipeline of the real classes: the single-stream Z-Image DiT (noise and context refiners, 3-axis
+# RoPE summing to its head width), a Qwen3 text model (Qwen3Model, its second-to-last hidden state is the
+# caption), the tiny SD VAE with Z-Image's 16 latent channels and its (FLUX) scaling and shift factors, and
+# Z-Image-Turbo's static-shift scheduler
+TINY_Z_IMAGE: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 64, 64],
+    ),
+    vae=dict(
+        TINY_SD["vae"],
+        latent_channels=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    text=dict(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+    ),
+    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+)
+
+__all__ += ["TINY_Z_IMAGE", "build_z_image_pipeline"]
+
+
+def build_z_image_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A random-weight ``ZImagePipeline`` (``ZImageTransformer2DModel``, ``Qwen3Model``, 16-channel
+    ``AutoencoderKL``, ``FlowMatchEulerDiscreteScheduler``, :func:`qwen_tokenizer` with
+    :data:`QWEN_CHAT_TEMPLATE`) from :data:`TINY_Z_IMAGE`-shaped ``config``, saved with
+    ``ZImagePipeline.save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = config or TINY_Z_IMAGE
+    tokenizer = qwen_tokenizer(text="user\nassistant\n", chat_template=QWEN_CHAT_TEMPLATE)
+    if len(tokenizer) > config["text"]["vocab_size"]:
+        raise ValueError(f"Qwen3 vocab_size {config['text']['vocab_size']} < tokenizer size {len(tokenizer)}")
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(**config["transformer"])
+    vae = AutoencoderKL(**config["vae"])
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            **config["text"],
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        )
+    ).eval()
+    pipe = ZImagePipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)

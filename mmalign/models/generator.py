@@ -247,6 +247,8 @@ FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Generator",
     "FluxPipeline": "mmalign.models.flux:FluxGenerator",
     "Flux2KleinPipeline": "mmalign.models.flux2:Flux2KleinGenerator",
+    "QwenImagePipeline": "mmalign.models.qwen_image:QwenImageGenerator",
+    "ZImagePipeline": "mmalign.models.z_image:ZImageGenerator",
 }
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
