@@ -2,8 +2,9 @@
 :class:`mmalign.models.generator.Generator`.
 
 :func:`sample_flow_trajectories` walks the generator's sampling schedule without gradients, with classifier-free
-guidance, taking Flow-GRPO's SDE step (:func:`mmalign.models.flow_sampling.flow_sde_step`) or CPS
-(:func:`mmalign.models.flow_sampling.cps_step`) inside an SDE window and the Euler ODE step
+guidance, taking Flow-GRPO's SDE step (:func:`mmalign.models.flow_sampling.flow_sde_step`), CPS
+(:func:`mmalign.models.flow_sampling.cps_step`) or DanceGRPO's SDE (:func:`mmalign.models.flow_sampling.dance_sde_step`,
+``noise_level`` playing its η) inside an SDE window and the Euler ODE step
 (:func:`mmalign.models.flow_sampling.flow_ode_step`) elsewhere, and records every latent and every SDE step's
 log-probability in a :class:`FlowTrajectory`. :func:`flow_step_log_prob` recomputes one recorded step's
 log-probability (and the Gaussian's mean and std, for the KL term) under a model, with gradients: the policy
@@ -23,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flow_sampling import FlowStep, cps_step, flow_ode_step, flow_sde_step
+from .flow_sampling import FlowStep, cps_step, dance_sde_step, flow_ode_step, flow_sde_step
 from .generator import Conditions, Generator, Schedule
 from .sampling import _global_randn
 
 __all__ = ["FlowTrajectory", "flow_step_log_prob", "guided_velocity", "sample_flow_trajectories"]
 
-SAMPLERS = ("sde", "cps")
+SAMPLERS = ("sde", "cps", "dance")
 
 
 @dataclass
@@ -40,7 +41,7 @@ class FlowTrajectory:
     the final sample), ``log_probs [B, T]`` (0 at ODE steps), ``sigmas [T + 1]`` and ``timesteps [T]`` of the
     schedule, ``sde [T]`` (bool: which steps were stochastic), the ``conditions`` (and ``uncond``, the
     classifier-free guidance branch, ``None`` when ``guidance == 1``) that produced them, ``guidance``,
-    ``noise_level`` and ``sampler`` ("sde" or "cps")."""
+    ``noise_level`` and ``sampler`` ("sde", "cps" or "dance")."""
 
     latents: Tensor
     log_probs: Tensor
@@ -118,6 +119,8 @@ def _stochastic_step(
         return flow_sde_step(
             x, v, sigma, sigma_prev, noise_level, noise=noise, prev_sample=prev_sample, sigma_max=float(sigmas[1])
         )
+    if sampler == "dance":
+        return dance_sde_step(x, v, sigma, sigma_prev, noise_level, noise=noise, prev_sample=prev_sample)
     return cps_step(x, v, sigma, sigma_prev, noise_level, noise=noise, prev_sample=prev_sample)
 
 
@@ -149,9 +152,10 @@ def sample_flow_trajectories(
     noise stays independent.
 
     ``guidance``: classifier-free guidance scale (``uncond`` required unless it is 1; one batched
-    ``generator.predict`` per step). ``sampler``: "sde" (Flow-GRPO; ``sigma_max`` = ``schedule.sigmas[1]``) or
-    "cps", with ``noise_level`` (> 0). ``sde_window=(start, end)``: steps ``start <= j < end`` are stochastic,
-    the others Euler ODE steps with log-prob 0 (Flow-GRPO-Fast, MixGRPO); default every step.
+    ``generator.predict`` per step). ``sampler``: "sde" (Flow-GRPO; ``sigma_max`` = ``schedule.sigmas[1]``),
+    "cps" or "dance" (DanceGRPO; ``noise_level`` is its η, 0.3 in its scripts), with ``noise_level`` (> 0).
+    ``sde_window=(start, end)``: steps ``start <= j < end`` are stochastic, the others Euler ODE steps with
+    log-prob 0 (Flow-GRPO-Fast, MixGRPO; :mod:`mmalign.models.sde_windows` picks them); default every step.
 
     ``schedule`` overrides ``generator.sampling_schedule(steps, **schedule_kwargs)``.
     """

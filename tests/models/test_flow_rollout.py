@@ -36,7 +36,7 @@ def rollout(generator, conditions, uncond, seed=0, **kwargs):
     )
 
 
-@pytest.mark.parametrize("sampler", ["sde", "cps"])
+@pytest.mark.parametrize("sampler", ["sde", "cps", "dance"])
 def test_recorded_log_probs_equal_the_recomputed_ones(generator, conds, sampler):
     cond, uncond = conds[0].select(slice(0, 2)), conds[1].select(slice(0, 2))
     traj = rollout(generator, cond, uncond, sampler=sampler)
