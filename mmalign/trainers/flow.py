@@ -339,7 +339,9 @@ class FlowOnlineTrainer(OnlineTrainer):
         if not hasattr(self, "_eval_reward"):
             spec = config.eval_reward or config.reward
             self._eval_reward = (
-                self.reward if spec == config.reward and not config.eval_reward_weights else build_reward(spec, config.eval_reward_weights)
+                self.reward
+                if spec == config.reward and not config.eval_reward_weights
+                else build_reward(spec, config.eval_reward_weights)
             ).to(acc.device)
         prompts = [p for p in self.eval_prompts for _ in range(config.eval_samples)]
         scores = []
@@ -609,7 +611,10 @@ class DiffusionNFTTrainer(FlowOnlineTrainer):
         from safetensors.torch import save_file
 
         super().save_extra_state(folder)
-        save_file({str(i): p.contiguous().cpu() for i, p in enumerate(self.old_params)}, str(folder / "old_policy.safetensors"))
+        save_file(
+            {str(i): p.contiguous().cpu() for i, p in enumerate(self.old_params)},
+            str(folder / "old_policy.safetensors"),
+        )
         (folder / "old_policy.json").write_text(json.dumps({"round": self._old_round}))
 
     def load_extra_state(self, folder: Path) -> None:
@@ -618,7 +623,9 @@ class DiffusionNFTTrainer(FlowOnlineTrainer):
         super().load_extra_state(folder)
         state = load_file(str(folder / "old_policy.safetensors"))
         if len(state) != len(self.old_params):
-            raise ConfigError(f"{folder}: old_policy.safetensors has {len(state)} tensors, expected {len(self.old_params)}")
+            raise ConfigError(
+                f"{folder}: old_policy.safetensors has {len(state)} tensors, expected {len(self.old_params)}"
+            )
         self.old_params = [state[str(i)].to(p.device, p.dtype) for i, p in enumerate(self.old_params)]
         self._old_round = int(json.loads((folder / "old_policy.json").read_text())["round"])
 
