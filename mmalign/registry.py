@@ -155,6 +155,17 @@ TRAINERS.register("d3po", "mmalign.trainers.online:D3POTrainer", "D3PO: online p
 TRAINERS.register("refl", "mmalign.trainers.online:ReFLTrainer", "ReFL: one-step reward feedback (ImageReward)")
 TRAINERS.register("draft", "mmalign.trainers.online:DRaFTTrainer", "DRaFT-K / DRaFT-LV reward backpropagation")
 TRAINERS.register("alignprop", "mmalign.trainers.online:AlignPropTrainer", "AlignProp: checkpointed reward backprop")
+TRAINERS.register("flow-grpo", "mmalign.trainers.flow:FlowGRPOTrainer", "Flow-GRPO: group-relative PPO on the flow SDE")
+TRAINERS.register(
+    "flow-grpo-fast",
+    "mmalign.trainers.flow:FlowGRPOFastTrainer",
+    "Flow-GRPO-Fast: SDE on a random window, ODE elsewhere",
+)
+TRAINERS.register("dance-grpo", "mmalign.trainers.flow:DanceGRPOTrainer", "DanceGRPO: shared group noise, step subsets")
+TRAINERS.register("mix-grpo", "mmalign.trainers.flow:MixGRPOTrainer", "MixGRPO: a sliding SDE window, ODE elsewhere")
+TRAINERS.register(
+    "diffusionnft", "mmalign.trainers.flow:DiffusionNFTTrainer", "DiffusionNFT: forward-process negative-aware tuning"
+)
 REWARDS.register(
     "toyworld",
     "mmalign.toyworld.reward:ToyReward.from_pretrained",

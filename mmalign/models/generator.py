@@ -320,10 +320,19 @@ def pipeline_class_of(generator: Any) -> type:
     raise UnsupportedGeneratorError(type(generator).__name__, None, sorted(FAMILIES))
 
 
-def save_lora_weights(generator: Any, folder: str | Path, layers: Mapping[str, Tensor]) -> Path:
+def save_lora_weights(
+    generator: Any, folder: str | Path, layers: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write peft LoRA ``layers`` of :attr:`Generator.trainable` as the family's diffusers pipeline does
-    (``pytorch_lora_weights.safetensors``), so that ``pipe.load_lora_weights(folder)`` loads them."""
-    pipeline_class_of(generator).save_lora_weights(str(folder), **{generator.lora_layers_key: layers})
+    (``pytorch_lora_weights.safetensors``), so that ``pipe.load_lora_weights(folder)`` loads them. ``metadata``:
+    the adapter's ``LoraConfig`` as a dict (``peft_config["default"].to_dict()``), stored in the file; without it
+    diffusers assumes ``lora_alpha = r`` when loading, and a LoRA trained with another alpha comes back at the wrong
+    strength."""
+    key = generator.lora_layers_key
+    kwargs: dict[str, Any] = {key: layers}
+    if metadata is not None:
+        kwargs[key.replace("_layers", "_adapter_metadata")] = dict(metadata)
+    pipeline_class_of(generator).save_lora_weights(str(folder), **kwargs)
     return Path(folder)
 
 

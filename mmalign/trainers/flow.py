@@ -96,17 +96,26 @@ class FlowGRPOConfig(FlowOnlineConfig):
     recipe) and the first ``int(sample_steps · timestep_fraction)`` SDE steps trained, in order, one backward
     each.
 
-    ``sde_window``: ``[start, end)`` of the stochastic steps (ODE elsewhere: Flow-GRPO-Fast, MixGRPO), default all.
-    ``train_steps``: "first" (flow_grpo: the first steps of the window) or "random" (DanceGRPO: an independent
-    random subset per sample). ``shared_noise``: the samples of a group start from the same initial latents
-    (DanceGRPO)."""
+    Which steps are stochastic (ODE elsewhere), by ``window``: "fixed" (``sde_window`` ``[start, end)``, default
+    every step), "fast" (Flow-GRPO-Fast: a window of ``window_size`` steps drawn in ``window_range`` for each
+    global micro-batch, :func:`~mmalign.models.sde_windows.fast_window`) or "mixgrpo" (MixGRPO: a window of
+    ``window_size`` steps sliding by ``window_stride`` every ``window_shift_interval`` optimizer steps,
+    :func:`~mmalign.models.sde_windows.mixgrpo_window`). ``train_steps``: "first" (flow_grpo: the first steps of
+    the window) or "random" (DanceGRPO: an independent random subset per sample). ``shared_noise``: the samples
+    of a group start from the same initial latents (DanceGRPO). ``sampler``: "sde" (Flow-GRPO), "cps"
+    (coefficients-preserving) or "dance" (DanceGRPO's step, ``noise_level`` being its η)."""
 
     trainer: str = "flow-grpo"
     beta: float = 0.0
     clip_range: float = 1e-4
     noise_level: float = 0.7
-    sampler: Literal["sde", "cps"] = "sde"
+    sampler: Literal["sde", "cps", "dance"] = "sde"
+    window: Literal["fixed", "fast", "mixgrpo"] = "fixed"
     sde_window: list[int] | None = None
+    window_size: int = 2
+    window_range: list[int] = field(default_factory=lambda: [0, 10])
+    window_shift_interval: int = 25
+    window_stride: int = 1
     train_steps: Literal["first", "random"] = "first"
     shared_noise: bool = False
 
@@ -126,14 +135,50 @@ class FlowGRPOConfig(FlowOnlineConfig):
 
 
 @dataclass
+class FlowGRPOFastConfig(FlowGRPOConfig):
+    """Flow-GRPO-Fast (yifan123/flow_grpo ``scripts/train_sd3_fast.py``, ``config/base.py`` lines 65-67): SDE on
+    a window of 2 steps drawn in steps [0, 10) per sampling batch, ODE elsewhere, every window step trained."""
+
+    trainer: str = "flow-grpo-fast"
+    window: Literal["fixed", "fast", "mixgrpo"] = "fast"
+    timestep_fraction: float = 1.0
+
+
+@dataclass
 class DanceGRPOConfig(FlowGRPOConfig):
-    """DanceGRPO (Xue et al. 2025; XueZeyue/DanceGRPO): Flow-GRPO's loss with the initial noise shared within a
-    group and a random subset of the steps trained per sample (``timestep_fraction`` 0.6)."""
+    """DanceGRPO (Xue et al. 2025; XueZeyue/DanceGRPO ``scripts/finetune/finetune_flux_grpo.sh`` at 15cc71d):
+    its SDE step with η 0.3 on 16 steps, initial noise shared within a group of 12, a random 60 % of the steps
+    trained per sample, per-group std, lr 1e-5, clip 1e-4, advantages clipped to ±5. (Its advantages divide by
+    the unbiased group std + 1e-8; here the population std + 1e-4 of :func:`losses.group_advantages`.)"""
 
     trainer: str = "dance-grpo"
+    sampler: Literal["sde", "cps", "dance"] = "dance"
+    noise_level: float = 0.3
+    sample_steps: int = 16
+    group_size: int = 12
+    global_std: bool = False
+    lr: float = 1e-5
     shared_noise: bool = True
     train_steps: Literal["first", "random"] = "random"
     timestep_fraction: float = 0.6
+
+
+@dataclass
+class MixGRPOConfig(FlowGRPOConfig):
+    """MixGRPO (Li et al. 2025; Tencent-Hunyuan/MixGRPO ``scripts/finetune/finetune_flux_grpo_MixGRPO.sh`` at
+    e5cdd6a): 25 steps, Flow-GRPO's SDE (η 0.7) on a window of 4 steps moving by 1 every 25 optimizer steps
+    (restarting at the end), ODE elsewhere, every window step trained, groups of 12 with their own std,
+    lr 1e-5, clip 1e-4, KL 0. (Its Flash variant's DPM-Solver++ outside the window is
+    :func:`~mmalign.models.flow_sampling.flow_dpm2_step`, not yet a sampler option here.)"""
+
+    trainer: str = "mix-grpo"
+    window: Literal["fixed", "fast", "mixgrpo"] = "mixgrpo"
+    window_size: int = 4
+    sample_steps: int = 25
+    group_size: int = 12
+    global_std: bool = False
+    lr: float = 1e-5
+    timestep_fraction: float = 1.0
 
 
 @dataclass
@@ -179,7 +224,6 @@ class FlowOnlineTrainer(OnlineTrainer):
                 f"({config.sample_batches}) so that a resumed run starts a sampling round"
             )
         self._round: tuple[int, list[dict[str, Any]]] | None = None
-        self.stop_reason: str | None = None
         self._eval_best: float | None = None
         super().__init__(config, policy, reward)
 
@@ -417,8 +461,29 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
         return self.config.beta > 0
 
     def sde_window(self, batch: dict[str, Any]) -> tuple[int, int] | None:
-        """The stochastic steps ``[start, end)`` of this micro-batch's chains (None: every step)."""
-        window = self.config.sde_window
+        """The stochastic steps ``[start, end)`` of this micro-batch's chains (None: every step): fixed, drawn
+        for the global micro-batch from its seeded stream (fast), or where MixGRPO's window stands at the optimizer
+        step of the round's start."""
+        import random
+
+        from ..models import sde_windows
+
+        config = self.config
+        if config.window == "fast":
+            seed = (config.seed * 1_000_003 + batch["micro_index"] * 7919 + _FLOW_WINDOW_STREAM) % (2**63 - 1)
+            return sde_windows.fast_window(
+                config.sample_steps, config.window_size, tuple(config.window_range), random.Random(seed)
+            )
+        if config.window == "mixgrpo":
+            first_step = batch["round"] * config.sample_batches
+            return sde_windows.mixgrpo_window(
+                first_step,
+                config.sample_steps,
+                config.window_size,
+                config.window_shift_interval,
+                config.window_stride,
+            )
+        window = config.sde_window
         return None if window is None else (int(window[0]), int(window[1]))
 
     def sample_micro(self, batch: dict[str, Any]) -> FlowTrajectory:
@@ -452,7 +517,9 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
         the first ``n`` of the window for every sample (flow_grpo) or, with ``train_steps=random``, the first ``n``
         of an independent permutation of the window per sample, drawn for the global micro-batch (DanceGRPO)."""
         config, (lo, hi) = self.config, batch["slice"]
-        sde = torch.tensor(batch["trajectory"].sde_steps)
+        sde = torch.tensor(batch["trajectory"].sde_steps, dtype=torch.long)
+        if len(sde) == 0:  # an empty window (MixGRPO's start at steps - 2): nothing to train on
+            return torch.zeros((hi - lo, 0), dtype=torch.long)
         count = max(1, int(len(sde) * config.timestep_fraction))
         if config.train_steps == "first":
             return sde[:count].expand(hi - lo, count)
@@ -505,6 +572,26 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
         metrics = {key: value / count for key, value in out.metrics.items()}
         metrics.update({key: value / count for key, value in self.reward_metrics(batch).items()})
         return losses.LossOutput(out.loss / count, metrics)
+
+
+class FlowGRPOFastTrainer(FlowGRPOTrainer):
+    """Flow-GRPO-Fast: :class:`FlowGRPOTrainer` with :class:`FlowGRPOFastConfig`'s random SDE windows."""
+
+    config_class: ClassVar[type[TrainConfig]] = FlowGRPOFastConfig
+
+
+class DanceGRPOTrainer(FlowGRPOTrainer):
+    """DanceGRPO (Xue et al. 2025, "DanceGRPO: Unleashing GRPO on Visual Generation"; XueZeyue/DanceGRPO):
+    :class:`FlowGRPOTrainer` with :class:`DanceGRPOConfig` (its SDE step, shared group noise, step subsets)."""
+
+    config_class: ClassVar[type[TrainConfig]] = DanceGRPOConfig
+
+
+class MixGRPOTrainer(FlowGRPOTrainer):
+    """MixGRPO (Li et al. 2025, "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE";
+    Tencent-Hunyuan/MixGRPO): :class:`FlowGRPOTrainer` with :class:`MixGRPOConfig`'s sliding SDE window."""
+
+    config_class: ClassVar[type[TrainConfig]] = MixGRPOConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -652,6 +739,11 @@ class _Swapped:
 
 __all__ = [
     "DanceGRPOConfig",
+    "DanceGRPOTrainer",
+    "FlowGRPOFastTrainer",
+    "MixGRPOTrainer",
+    "FlowGRPOFastConfig",
+    "MixGRPOConfig",
     "DiffusionNFTConfig",
     "DiffusionNFTTrainer",
     "FlowGRPOConfig",
@@ -659,4 +751,3 @@ __all__ = [
     "FlowOnlineConfig",
     "FlowOnlineTrainer",
 ]
-_ = field  # dataclass field helper kept for subclasses' list defaults

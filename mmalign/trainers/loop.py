@@ -251,6 +251,7 @@ class Trainer:
         self._setup_optimizer()
         self.step = 0
         self.skipped_steps = 0
+        self.stop_reason: str | None = None
         self.history: list[dict[str, float]] = []
         self._recording = False
         self._reference_table: dict[str, torch.Tensor] = {}
@@ -586,7 +587,7 @@ class Trainer:
             desc=f"train ({config.trainer})",
             disable=not (config.progress and acc.is_local_main_process),
         )
-        while self.step < config.max_steps:
+        while self.step < config.max_steps and self.stop_reason is None:
             metrics = self._train_step()
             self.step += 1
             bar.update(1)
@@ -598,6 +599,7 @@ class Trainer:
                 self.save_checkpoint()
             if config.sample_every and config.validation_prompts and self.step % config.sample_every == 0:
                 self.sample_grid()
+            self.after_step(metrics)
         bar.close()
         self.save_final()
         if config.validation_prompts:
@@ -605,11 +607,16 @@ class Trainer:
         acc.end_training()
         return {
             "steps": self.step,
+            "stop_reason": self.stop_reason,
             "skipped_steps": self.skipped_steps,
             "pairs": len(self.pairs),
             "skipped_rows": len(self.data_skipped),
             "history": self.history,
         }
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        """Hook after each optimizer step (held-out evaluation); setting :attr:`stop_reason` ends training
+        early, after which the final weights are saved as usual."""
 
     def _train_step(self) -> dict[str, float]:
         config, acc = self.config, self.accelerator
@@ -775,7 +782,8 @@ class Trainer:
                 # attention LoRA silently dropped once other modules (conv1, time_emb_proj, ...) are targeted
                 from ..models.generator import save_lora_weights
 
-                save_lora_weights(self.policy, self.output_dir, get_peft_model_state_dict(unet))
+                metadata = unet.peft_config["default"].to_dict()
+                save_lora_weights(self.policy, self.output_dir, get_peft_model_state_dict(unet), metadata)
             else:
                 self.policy.pipeline(unet).save_pretrained(str(self.output_dir))
             if self.ema is not None:

@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmalign.modalities.image import pil_to_tensor
+from mmalign.rewards.base import Reward
 from tests import tiny
 
 
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     return tiny.make_sd_pipeline(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory):
+    return tiny.make_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +75,44 @@ def interrupt_then_resume(build, tmp_path, monkeypatch, steps: int = 3):
     resumed.train()
     assert resumed.step == steps
     return full, resumed
+
+
+class Brightness(Reward):
+    """Mean pixel value: a tiny differentiable reward."""
+
+    name = "brightness"
+    uses_prompt = False
+
+    def preprocess_reference(self, image):
+        return pil_to_tensor(image)
+
+    def preprocess_tensor(self, images):
+        return images
+
+    def score_pixels(self, pixels, prompts):
+        return pixels.float().mean(dim=(1, 2, 3))
+
+
+def make_flow(trainer, model, data, out, *overrides, reward=None):
+    """A flow-matching online trainer on a tiny pipeline: 32 px, groups of 2, 3 sampling steps, LoRA rank 4."""
+    from mmalign.commands.train import resolve_trainer_config
+
+    base = [
+        f"trainer={trainer}",
+        f"model={model}",
+        f"data={data}",
+        f"output_dir={out}",
+        "resolution=32",
+        "batch_size=2",
+        "group_size=2",
+        "sample_steps=3",
+        "lora_rank=4",
+        "lora_alpha=8",
+        "tracker=none",
+        "progress=false",
+        "log_every=1",
+        "max_steps=2",
+        "lr=1e-2",
+    ]
+    cls, config = resolve_trainer_config(None, base + list(overrides))
+    return cls(config, reward=reward if reward is not None else Brightness())

@@ -12,27 +12,10 @@ import pytest
 import torch
 
 from mmalign.commands.train import resolve_trainer_config
-from mmalign.modalities.image import pil_to_tensor
 from mmalign.models import sampling
 from mmalign.models.policy import DiffusionPolicy
-from mmalign.rewards.base import Reward
 from mmalign.trainers import online
-
-
-class Brightness(Reward):
-    """Mean pixel value: a tiny differentiable reward."""
-
-    name = "brightness"
-    uses_prompt = False
-
-    def preprocess_reference(self, image):
-        return pil_to_tensor(image)
-
-    def preprocess_tensor(self, images):
-        return images
-
-    def score_pixels(self, pixels, prompts):
-        return pixels.float().mean(dim=(1, 2, 3))
+from tests.trainers.conftest import Brightness
 
 
 @pytest.fixture(autouse=True, scope="module")
