@@ -591,7 +591,7 @@ class Trainer:
             metrics = self._train_step()
             self.step += 1
             bar.update(1)
-            if metrics:
+            if "loss" in metrics:  # an empty step (e.g. MixGRPO's empty window) has no loss
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
             if self.step % config.log_every == 0 or self.step == config.max_steps:
                 self._log(metrics)
@@ -627,8 +627,11 @@ class Trainer:
             parts = self.loss_parts(batch)
             for index, part in enumerate(parts):
                 sync = micro == config.grad_accum - 1 and index == len(parts) - 1  # all-reduce in the last backward
-                context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _nullcontext()
-                with context, acc.autocast():
+
+                def context(sync: bool = sync):  # a fresh context manager each time: they are single-use
+                    return acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _nullcontext()
+
+                with context(), acc.autocast():
                     out = part()
                 finite = torch.isfinite(out.loss.detach()).float()
                 if acc.num_processes > 1:
@@ -636,7 +639,7 @@ class Trainer:
                 if float(finite) < 1.0:
                     skip = True
                     break
-                with context:
+                with context():
                     acc.backward(out.loss / config.grad_accum)
                 for key, value in out.scalars().items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum

@@ -93,8 +93,9 @@ def initial_lora(trainer) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a trainer before training, under the key names of the saved file."""
     from peft.utils import get_peft_model_state_dict
 
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
-    return {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    prefix = trainer.policy.lora_layers_key.split("_")[0]  # "unet" or "transformer", as diffusers saves them
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def update_error(one: dict, two: dict, init: dict) -> float:

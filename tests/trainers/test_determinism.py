@@ -63,11 +63,20 @@ ONLINE = {
 }
 
 
+FLOW = {  # on the tiny SD3 pipeline; rounds of sample_batches=2 steps, so step 2's checkpoint starts a round
+    "flow-grpo": ["beta=0.04", "guidance=2.0"],
+    "flow-grpo-fast": ["window_range=[0,3]", "window_size=1"],
+    "dance-grpo": [],
+    "mix-grpo": ["sample_steps=4", "window_size=1", "window_shift_interval=1"],
+    "diffusionnft": ["sample_batches=1"],  # its old policy (updated at each round's start) resumes too
+}
+
+
 def test_every_registered_trainer_has_a_resume_case():
     """A trainer added to the registry must be added here too (exact resume is promised for every trainer)."""
     from mmalign.registry import TRAINERS
 
-    covered = set(OFFLINE) | {name.split("-")[0] for name in ONLINE}
+    covered = set(OFFLINE) | {name.split("-")[0] for name in ONLINE} | set(FLOW)
     missing = sorted(set(TRAINERS.names()) - covered)
     assert not missing, f"no exact-resume case for {missing}: add them to OFFLINE or ONLINE"
 
@@ -124,3 +133,16 @@ def test_online_trainers_resume_exactly(name, sd_folder, three_prompts, tmp_path
     if name == "ddpo":  # the per-prompt reward statistics travel in the checkpoint
         assert json.loads((tmp_path / "b" / "checkpoints" / "step-0000002" / "stat_tracker.json").read_text())
         assert resumed.tracker.state_dict() == full.tracker.state_dict()
+
+
+@pytest.mark.parametrize("name", sorted(FLOW))
+def test_flow_trainers_resume_exactly(name, sd3_folder, three_prompts, tmp_path, monkeypatch):
+    from tests.trainers.conftest import make_flow
+
+    def build(out, *extra):
+        return make_flow(name, sd3_folder, three_prompts, out, "max_steps=3", "checkpoint_every=2", *FLOW[name], *extra)
+
+    full, resumed = interrupt_then_resume(build, tmp_path, monkeypatch)
+    _assert_same_weights(full, resumed)
+    if name == "diffusionnft":
+        assert all(torch.equal(a, b) for a, b in zip(full.old_params, resumed.old_params))

@@ -1,0 +1,262 @@
+"""Flow-matching trainers on the tiny SD3 pipeline (32 px, 3 sampling steps): every trainable parameter changes,
+the first step of a round is on-policy, windows and shared noise as configured, per-reward advantages, held-out
+evaluation with its early stop, DiffusionNFT's old policy, trainer/model combinations refused when the config is
+read, Flow-DPO, and the LoRA that training writes loading into diffusers' StableDiffusion3Pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmalign.errors import ConfigError
+from mmalign.trainers import losses
+from tests.trainers.conftest import Brightness, make_flow
+
+FLOW = ["flow-grpo", "flow-grpo-fast", "dance-grpo", "mix-grpo", "diffusionnft"]
+#: the last SD3 block is ``context_pre_only``: its context-stream query feeds attention outputs that are thrown
+#: away, so its LoRA gets no gradient (flow_grpo targets it all the same)
+DEAD = {"transformer_blocks.1.attn.add_q_proj.lora_B.default.weight"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red apple\na blue sky\na green field\n")
+    return path
+
+
+EXTRA = {
+    "flow-grpo": ["beta=0.04", "guidance=2.0"],
+    "flow-grpo-fast": ["window_range=[0,3]", "window_size=1"],
+    "dance-grpo": [],
+    "mix-grpo": ["sample_steps=4", "window_size=1", "window_shift_interval=1"],
+    "diffusionnft": [],
+}
+
+
+@pytest.mark.parametrize("name", FLOW)
+def test_every_trainable_parameter_changes(name, sd3_folder, prompts, tmp_path):
+    trainer = make_flow(name, sd3_folder, prompts, tmp_path, *EXTRA[name])
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    summary = trainer.train()
+    after = trainer._trainable_state()
+    unchanged = sorted(k for k in before if torch.equal(before[k], after[k]))
+    assert set(unchanged) <= DEAD, unchanged
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in summary["history"])
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_first_step_of_a_round_is_on_policy_and_the_second_is_not(sd3_folder, prompts, tmp_path):
+    """Sampling and the recomputed log-probs agree at the round's first optimizer step (ratio 1: approx_kl and
+    clipfrac 0), then the clip acts on the round's second step, taken after an update."""
+    trainer = make_flow(
+        "flow-grpo", sd3_folder, prompts, tmp_path, "guidance=2.0", "sample_batches=2", "clip_range=1e-6"
+    )
+    first, second = trainer.train()["history"]
+    assert first["approx_kl"] < 1e-10 and first["clipfrac"] == 0.0
+    assert second["approx_kl"] > first["approx_kl"] and second["clipfrac"] > 0.0
+
+
+def test_kl_term_is_zero_at_the_start_and_grows(sd3_folder, prompts, tmp_path):
+    trainer = make_flow("flow-grpo", sd3_folder, prompts, tmp_path, "beta=0.04", "max_steps=3", "sample_batches=1")
+    history = trainer.train()["history"]
+    assert history[0]["kl_loss"] == 0.0  # LoRA B starts at zero: the trained model is the reference
+    assert history[-1]["kl_loss"] > 0.0
+
+
+def test_group_rows_share_a_prompt_and_dance_shares_their_initial_noise(sd3_folder, prompts, tmp_path):
+    trainer = make_flow("dance-grpo", sd3_folder, prompts, tmp_path, "batch_size=4", "sample_batches=1")
+    batch = trainer.make_batch(0)
+    assert batch["prompts"][0] == batch["prompts"][1] and batch["prompts"][2] == batch["prompts"][3]
+    x_T = batch["trajectory"].latents[:, 0]
+    assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[2], x_T[3]) and not torch.equal(x_T[0], x_T[2])
+    steps = trainer.train_steps(batch)
+    assert steps.shape == (4, int(3 * 0.6)) and len({tuple(row.tolist()) for row in steps}) > 1
+    flow = make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "grpo", "batch_size=4", "sample_batches=1")
+    x_T = flow.make_batch(0)["trajectory"].latents[:, 0]
+    assert not torch.equal(x_T[0], x_T[1])  # Flow-GRPO: independent initial noise
+
+
+def test_windows_fast_and_mixgrpo(sd3_folder, prompts, tmp_path):
+    fast = make_flow("flow-grpo-fast", sd3_folder, prompts, tmp_path, "sample_steps=6", "window_range=[0,5]")
+    windows = {tuple(fast.make_batch(m)["trajectory"].sde_steps) for m in range(8)}
+    assert all(len(w) == 2 and w[1] == w[0] + 1 for w in windows) and len(windows) > 1
+    assert fast.train_steps(fast.make_batch(0)).shape == (2, 2)  # every window step trains
+    mix = make_flow(
+        "mix-grpo", sd3_folder, prompts, tmp_path / "mix", "sample_steps=5", "window_size=2", "window_shift_interval=2"
+    )
+    # the window moves by one step every two optimizer steps (one round of sample_batches=2)
+    starts = [mix.make_batch(round_index * 2)["trajectory"].sde_steps for round_index in range(3)]
+    assert starts == [[0, 1], [1, 2], [2]]
+
+
+def test_per_reward_advantages_normalise_each_reward_before_the_weighted_sum(sd3_folder, prompts, tmp_path):
+    from mmalign.trainers.online import WeightedReward
+
+    reward = WeightedReward([Brightness(), Brightness()], [1.0, 0.5])
+    trainer = make_flow("flow-grpo", sd3_folder, prompts, tmp_path, reward=reward)
+    components = torch.tensor([[1.0, 100.0], [3.0, 100.0], [0.0, -50.0], [2.0, 250.0]])
+    groups = ["a", "a", "b", "b"]
+    expected = losses.group_advantages(components[:, 0], groups) + 0.5 * losses.group_advantages(
+        components[:, 1], groups
+    )
+    torch.testing.assert_close(trainer.advantages(components, groups), expected)
+    trainer.config.advantage = "sum"
+    summed = losses.group_advantages(components[:, 0] + 0.5 * components[:, 1], groups)
+    torch.testing.assert_close(trainer.advantages(components, groups), summed)
+    # a reward with a large spread drowns one with a small spread in the sum, not per reward: here they disagree
+    # and weigh the same, so per reward the two samples tie while the sum follows the large one
+    trainer.reward.weights = [1.0, 1.0]
+    opposed = torch.tensor([[0.0, 100.0], [1.0, 90.0]])
+    assert trainer.advantages(opposed, ["a", "a"])[0] > 0.99
+    trainer.config.advantage = "per_reward"
+    assert trainer.advantages(opposed, ["a", "a"]).abs().max() < 1e-3
+    metrics = trainer.reward_metrics(trainer.make_batch(0))
+    assert {"reward", "reward/brightness0", "reward/brightness1"} <= set(metrics)
+
+
+class Falling(Brightness):
+    """A held-out "judge" whose score falls with every evaluation (a reward-hacking stand-in)."""
+
+    name = "falling"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def score_pixels(self, pixels, prompts):
+        self.calls += 1
+        return torch.full((pixels.shape[0],), -float(self.calls))
+
+
+def test_held_out_evaluation_is_logged_and_stops_training_when_it_falls(sd3_folder, prompts, tmp_path):
+    from mmalign.trainers.online import WeightedReward
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a yellow star\n")
+    trainer = make_flow(
+        "flow-grpo",
+        sd3_folder,
+        prompts,
+        tmp_path / "run",
+        f"eval_prompts={held_out}",
+        "eval_every=1",
+        "eval_stop_drop=1.5",
+        "max_steps=6",
+    )
+    trainer._eval_reward = WeightedReward([Falling()], [1.0])
+    summary = trainer.train()
+    assert summary["steps"] == 3 and "held-out reward" in summary["stop_reason"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [row["eval/reward"] for row in rows if "eval/reward" in row]
+    assert evals == [-1.0, -2.0, -3.0]
+    assert all("eval/train_reward" in row for row in rows if "eval/reward" in row)
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()  # stopped, and saved
+
+
+def test_diffusionnft_old_policy_moves_toward_the_trained_weights(sd3_folder, prompts, tmp_path):
+    trainer = make_flow("diffusionnft", sd3_folder, prompts, tmp_path, "sample_batches=1", "max_steps=3")
+    initial = [p.clone() for p in trainer.old_params]
+    trainer.train()
+    assert trainer._old_round == 2  # rounds 1 and 2 started after an update each
+    # old_2 = d2·(d1·old_0 + (1 − d1)·θ1) + (1 − d2)·θ2 with d1 = 0.001, d2 = 0.002: not the initial weights,
+    # and (decays are small) close to the trained ones
+    assert any(not torch.equal(a, b) for a, b in zip(initial, trainer.old_params))
+    for old, current in zip(trainer.old_params, trainer.trainable):
+        assert (old - current.detach()).abs().max() <= (current.detach() - old).abs().max()
+
+
+def test_nft_optimality_is_one_half_for_equal_rewards(sd3_folder, prompts, tmp_path):
+    trainer = make_flow("diffusionnft", sd3_folder, prompts, tmp_path)
+    r = trainer.advantages(torch.tensor([[1.0], [1.0], [0.0], [2.0]]), ["a", "a", "b", "b"])
+    assert r[0] == r[1] == 0.5 and r[2] < 0.5 < r[3] and ((r >= 0) & (r <= 1)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which trainer applies to which generator: refused when the config is read
+# ----------------------------------------------------------------------------------------------------------
+def test_flow_trainer_on_a_unet_model_is_refused(sd_folder, prompts, tmp_path):
+    with pytest.raises(ConfigError, match="flow-grpo does not apply.*DDPM-schedule UNet.*needs a flow-matching"):
+        make_flow("flow-grpo", sd_folder, prompts, tmp_path)
+
+
+def test_ddim_trainer_on_a_flow_model_is_refused(sd3_folder, prompts, tmp_path):
+    from tests.trainers.test_online import make
+
+    with pytest.raises(ConfigError, match="ddpo does not apply.*flow-matching transformer"):
+        make("ddpo", sd3_folder, prompts, tmp_path, reward=Brightness())
+
+
+def test_smpo_renoise_is_refused_on_flow_models_but_dpo_trains(sd3_folder, pairs_file, tmp_path):
+    from tests.trainers.test_training import make_trainer
+
+    with pytest.raises(ConfigError, match="ReNoise inverts with DDIM"):
+        make_trainer(sd3_folder, pairs_file, tmp_path / "smpo", "trainer=smpo", "resolution=32")
+    # Flow-DPO: Diffusion-DPO on the velocity errors, every parameter trained
+    trainer = make_trainer(
+        sd3_folder, pairs_file, tmp_path / "dpo", "trainer=dpo", "resolution=32", "lr=1e-2", "beta=100"
+    )
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    trainer.train()
+    unchanged = {k for k, v in trainer._trainable_state().items() if torch.equal(before[k], v)}
+    assert unchanged <= DEAD, unchanged
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The LoRA written by training loads into diffusers' pipeline
+# ----------------------------------------------------------------------------------------------------------
+def test_trained_lora_loads_into_the_diffusers_pipeline(sd3_folder, prompts, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    trainer = make_flow("flow-grpo", sd3_folder, prompts, tmp_path, "lora_alpha=16")
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_folder))
+    pipe.load_lora_weights(str(tmp_path))
+    conditions = trainer._embeds(["a red apple"])
+    x = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        trained = trainer.policy.predict(model, x, t, conditions)
+        loaded = trainer.policy.predict(pipe.transformer, x, t, conditions)
+        with torch.no_grad():
+            pipe.transformer.disable_lora()
+            base = trainer.policy.predict(pipe.transformer, x, t, conditions)
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
+    assert (loaded - base).abs().max() > 1e-4  # the LoRA (alpha 16, rank 4: scale 4) is not a no-op
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two processes equal one on the same global batch
+# ----------------------------------------------------------------------------------------------------------
+TWO_PROCESSES = {
+    "flow-grpo": ["beta=0.04", "guidance=2.0"],
+    "diffusionnft": ["sample_batches=1", "max_steps=3"],
+}
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", ["flow-grpo", pytest.param("diffusionnft", marks=pytest.mark.slow)])
+def test_two_processes_equal_one_with_the_same_global_batch(name, sd3_folder, prompts, tmp_path):
+    """Groups spread over processes (one sample of each prompt's group per process), rewards gathered for the
+    advantages, gradients all-reduced: the gradient norms and SGD updates agree to the measured tolerances of
+    tests/trainers/distributed.py."""
+    from tests.trainers import distributed
+
+    args = [f"trainer={name}", f"model={sd3_folder}", f"data={prompts}", "resolution=32", "tracker=none"]
+    args += ["progress=false", "max_steps=2", "lr=1e-2", "optimizer=sgd", "sample_steps=3", "log_every=1"]
+    args += ["reward=jpeg-compressibility", "group_size=2", "lora_rank=4", "lora_alpha=8", *TWO_PROCESSES[name]]
+    runs = distributed.train_one_and_two(args, tmp_path)
+    init = distributed.initial_lora(make_flow(name, sd3_folder, prompts, tmp_path / "init"))
+    distributed.assert_two_processes_equal_one(runs, init)
