@@ -77,6 +77,11 @@ class TrainConfig:
     # [low, high): fractions of the training timesteps the losses draw from (like diffusers' timestep_bias_*
     # options); [0.5, 1.0] trains where layout and attributes are decided
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # flow families only: "uniform" (an index into the scheduler's timestep table, within timestep_range) or
+    # "logit_normal" (SD3's training density, with logit_mean / logit_std)
+    timestep_density: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     tie_policy: Literal["drop", "keep"] = "drop"
     max_train_samples: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -111,6 +116,8 @@ class TrainConfig:
                 f"timestep_range must be [low, high] with 0 <= low < high <= 1 (fractions of the training timesteps),"
                 f" got {self.timestep_range}"
             )
+        if self.timestep_density == "logit_normal" and list(self.timestep_range) != [0.0, 1.0]:
+            raise ValueError("timestep_density=logit_normal draws over all timesteps; leave timestep_range at [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
@@ -263,6 +270,11 @@ class Trainer:
         from ..models.generator import check_parametrisation
 
         check_parametrisation(self.config.trainer, self.parametrisations, parametrisation, model)
+        if self.config.timestep_density != "uniform" and parametrisation != "flow":
+            raise ConfigError(
+                f"timestep_density={self.config.timestep_density} is a flow-matching training density; model={model} "
+                "is a DDPM-schedule UNet (use timestep_range)"
+            )
 
     # the trainable network under its former, UNet-only names (kept for scripts and tests written against them)
     @property
@@ -463,11 +475,31 @@ class Trainer:
         gen = _generator(self.config.seed, batch["micro_index"], stream)
         lo, hi = batch["slice"]
         shape = (self.global_batch * count, *batch["latents_w"].shape[1:])
-        low, high = timestep_bounds(self.config.timestep_range, self.policy.num_train_timesteps)
-        timesteps = torch.randint(low, high, (self.global_batch,), generator=gen)[lo:hi]
+        timesteps = self._draw_timesteps(gen)[lo:hi]
         noise = torch.randn(shape, generator=gen).view(count, self.global_batch, *shape[1:])[:, lo:hi]
         device = self.accelerator.device
         return timesteps.to(device), noise.to(device)
+
+    def _draw_timesteps(self, gen: torch.Generator) -> torch.Tensor:
+        """Training timesteps for the global batch. UNets: integers uniform in ``timestep_range``. Flow families:
+        entries of the training scheduler's table (its ``num_train_timesteps`` shifted timesteps, as diffusers'
+        SD3/FLUX training scripts index them), by an index uniform in ``timestep_range`` (fractions of the table
+        from the clean end) or, with ``timestep_density=logit_normal``, ``int(sigmoid(N(logit_mean, logit_std))·N)``
+        into the table (diffusers' ``compute_density_for_timestep_sampling``; flow_grpo's
+        ``scripts/train_sd3_dpo.py``)."""
+        config, size = self.config, self.global_batch
+        count = self.policy.num_train_timesteps
+        if not self.uses_conditions:
+            low, high = timestep_bounds(config.timestep_range, count)
+            return torch.randint(low, high, (size,), generator=gen)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        table = FlowMatchEulerDiscreteScheduler.from_config(self.policy.scheduler.config).timesteps  # descending
+        if config.timestep_density == "logit_normal":
+            u = torch.sigmoid(config.logit_mean + config.logit_std * torch.randn((size,), generator=gen))
+            return table[(u * count).long().clamp(max=count - 1)]
+        low, high = timestep_bounds(config.timestep_range, count)
+        return table.flip(0)[torch.randint(low, high, (size,), generator=gen)]
 
     def global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean of ``values`` (detached) over the global micro-batch: this process's sum and count summed over

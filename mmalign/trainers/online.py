@@ -262,6 +262,8 @@ class OnlineTrainer(Trainer):
         ``StableDiffusionXLPipeline.encode_prompt`` does for an absent negative prompt."""
         if self.config.guidance == 1.0:
             return None
+        if self.uses_conditions:  # flow families: the pipeline's own unconditional branch
+            return self.policy.unconditional(count).to(self.accelerator.device)
         return self.policy.unconditional(self._embeds([""] * count))
 
     def graph_unet_calls(self) -> float:
@@ -275,7 +277,7 @@ class OnlineTrainer(Trainer):
 
     def _time_ids(self, count: int) -> Tensor | None:
         """SDXL's micro-conditioning for ``count`` square samples at the training resolution (None for SD)."""
-        if not self.policy.is_sdxl:
+        if not getattr(self.policy, "is_sdxl", False):
             return None
         size = self.config.resolution
         sizes = torch.tensor([[size, size]] * count)
@@ -301,13 +303,65 @@ class OnlineTrainer(Trainer):
                 offset=batch["slice"][0],
             )
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one latent at the training resolution."""
+        size = self.config.resolution
+        if self.uses_conditions:
+            return tuple(self.policy.latent_shape(size, size))
+        unet, vae = self.policy.unet, self.policy.vae
+        size = size // 2 ** (len(vae.config.block_out_channels) - 1)
+        return (unet.config.in_channels, size, size)
+
     def x_T(self, batch: dict[str, Any]) -> Tensor:
         """Initial noise of this process's slice, from the micro-batch's sampling stream."""
-        unet, vae = self.policy.unet, self.policy.vae
-        size = self.config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        shape = (self.global_batch, unet.config.in_channels, size, size)
         lo, hi = batch["slice"]
+        shape = (self.global_batch, *self.latent_shape)
         return torch.randn(shape, generator=batch["generator"])[lo:hi].to(self.accelerator.device)
+
+    def decode_with_grad(self, latents: Tensor) -> Tensor:
+        """Latents → images in [0, 1] keeping the graph (reward backpropagation)."""
+        if self.uses_conditions:
+            return self.policy.decode(latents, grad=True)
+        return sampling.decode_with_grad(self.policy, latents)
+
+    # -- flow-matching chains (reward backpropagation on flow families) -----------------------------------------
+    def flow_schedule(self):
+        """The generator's ``sample_steps``-step schedule at the training resolution."""
+        return self.policy.sampling_schedule(self.config.sample_steps, latent_shape=self.latent_shape)
+
+    def flow_velocity(self, batch: dict[str, Any], x: Tensor, t: Tensor) -> Tensor:
+        """The trained model's (guided) velocity at ``x`` and model timestep ``t``."""
+        from ..models.flow_rollout import guided_velocity
+
+        return guided_velocity(
+            self.policy, self.model, x, t, batch["embeds"], batch["uncond"], float(self.config.guidance)
+        )
+
+    def flow_chain(self, batch: dict[str, Any], grad_from: Tensor | int, checkpoint: bool = False) -> Tensor:
+        """The Euler ODE chain from x_T on a flow family; sample ``b`` keeps gradients from step ``grad_from[b]``
+        on (earlier velocities detached, as :meth:`DRaFTTrainer.chain` does for DDIM); each velocity call under
+        ``checkpoint`` is recomputed in backward."""
+        from ..models.flow_sampling import flow_ode_step
+
+        schedule = self.flow_schedule()
+        sigmas = schedule.sigmas.to(torch.float32)
+        x = self.x_T(batch)
+        grad_from = torch.as_tensor(grad_from, device=x.device).expand(x.shape[0])
+        first = int(grad_from.min())
+        for j, t in enumerate(schedule.timesteps):
+            if j < first:
+                with torch.no_grad():
+                    v = self.flow_velocity(batch, x, t)
+            else:
+                if checkpoint:
+                    v = torch.utils.checkpoint.checkpoint(self.flow_velocity, batch, x, t, use_reentrant=False)
+                else:
+                    v = self.flow_velocity(batch, x, t)
+                keep = (j >= grad_from).view(-1, *([1] * (x.ndim - 1)))
+                v = torch.where(keep, v, v.detach())
+            x = flow_ode_step(x, v, sigmas[j].to(x.device), sigmas[j + 1].to(x.device))
+        return x
 
     def step_noise(self, batch: dict[str, Any], like: Tensor) -> Tensor:
         lo, hi = batch["slice"]
@@ -651,6 +705,7 @@ class ReFLTrainer(OnlineTrainer):
     :func:`~mmalign.trainers.losses.refl_loss`. The DDPM variance noise is drawn per process."""
 
     config_class: ClassVar[type[TrainConfig]] = ReFLConfig
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")  # DDIM or Euler ODE chains
     uses_reference: ClassVar[bool] = False
     needs_differentiable_reward: ClassVar[bool] = True
     checkpoint_blocks: ClassVar[bool] = True  # one UNet call with gradients: its blocks are checkpointed
@@ -659,6 +714,8 @@ class ReFLTrainer(OnlineTrainer):
         return 1.0
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
+        if self.uses_conditions:
+            return self._flow_loss(batch)
         from diffusers import DDPMScheduler
 
         config = self.config
@@ -678,6 +735,28 @@ class ReFLTrainer(OnlineTrainer):
         out = self.predict(x, t.expand(x.shape[0]).to(x.device), embeds, time_ids)
         x0 = scheduler.step(out, t, x, generator=gen).pred_original_sample
         rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
+        return losses.refl_loss(rewards, config.refl_target, config.refl_scale)
+
+    def _flow_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
+        """ReFL on a flow family: Euler ODE steps without gradients up to ``mid``, one velocity with gradients
+        there and its clean estimate ``x̂0 = x − σ·v`` decoded and scored (the flow analogue of DDPM's predicted
+        x0; deterministic, so no step noise)."""
+        from ..models.flow_sampling import flow_ode_step
+
+        config = self.config
+        low = min(config.refl_min_step, config.sample_steps - 1)
+        high = min(config.refl_max_step, config.sample_steps - 1)
+        mid = int(torch.randint(low, high + 1, (1,), generator=batch["generator"]))
+        schedule = self.flow_schedule()
+        sigmas = schedule.sigmas.to(torch.float32)
+        x = self.x_T(batch)
+        with torch.no_grad():
+            for j in range(mid):
+                v = self.flow_velocity(batch, x, schedule.timesteps[j])
+                x = flow_ode_step(x, v, sigmas[j].to(x.device), sigmas[j + 1].to(x.device))
+        v = self.flow_velocity(batch, x, schedule.timesteps[mid])
+        x0 = x - sigmas[mid].to(x.device) * v
+        rewards = self.reward(self.decode_with_grad(x0), batch["prompts"])
         return losses.refl_loss(rewards, config.refl_target, config.refl_scale)
 
 
@@ -705,6 +784,7 @@ class DRaFTTrainer(OnlineTrainer):
     final sample at the last timestep, averaged."""
 
     config_class: ClassVar[type[TrainConfig]] = DRaFTConfig
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")  # DDIM or Euler ODE chains
     uses_reference: ClassVar[bool] = False
     needs_differentiable_reward: ClassVar[bool] = True
 
@@ -747,28 +827,43 @@ class DRaFTTrainer(OnlineTrainer):
             x = mean + std * noise
         return x
 
+    def any_chain(self, batch: dict[str, Any], grad_from: Tensor | int, checkpoint: bool = False) -> Tensor:
+        """:meth:`chain` (DDIM) on a UNet, :meth:`flow_chain` (Euler ODE) on a flow family."""
+        if self.uses_conditions:
+            return self.flow_chain(batch, grad_from, checkpoint)
+        return self.chain(batch, grad_from, checkpoint)
+
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config = self.config
         if config.draft_mode == "k":
             checkpoint = self.gradient_checkpointing and config.draft_k > 1  # one step: nothing saved by recomputing
-            x0 = self.chain(batch, max(0, config.sample_steps - config.draft_k), checkpoint=checkpoint)
-            rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
+            x0 = self.any_chain(batch, max(0, config.sample_steps - config.draft_k), checkpoint=checkpoint)
+            rewards = self.reward(self.decode_with_grad(x0), batch["prompts"])
             return losses.draft_loss(rewards, config.loss_scale)
         if config.draft_mode != "lv":
             raise ConfigError(f"draft_mode must be 'k' or 'lv', got {config.draft_mode!r}")
         with torch.no_grad():
-            x0 = self.chain(batch, config.sample_steps)
-        schedule = sampling.ddim_schedule(self.policy.noise_scheduler, config.sample_steps)
-        t, alpha = schedule.timesteps[-1], schedule.alpha_bar[-1].to(x0.device)
+            x0 = self.any_chain(batch, config.sample_steps)
         gen = _generator(config.seed, batch["micro_index"], _LV_STREAM)
         lo, hi = batch["slice"]
         total = 0.0
         for _ in range(config.draft_lv_n):
             noise = torch.randn((self.global_batch, *x0.shape[1:]), generator=gen)[lo:hi].to(x0.device)
-            x_t = alpha.sqrt() * x0 + (1.0 - alpha).sqrt() * noise
-            x0_hat = sampling.pred_x0(x_t, self._eps(batch, x_t, t, alpha), alpha)
-            total = total + self.reward(sampling.decode_with_grad(self.policy, x0_hat), batch["prompts"])
+            total = total + self.reward(self.decode_with_grad(self._lv_estimate(batch, x0, noise)), batch["prompts"])
         return losses.draft_loss(total / config.draft_lv_n, config.loss_scale)
+
+    def _lv_estimate(self, batch: dict[str, Any], x0: Tensor, noise: Tensor) -> Tensor:
+        """DRaFT-LV's one-step estimate of ``x0`` re-noised at the last sampling timestep: DDIM's predicted x0 on
+        a UNet, ``x_t − σ·v`` on a flow family (``x_t = (1 − σ)·x0 + σ·ε``)."""
+        if self.uses_conditions:
+            schedule = self.flow_schedule()
+            t, sigma = schedule.timesteps[-1], schedule.sigmas[-2].to(x0.device, torch.float32)
+            x_t = (1.0 - sigma) * x0 + sigma * noise
+            return x_t - sigma * self.flow_velocity(batch, x_t, t)
+        schedule = sampling.ddim_schedule(self.policy.noise_scheduler, self.config.sample_steps)
+        t, alpha = schedule.timesteps[-1], schedule.alpha_bar[-1].to(x0.device)
+        x_t = alpha.sqrt() * x0 + (1.0 - alpha).sqrt() * noise
+        return sampling.pred_x0(x_t, self._eps(batch, x_t, t, alpha), alpha)
 
     def graph_unet_calls(self) -> float:
         return float(self.config.draft_k if self.config.draft_mode == "k" else self.config.draft_lv_n)
@@ -819,8 +914,8 @@ class AlignPropTrainer(DRaFTTrainer):
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         config = self.config
         cut = self.truncation(batch)
-        x0 = self.chain(batch, cut, checkpoint=self.gradient_checkpointing)
-        rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
+        x0 = self.any_chain(batch, cut, checkpoint=self.gradient_checkpointing)
+        rewards = self.reward(self.decode_with_grad(x0), batch["prompts"])
         if config.loss_target is None:
             out = losses.draft_loss(rewards, config.loss_scale)
         else:

@@ -260,3 +260,30 @@ def test_two_processes_equal_one_with_the_same_global_batch(name, sd3_folder, pr
     runs = distributed.train_one_and_two(args, tmp_path)
     init = distributed.initial_lora(make_flow(name, sd3_folder, prompts, tmp_path / "init"))
     distributed.assert_two_processes_equal_one(runs, init)
+
+
+def test_flow_training_timesteps_follow_the_scheduler_table(sd3_folder, pairs_file, tmp_path):
+    """Flow-DPO's timesteps: entries of the shifted training table; logit-normal equals diffusers'
+    ``compute_density_for_timestep_sampling`` on the same generator (flow_grpo's train_sd3_dpo.py)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from tests.trainers.test_training import make_trainer
+
+    trainer = make_trainer(sd3_folder, pairs_file, tmp_path / "u", "trainer=dpo", "timestep_range=[0.5,1.0]")
+    table = FlowMatchEulerDiscreteScheduler.from_pretrained(str(sd3_folder), subfolder="scheduler").timesteps
+    drawn = trainer._draw_timesteps(torch.Generator().manual_seed(0))
+    assert all(t in table for t in drawn) and (drawn >= table[len(table) // 2]).all()  # the noisier half
+    trainer = make_trainer(sd3_folder, pairs_file, tmp_path / "l", "trainer=dpo", "timestep_density=logit_normal")
+    drawn = trainer._draw_timesteps(torch.Generator().manual_seed(1))
+    u = compute_density_for_timestep_sampling(
+        "logit_normal", len(drawn), logit_mean=0.0, logit_std=1.0, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(drawn, table[(u * 1000).long()], rtol=0, atol=0)
+
+
+def test_logit_normal_density_is_refused_on_unets(sd_folder, pairs_file, tmp_path):
+    from tests.trainers.test_training import make_trainer
+
+    with pytest.raises(ConfigError, match="flow-matching training density"):
+        make_trainer(sd_folder, pairs_file, tmp_path, "trainer=dpo", "timestep_density=logit_normal")
