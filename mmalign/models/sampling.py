@@ -2,7 +2,7 @@
 
 Follows kvablack/ddpo-pytorch and yk7333/d3po ``diffusers_patch/ddim_with_logprob.py`` (DDIM, Song et al. 2021,
 eqs. 12 and 16, η > 0): each step ``x_t → x_prev`` is a Gaussian with mean μ and std σ_t, and its log-density is
-:func:`mmalign.trainers.losses.ddim_step_log_prob` (mean over non-batch elements). Trajectories are kept
+:func:`ddim_step_log_prob` (mean over non-batch elements). Trajectories are kept
 compactly (detached latents per step, timesteps, log-probs, prompt embeddings) so that a trainer can recompute
 any step's log-prob with gradients later, under the current UNet or the reference.
 
@@ -14,14 +14,16 @@ and cover a *global* batch of which this process keeps a slice, so results do no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..trainers.losses import ddim_step_log_prob
+from ..tensors import compute_dtype as _compute_dtype
+from ..tensors import left_broadcast as _left_broadcast
 from .policy import PromptEmbeds
 
 Predict = Callable[[Tensor, Tensor, PromptEmbeds, "Tensor | None"], Tensor]
@@ -44,6 +46,59 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 # Pure math
 # ----------------------------------------------------------------------------------------------------------
+class DDIMLogProb(NamedTuple):
+    """Output of :func:`ddim_step_log_prob`: ``log_prob`` ``[B]``, the Gaussian ``mean`` (shaped like the
+    sample) and ``std`` σ_t (broadcastable to the sample: a 0-d tensor or ``[B, 1, ..., 1]``)."""
+
+    log_prob: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+def ddim_step_log_prob(
+    prev_sample: Tensor,
+    x_t: Tensor,
+    eps_pred: Tensor,
+    alpha_bar_t: float | Tensor,
+    alpha_bar_prev: float | Tensor,
+    eta: float = 1.0,
+) -> DDIMLogProb:
+    """Gaussian log-probability of a DDIM step ``x_t → x_prev`` under an ε-prediction.
+
+    Reference: kvablack/ddpo-pytorch and yk7333/d3po ``diffusers_patch/ddim_with_logprob.py`` (DDIM paper
+    eqs. 12 and 16; ``clip_sample`` and thresholding off, as for Stable Diffusion):
+
+        σ_t   = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev)
+        x̂0    = (x_t − √(1 − ᾱ_t)·ε)/√ᾱ_t
+        μ     = √ᾱ_prev·x̂0 + √(1 − ᾱ_prev − σ_t²)·ε
+        log p = mean over non-batch elements of [−(x_prev − μ)²/(2σ_t²) − log σ_t − log √(2π)]
+
+    ``alpha_bar_t`` / ``alpha_bar_prev`` are floats, 0-d tensors or per-sample ``[B]`` (each trajectory may be
+    at another step); for the last step ``alpha_bar_prev`` is the scheduler's ``final_alpha_cumprod``. η must be
+    in (0, 1] (η = 1 in DDPO and D3PO; η = 0 is deterministic and has no density). ``prev_sample`` is detached
+    (as the reference): gradients flow only through ``eps_pred`` (and ``x_t`` if it requires grad) into μ.
+    Computed in at least float32.
+    """
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta must be in (0, 1] for a DDIM step to have a density, got {eta}")
+    if not (prev_sample.shape == x_t.shape == eps_pred.shape):
+        raise ValueError(
+            f"prev_sample {tuple(prev_sample.shape)}, x_t {tuple(x_t.shape)} and eps_pred "
+            f"{tuple(eps_pred.shape)} must have the same shape"
+        )
+    dtype = _compute_dtype(prev_sample, x_t, eps_pred)
+    x_t, eps_pred = x_t.to(dtype), eps_pred.to(dtype)
+    prev_sample = prev_sample.detach().to(dtype)
+    alpha_t = _left_broadcast(alpha_bar_t, x_t, "alpha_bar_t")
+    alpha_prev = _left_broadcast(alpha_bar_prev, x_t, "alpha_bar_prev")
+    variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    x0_pred = (x_t - (1.0 - alpha_t).sqrt() * eps_pred) / alpha_t.sqrt()
+    mean = alpha_prev.sqrt() * x0_pred + (1.0 - alpha_prev - std.pow(2)).sqrt() * eps_pred
+    log_prob = -(prev_sample - mean).pow(2) / (2.0 * std.pow(2)) - std.log() - math.log(math.sqrt(2.0 * math.pi))
+    return DDIMLogProb(log_prob.mean(dim=tuple(range(1, log_prob.ndim))), mean, std)
+
+
 def model_output_to_eps(output: Tensor, x_t: Tensor, alpha_bar_t: Tensor, prediction_type: str) -> Tensor:
     """ε from a model output: ε-prediction as is; v: ``ε = √ᾱ·v + √(1−ᾱ)·x_t``; sample (x0):
     ``ε = (x_t − √ᾱ·x0)/√(1−ᾱ)`` (diffusers ``DDIMScheduler.step``). ``alpha_bar_t`` 0-d or ``[B]``."""
@@ -64,7 +119,7 @@ def pred_x0(x_t: Tensor, eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
 
 
 def ddim_mean_std(x_t: Tensor, eps: Tensor, alpha_bar_t: Tensor, alpha_bar_prev: Tensor, eta: float) -> tuple:
-    """DDIM step mean μ and std σ_t (the formulas of :func:`~mmalign.trainers.losses.ddim_step_log_prob`);
+    """DDIM step mean μ and std σ_t (the formulas of :func:`ddim_step_log_prob`);
     differentiable in ``x_t`` and ``eps``. η = 0 gives the deterministic DDIM step (σ = 0)."""
     a_t, a_prev = _bcast(alpha_bar_t, x_t), _bcast(alpha_bar_prev, x_t)
     std = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).sqrt()

@@ -9,6 +9,9 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from ...tensors import compute_dtype as _compute_dtype  # noqa: F401  (used by the loss modules)
+from ...tensors import left_broadcast as _left_broadcast  # noqa: F401
+
 
 @dataclass(frozen=True)
 class LossOutput:
@@ -71,26 +74,6 @@ def _per_sample(value: float | Tensor, size: int, like: Tensor, name: str) -> Te
     return tensor
 
 
-def _left_broadcast(value: float | Tensor, like: Tensor, name: str) -> Tensor:
-    """A float, a 0-d tensor or a per-sample tensor ``[B]`` -> shaped to broadcast against ``like`` [B, ...]."""
-    tensor = torch.as_tensor(value, device=like.device, dtype=like.dtype)
-    if tensor.ndim == 0:
-        return tensor
-    if tensor.ndim != 1 or tensor.shape[0] != like.shape[0]:
-        raise ValueError(
-            f"{name} must be a scalar or a per-sample tensor [{like.shape[0]}], got shape {tuple(tensor.shape)}"
-        )
-    return tensor.reshape(tensor.shape + (1,) * (like.ndim - 1))
-
-
 def _fraction(mask: Tensor, like: Tensor) -> Tensor:
     """Mean of a boolean mask, in ``like``'s floating dtype (at least float32)."""
     return mask.to(_compute_dtype(like)).mean()
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """At least float32: the references cast model outputs with ``.float()`` before reducing."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype

@@ -1,73 +1,19 @@
-"""Online objectives on the sampler's per-step log-probabilities: the DDIM step density, D3PO and DDPO."""
+"""Online objectives on the sampler's per-step log-probabilities: D3PO and DDPO (the DDIM step density they
+consume is :func:`mmalign.models.sampling.ddim_step_log_prob`, re-exported here)."""
 
 from __future__ import annotations
-
-import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, _check_batch, _check_positive, _compute_dtype, _fraction, _left_broadcast
+from ...models.sampling import DDIMLogProb, ddim_step_log_prob  # noqa: F401  (re-exported)
+from .base import LossOutput, _check_batch, _check_positive, _fraction
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Online RL on the sampler: DDIM step log-probability, D3PO, DDPO
 # ----------------------------------------------------------------------------------------------------------
-class DDIMLogProb(NamedTuple):
-    """Output of :func:`ddim_step_log_prob`: ``log_prob`` ``[B]``, the Gaussian ``mean`` (shaped like the
-    sample) and ``std`` σ_t (broadcastable to the sample: a 0-d tensor or ``[B, 1, ..., 1]``)."""
-
-    log_prob: Tensor
-    mean: Tensor
-    std: Tensor
-
-
-def ddim_step_log_prob(
-    prev_sample: Tensor,
-    x_t: Tensor,
-    eps_pred: Tensor,
-    alpha_bar_t: float | Tensor,
-    alpha_bar_prev: float | Tensor,
-    eta: float = 1.0,
-) -> DDIMLogProb:
-    """Gaussian log-probability of a DDIM step ``x_t → x_prev`` under an ε-prediction.
-
-    Reference: kvablack/ddpo-pytorch and yk7333/d3po ``diffusers_patch/ddim_with_logprob.py`` (DDIM paper
-    eqs. 12 and 16; ``clip_sample`` and thresholding off, as for Stable Diffusion):
-
-        σ_t   = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev)
-        x̂0    = (x_t − √(1 − ᾱ_t)·ε)/√ᾱ_t
-        μ     = √ᾱ_prev·x̂0 + √(1 − ᾱ_prev − σ_t²)·ε
-        log p = mean over non-batch elements of [−(x_prev − μ)²/(2σ_t²) − log σ_t − log √(2π)]
-
-    ``alpha_bar_t`` / ``alpha_bar_prev`` are floats, 0-d tensors or per-sample ``[B]`` (each trajectory may be
-    at another step); for the last step ``alpha_bar_prev`` is the scheduler's ``final_alpha_cumprod``. η must be
-    in (0, 1] (η = 1 in DDPO and D3PO; η = 0 is deterministic and has no density). ``prev_sample`` is detached
-    (as the reference): gradients flow only through ``eps_pred`` (and ``x_t`` if it requires grad) into μ.
-    Computed in at least float32.
-    """
-    if not 0.0 < eta <= 1.0:
-        raise ValueError(f"eta must be in (0, 1] for a DDIM step to have a density, got {eta}")
-    if not (prev_sample.shape == x_t.shape == eps_pred.shape):
-        raise ValueError(
-            f"prev_sample {tuple(prev_sample.shape)}, x_t {tuple(x_t.shape)} and eps_pred "
-            f"{tuple(eps_pred.shape)} must have the same shape"
-        )
-    dtype = _compute_dtype(prev_sample, x_t, eps_pred)
-    x_t, eps_pred = x_t.to(dtype), eps_pred.to(dtype)
-    prev_sample = prev_sample.detach().to(dtype)
-    alpha_t = _left_broadcast(alpha_bar_t, x_t, "alpha_bar_t")
-    alpha_prev = _left_broadcast(alpha_bar_prev, x_t, "alpha_bar_prev")
-    variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev)
-    std = eta * variance.sqrt()
-    x0_pred = (x_t - (1.0 - alpha_t).sqrt() * eps_pred) / alpha_t.sqrt()
-    mean = alpha_prev.sqrt() * x0_pred + (1.0 - alpha_prev - std.pow(2)).sqrt() * eps_pred
-    log_prob = -(prev_sample - mean).pow(2) / (2.0 * std.pow(2)) - std.log() - math.log(math.sqrt(2.0 * math.pi))
-    return DDIMLogProb(log_prob.mean(dim=tuple(range(1, log_prob.ndim))), mean, std)
-
-
 def d3po_loss(
     logp_w: Tensor,
     logp_l: Tensor,
