@@ -341,6 +341,26 @@ class FlowOnlineTrainer(OnlineTrainer):
     def sample_micro(self, batch: dict[str, Any]) -> FlowTrajectory:
         raise NotImplementedError
 
+    def rollout(self, batch: dict[str, Any], **kwargs: Any) -> FlowTrajectory:
+        """This process's chains of the global micro-batch ``batch`` under :attr:`sampling_model`, from the
+        micro-batch's sampling stream (``kwargs``: the sampler options of
+        :func:`~mmalign.models.flow_rollout.sample_flow_trajectories`)."""
+        config = self.config
+        with torch.no_grad(), self.accelerator.autocast():
+            return sample_flow_trajectories(
+                self.policy,
+                self.sampling_model,
+                batch["conditions"],
+                self.uncond(len(batch["prompts"])),
+                _generator(config.seed, batch["micro_index"], _FLOW_SAMPLE_STREAM),
+                config.sample_steps,
+                config.guidance,
+                latent_shape=self.latent_shape,
+                global_batch=self.global_batch,
+                offset=batch["slice"][0],
+                **kwargs,
+            )
+
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         """The whole micro-batch loss in one graph (the loop backpropagates :meth:`loss_parts` one by one)."""
         outs = [part() for part in self.loss_parts(batch)]
@@ -494,23 +514,13 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
                 f"shared_noise needs whole groups in a global micro-batch: batch_size × processes = "
                 f"{self.global_batch} is not a multiple of group_size {shared}"
             )
-        with self.accelerator.autocast():
-            return sample_flow_trajectories(
-                self.policy,
-                self.sampling_model,
-                batch["conditions"],
-                self.uncond(len(batch["prompts"])),
-                _generator(config.seed, batch["micro_index"], _FLOW_SAMPLE_STREAM),
-                config.sample_steps,
-                config.guidance,
-                latent_shape=self.latent_shape,
-                noise_level=config.noise_level,
-                sampler=config.sampler,
-                sde_window=self.sde_window(batch),
-                global_batch=self.global_batch,
-                offset=batch["slice"][0],
-                shared_noise_per=shared,
-            )
+        return self.rollout(
+            batch,
+            noise_level=config.noise_level,
+            sampler=config.sampler,
+            sde_window=self.sde_window(batch),
+            shared_noise_per=shared,
+        )
 
     def train_steps(self, batch: dict[str, Any]) -> Tensor:
         """``[b, n]``: the SDE steps each sample trains on, ``n = max(1, int(len(window) · timestep_fraction))``:
@@ -632,21 +642,8 @@ class DiffusionNFTTrainer(FlowOnlineTrainer):
         return _Swapped(self.trainable, self.old_params)
 
     def sample_micro(self, batch: dict[str, Any]) -> FlowTrajectory:
-        config = self.config
-        with torch.no_grad(), self.old_policy(), self.accelerator.autocast():
-            return sample_flow_trajectories(
-                self.policy,
-                self.sampling_model,
-                batch["conditions"],
-                self.uncond(len(batch["prompts"])),
-                _generator(config.seed, batch["micro_index"], _FLOW_SAMPLE_STREAM),
-                config.sample_steps,
-                config.guidance,
-                latent_shape=self.latent_shape,
-                sde_window=(0, 0),
-                global_batch=self.global_batch,
-                offset=batch["slice"][0],
-            )
+        with self.old_policy():
+            return self.rollout(batch, sde_window=(0, 0))
 
     def advantages(self, components: Tensor, prompts: list[str]) -> Tensor:
         """The optimality probabilities r ``[N]`` from the group-relative advantages."""

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmalign.modalities.image import pil_to_tensor
@@ -93,8 +94,17 @@ class Brightness(Reward):
         return pixels.float().mean(dim=(1, 2, 3))
 
 
-def make_flow(trainer, model, data, out, *overrides, reward=None):
-    """A flow-matching online trainer on a tiny pipeline: 32 px, groups of 2, 3 sampling steps, LoRA rank 4."""
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models are faster so, and far faster on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_online(trainer, model, data, out, *overrides, reward=None, defaults=()):
+    """An online trainer on a tiny pipeline: 32 px, batches of 2, LoRA rank 4, two steps, no tracker."""
     from mmalign.commands.train import resolve_trainer_config
 
     base = [
@@ -104,15 +114,19 @@ def make_flow(trainer, model, data, out, *overrides, reward=None):
         f"output_dir={out}",
         "resolution=32",
         "batch_size=2",
-        "group_size=2",
-        "sample_steps=3",
-        "lora_rank=4",
-        "lora_alpha=8",
         "tracker=none",
         "progress=false",
         "log_every=1",
         "max_steps=2",
-        "lr=1e-2",
+        "lora_rank=4",
+        *defaults,
     ]
     cls, config = resolve_trainer_config(None, base + list(overrides))
-    return cls(config, reward=reward if reward is not None else Brightness())
+    return cls(config, reward=reward)
+
+
+def make_flow(trainer, model, data, out, *overrides, reward=None):
+    """A flow-matching online trainer: groups of 2, 3 sampling steps, LoRA alpha 8, lr 1e-2, a brightness reward."""
+    defaults = ("group_size=2", "sample_steps=3", "lora_alpha=8", "lr=1e-2")
+    reward = reward if reward is not None else Brightness()
+    return make_online(trainer, model, data, out, *overrides, reward=reward, defaults=defaults)

@@ -20,12 +20,7 @@ FLOW = ["flow-grpo", "flow-grpo-fast", "dance-grpo", "mix-grpo", "diffusionnft"]
 DEAD = {"transformer_blocks.1.attn.add_q_proj.lora_B.default.weight"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,9 @@ from mmalign.commands.train import resolve_trainer_config
 from mmalign.models import sampling
 from mmalign.models.policy import DiffusionPolicy
 from mmalign.trainers import online
-from tests.trainers.conftest import Brightness
+from tests.trainers.conftest import Brightness, make_online
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny models are faster so, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +33,7 @@ def policy(sd_folder):
 
 
 def make(trainer, model, data, out, *overrides, reward=None):
-    base = [
-        f"trainer={trainer}",
-        f"model={model}",
-        f"data={data}",
-        f"output_dir={out}",
-        "resolution=32",
-        "batch_size=2",
-        "tracker=none",
-        "progress=false",
-        "log_every=1",
-        "max_steps=2",
-        "sample_steps=2",
-        "lora_rank=4",
-    ]
-    cls, config = resolve_trainer_config(None, base + list(overrides))
-    return cls(config, reward=reward)
+    return make_online(trainer, model, data, out, *overrides, reward=reward, defaults=("sample_steps=2",))
 
 
 def trainable(trainer):
