@@ -246,6 +246,42 @@ class FlowOnlineTrainer(OnlineTrainer):
         rows = config.batch_size * (2 if config.guidance != 1.0 else 1)
         return rows / 2 * (config.resolution / 512) ** 2
 
+    def run_prompts(self) -> list[str]:
+        return list(dict.fromkeys([*self.prompts, *self.eval_prompts, *self.config.validation_prompts]))
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """Images of the validation prompts (ODE, ``sample_steps``, ``guidance``, fixed seeds) tiled into
+        ``samples/step-N.png``, from the cached conditions (so it works with ``free_text_encoders``)."""
+        if not self.accelerator.is_main_process:
+            return None
+        from PIL import Image
+
+        from ..modalities.image import tensor_to_pil
+
+        config = self.config
+        prompts = list(config.validation_prompts)
+        trajectory = sample_flow_trajectories(
+            self.policy,
+            self.sampling_model,
+            self._embeds(prompts),
+            self.uncond(len(prompts)),
+            torch.Generator().manual_seed(config.seed),
+            config.sample_steps,
+            config.guidance,
+            latent_shape=self.latent_shape,
+            sde_window=(0, 0),
+        )
+        images = [tensor_to_pil(image) for image in self.policy.decode(trajectory.final).cpu()]
+        width, height = images[0].size
+        grid = Image.new("RGB", (width * len(images), height))
+        for i, image in enumerate(images):
+            grid.paste(image, (i * width, 0))
+        path = self.output_dir / "samples" / f"step-{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.policy.latent_shape(self.config.resolution, self.config.resolution))

@@ -88,6 +88,10 @@ class TrainConfig:
     # true / false / "auto": on when the device's free memory looks short (:func:`resolve_gradient_checkpointing`)
     gradient_checkpointing: bool | Literal["auto"] = False
     cache_latents: bool = True
+    # flow families: a folder of encoded prompts (one safetensors file per prompt, reused by later runs), and
+    # whether to encode every prompt of the run first and then free the text encoders (a 4.7B T5 need not stay)
+    conditions_cache: str | None = None
+    free_text_encoders: bool = False
     ema_decay: float = 0.0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -255,6 +259,7 @@ class Trainer:
         self.policy.to(self.accelerator.device)
         self._setup_model()
         self._setup_data()
+        self._free_text_encoders()
         self._setup_optimizer()
         self.step = 0
         self.skipped_steps = 0
@@ -423,7 +428,7 @@ class Trainer:
         # Each prompt is encoded alone: BLAS kernels round differently for different batch sizes, and a cache
         # filled by batches would make an embedding depend on which prompts happened to come first (a resumed
         # run, or another process count, would then differ from the uninterrupted run in the last bits).
-        encode = self.policy.encode_conditions if self.uses_conditions else self.policy.encode_prompt
+        encode = self._encode_one if self.uses_conditions else self.policy.encode_prompt
         for prompt in dict.fromkeys(prompts):
             if prompt not in self._prompt_cache:
                 self._prompt_cache[prompt] = encode([prompt])
@@ -436,6 +441,43 @@ class Trainer:
 
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
         return PromptEmbeds(torch.cat([p.hidden for p in parts]), pooled)
+
+    def _encode_one(self, prompts: list[str]):
+        """One prompt's :class:`~mmalign.models.generator.Conditions`, read from ``conditions_cache`` when it has
+        them (bit-exact: safetensors), else encoded (and written there)."""
+        import hashlib
+
+        from ..models.generator import Conditions
+
+        if not self.config.conditions_cache:
+            return self.policy.encode_conditions(prompts)
+        key = hashlib.sha256(f"{self.config.model}\0{prompts[0]}".encode()).hexdigest()[:32]
+        path = Path(self.config.conditions_cache) / f"{key}.safetensors"
+        if path.is_file():
+            return Conditions.load(path, device=self.accelerator.device)
+        conditions = self.policy.encode_conditions(prompts)
+        if self.accelerator.is_local_main_process:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            conditions.save(tmp)
+            os.replace(tmp, path)
+        return conditions
+
+    def run_prompts(self) -> list[str]:
+        """Every prompt the run will encode (training data, validation, the empty prompt of dropout)."""
+        prompts = [getattr(p, "prompt", p) for p in self.pairs]
+        prompts += list(self.config.validation_prompts) + [""]
+        return list(dict.fromkeys(prompts))
+
+    def _free_text_encoders(self) -> None:
+        """``free_text_encoders``: encode every prompt of the run (one at a time, as always), then drop the text
+        encoders; training runs on the cached conditions."""
+        if not self.config.free_text_encoders:
+            return
+        if not hasattr(self.policy, "free_text_encoders"):
+            raise ConfigError(f"free_text_encoders: {type(self.policy).__name__} keeps its text encoders")
+        self._embeds(self.run_prompts())
+        self.policy.free_text_encoders()
+        logger.info("text encoders freed after encoding %d prompts", len(self._prompt_cache))
 
     def make_batch(self, micro_index: int) -> dict[str, Any]:
         """This process's slice of global micro-batch ``micro_index``, with latents sampled and prompts
@@ -819,6 +861,9 @@ class Trainer:
 
                 metadata = unet.peft_config["default"].to_dict()
                 save_lora_weights(self.policy, self.output_dir, get_peft_model_state_dict(unet), metadata)
+            elif getattr(self.policy, "text_encoders", True) is None:  # freed: the trained network alone
+                unet.save_pretrained(str(self.output_dir / "transformer"))
+                logger.info("text encoders were freed: saved the trained network to %s/transformer", self.output_dir)
             else:
                 self.policy.pipeline(unet).save_pretrained(str(self.output_dir))
             if self.ema is not None:

@@ -282,3 +282,37 @@ def test_logit_normal_density_is_refused_on_unets(sd_folder, pairs_file, tmp_pat
 
     with pytest.raises(ConfigError, match="flow-matching training density"):
         make_trainer(sd_folder, pairs_file, tmp_path, "trainer=dpo", "timestep_density=logit_normal")
+
+
+def test_conditions_cache_and_freed_text_encoders(sd3_folder, prompts, tmp_path):
+    """Prompts encoded once into ``conditions_cache`` (one file each, bit-exact), text encoders freed before
+    training: the run equals one that kept them, and validation grids still render from the cache."""
+    cache = tmp_path / "conditions"
+    kept = make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "kept", "max_steps=1", "sample_batches=1")
+    kept.train()
+    freed = make_flow(
+        "flow-grpo",
+        sd3_folder,
+        prompts,
+        tmp_path / "freed",
+        "max_steps=1",
+        "sample_batches=1",
+        f"conditions_cache={cache}",
+        "free_text_encoders=true",
+        "validation_prompts=[a yellow star]",
+    )
+    assert freed.policy.text_encoders is None and len(list(cache.glob("*.safetensors"))) == 4  # 3 + 1
+    freed.train()
+    expected, got = kept._trainable_state(), freed._trainable_state()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (tmp_path / "freed" / "samples" / "step-0000001.png").is_file()
+    again = make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "again", f"conditions_cache={cache}")
+    cached = again._embeds(["a blue sky"])
+    assert torch.equal(cached["prompt_embeds"], kept._embeds(["a blue sky"])["prompt_embeds"])
+
+
+def test_free_text_encoders_is_refused_for_unets(sd_folder, prompts, tmp_path):
+    from tests.trainers.test_online import make
+
+    with pytest.raises(ConfigError, match="keeps its text encoders"):
+        make("ddpo", sd_folder, prompts, tmp_path, "free_text_encoders=true", reward=Brightness())
