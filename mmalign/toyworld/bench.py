@@ -54,7 +54,8 @@ def bench_trainers(
 
     out = Path(out or config.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     with threads(config.threads):
         model = Path(config.pipeline) if config.pipeline else asset_dir("pipeline")
         base = load_pipeline(model)
@@ -64,7 +65,18 @@ def bench_trainers(
         log(f"base: held-out adherence {before.scores['overall']:.3f}")
         pairs = configured_pairs(base, reward, train_prompts, config, out / "pairs")
         log(f"pairs: {pairs['pairs']} (label agreement with the judge {pairs['label_agreement_with_judge']:.3f})")
+        from ..models.generator import parametrisation_of
+        from ..registry import TRAINERS
+
+        kind = parametrisation_of(model)
         for name in names:
+            supported = TRAINERS.entry(name).load().parametrisations
+            if kind not in supported:
+                skipped.append(
+                    {"trainer": name, "reason": f"needs a {' or '.join(supported)} generator; {model} is {kind}"}
+                )
+                log(f"{name}: skipped ({skipped[-1]['reason']})")
+                continue
             run = replace(config, trainer=name, steps=1_000_000, cpu_budget=cpu_seconds, eval_every=0)
             log(f"{name}: training for {cpu_seconds:.0f} CPU s")
             started = time.time()
@@ -104,6 +116,7 @@ def bench_trainers(
             "seed": config.seed,
         },
         "rows": rows,
+        "skipped": skipped,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(table_markdown(result))
@@ -127,6 +140,8 @@ def table_markdown(result: dict[str, Any]) -> str:
             f"| {row['trainer']} | {row['steps']} | {row['train_cpu_s']:.0f} | {row['after']:.3f} | {row['gain']:+.3f}"
             f" | {row['exact_gain']:+.3f} | {row['gain_per_cpu_minute']:+.4f} |"
         )
+    for row in result.get("skipped", []):
+        lines.append(f"| {row['trainer']} | skipped: {row['reason']} | | | | | |")
     return "\n".join(lines) + "\n"
 
 
