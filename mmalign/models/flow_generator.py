@@ -39,7 +39,36 @@ from torch import Tensor
 from ..errors import WeightsError
 from .generator import Conditions, Schedule, read_model_index
 
-__all__ = ["FlowMatchingGenerator", "calculate_shift", "cfg_velocity", "check_guidance", "doubled_timesteps"]
+__all__ = [
+    "FlowMatchingGenerator",
+    "calculate_shift",
+    "cfg_velocity",
+    "check_guidance",
+    "doubled_timesteps",
+    "pack_latents",
+    "unpack_latents",
+]
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """``[B, C, h, w]`` → ``[B, (h/2)·(w/2), 4·C]``: 2×2 patches as tokens, row-major, channels ``(c, dy, dx)``
+    (``FluxPipeline._pack_latents``; ``QwenImagePipeline._pack_latents`` is the same permutation with a frame
+    axis of 1)."""
+    batch, channels, height, width = latents.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"2x2 patches: latent height and width must be even, got {height}x{width}")
+    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of :func:`pack_latents`: ``[B, (h/2)·(w/2), 4·C]`` → ``[B, C, h, w]`` for latent size ``h×w``
+    (``FluxPipeline._unpack_latents``, which takes the pixel size instead)."""
+    batch, count, features = tokens.shape
+    if count != (height // 2) * (width // 2):
+        raise ValueError(f"{count} tokens are not the 2x2 patches of a {height}x{width} latent")
+    patches = tokens.reshape(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, features // 4, height, width)
 
 
 def calculate_shift(image_seq_len: int, config: Any, max_shift: float = 1.15) -> float:

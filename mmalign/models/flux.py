@@ -39,30 +39,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .flow_generator import FlowMatchingGenerator
+from .flow_generator import FlowMatchingGenerator, pack_latents, unpack_latents
 from .generator import Conditions
 
 __all__ = ["FluxGenerator", "latent_image_ids", "pack_latents", "unpack_latents"]
-
-
-def pack_latents(latents: Tensor) -> Tensor:
-    """``[B, C, h, w]`` → ``[B, (h/2)·(w/2), 4·C]``: 2×2 patches as tokens, row-major, channels ``(c, dy, dx)``
-    (``FluxPipeline._pack_latents``)."""
-    batch, channels, height, width = latents.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"FLUX packs 2x2 patches: latent height and width must be even, got {height}x{width}")
-    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
-def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
-    """The inverse of :func:`pack_latents`: ``[B, (h/2)·(w/2), 4·C]`` → ``[B, C, h, w]`` for latent size ``h×w``
-    (``FluxPipeline._unpack_latents``, which takes the pixel size instead)."""
-    batch, count, features = tokens.shape
-    if count != (height // 2) * (width // 2):
-        raise ValueError(f"{count} tokens are not the 2x2 patches of a {height}x{width} latent")
-    patches = tokens.reshape(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(batch, features // 4, height, width)
 
 
 def latent_image_ids(height: int, width: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:

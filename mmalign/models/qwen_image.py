@@ -25,8 +25,9 @@ Re-implemented from ``diffusers/pipelines/qwenimage/pipeline_qwenimage.py`` (dif
 * Time: the transformer is conditioned on σ = t / 1000 (the pipeline divides its scheduler timesteps by 1000).
 * Guidance: the pipeline's "true CFG" (``true_cfg_scale > 1`` with a ``negative_prompt``; no negative prompt, no
   guidance) combines ``v_u + s·(v_c − v_u)`` and then rescales every packed token of the result to the norm of
-  the conditional prediction's token. :meth:`QwenImageGenerator.guided_velocity` does both (one batched predict);
-  :func:`mmalign.models.flow_rollout.guided_velocity` does the plain combination without the rescaling.
+  the conditional prediction's token. :meth:`QwenImageGenerator.guided_velocity` does both (one batched predict),
+  and rollouts (:func:`mmalign.models.flow_rollout.guided_velocity`) use it; ``rescale=False`` gives the plain
+  combination.
   :meth:`QwenImageGenerator.unconditional` is the encoded ``" "``, the negative prompt the pipeline's
   documentation and flow_grpo's Qwen-Image scripts pass.
 * Schedule: σ = linspace(1, 1/steps, steps), shifted by the scheduler with μ from the packed sequence length
@@ -43,10 +44,10 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .flow_generator import FlowMatchingGenerator, check_guidance, doubled_timesteps
+from .flow_generator import FlowMatchingGenerator, check_guidance, doubled_timesteps, pack_latents, unpack_latents
 from .generator import Conditions
 
-__all__ = ["QwenImageGenerator"]
+__all__ = ["QwenImageGenerator", "pack_latents", "unpack_latents"]
 
 # QwenImagePipeline.__init__ (diffusers 0.42.1): the prompt template, the number of leading tokens dropped from
 # its encoding, and the tokenizer's length limit on the prompt part
@@ -57,23 +58,6 @@ PROMPT_TEMPLATE = (
 )
 PROMPT_TEMPLATE_START_IDX = 34
 TOKENIZER_MAX_LENGTH = 1024
-
-
-def pack_latents(latents: Tensor) -> Tensor:
-    """``[B, C, h, w]`` → the transformer's tokens ``[B, (h/2)·(w/2), 4C]`` (2x2 patches, channels first within a
-    token), as ``QwenImagePipeline._pack_latents``."""
-    batch, channels, height, width = latents.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"Qwen-Image latents need an even height and width, got {tuple(latents.shape)}")
-    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
-def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
-    """The inverse of :func:`pack_latents` for latents of ``height x width``."""
-    batch, _, features = tokens.shape
-    patches = tokens.reshape(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(batch, features // 4, height, width)
 
 
 class QwenImageGenerator(FlowMatchingGenerator):

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from mmalign.models.flow_rollout import guided_velocity
+from mmalign.models.flow_rollout import guided_velocity, sample_flow_trajectories
 from mmalign.models.flow_sampling import flow_ode_step
 from mmalign.models.generator import Conditions, Generator, load_generator
 from mmalign.models.qwen_image import (
@@ -277,3 +277,26 @@ def test_pipeline_uses_the_given_transformer(generator):
     assert pipeline.transformer is generator.transformer and pipeline.text_encoder is generator.text_encoder
     other = copy.deepcopy(generator.transformer)
     assert generator.pipeline(other).transformer is other
+
+
+def test_rollouts_use_the_family_cfg_and_equal_the_pipeline(generator, pipe):
+    """An ODE-only rollout with guidance is the pipeline's true-CFG sampling (norm rescaling included), its
+    schedule shifted for the rollout's latent shape."""
+    conditions, uncond = generator.encode_conditions(PROMPTS), generator.unconditional(2)
+    shape = generator.latent_shape(HEIGHT, WIDTH)
+    assert shape == (16, HEIGHT // 8, WIDTH // 8)
+    trajectory = sample_flow_trajectories(
+        generator,
+        generator.trainable,
+        conditions,
+        uncond,
+        torch.Generator().manual_seed(0),
+        4,
+        4.0,
+        latent_shape=shape,
+        sde_window=(0, 0),
+    )
+    reference = unpack_latents(run_pipe(pipe, trajectory.latents[:, 0], 4, 4.0), HEIGHT // 8, WIDTH // 8)
+    assert torch.equal(trajectory.sigmas, pipe.scheduler.sigmas.cpu())
+    assert not torch.equal(reference, trajectory.latents[:, 0])
+    torch.testing.assert_close(trajectory.final, reference, atol=1e-5, rtol=0)

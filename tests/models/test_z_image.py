@@ -231,3 +231,18 @@ def test_pipeline_uses_the_given_transformer(generator):
     assert generator.pipeline().transformer is generator.transformer
     other = copy.deepcopy(generator.transformer)
     assert generator.pipeline(other).transformer is other
+
+
+def test_guidance_truncation_is_per_sample_with_per_sample_timesteps(generator):
+    conditions, uncond = generator.encode_conditions(PROMPTS), generator.unconditional(2)
+    x, t = latents(2, seed=10), torch.tensor([900.0, 100.0])  # 1 − σ = 0.1 and 0.9
+    model = generator.trainable
+    with torch.no_grad():
+        both = guided_velocity(generator, model, x, t, conditions, uncond, 4.0)
+        truncated = generator.guided_velocity(model, x, t, conditions, uncond, 4.0, cfg_truncation=0.5)
+        first = generator.guided_velocity(model, x[:1], t[0], conditions.select([0]), uncond.select([0]), 4.0)
+        conditional = generator.predict(model, x[1:], t[1], conditions.select([1]))
+    # the second sample is past the truncation: its conditional velocity alone; the first is guided
+    torch.testing.assert_close(truncated[1:], conditional, atol=1e-5, rtol=0)
+    torch.testing.assert_close(truncated[:1], first, atol=1e-5, rtol=0)
+    assert torch.equal(truncated[:1], both[:1]) and not torch.allclose(truncated[1:], both[1:], atol=1e-3)
