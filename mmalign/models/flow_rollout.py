@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .flow_generator import cfg_velocity
 from .flow_sampling import FlowStep, cps_step, dance_sde_step, flow_ode_step, flow_sde_step
 from .generator import Conditions, Generator, Schedule
 from .sampling import _global_randn
@@ -81,18 +82,16 @@ def guided_velocity(
     uncond: Conditions | None,
     guidance: float,
 ) -> Tensor:
-    """The velocity at ``x`` and model timestep ``t``: ``generator.predict`` on ``conditions`` when
-    ``guidance == 1``, else classifier-free guidance ``v_u + g·(v_c − v_u)`` from ONE batched call on
-    ``cat([uncond, conditions])`` (as the diffusers pipelines batch it)."""
-    if guidance == 1.0:
-        return generator.predict(model, x, t, conditions)
-    if uncond is None:
-        raise ValueError(f"guidance {guidance} needs the unconditional branch (uncond)")
-    if len(uncond) != len(conditions):
-        raise ValueError(f"uncond has {len(uncond)} rows, conditions {len(conditions)}")
-    both = generator.predict(model, torch.cat([x, x]), t, Conditions.cat([uncond, conditions]))
-    v_uncond, v_cond = both.chunk(2)
-    return v_uncond + guidance * (v_cond - v_uncond)
+    """The velocity at ``x`` and model timesteps ``t`` (a scalar or per sample ``[B]``) with classifier-free
+    guidance ``guidance``: the generator's own ``guided_velocity`` when it has one (the family's pipeline CFG:
+    Qwen-Image's norm rescaling, Z-Image's conventions; standard CFG for the others of
+    :class:`~mmalign.models.flow_generator.FlowMatchingGenerator`), else ``generator.predict`` on ``conditions``
+    when ``guidance == 1`` and ``v_u + g·(v_c − v_u)`` from ONE batched call on ``cat([uncond, conditions])``
+    (as the diffusers pipelines batch it)."""
+    own = getattr(generator, "guided_velocity", None)
+    if own is not None:
+        return own(model, x, t, conditions, uncond, guidance)
+    return cfg_velocity(generator, model, x, t, conditions, uncond, guidance)
 
 
 def _window(sde_window: tuple[int, int] | None, steps: int) -> Tensor:
@@ -151,13 +150,15 @@ def sample_flow_trajectories(
     start from the same initial latents (DanceGRPO; ``global_batch`` must be a multiple of ``G``); the step
     noise stays independent.
 
-    ``guidance``: classifier-free guidance scale (``uncond`` required unless it is 1; one batched
-    ``generator.predict`` per step). ``sampler``: "sde" (Flow-GRPO; ``sigma_max`` = ``schedule.sigmas[1]``),
-    "cps" or "dance" (DanceGRPO; ``noise_level`` is its η, 0.3 in its scripts), with ``noise_level`` (> 0).
+    ``guidance``: classifier-free guidance scale (``uncond`` required unless it is 1), applied as the family's
+    pipeline does (:func:`guided_velocity`: one batched ``generator.predict`` per step). ``sampler``: "sde"
+    (Flow-GRPO; ``sigma_max`` = ``schedule.sigmas[1]``), "cps" or "dance" (DanceGRPO; ``noise_level`` is its η,
+    0.3 in its scripts), with ``noise_level`` (> 0).
     ``sde_window=(start, end)``: steps ``start <= j < end`` are stochastic, the others Euler ODE steps with
     log-prob 0 (Flow-GRPO-Fast, MixGRPO; :mod:`mmalign.models.sde_windows` picks them); default every step.
 
-    ``schedule`` overrides ``generator.sampling_schedule(steps, **schedule_kwargs)``.
+    ``schedule`` overrides ``generator.sampling_schedule(steps, latent_shape=latent_shape, **schedule_kwargs)``
+    (the latent shape gives dynamically shifted schedules their image tokens).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -166,7 +167,7 @@ def sample_flow_trajectories(
     if offset < 0 or offset + batch > total:
         raise ValueError(f"rows [{offset}, {offset + batch}) are not inside the global batch of {total}")
     if schedule is None:
-        schedule = generator.sampling_schedule(steps, **schedule_kwargs)
+        schedule = generator.sampling_schedule(steps, latent_shape=tuple(latent_shape), **schedule_kwargs)
     if len(schedule) != steps:
         raise ValueError(f"the schedule has {len(schedule)} steps, not {steps}")
     sde = _window(sde_window, steps)

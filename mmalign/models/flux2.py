@@ -36,8 +36,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import WeightsError
-from .generator import Conditions, Schedule, read_model_index
+from .flow_generator import FlowMatchingGenerator
+from .generator import Conditions
 
 __all__ = ["Flux2KleinGenerator", "compute_empirical_mu", "patchify_latents", "unpatchify_latents"]
 
@@ -87,12 +87,19 @@ def _text_ids(length: int, device: Any = None) -> Tensor:
     return ids.to(device)
 
 
-class Flux2KleinGenerator:
-    """FLUX.2-klein components behind the generator protocol (see :mod:`mmalign.models.generator` and this
-    module)."""
+class Flux2KleinGenerator(FlowMatchingGenerator):
+    """FLUX.2-klein components behind the generator protocol (see :mod:`mmalign.models.generator`,
+    :class:`~mmalign.models.flow_generator.FlowMatchingGenerator` and this module). The unconditional branch is
+    the encoded ``""``, the pipeline's negative branch of classifier-free guidance (base klein; distilled klein
+    samples without it)."""
 
     family: ClassVar[str] = "flux2"
     block_class: ClassVar[str] = "Flux2TransformerBlock"
+    pipeline_name: ClassVar[str] = "Flux2KleinPipeline"
+    display_name: ClassVar[str] = "FLUX.2-klein"
+    transformer_class: ClassVar[str] = "Flux2Transformer2DModel"
+    vae_class: ClassVar[str] = "AutoencoderKLFlux2"
+    text_encoder_classes: ClassVar[dict[str, str]] = {"text_encoder": "Qwen3ForCausalLM"}
     # diffusers' train_dreambooth_lora_flux2_klein.py default targets: the image-stream attention projections of
     # the double-stream blocks, the fused QKV+MLP input of the single-stream blocks, and (by full name, as their
     # "attn.to_out" is a Linear where the double-stream one is a ModuleList) each single block's output projection
@@ -106,24 +113,11 @@ class Flux2KleinGenerator:
         text_encoder_out_layers: Sequence[int] = (9, 18, 27),
         is_distilled: bool = False,
     ):
-        self.folder = folder
-        self.transformer = components["transformer"]
-        self.vae = components["vae"]
-        self.scheduler = components["scheduler"]
-        self.tokenizer = components["tokenizer"]
-        self.text_encoder: torch.nn.Module | None = components["text_encoder"]
+        super().__init__(components, folder)
         self.max_sequence_length = max_sequence_length
         self.text_encoder_out_layers = tuple(int(layer) for layer in text_encoder_out_layers)
         self.is_distilled = bool(is_distilled)
         """Step-distilled klein: samples without classifier-free guidance (the pipeline ignores guidance_scale)."""
-        self._unconditional: Conditions | None = None
-        for module in [self.vae, self.text_encoder]:
-            module.requires_grad_(False)
-            module.eval()
-
-    @property
-    def trainable(self) -> torch.nn.Module:
-        return self.transformer
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
@@ -133,59 +127,18 @@ class Flux2KleinGenerator:
         return self._lora_base + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles))
 
     @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        max_sequence_length: int = 512,
-        text_encoder_out_layers: Sequence[int] = (9, 18, 27),
-    ) -> Flux2KleinGenerator:
-        """Load every component of a ``Flux2KleinPipeline`` folder (``save_pretrained`` layout)."""
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-        from transformers import AutoTokenizer, Qwen3ForCausalLM
+    def index_options(cls, index: dict[str, Any]) -> dict[str, Any]:
+        return {"is_distilled": bool(index.get("is_distilled", False))}
 
-        folder = Path(folder)
-        index = read_model_index(folder)
-        missing = [name for name in ("transformer", "vae", "text_encoder", "tokenizer") if not index.get(name)]
-        if missing:
-            raise WeightsError(f"{folder}: FLUX.2-klein pipeline without {', '.join(missing)}")
-        typed = {} if dtype is None else {"torch_dtype": dtype}
-        components = {
-            "transformer": Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", **typed),
-            "vae": AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae", **typed),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
-            "text_encoder": Qwen3ForCausalLM.from_pretrained(folder, subfolder="text_encoder", **typed),
-            "tokenizer": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer"),
-        }
-        generator = cls(
-            components, folder, max_sequence_length, text_encoder_out_layers, bool(index.get("is_distilled", False))
-        )
-        return generator.to(device)
-
-    def to(self, device: str | torch.device) -> Flux2KleinGenerator:
-        for module in [self.transformer, self.vae, self.text_encoder]:
-            if module is not None:
-                module.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+    def pipeline_options(self) -> dict[str, Any]:
+        return {"is_distilled": self.is_distilled}
 
     # -- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_conditions(self, prompts: Sequence[str]) -> Conditions:
         """``prompt_embeds [B, max_sequence_length, len(text_encoder_out_layers)·D]``, equal to
         ``Flux2KleinPipeline.encode_prompt(prompts)[0]`` (its text ids are rebuilt by :meth:`predict`)."""
-        if self.text_encoder is None:
-            raise RuntimeError("the text encoder was freed (free_text_encoders); load cached Conditions instead")
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = self._prompt_list(prompts)
         encoder = self.text_encoder
         texts = [
             self.tokenizer.apply_chat_template(
@@ -210,36 +163,16 @@ class Flux2KleinGenerator:
         embeds = stacked.flatten(2).to(encoder.dtype)
         return Conditions({"prompt_embeds": embeds}, {"family": self.family})
 
-    def unconditional(self, count: int) -> Conditions:
-        """The encoded empty prompt ``""`` repeated ``count`` times: the pipeline's negative branch of
-        classifier-free guidance (base klein; distilled klein samples without it). Encoded once and kept, so it
-        survives :meth:`free_text_encoders`."""
-        if self._unconditional is None:
-            self._unconditional = self.encode_conditions([""])
-        return self._unconditional.repeat(count)
-
-    def free_text_encoders(self) -> None:
-        """Drop the Qwen3 text encoder (after caching the unconditional embedding)."""
-        if self.text_encoder is not None:
-            self.unconditional(1)
-            self.text_encoder = None
-
     # -- latents -------------------------------------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per VAE latent (8 at full size: ``2 ** (len(block_out_channels) − 1)``, as the pipeline)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """``(4·C, h/2, w/2)`` of the patchified latent of an ``height×width`` image (``(128, 64, 64)`` at
         1024²), with the pipeline's ``h = 2·(height // (2·vae_scale_factor))``."""
         patch = 2 * self.vae_scale_factor
-        return 4 * int(self.vae.config.latent_channels), int(height) // patch, int(width) // patch
+        return 4 * self.latent_channels, int(height) // patch, int(width) // patch
 
-    def image_seq_len(self, height: int, width: int) -> int:
-        """Image tokens of an ``height×width`` image: what :meth:`sampling_schedule` shifts by."""
-        _, h, w = self.latent_shape(height, width)
-        return h * w
+    def image_seq_len(self, latent_shape: Sequence[int]) -> int:
+        """Image tokens of (patchified) latents ``(..., h, w)``: one per position, ``h·w`` (4096 at 1024²)."""
+        return int(latent_shape[-2]) * int(latent_shape[-1])
 
     def _bn_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         bn = self.vae.bn
@@ -248,54 +181,43 @@ class Flux2KleinGenerator:
         return mean, std
 
     @torch.no_grad()
-    def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images in [0, 1] → patchified, batch-norm-normalised latents ``[B, 128, h/2, w/2]``, float32, from the
-        posterior *mode* as diffusers' ``train_dreambooth_lora_flux2_klein.py`` and the pipeline's reference-image
-        encoding take it (``generator`` is accepted for the protocol and unused)."""
-        pixels = (images * 2 - 1).to(self.vae.device, self.vae.dtype)
-        latents = patchify_latents(self.vae.encode(pixels).latent_dist.mode().float())
+    def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE posterior *mode* and a zero std (float32) of images in [-1, 1]: FLUX.2-klein's training
+        script and the pipeline's reference-image encoding take the mode, so :meth:`sample_latents` of this is
+        the mode whatever its noise (it still draws it, so that offline trainers' random streams do not depend on
+        the family)."""
+        mean, _ = super().latent_distribution(pixels)
+        return mean, torch.zeros_like(mean)
+
+    def normalise_latents(self, z: Tensor) -> Tensor:
+        """VAE latents ``[B, 32, h, w]`` → patchified, batch-norm-normalised ``[B, 128, h/2, w/2]``."""
+        latents = patchify_latents(z)
         mean, std = self._bn_stats(latents)
         return (latents - mean) / std
 
-    def vae_latents(self, latents: Tensor) -> Tensor:
+    def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] → patchified, batch-norm-normalised latents ``[B, 128, h/2, w/2]``, float32, from the
+        posterior *mode* as diffusers' ``train_dreambooth_lora_flux2_klein.py`` and the pipeline's reference-image
+        encoding take it: equal to ``sample_latents(*latent_distribution(2·images − 1), generator)``, without
+        drawing (``generator`` is accepted for the protocol and unused)."""
+        return self.normalise_latents(self.latent_distribution(images * 2 - 1)[0]).float()
+
+    def denormalise_latents(self, latents: Tensor) -> Tensor:
         """Our latents → the VAE's ``[B, 32, h, w]`` (de-normalised, unpatchified): what the VAE decodes and what
         ``Flux2KleinPipeline(output_type="latent")`` returns."""
         mean, std = self._bn_stats(latents)
         return unpatchify_latents(latents * std + mean)
 
-    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
-        """Latents → images ``[B, 3, H, W]`` in [0, 1] (de-normalise, unpatchify, VAE decode, as the pipeline)."""
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            z = self.vae_latents(latents.to(self.vae.dtype))
-            images = self.vae.decode(z).sample
-            return (images.float() / 2 + 0.5).clamp(0, 1)
+    vae_latents = denormalise_latents
 
     # -- flow matching -----------------------------------------------------------------------------------
-    def sigma(self, t: Tensor | float, like: Tensor) -> Tensor:
-        """Model timesteps ``t`` (scalar or ``[B]``) → σ = t / num_train_timesteps, broadcastable to ``like``."""
-        sigma = torch.as_tensor(t, device=like.device, dtype=torch.float32) / self.num_train_timesteps
-        if sigma.ndim == 1:
-            sigma = sigma.reshape(-1, *([1] * (like.ndim - 1)))
-        return sigma
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """``x_t = (1 − σ)·x0 + σ·ε`` with σ = t / 1000 (``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
-        sigma = self.sigma(t, x0)
-        return (1.0 - sigma) * x0 + sigma * noise
-
-    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The flow velocity ``ε − x0`` (independent of ``t``)."""
-        return noise - x0
-
     def predict(self, model: torch.nn.Module, x_t: Tensor, t: Tensor | float, conditions: Conditions) -> Tensor:
         """The velocity at ``x_t [B, 128, h, w]``: ``model(hidden_states=tokens, timestep=t/1000, guidance=None,
         encoder_hidden_states=prompt_embeds, txt_ids, img_ids)`` as ``Flux2KleinPipeline.__call__`` calls it,
         in the model's dtype; returned as ``[B, 128, h, w]`` float32."""
         dtype = next(model.parameters()).dtype
         batch, channels, height, width = x_t.shape
-        timestep = torch.as_tensor(t, device=x_t.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
+        timestep = self.batch_timesteps(t, x_t)
         prompt_embeds = conditions["prompt_embeds"].to(x_t.device, dtype)
         tokens = x_t.to(dtype).reshape(batch, channels, height * width).permute(0, 2, 1)
         out = model(
@@ -309,40 +231,10 @@ class Flux2KleinGenerator:
         )[0]
         return out[:, : height * width].permute(0, 2, 1).reshape(batch, -1, height, width).float()
 
-    def sampling_schedule(self, steps: int, image_seq_len: int | None = None, device: Any = None) -> Schedule:
-        """``Flux2KleinPipeline.__call__``'s schedule: ``set_timesteps(sigmas=linspace(1, 1/steps, steps),
-        mu=compute_empirical_mu(image_seq_len, steps))`` on a fresh scheduler from this config (its own σ with
-        ``use_flow_sigmas``). ``image_seq_len`` = image tokens (:meth:`image_seq_len`; 4096 at 1024²), required
-        with dynamic shifting. ``sigmas`` ends with the terminal 0."""
-        import numpy as np
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    def shift_mu(self, image_seq_len: int, steps: int) -> float:
+        """``Flux2KleinPipeline.__call__``'s μ: :func:`compute_empirical_mu` of the image tokens and the steps."""
+        return compute_empirical_mu(int(image_seq_len), steps)
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        config = scheduler.config
-        mu = None
-        if image_seq_len is not None:
-            mu = compute_empirical_mu(int(image_seq_len), steps)
-        elif config.get("use_dynamic_shifting", False):
-            raise ValueError("this scheduler uses dynamic shifting: pass image_seq_len (image tokens)")
-        device = device or self.device
-        if config.get("use_flow_sigmas", False):
-            scheduler.set_timesteps(steps, device=device, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
-        return Schedule(scheduler.timesteps, scheduler.sigmas)
-
-    # -- pipelines ------------------------------------------------------------------------------------------
-    def pipeline(self, transformer: torch.nn.Module | None = None):
-        """A diffusers ``Flux2KleinPipeline`` over these components (validation images, saving, LoRA loading)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-
-        if self.text_encoder is None:
-            raise RuntimeError("the text encoder was freed (free_text_encoders)")
-        return Flux2KleinPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            transformer=transformer if transformer is not None else self.transformer,
-            is_distilled=self.is_distilled,
-        )
+    def schedule_sigmas(self, steps: int) -> Any:
+        """``linspace(1, 1/steps, steps)``, or the scheduler's own σ with ``use_flow_sigmas`` (as the pipeline)."""
+        return None if self.scheduler.config.get("use_flow_sigmas", False) else super().schedule_sigmas(steps)

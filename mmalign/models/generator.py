@@ -167,7 +167,12 @@ class Schedule:
 @runtime_checkable
 class Generator(Protocol):
     """What every trainer needs from a generator family. Implementations hold the frozen components (text
-    encoders, VAE, scheduler config) and the trainable network; they hold no optimiser and no training state."""
+    encoders, VAE, scheduler config) and the trainable network; they hold no optimiser and no training state.
+
+    The flow-matching families derive from :class:`mmalign.models.flow_generator.FlowMatchingGenerator`, which
+    implements the shared part of this protocol; they also have (outside the protocol, so that other
+    implementations need not) ``guided_velocity(model, x, t, conditions, uncond, guidance)``, the pipeline's
+    classifier-free guidance, which :func:`mmalign.models.flow_rollout.guided_velocity` uses when present."""
 
     family: ClassVar[str]
     """Family name ("sd3", "flux", "sd", ...): logs and checkpoints say which code path ran."""
@@ -202,15 +207,26 @@ class Generator(Protocol):
         without a negative prompt (encoded empty prompt, or zeros where the pipeline forces them)."""
         ...
 
+    def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``[B, 3, H, W]`` in [-1, 1] → the VAE posterior ``(mean, std)`` in float32 (a family whose
+        training scripts take the posterior mode returns that mode and a zero std): what offline trainers cache,
+        drawing a fresh latent per step with :meth:`sample_latents`."""
+        ...
+
+    def sample_latents(self, mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A posterior sample ``mean + std·n`` (``n`` drawn on the CPU from ``generator``) turned into the latents
+        the trainable network denoises (the family's scaling/shift, normalisation, patchify)."""
+        ...
+
     def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] → the latents the trainable network denoises (VAE posterior sample
-        drawn with ``generator``, scaled/shifted as the family's training scripts do): offline data (DPO pairs,
-        SFT) enters training through here."""
+        """Images ``[B, 3, H, W]`` in [0, 1] → the latents the trainable network denoises, float32: equal to
+        ``sample_latents(*latent_distribution(images * 2 - 1), generator)``. Offline data (DPO pairs, SFT) enters
+        training through here."""
         ...
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of one latent of a ``height×width`` image, as :meth:`to_latents` returns it and samplers
-        draw initial noise (always the unpacked VAE layout, whatever the network's token packing)."""
+        draw initial noise (always an image-shaped layout, whatever the network's token packing)."""
         ...
 
     def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
@@ -233,10 +249,15 @@ class Generator(Protocol):
         :meth:`training_target`; the only place that knows the network's call signature."""
         ...
 
-    def sampling_schedule(self, steps: int, **kwargs: Any) -> Schedule:
+    def sampling_schedule(
+        self, steps: int, latent_shape: Sequence[int] | None = None, device: str | torch.device | None = None
+    ) -> Schedule:
         """The timesteps and noise levels of a ``steps``-step sampler, as the pipeline sets its scheduler:
         samplers and GRPO-family trainers walk this with the step functions of
-        :mod:`mmalign.models.flow_sampling` (or DDIM for UNets)."""
+        :mod:`mmalign.models.flow_sampling` (or DDIM for UNets). ``latent_shape`` (``(C, h, w)`` of
+        :meth:`latent_shape`) is required by families whose schedule shifts with the resolution (dynamic
+        shifting: FLUX.1-dev, FLUX.2, Qwen-Image), which count its image tokens; ``device`` defaults to the
+        generator's."""
         ...
 
 

@@ -25,8 +25,9 @@ Re-implemented from ``diffusers/pipelines/qwenimage/pipeline_qwenimage.py`` (dif
 * Time: the transformer is conditioned on σ = t / 1000 (the pipeline divides its scheduler timesteps by 1000).
 * Guidance: the pipeline's "true CFG" (``true_cfg_scale > 1`` with a ``negative_prompt``; no negative prompt, no
   guidance) combines ``v_u + s·(v_c − v_u)`` and then rescales every packed token of the result to the norm of
-  the conditional prediction's token. :meth:`QwenImageGenerator.guided_velocity` does both (one batched predict);
-  :func:`mmalign.models.flow_rollout.guided_velocity` does the plain combination without the rescaling.
+  the conditional prediction's token. :meth:`QwenImageGenerator.guided_velocity` does both (one batched predict),
+  and rollouts (:func:`mmalign.models.flow_rollout.guided_velocity`) use it; ``rescale=False`` gives the plain
+  combination.
   :meth:`QwenImageGenerator.unconditional` is the encoded ``" "``, the negative prompt the pipeline's
   documentation and flow_grpo's Qwen-Image scripts pass.
 * Schedule: σ = linspace(1, 1/steps, steps), shifted by the scheduler with μ from the packed sequence length
@@ -43,9 +44,10 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .generator import Conditions, Schedule, read_model_index
+from .flow_generator import FlowMatchingGenerator, check_guidance, doubled_timesteps, pack_latents, unpack_latents
+from .generator import Conditions
 
-__all__ = ["QwenImageGenerator"]
+__all__ = ["QwenImageGenerator", "pack_latents", "unpack_latents"]
 
 # QwenImagePipeline.__init__ (diffusers 0.42.1): the prompt template, the number of leading tokens dropped from
 # its encoding, and the tokenizer's length limit on the prompt part
@@ -58,35 +60,11 @@ PROMPT_TEMPLATE_START_IDX = 34
 TOKENIZER_MAX_LENGTH = 1024
 
 
-def pack_latents(latents: Tensor) -> Tensor:
-    """``[B, C, h, w]`` → the transformer's tokens ``[B, (h/2)·(w/2), 4C]`` (2x2 patches, channels first within a
-    token), as ``QwenImagePipeline._pack_latents``."""
-    batch, channels, height, width = latents.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"Qwen-Image latents need an even height and width, got {tuple(latents.shape)}")
-    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
-def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
-    """The inverse of :func:`pack_latents` for latents of ``height x width``."""
-    batch, _, features = tokens.shape
-    patches = tokens.reshape(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(batch, features // 4, height, width)
-
-
-def calculate_shift(image_seq_len: int, config: Any) -> float:
-    """μ of dynamic shifting: linear in the packed sequence length between the scheduler config's
-    (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``, ``max_shift``), with the pipeline's
-    defaults (256, 0.5) and (4096, 1.15) for missing entries."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
-
-
-class QwenImageGenerator:
-    """Qwen-Image components behind the generator protocol (see :mod:`mmalign.models.generator`)."""
+class QwenImageGenerator(FlowMatchingGenerator):
+    """Qwen-Image components behind the generator protocol (see :mod:`mmalign.models.generator`,
+    :class:`~mmalign.models.flow_generator.FlowMatchingGenerator` and this module). The unconditional branch is
+    the encoded ``" "`` (the pipeline has no default negative prompt: without one it does not guide; ``" "`` is
+    what its documentation and flow_grpo pass)."""
 
     family: ClassVar[str] = "qwen_image"
     # diffusers' examples/dreambooth/train_dreambooth_lora_qwen_image.py default (the image stream's attention
@@ -94,71 +72,20 @@ class QwenImageGenerator:
     # add_{q,k,v}_proj / to_add_out and the img_mlp / txt_mlp layers are further choices a recipe can add.
     lora_targets: ClassVar[tuple[str, ...]] = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0")
     block_class: ClassVar[str] = "QwenImageTransformerBlock"
+    pipeline_name: ClassVar[str] = "QwenImagePipeline"
+    display_name: ClassVar[str] = "Qwen-Image"
+    transformer_class: ClassVar[str] = "QwenImageTransformer2DModel"
+    vae_class: ClassVar[str] = "AutoencoderKLQwenImage"
+    text_encoder_classes: ClassVar[dict[str, str]] = {"text_encoder": "Qwen2_5_VLForConditionalGeneration"}
+    negative_prompt: ClassVar[str] = " "
 
     def __init__(self, components: dict[str, Any], folder: Path | None = None, max_sequence_length: int = 512):
         if not 0 < max_sequence_length <= TOKENIZER_MAX_LENGTH:
             raise ValueError(f"max_sequence_length must be in 1..{TOKENIZER_MAX_LENGTH}, got {max_sequence_length}")
-        self.folder = folder
-        self.transformer = components["transformer"]
-        if self.transformer.config.get("guidance_embeds", False):
+        if components["transformer"].config.get("guidance_embeds", False):
             raise WeightsError(f"{folder}: guidance-distilled Qwen-Image transformers are not supported")
-        self.vae = components["vae"]
-        self.scheduler = components["scheduler"]
-        self.tokenizer = components["tokenizer"]
-        self.text_encoder: torch.nn.Module | None = components["text_encoder"]
+        super().__init__(components, folder)
         self.max_sequence_length = max_sequence_length
-        self._unconditional: Conditions | None = None
-        for module in (self.vae, self.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
-
-    @property
-    def trainable(self) -> torch.nn.Module:
-        return self.transformer
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        max_sequence_length: int = 512,
-    ) -> QwenImageGenerator:
-        """Load every component of a ``QwenImagePipeline`` folder (``save_pretrained`` layout)."""
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-        folder = Path(folder)
-        index = read_model_index(folder)
-        missing = [name for name in ("transformer", "vae", "text_encoder", "tokenizer") if not index.get(name)]
-        if missing:
-            raise WeightsError(f"{folder}: Qwen-Image pipeline without {', '.join(missing)}")
-        typed = {} if dtype is None else {"torch_dtype": dtype}
-        components = {
-            "transformer": QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", **typed),
-            "vae": AutoencoderKLQwenImage.from_pretrained(folder, subfolder="vae", **typed),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
-            "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                folder, subfolder="text_encoder", **({} if dtype is None else {"dtype": dtype})
-            ),
-            "tokenizer": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer"),
-        }
-        generator = cls(components, folder, max_sequence_length)
-        return generator.to(device)
-
-    def to(self, device: str | torch.device) -> QwenImageGenerator:
-        for module in (self.transformer, self.vae, self.text_encoder):
-            if module is not None:
-                module.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
 
     # -- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,10 +94,7 @@ class QwenImageGenerator:
         max_sequence_length]``: row ``i``'s first ``n_i`` embeddings (and the mask's ones) equal
         ``QwenImagePipeline.encode_prompt(prompts, max_sequence_length=...)``'s row ``i``, ``n_i`` being its
         prompt's length after the template prefix is dropped."""
-        if self.text_encoder is None:
-            raise RuntimeError("the text encoder was freed (free_text_encoders); load cached Conditions instead")
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = self._prompt_list(prompts)
         encoder = self.text_encoder
         tokens = self.tokenizer(
             [PROMPT_TEMPLATE.format(prompt) for prompt in prompts],
@@ -192,22 +116,16 @@ class QwenImageGenerator:
             {"prompt_embeds": embeds.to(encoder.dtype), "prompt_embeds_mask": mask}, {"family": self.family}
         )
 
-    def unconditional(self, count: int) -> Conditions:
-        """The encoded negative prompt ``" "`` repeated ``count`` times (the pipeline has no default negative
-        prompt: without one it does not guide; ``" "`` is what its documentation and flow_grpo pass). Encoded once
-        and kept, so it survives :meth:`free_text_encoders`."""
-        if self._unconditional is None:
-            self._unconditional = self.encode_conditions([" "])
-        return self._unconditional.repeat(count)
-
-    def free_text_encoders(self) -> None:
-        """Drop the text encoder (after caching the unconditional embedding): training then runs on cached
-        :class:`Conditions`."""
-        if self.text_encoder is not None:
-            self.unconditional(1)
-            self.text_encoder = None
-
     # -- latents -------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent (8: ``2 ** len(vae.temperal_downsample)``, as the pipeline)."""
+        return 2 ** len(self.vae.temperal_downsample)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.z_dim)
+
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         shape = (1, self.vae.config.z_dim, 1, 1)
         mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
@@ -215,40 +133,27 @@ class QwenImageGenerator:
         return mean, inverse_std
 
     @torch.no_grad()
-    def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] (``H``, ``W`` multiples of 16) → ``(z − mean)·(1/std)``, ``z`` a VAE
-        posterior sample of the single-frame video, frame axis dropped: ``[B, 16, H/8, W/8]``, float32."""
-        pixels = (images * 2 - 1).to(self.vae.device, self.vae.dtype).unsqueeze(2)
-        latents = self.vae.encode(pixels).latent_dist.sample(generator)[:, :, 0].float()
-        mean, inverse_std = self._latent_stats(latents)
-        return (latents - mean) * inverse_std
+    def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE posterior ``(mean, std)`` (float32) of images ``[B, 3, H, W]`` in [-1, 1] (``H``, ``W``
+        multiples of 16) encoded as single-frame videos, frame axis dropped: ``[B, 16, H/8, W/8]`` each."""
+        mean, std = super().latent_distribution(pixels.unsqueeze(2))
+        return mean[:, :, 0], std[:, :, 0]
 
-    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
-        """Latents ``[B, 16, h, w]`` → images ``[B, 3, 8h, 8w]`` in [0, 1] (the pipeline's ``z / (1/std) + mean``
-        on a one-frame video, VAE decode, first frame)."""
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            z = latents.to(self.vae.dtype)
-            mean, inverse_std = self._latent_stats(z)
-            images = self.vae.decode((z / inverse_std + mean).unsqueeze(2)).sample[:, :, 0]
-            return (images.float() / 2 + 0.5).clamp(0, 1)
+    def normalise_latents(self, z: Tensor) -> Tensor:
+        """VAE latents → ``(z − mean)·(1/std)`` per channel (``train_dreambooth_lora_qwen_image.py``)."""
+        mean, inverse_std = self._latent_stats(z)
+        return (z - mean) * inverse_std
+
+    def denormalise_latents(self, latents: Tensor) -> Tensor:
+        """The pipeline's ``z / (1/std) + mean``."""
+        mean, inverse_std = self._latent_stats(latents)
+        return latents / inverse_std + mean
+
+    def _vae_decode(self, z: Tensor) -> Tensor:
+        """Decode ``[B, 16, h, w]`` as one-frame videos, first frame: ``[B, 3, 8h, 8w]``."""
+        return self.vae.decode(z.unsqueeze(2)).sample[:, :, 0]
 
     # -- flow matching -----------------------------------------------------------------------------------
-    def sigma(self, t: Tensor | float, like: Tensor) -> Tensor:
-        """Model timesteps ``t`` (scalar or ``[B]``) → σ = t / num_train_timesteps, broadcastable to ``like``."""
-        sigma = torch.as_tensor(t, device=like.device, dtype=torch.float32) / self.num_train_timesteps
-        if sigma.ndim == 1:
-            sigma = sigma.reshape(-1, *([1] * (like.ndim - 1)))
-        return sigma
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """``x_t = (1 − σ)·x0 + σ·ε`` with σ = t / 1000 (``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
-        sigma = self.sigma(t, x0)
-        return (1.0 - sigma) * x0 + sigma * noise
-
-    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The flow velocity ``ε − x0`` (``train_dreambooth_lora_qwen_image.py``'s target)."""
-        return noise - x0
-
     @staticmethod
     def _text(conditions: Conditions, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """The batch's embeddings and mask without the padding every row has; ``None`` for a mask of ones (the
@@ -266,9 +171,7 @@ class QwenImageGenerator:
         pipeline does) and unpacks; float32."""
         dtype = next(model.parameters()).dtype
         batch, _, height, width = x_t.shape
-        timestep = torch.as_tensor(t, device=x_t.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
+        timestep = self.batch_timesteps(t, x_t)
         embeds, mask = self._text(conditions, x_t.device, dtype)
         out = model(
             hidden_states=pack_latents(x_t.to(dtype)),
@@ -295,16 +198,12 @@ class QwenImageGenerator:
         (its 64 features) scaled to the norm of ``v_c``'s token; ``guidance == 1`` is the conditional prediction
         alone (the pipeline does not guide at ``true_cfg_scale <= 1``). The batched call pads the
         unconditional rows to the conditional length under their mask, where the pipeline runs them alone: equal
-        up to float rounding."""
+        up to float rounding. ``t``: a scalar or per sample ``[B]``. What rollouts
+        (:func:`mmalign.models.flow_rollout.guided_velocity`) use on this family."""
         if guidance == 1.0:
             return self.predict(model, x, t, conditions)
-        if uncond is None:
-            raise ValueError(f"guidance {guidance} needs the unconditional branch (uncond)")
-        if len(uncond) != len(conditions):
-            raise ValueError(f"uncond has {len(uncond)} rows, conditions {len(conditions)}")
-        timestep = torch.as_tensor(t, device=x.device)
-        both_t = timestep if timestep.ndim == 0 else torch.cat([timestep, timestep])
-        both = self.predict(model, torch.cat([x, x]), both_t, Conditions.cat([uncond, conditions]))
+        check_guidance(conditions, uncond, guidance)
+        both = self.predict(model, torch.cat([x, x]), doubled_timesteps(t), Conditions.cat([uncond, conditions]))
         v_uncond, v_cond = both.chunk(2)
         combined = v_uncond + guidance * (v_cond - v_uncond)
         if not rescale:
@@ -313,41 +212,3 @@ class QwenImageGenerator:
         cond_tokens, combined_tokens = pack_latents(v_cond), pack_latents(combined)
         scale = torch.norm(cond_tokens, dim=-1, keepdim=True) / torch.norm(combined_tokens, dim=-1, keepdim=True)
         return unpack_latents(combined_tokens * scale, height, width)
-
-    @staticmethod
-    def image_seq_len(latent_shape: Sequence[int]) -> int:
-        """The transformer's sequence length for latents ``(..., h, w)``: ``(h/2)·(w/2)`` packed tokens."""
-        return (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
-
-    def sampling_schedule(self, steps: int, image_seq_len: int | None = None, device: Any = None) -> Schedule:
-        """The pipeline's schedule: a fresh ``FlowMatchEulerDiscreteScheduler`` from this config, ``set_timesteps``
-        with σ = linspace(1, 1/steps, steps) and, under dynamic shifting (Qwen-Image's config), μ from
-        ``image_seq_len`` = packed latent tokens (:meth:`image_seq_len`; 4096 at 1024x1024). ``sigmas`` ends with
-        the terminal 0."""
-        import numpy as np
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        kwargs: dict[str, Any] = {}
-        if scheduler.config.get("use_dynamic_shifting", False):
-            if image_seq_len is None:
-                raise ValueError("this scheduler uses dynamic shifting: pass image_seq_len (packed latent tokens)")
-            kwargs["mu"] = calculate_shift(image_seq_len, scheduler.config)
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        scheduler.set_timesteps(sigmas=sigmas, device=device or self.device, **kwargs)
-        return Schedule(scheduler.timesteps, scheduler.sigmas)
-
-    # -- pipelines ------------------------------------------------------------------------------------------
-    def pipeline(self, transformer: torch.nn.Module | None = None):
-        """A diffusers ``QwenImagePipeline`` over these components (validation images, saving)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-
-        if self.text_encoder is None:
-            raise RuntimeError("the text encoder was freed (free_text_encoders)")
-        return QwenImagePipeline(
-            transformer=transformer if transformer is not None else self.transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-        )

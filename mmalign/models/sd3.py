@@ -23,17 +23,21 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .generator import Conditions, Schedule, read_model_index
+from .flow_generator import FlowMatchingGenerator, calculate_shift
+from .generator import Conditions
 
 __all__ = ["SD3Generator"]
 
 
-class SD3Generator:
-    """SD3/SD3.5 components behind the generator protocol (see :mod:`mmalign.models.generator`)."""
+class SD3Generator(FlowMatchingGenerator):
+    """SD3/SD3.5 components behind the generator protocol (see :mod:`mmalign.models.generator` and
+    :class:`~mmalign.models.flow_generator.FlowMatchingGenerator`). The unconditional branch is the encoded
+    ``""`` (SD3 has no ``force_zeros_for_empty_prompt``: the pipeline encodes ``""`` as its default negative
+    prompt). Latents: ``(z − shift_factor)·scaling_factor`` of a VAE posterior sample (diffusers'
+    ``train_dreambooth_sd3.py``); pixel sizes must be multiples of ``vae_scale_factor · patch_size``, as
+    ``StableDiffusion3Pipeline.check_inputs`` demands."""
 
     family: ClassVar[str] = "sd3"
-    parametrisation: ClassVar[str] = "flow"
-    lora_layers_key: ClassVar[str] = "transformer_lora_layers"
     # flow_grpo's SD3 LoRA targets (scripts/train_sd3.py): both streams of every joint attention
     lora_targets: ClassVar[tuple[str, ...]] = (
         "attn.add_k_proj",
@@ -46,74 +50,26 @@ class SD3Generator:
         "attn.to_v",
     )
     block_class: ClassVar[str] = "JointTransformerBlock"
+    pipeline_name: ClassVar[str] = "StableDiffusion3Pipeline"
+    display_name: ClassVar[str] = "SD3"
+    transformer_class: ClassVar[str] = "SD3Transformer2DModel"
+    text_encoder_classes: ClassVar[dict[str, str]] = {
+        "text_encoder": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+        "text_encoder_3": "T5EncoderModel",
+    }
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    exact_sizes: ClassVar[bool] = True
 
     def __init__(self, components: dict[str, Any], folder: Path | None = None, max_sequence_length: int = 256):
-        self.folder = folder
-        self.transformer = components["transformer"]
-        self.vae = components["vae"]
-        self.scheduler = components["scheduler"]
-        self.tokenizers = [components["tokenizer"], components["tokenizer_2"], components["tokenizer_3"]]
-        self.text_encoders: list[torch.nn.Module] | None = [
-            components["text_encoder"],
-            components["text_encoder_2"],
-            components["text_encoder_3"],
-        ]
+        super().__init__(components, folder)
         self.max_sequence_length = max_sequence_length
-        self._unconditional: Conditions | None = None
-        for module in [self.vae, *self.text_encoders]:
-            module.requires_grad_(False)
-            module.eval()
-
-    @property
-    def trainable(self) -> torch.nn.Module:
-        return self.transformer
 
     @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        max_sequence_length: int = 256,
-    ) -> SD3Generator:
-        """Load every component of a ``StableDiffusion3Pipeline`` folder (``save_pretrained`` layout)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        folder = Path(folder)
-        index = read_model_index(folder)
-        missing = [name for name in ("transformer", "vae", "text_encoder", "text_encoder_2") if not index.get(name)]
-        if missing:
-            raise WeightsError(f"{folder}: SD3 pipeline without {', '.join(missing)}")
+    def check_index(cls, folder: Path, index: dict[str, Any]) -> None:
         if not index.get("text_encoder_3") or index["text_encoder_3"][0] is None:
             raise WeightsError(f"{folder}: SD3 pipelines without T5 (text_encoder_3) are not supported yet")
-        typed = {} if dtype is None else {"torch_dtype": dtype}
-        components = {
-            "transformer": SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **typed),
-            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **typed),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
-            "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", **typed),
-            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **typed),
-            "text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **typed),
-            "tokenizer": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer"),
-            "tokenizer_2": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2"),
-            "tokenizer_3": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_3"),
-        }
-        generator = cls(components, folder, max_sequence_length)
-        return generator.to(device)
-
-    def to(self, device: str | torch.device) -> SD3Generator:
-        for module in [self.transformer, self.vae, *(self.text_encoders or [])]:
-            module.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+        super().check_index(folder, index)
 
     # -- conditioning ----------------------------------------------------------------------------------
     def _clip(self, index: int, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -145,11 +101,7 @@ class SD3Generator:
     def encode_conditions(self, prompts: Sequence[str]) -> Conditions:
         """``prompt_embeds [B, 77 + max_sequence_length, T5 width]`` and ``pooled_prompt_embeds [B, L + G]``,
         equal to ``StableDiffusion3Pipeline.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)``."""
-        if self.text_encoders is None:
-            raise RuntimeError("the text encoders were freed (free_text_encoders); load cached Conditions instead")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = self._prompt_list(prompts)
         hidden_l, pooled_l = self._clip(0, prompts)
         hidden_g, pooled_g = self._clip(1, prompts)
         clip = torch.cat([hidden_l, hidden_g], dim=-1)
@@ -163,137 +115,28 @@ class SD3Generator:
             {"family": self.family},
         )
 
-    def unconditional(self, count: int) -> Conditions:
-        """The encoded empty prompt ``""`` repeated ``count`` times (SD3 has no ``force_zeros_for_empty_prompt``:
-        the pipeline encodes ``""`` as its default negative prompt). Encoded once and kept, so it survives
-        :meth:`free_text_encoders`."""
-        if self._unconditional is None:
-            self._unconditional = self.encode_conditions([""])
-        return self._unconditional.repeat(count)
-
-    def free_text_encoders(self) -> None:
-        """Drop the three text encoders (after caching the unconditional embedding): training then runs on
-        cached :class:`Conditions`."""
-        if self.text_encoders is not None:
-            self.unconditional(1)
-            self.text_encoders = None
-
-    # -- latents -------------------------------------------------------------------------------------------
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def shift_factor(self) -> float:
-        return float(self.vae.config.shift_factor or 0.0)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent (8 for SD3's VAE: ``2 ** (len(block_out_channels) − 1)``, as the pipeline)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """``(C, h, w)`` of the latent of an ``height×width`` image (``(16, 64, 64)`` at 512²); sizes must be
-        multiples of ``vae_scale_factor · patch_size``, as ``StableDiffusion3Pipeline.check_inputs`` demands."""
-        multiple = self.vae_scale_factor * int(self.transformer.config.patch_size)
-        if int(height) % multiple or int(width) % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
-        factor = self.vae_scale_factor
-        return int(self.vae.config.latent_channels), int(height) // factor, int(width) // factor
-
-    @torch.no_grad()
-    def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """The VAE posterior ``(mean, std)`` (float32) of images in [-1, 1]: cached by offline trainers, which
-        then draw a fresh latent per step with :meth:`sample_latents`."""
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
-    def sample_latents(self, mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``(z − shift_factor)·scaling_factor`` with ``z = mean + std·n`` (diffusers' ``train_dreambooth_sd3.py``);
-        the noise ``n`` is drawn on the CPU from ``generator``."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return (mean + std * noise - self.shift_factor) * self.scaling_factor
-
-    def to_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images in [0, 1] → latents: :meth:`sample_latents` of :meth:`latent_distribution`, float32."""
-        return self.sample_latents(*self.latent_distribution(images * 2 - 1), generator).float()
-
-    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
-        """Latents → images ``[B, 3, H, W]`` in [0, 1] (the pipeline's ``z/scaling + shift`` then VAE decode)."""
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
-            images = self.vae.decode(z).sample
-            return (images.float() / 2 + 0.5).clamp(0, 1)
-
     # -- flow matching -----------------------------------------------------------------------------------
-    def sigma(self, t: Tensor | float, like: Tensor) -> Tensor:
-        """Model timesteps ``t`` (scalar or ``[B]``) → σ = t / num_train_timesteps, broadcastable to ``like``."""
-        sigma = torch.as_tensor(t, device=like.device, dtype=torch.float32) / self.num_train_timesteps
-        if sigma.ndim == 1:
-            sigma = sigma.reshape(-1, *([1] * (like.ndim - 1)))
-        return sigma
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """``x_t = (1 − σ)·x0 + σ·ε`` with σ = t / 1000 (``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
-        sigma = self.sigma(t, x0)
-        return (1.0 - sigma) * x0 + sigma * noise
-
-    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The flow velocity ``ε − x0`` (independent of ``t``)."""
-        return noise - x0
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size)
 
     def predict(self, model: torch.nn.Module, x_t: Tensor, t: Tensor | float, conditions: Conditions) -> Tensor:
         """``model(hidden_states=x_t, timestep=t, encoder_hidden_states=prompt_embeds,
         pooled_projections=pooled_prompt_embeds)`` in the model's dtype, returned in float32."""
         dtype = next(model.parameters()).dtype
-        timestep = torch.as_tensor(t, device=x_t.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(x_t.shape[0])
         out = model(
             hidden_states=x_t.to(dtype),
-            timestep=timestep,
+            timestep=self.batch_timesteps(t, x_t),
             encoder_hidden_states=conditions["prompt_embeds"].to(x_t.device, dtype),
             pooled_projections=conditions["pooled_prompt_embeds"].to(x_t.device, dtype),
             return_dict=False,
         )[0]
         return out.float()
 
-    def sampling_schedule(self, steps: int, image_seq_len: int | None = None, device: Any = None) -> Schedule:
-        """The pipeline's schedule: a fresh ``FlowMatchEulerDiscreteScheduler`` from this config, ``set_timesteps``
-        with its shift (or, with ``use_dynamic_shifting``, μ from ``image_seq_len`` = latent tokens, as
-        ``StableDiffusion3Pipeline.__call__`` computes it). ``sigmas`` ends with the terminal 0."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    def shift_mu(self, image_seq_len: int, steps: int) -> float:
+        """``StableDiffusion3Pipeline.__call__``'s μ (its default ``max_shift`` is 1.16)."""
+        return calculate_shift(image_seq_len, self.scheduler.config, max_shift=1.16)
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        kwargs: dict[str, Any] = {}
-        config = scheduler.config
-        if config.get("use_dynamic_shifting", False):
-            if image_seq_len is None:
-                raise ValueError("this scheduler uses dynamic shifting: pass image_seq_len (latent tokens)")
-            slope = (config.get("max_shift", 1.16) - config.get("base_shift", 0.5)) / (
-                config.get("max_image_seq_len", 4096) - config.get("base_image_seq_len", 256)
-            )
-            kwargs["mu"] = (
-                image_seq_len * slope + config.get("base_shift", 0.5) - slope * config.get("base_image_seq_len", 256)
-            )
-        scheduler.set_timesteps(steps, device=device or self.device, **kwargs)
-        return Schedule(scheduler.timesteps, scheduler.sigmas)
-
-    # -- pipelines ------------------------------------------------------------------------------------------
-    def pipeline(self, transformer: torch.nn.Module | None = None):
-        """A diffusers ``StableDiffusion3Pipeline`` over these components (validation images, saving)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-        if self.text_encoders is None:
-            raise RuntimeError("the text encoders were freed (free_text_encoders)")
-        return StableDiffusion3Pipeline(
-            transformer=transformer if transformer is not None else self.transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
-            vae=self.vae,
-            text_encoder=self.text_encoders[0],
-            tokenizer=self.tokenizers[0],
-            text_encoder_2=self.text_encoders[1],
-            tokenizer_2=self.tokenizers[1],
-            text_encoder_3=self.text_encoders[2],
-            tokenizer_3=self.tokenizers[2],
-        )
+    def schedule_sigmas(self, steps: int) -> None:
+        """The scheduler's own σ (the pipeline passes none)."""
+        return None

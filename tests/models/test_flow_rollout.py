@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -142,3 +144,42 @@ def test_guidance_combines_two_separate_predict_calls(generator, conds):
         batched = guided_velocity(generator, generator.trainable, x, t, cond, uncond, 3.0)
     torch.testing.assert_close(batched, by_hand, atol=1e-5, rtol=0)
     assert not torch.allclose(v_cond, by_hand, atol=1e-3)
+
+
+class PredictOnly:
+    """A generator with a predict and no guided_velocity of its own: the family-free CFG path."""
+
+    def __init__(self, generator):
+        self.predict = generator.predict
+
+
+def test_guided_velocity_takes_per_sample_timesteps(generator, conds):
+    cond, uncond = conds[0].select(slice(0, 2)), conds[1].select(slice(0, 2))
+    x = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([800.0, 200.0])
+    with torch.no_grad():
+        batched = guided_velocity(generator, generator.trainable, x, t, cond, uncond, 3.0)
+        # the family-free path (one batched predict on [uncond, cond] at [t, t]) is the family's standard CFG
+        plain = guided_velocity(PredictOnly(generator), generator.trainable, x, t, cond, uncond, 3.0)
+        v_cond = generator.predict(generator.trainable, x, t, cond)
+        v_uncond = generator.predict(generator.trainable, x, t, uncond)
+    assert torch.equal(plain, batched)
+    torch.testing.assert_close(batched, v_uncond + 3.0 * (v_cond - v_uncond), atol=1e-5, rtol=0)
+    for i in range(2):
+        with torch.no_grad():
+            row = guided_velocity(
+                generator, generator.trainable, x[i : i + 1], t[i], cond.select([i]), uncond.select([i]), 3.0
+            )
+        torch.testing.assert_close(batched[i : i + 1], row, atol=1e-5, rtol=0)
+
+
+def test_rollouts_shift_the_schedule_for_their_latent_shape(generator, conds):
+    dynamic = copy.copy(generator)
+    dynamic.scheduler = type(generator.scheduler).from_config(generator.scheduler.config, use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="latent_shape"):
+        dynamic.sampling_schedule(STEPS)
+    cond = conds[0].select(slice(0, 2))
+    traj = rollout(dynamic, cond, None, guidance=1.0, sde_window=(0, 0))
+    expected = dynamic.sampling_schedule(STEPS, latent_shape=SHAPE)
+    assert torch.equal(traj.sigmas, expected.sigmas) and torch.equal(traj.timesteps, expected.timesteps)
+    assert not torch.equal(traj.sigmas, generator.sampling_schedule(STEPS).sigmas)

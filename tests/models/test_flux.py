@@ -70,7 +70,7 @@ def test_load_generator_recognises_flux(flux):
     assert flux.max_sequence_length == 512
     assert flux.latent_shape(SIZE, SIZE) == (16, 16, 16)
     assert flux.latent_shape(34, 38) == (16, 16, 18)  # rounded down to whole 2x2 patches, as the pipeline
-    assert flux.image_seq_len(SIZE, SIZE) == 64
+    assert flux.image_seq_len(flux.latent_shape(SIZE, SIZE)) == 64
     with pytest.raises(ValueError, match="greater than 512"):
         FluxGenerator.from_pretrained(flux.folder, max_sequence_length=513)
 
@@ -133,7 +133,7 @@ def test_predict_equals_the_transformer_on_packed_latents(flux):
 
 def test_noise_and_target_follow_the_scheduler(flux):
     x0, noise = latents(2, seed=2), latents(2, seed=3)
-    schedule = flux.sampling_schedule(4, image_seq_len=64)
+    schedule = flux.sampling_schedule(4, latent_shape=(16, 16, 16))
     assert len(schedule) == 4 and schedule.sigmas.shape == (5,) and schedule.sigmas[-1] == 0
     torch.testing.assert_close(schedule.timesteps, schedule.sigmas[:-1] * 1000)
     t = schedule.timesteps[[0, 2]]
@@ -143,15 +143,15 @@ def test_noise_and_target_follow_the_scheduler(flux):
 
 
 def test_sampling_schedule_shifts_by_resolution(flux):
-    with pytest.raises(ValueError, match="image_seq_len"):
+    with pytest.raises(ValueError, match="latent_shape"):
         flux.sampling_schedule(4)
     # at 1024² (4096 tokens) μ = max_shift: σ' = e^μ / (e^μ + 1/σ − 1) on σ = linspace(1, 1/N, N)
     sigmas = torch.linspace(1.0, 0.25, 4, dtype=torch.float64)
     mu = 1.15
     expected = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
-    schedule = flux.sampling_schedule(4, image_seq_len=4096)
+    schedule = flux.sampling_schedule(4, latent_shape=(16, 128, 128))
     torch.testing.assert_close(schedule.sigmas[:-1].double(), expected, atol=1e-6, rtol=0)
-    # schnell's scheduler: no dynamic shifting, shift 1 -> the plain linspace, image_seq_len optional
+    # schnell's scheduler: no dynamic shifting, shift 1 -> the plain linspace, latent_shape optional
     schnell = copy.copy(flux)
     schnell.scheduler = type(flux.scheduler).from_config(flux.scheduler.config, use_dynamic_shifting=False, shift=1.0)
     torch.testing.assert_close(schnell.sampling_schedule(4).sigmas[:-1].double(), sigmas, atol=1e-7, rtol=0)
@@ -161,7 +161,7 @@ def sample(flux, prompts, initial, steps, true_cfg=1.0):
     conditions = flux.encode_conditions(prompts)
     if true_cfg > 1.0:
         conditions = Conditions.cat([flux.unconditional(len(prompts)), conditions])
-    schedule = flux.sampling_schedule(steps, image_seq_len=flux.image_seq_len(SIZE, SIZE))
+    schedule = flux.sampling_schedule(steps, latent_shape=flux.latent_shape(SIZE, SIZE))
     x = initial.clone()
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):

@@ -49,7 +49,7 @@ def test_load_generator_recognises_flux2_klein(klein):
     assert klein.family == "flux2" and not klein.is_distilled
     assert klein.trainable is klein.transformer
     assert type(klein.trainable.transformer_blocks[0]).__name__ == klein.block_class
-    assert klein.latent_shape(SIZE, SIZE) == (128, 8, 8) and klein.image_seq_len(SIZE, SIZE) == 64
+    assert klein.latent_shape(SIZE, SIZE) == (128, 8, 8) and klein.image_seq_len(klein.latent_shape(SIZE, SIZE)) == 64
     assert "Flux2KleinPipeline" in FAMILIES
 
 
@@ -100,9 +100,9 @@ def test_predict_equals_the_transformer_on_packed_tokens(klein, klein_pipe):
 
 def test_noise_target_and_schedule(klein):
     x0, noise = latents(2, seed=2), latents(2, seed=3)
-    with pytest.raises(ValueError, match="image_seq_len"):
+    with pytest.raises(ValueError, match="latent_shape"):
         klein.sampling_schedule(4)
-    schedule = klein.sampling_schedule(4, image_seq_len=64)
+    schedule = klein.sampling_schedule(4, latent_shape=(128, 8, 8))
     assert len(schedule) == 4 and schedule.sigmas.shape == (5,) and schedule.sigmas[-1] == 0
     torch.testing.assert_close(schedule.timesteps, schedule.sigmas[:-1] * 1000)
     t = schedule.timesteps[[0, 2]]
@@ -118,7 +118,7 @@ def sample(klein, prompts, initial, steps, guidance):
     conditions = klein.encode_conditions(prompts)
     if guidance > 1.0:
         conditions = Conditions.cat([klein.unconditional(len(prompts)), conditions])
-    schedule = klein.sampling_schedule(steps, image_seq_len=klein.image_seq_len(SIZE, SIZE))
+    schedule = klein.sampling_schedule(steps, latent_shape=klein.latent_shape(SIZE, SIZE))
     x = initial.clone()
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from mmalign.models.flow_rollout import guided_velocity
+from mmalign.models.flow_rollout import guided_velocity, sample_flow_trajectories
 from mmalign.models.flow_sampling import flow_ode_step
 from mmalign.models.generator import Conditions, Generator, load_generator
 from mmalign.models.qwen_image import (
@@ -148,28 +148,30 @@ def test_predict_equals_the_transformer(generator, pipe):
 
 def test_noise_and_target_follow_the_scheduler(generator):
     x0, noise = latents(2, seed=2), latents(2, seed=3)
-    schedule = generator.sampling_schedule(4, image_seq_len=generator.image_seq_len(x0.shape))
+    schedule = generator.sampling_schedule(4, latent_shape=x0.shape)
     assert len(schedule) == 4 and schedule.sigmas.shape == (5,) and schedule.sigmas[-1] == 0
     torch.testing.assert_close(schedule.timesteps, schedule.sigmas[:-1] * 1000)
     t = schedule.timesteps[[0, 2]]
     sigma = schedule.sigmas[[0, 2]].reshape(2, 1, 1, 1)
     torch.testing.assert_close(generator.add_noise(x0, noise, t), (1 - sigma) * x0 + sigma * noise)
     torch.testing.assert_close(generator.training_target(x0, noise, t), noise - x0)
-    with pytest.raises(ValueError, match="image_seq_len"):
+    with pytest.raises(ValueError, match="latent_shape"):
         generator.sampling_schedule(4)
 
 
-def sample(generator, prompts, initial, steps, guidance=1.0, family_cfg=True):
+def sample(generator, prompts, initial, steps, guidance=1.0, cfg="family"):
     conditions = generator.encode_conditions(prompts)
     uncond = generator.unconditional(len(prompts)) if guidance > 1.0 else None
-    schedule = generator.sampling_schedule(steps, image_seq_len=generator.image_seq_len(initial.shape))
+    schedule = generator.sampling_schedule(steps, latent_shape=initial.shape[1:])
     x = initial.clone()
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
-            if family_cfg:
+            if cfg == "family":
                 v = generator.guided_velocity(generator.trainable, x, t, conditions, uncond, guidance)
-            else:
+            elif cfg == "rollout":
                 v = guided_velocity(generator, generator.trainable, x, t, conditions, uncond, guidance)
+            else:  # the plain combination v_u + g (v_c - v_u)
+                v = generator.guided_velocity(generator.trainable, x, t, conditions, uncond, guidance, rescale=False)
             x = flow_ode_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
     return x, schedule
 
@@ -199,8 +201,11 @@ def test_ode_sampling_equals_the_pipeline(generator, pipe, guidance):
     assert not torch.equal(ours, initial)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     if guidance > 1.0:
-        # the family-free CFG (no norm rescaling) is a different sampler
-        plain, _ = sample(generator, PROMPTS, initial, 4, guidance, family_cfg=False)
+        # the rollouts' guided_velocity is the family's CFG, norm rescaling included
+        rollout, _ = sample(generator, PROMPTS, initial, 4, guidance, cfg="rollout")
+        torch.testing.assert_close(rollout, reference, atol=1e-5, rtol=0)
+        # the plain combination (no norm rescaling) is a different sampler
+        plain, _ = sample(generator, PROMPTS, initial, 4, guidance, cfg="plain")
         assert (plain - reference).abs().max() > 1e-3
     else:
         # decode is the pipeline's own decoding of its final latents
@@ -209,8 +214,9 @@ def test_ode_sampling_equals_the_pipeline(generator, pipe, guidance):
 
 
 def test_schedule_shifts_with_the_sequence_length(generator):
-    small = generator.sampling_schedule(8, image_seq_len=16)
-    large = generator.sampling_schedule(8, image_seq_len=4096)
+    assert generator.image_seq_len((16, 8, 8)) == 16 and generator.image_seq_len((16, 128, 128)) == 4096
+    small = generator.sampling_schedule(8, latent_shape=(16, 8, 8))
+    large = generator.sampling_schedule(8, latent_shape=(16, 128, 128))
     assert (large.sigmas[1:-2] > small.sigmas[1:-2]).all()
     # Qwen-Image's shift_terminal: the last non-zero sigma is stretched to 0.02
     torch.testing.assert_close(large.sigmas[-2], torch.tensor(0.02), atol=1e-6, rtol=0)
@@ -271,3 +277,26 @@ def test_pipeline_uses_the_given_transformer(generator):
     assert pipeline.transformer is generator.transformer and pipeline.text_encoder is generator.text_encoder
     other = copy.deepcopy(generator.transformer)
     assert generator.pipeline(other).transformer is other
+
+
+def test_rollouts_use_the_family_cfg_and_equal_the_pipeline(generator, pipe):
+    """An ODE-only rollout with guidance is the pipeline's true-CFG sampling (norm rescaling included), its
+    schedule shifted for the rollout's latent shape."""
+    conditions, uncond = generator.encode_conditions(PROMPTS), generator.unconditional(2)
+    shape = generator.latent_shape(HEIGHT, WIDTH)
+    assert shape == (16, HEIGHT // 8, WIDTH // 8)
+    trajectory = sample_flow_trajectories(
+        generator,
+        generator.trainable,
+        conditions,
+        uncond,
+        torch.Generator().manual_seed(0),
+        4,
+        4.0,
+        latent_shape=shape,
+        sde_window=(0, 0),
+    )
+    reference = unpack_latents(run_pipe(pipe, trajectory.latents[:, 0], 4, 4.0), HEIGHT // 8, WIDTH // 8)
+    assert torch.equal(trajectory.sigmas, pipe.scheduler.sigmas.cpu())
+    assert not torch.equal(reference, trajectory.latents[:, 0])
+    torch.testing.assert_close(trajectory.final, reference, atol=1e-5, rtol=0)

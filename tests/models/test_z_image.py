@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from mmalign.models.flow_generator import cfg_velocity
 from mmalign.models.flow_rollout import guided_velocity
 from mmalign.models.flow_sampling import flow_ode_step
 from mmalign.models.generator import Conditions, Generator, load_generator
@@ -123,17 +124,19 @@ def test_noise_and_target_follow_the_scheduler(generator):
     torch.testing.assert_close(generator.training_target(x0, noise, t), noise - x0)
 
 
-def sample(generator, initial, steps, guidance=1.0, family_cfg=True, **cfg):
+def sample(generator, initial, steps, guidance=1.0, way="family", **cfg):
     conditions = generator.encode_conditions(PROMPTS)
     uncond = generator.unconditional(len(PROMPTS)) if guidance > 1.0 else None
-    schedule = generator.sampling_schedule(steps, image_seq_len=generator.image_seq_len(initial.shape))
+    schedule = generator.sampling_schedule(steps, latent_shape=initial.shape[1:])
     x = initial.clone()
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
-            if family_cfg:
+            if way == "family":
                 v = generator.guided_velocity(generator.trainable, x, t, conditions, uncond, guidance, **cfg)
-            else:
+            elif way == "rollout":
                 v = guided_velocity(generator, generator.trainable, x, t, conditions, uncond, guidance)
+            else:  # standard CFG from one batched predict on [uncond, cond]
+                v = cfg_velocity(generator, generator.trainable, x, t, conditions, uncond, guidance)
             x = flow_ode_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
     return x, schedule
 
@@ -162,8 +165,11 @@ def test_ode_sampling_equals_the_pipeline(generator, pipe, guidance):
     assert not torch.equal(ours, initial)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     if guidance > 1.0:
-        # the family-free CFG is the same guidance, written v_u + w (v_c - v_u): equal up to rounding
-        plain, _ = sample(generator, initial, 4, guidance, family_cfg=False)
+        # the rollouts' guided_velocity is the family's CFG
+        rollout, _ = sample(generator, initial, 4, guidance, way="rollout")
+        torch.testing.assert_close(rollout, reference, atol=1e-5, rtol=0)
+        # standard CFG is the same guidance, written v_u + w (v_c - v_u): equal up to rounding
+        plain, _ = sample(generator, initial, 4, guidance, way="plain")
         torch.testing.assert_close(plain, reference, atol=1e-5, rtol=0)
     else:
         images = run_pipe(pipe, initial, 4, guidance, output_type="pt")
@@ -225,3 +231,18 @@ def test_pipeline_uses_the_given_transformer(generator):
     assert generator.pipeline().transformer is generator.transformer
     other = copy.deepcopy(generator.transformer)
     assert generator.pipeline(other).transformer is other
+
+
+def test_guidance_truncation_is_per_sample_with_per_sample_timesteps(generator):
+    conditions, uncond = generator.encode_conditions(PROMPTS), generator.unconditional(2)
+    x, t = latents(2, seed=10), torch.tensor([900.0, 100.0])  # 1 − σ = 0.1 and 0.9
+    model = generator.trainable
+    with torch.no_grad():
+        both = guided_velocity(generator, model, x, t, conditions, uncond, 4.0)
+        truncated = generator.guided_velocity(model, x, t, conditions, uncond, 4.0, cfg_truncation=0.5)
+        first = generator.guided_velocity(model, x[:1], t[0], conditions.select([0]), uncond.select([0]), 4.0)
+        conditional = generator.predict(model, x[1:], t[1], conditions.select([1]))
+    # the second sample is past the truncation: its conditional velocity alone; the first is guided
+    torch.testing.assert_close(truncated[1:], conditional, atol=1e-5, rtol=0)
+    torch.testing.assert_close(truncated[:1], first, atol=1e-5, rtol=0)
+    assert torch.equal(truncated[:1], both[:1]) and not torch.allclose(truncated[1:], both[1:], atol=1e-3)
