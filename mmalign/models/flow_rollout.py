@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .flow_generator import cfg_velocity
-from .flow_sampling import FlowStep, cps_step, dance_sde_step, flow_ode_step, flow_sde_step
+from .flow_sampling import FlowStep, cps_step, dance_sde_step, flow_dpm2_step, flow_ode_step, flow_sde_step
 from .generator import Conditions, Generator, Schedule
 from .sampling import _global_randn
 
@@ -140,6 +140,7 @@ def sample_flow_trajectories(
     offset: int = 0,
     shared_noise_per: int | None = None,
     schedule: Schedule | None = None,
+    ode_solver: str = "euler",
     **schedule_kwargs: Any,
 ) -> FlowTrajectory:
     """Sample ``B = len(conditions)`` chains of ``steps`` steps without gradients.
@@ -158,8 +159,12 @@ def sample_flow_trajectories(
     log-prob 0 (Flow-GRPO-Fast, MixGRPO; :mod:`mmalign.models.sde_windows` picks them); default every step.
 
     ``schedule`` overrides ``generator.sampling_schedule(steps, latent_shape=latent_shape, **schedule_kwargs)``
-    (the latent shape gives dynamically shifted schedules their image tokens).
+    (the latent shape gives dynamically shifted schedules their image tokens). ``ode_solver``: "euler", or
+    "dpm2" (MixGRPO-Flash: DPM-Solver++(2M), :func:`~mmalign.models.flow_sampling.flow_dpm2_step`, for the ODE
+    steps from σ < 1, with the previous step's data prediction ``x − σ·v`` as its history, whatever that step was).
     """
+    if ode_solver not in ("euler", "dpm2"):
+        raise ValueError(f"ode_solver must be 'euler' or 'dpm2', got {ode_solver!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     batch = len(conditions)
@@ -191,16 +196,23 @@ def sample_flow_trajectories(
     x = x.to(device=device, dtype=torch.float32)
 
     latents, log_probs = [x], []
+    history: tuple[Tensor, Tensor] | None = None  # (x̂0, σ) of the previous step, for DPM-Solver++(2M)
     with torch.no_grad():
         for j in range(steps):
             noise = _global_randn(rng, total, offset, shape, batch).to(device)
             v = guided_velocity(generator, model, x, timesteps[j], conditions, uncond, guidance)
+            x0 = x - sigmas[j].to(device) * v
             if bool(sde[j]):
                 step = _stochastic_step(sampler, x, v, sigmas, j, noise_level, noise=noise)
                 x, log_prob = step.prev_sample, step.log_prob
+            elif ode_solver == "dpm2" and float(sigmas[j]) < 1.0:
+                prev_x0, sigma_before = history if history is not None else (None, None)
+                x = flow_dpm2_step(x, v, sigmas[j], sigmas[j + 1], prev_x0, sigma_before).prev_sample
+                log_prob = torch.zeros(batch, device=device)
             else:
                 x = flow_ode_step(x, v, sigmas[j], sigmas[j + 1])
                 log_prob = torch.zeros(batch, device=device)
+            history = (x0, sigmas[j])
             latents.append(x.float())
             log_probs.append(log_prob.float())
     return FlowTrajectory(

@@ -68,6 +68,8 @@ class FlowOnlineConfig(OnlineConfig):
     adv_clip_max: float = 5.0
     timestep_fraction: float = 0.99
     advantage: Literal["per_reward", "sum"] = "per_reward"
+    # deterministic steps (outside the SDE window; every step of DiffusionNFT): Euler, or DPM-Solver++(2M)
+    ode_solver: Literal["euler", "dpm2"] = "euler"
     # held-out evaluation (defence against reward hacking)
     eval_every: int = 0
     eval_prompts: str | None = None
@@ -118,9 +120,22 @@ class FlowGRPOConfig(FlowOnlineConfig):
     window_stride: int = 1
     train_steps: Literal["first", "random"] = "first"
     shared_noise: bool = False
+    # "pipeline": the generator's own schedule; "shifted_linear": σ = s·t/(1 + (s − 1)·t) on a uniform t grid with
+    # s = schedule_shift and model timesteps int(σ·1000), as DanceGRPO and MixGRPO sample FLUX
+    schedule: Literal["pipeline", "shifted_linear"] = "pipeline"
+    schedule_shift: float = 3.0
+    # > 0: MixGRPO-Flash's compressed DPM tail after the window (its compress_ratio; needs the shifted_linear
+    # schedule and the mixgrpo window)
+    flash_compress_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.flash_compress_ratio and (self.schedule != "shifted_linear" or self.window != "mixgrpo"):
+            raise ValueError(
+                "flash_compress_ratio > 0 (MixGRPO-Flash) needs schedule=shifted_linear and window=mixgrpo"
+            )
+        if not 0 <= self.flash_compress_ratio <= 1:
+            raise ValueError(f"flash_compress_ratio must be in [0, 1], got {self.flash_compress_ratio}")
         if self.beta < 0:
             raise ValueError(f"beta (the KL weight) must be >= 0, got {self.beta}")
         if not self.noise_level > 0:
@@ -168,8 +183,8 @@ class MixGRPOConfig(FlowGRPOConfig):
     """MixGRPO (Li et al. 2025; Tencent-Hunyuan/MixGRPO ``scripts/finetune/finetune_flux_grpo_MixGRPO.sh`` at
     e5cdd6a): 25 steps, Flow-GRPO's SDE (η 0.7) on a window of 4 steps moving by 1 every 25 optimizer steps
     (restarting at the end), ODE elsewhere, every window step trained, groups of 12 with their own std,
-    lr 1e-5, clip 1e-4, KL 0. (Its Flash variant's DPM-Solver++ outside the window is
-    :func:`~mmalign.models.flow_sampling.flow_dpm2_step`, not yet a sampler option here.)"""
+    lr 1e-5, clip 1e-4, KL 0. MixGRPO-Flash: ``ode_solver=dpm2`` with ``flash_compress_ratio`` 0.4 on
+    ``schedule=shifted_linear`` (recipe ``train/flux-mixgrpo-flash``)."""
 
     trainer: str = "mix-grpo"
     window: Literal["fixed", "fast", "mixgrpo"] = "mixgrpo"
@@ -377,7 +392,7 @@ class FlowOnlineTrainer(OnlineTrainer):
     def sample_micro(self, batch: dict[str, Any]) -> FlowTrajectory:
         raise NotImplementedError
 
-    def rollout(self, batch: dict[str, Any], **kwargs: Any) -> FlowTrajectory:
+    def rollout(self, batch: dict[str, Any], steps: int | None = None, **kwargs: Any) -> FlowTrajectory:
         """This process's chains of the global micro-batch ``batch`` under :attr:`sampling_model`, from the
         micro-batch's sampling stream (``kwargs``: the sampler options of
         :func:`~mmalign.models.flow_rollout.sample_flow_trajectories`)."""
@@ -389,7 +404,7 @@ class FlowOnlineTrainer(OnlineTrainer):
                 batch["conditions"],
                 self.uncond(len(batch["prompts"])),
                 _generator(config.seed, batch["micro_index"], _FLOW_SAMPLE_STREAM),
-                config.sample_steps,
+                steps or config.sample_steps,
                 config.guidance,
                 latent_shape=self.latent_shape,
                 global_batch=self.global_batch,
@@ -550,18 +565,44 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
                 f"shared_noise needs whole groups in a global micro-batch: batch_size × processes = "
                 f"{self.global_batch} is not a multiple of group_size {shared}"
             )
+        window = self.sde_window(batch)
+        schedule = self.schedule_for(window)
         return self.rollout(
             batch,
+            steps=None if schedule is None else len(schedule),
+            schedule=schedule,
             noise_level=config.noise_level,
             sampler=config.sampler,
-            sde_window=self.sde_window(batch),
+            sde_window=window,
             shared_noise_per=shared,
+            ode_solver=config.ode_solver,
         )
+
+    def schedule_for(self, window: tuple[int, int] | None):
+        """The sampling schedule: None (the generator's own), DanceGRPO/MixGRPO's shifted linear one, or
+        MixGRPO-Flash's with its compressed DPM tail after ``window``
+        (:func:`~mmalign.models.sde_windows.mixgrpo_flash_sigmas`)."""
+        from ..models import sde_windows
+        from ..models.generator import Schedule
+
+        config = self.config
+        if config.schedule == "pipeline":
+            return None
+        if config.flash_compress_ratio:
+            end = max(1, window[1] if window is not None else config.sample_steps)
+            sigmas = sde_windows.mixgrpo_flash_sigmas(
+                config.sample_steps, end, config.schedule_shift, config.flash_compress_ratio
+            )
+        else:
+            sigmas = sde_windows.shifted_linear_sigmas(config.sample_steps, config.schedule_shift)
+        device = self.accelerator.device
+        return Schedule(sde_windows.reference_timesteps(sigmas).to(device), sigmas.to(device))
 
     def train_steps(self, batch: dict[str, Any]) -> Tensor:
         """``[b, n]``: the SDE steps each sample trains on, ``n = max(1, int(len(window) · timestep_fraction))``:
         the first ``n`` of the window for every sample (flow_grpo) or, with ``train_steps=random``, the first ``n``
-        of an independent permutation of the window per sample, drawn for the global micro-batch (DanceGRPO)."""
+        of an independent permutation per sample of the window without the chain's last step, drawn for the global
+        micro-batch (DanceGRPO's ``train_grpo_flux.py``: 9 of the first 15 of 16 steps at fraction 0.6)."""
         config, (lo, hi) = self.config, batch["slice"]
         sde = torch.tensor(batch["trajectory"].sde_steps, dtype=torch.long)
         if len(sde) == 0:  # an empty window (MixGRPO's start at steps - 2): nothing to train on
@@ -569,6 +610,11 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
         count = max(1, int(len(sde) * config.timestep_fraction))
         if config.train_steps == "first":
             return sde[:count].expand(hi - lo, count)
+        # DanceGRPO: never the chain's last step (its Gaussian is the sharpest), int((n − 1)·fraction) of the rest
+        last = batch["trajectory"].steps - 1
+        if len(sde) > 1 and int(sde[-1]) == last:
+            sde = sde[:-1]
+            count = max(1, int(len(sde) * config.timestep_fraction))
         gen = _generator(config.seed, batch["micro_index"], _FLOW_STEPS_STREAM)
         perms = torch.stack([sde[torch.randperm(len(sde), generator=gen)] for _ in range(self.global_batch)])
         return perms[lo:hi, :count]
@@ -679,7 +725,7 @@ class DiffusionNFTTrainer(FlowOnlineTrainer):
 
     def sample_micro(self, batch: dict[str, Any]) -> FlowTrajectory:
         with self.old_policy():
-            return self.rollout(batch, sde_window=(0, 0))
+            return self.rollout(batch, sde_window=(0, 0), ode_solver=self.config.ode_solver)
 
     def advantages(self, components: Tensor, prompts: list[str]) -> Tensor:
         """The optimality probabilities r ``[N]`` from the group-relative advantages."""

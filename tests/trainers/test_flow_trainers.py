@@ -399,3 +399,55 @@ def test_every_flow_family_trains_and_its_lora_loads_into_its_pipeline(maker, pr
         trained = trainer.policy.predict(model, x, t, conditions)
         loaded = trainer.policy.predict(pipe.transformer, x, t, conditions)
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_mixgrpo_flash_samples_a_compressed_dpm_tail_after_its_window(sd3_folder, prompts, tmp_path):
+    from mmalign.models import sde_windows
+
+    trainer = make_flow(
+        "mix-grpo",
+        sd3_folder,
+        prompts,
+        tmp_path,
+        "sample_steps=8",
+        "window_size=2",
+        "schedule=shifted_linear",
+        "ode_solver=dpm2",
+        "flash_compress_ratio=0.4",
+    )
+    trajectory = trainer.make_batch(0)["trajectory"]
+    expected = sde_windows.mixgrpo_flash_sigmas(8, 2, 3.0, 0.4)  # window (0, 2), then int(7·0.4) = 2 tail points
+    torch.testing.assert_close(trajectory.sigmas, expected)
+    assert trajectory.sde_steps == [0, 1] and trajectory.steps == len(expected) - 1
+    trainer.train()
+    with pytest.raises(ConfigError, match="MixGRPO-Flash"):
+        make_flow("mix-grpo", sd3_folder, prompts, tmp_path / "bad", "flash_compress_ratio=0.4")
+
+
+def test_dpm2_rollout_composes_dpm_solver_steps_with_the_previous_data_prediction(sd3_folder, prompts, tmp_path):
+    """All-ODE rollout with ode_solver=dpm2 = Euler from σ = 1, then DPM-Solver++(2M) steps fed with the previous
+    step's x̂0 = x − σ·v (MixGRPO's history rule), on the tiny SD3."""
+    from mmalign.models.flow_rollout import guided_velocity, sample_flow_trajectories
+    from mmalign.models.flow_sampling import flow_dpm2_step, flow_ode_step
+
+    trainer = make_flow("diffusionnft", sd3_folder, prompts, tmp_path, "ode_solver=dpm2")
+    model, policy = trainer.sampling_model, trainer.policy
+    conditions = trainer._embeds(["a red apple"])
+    args = (policy, model, conditions, None, torch.Generator().manual_seed(0), 4, 1.0)
+    got = sample_flow_trajectories(*args, latent_shape=trainer.latent_shape, sde_window=(0, 0), ode_solver="dpm2")
+    sigmas, timesteps = got.sigmas, got.timesteps
+    x, history = got.latents[:, 0], None
+    with torch.no_grad():
+        for j in range(4):
+            v = guided_velocity(policy, model, x, timesteps[j], conditions, None, 1.0)
+            x0 = x - sigmas[j] * v
+            if float(sigmas[j]) < 1.0:
+                x = flow_dpm2_step(x, v, sigmas[j], sigmas[j + 1], *(history or (None, None))).prev_sample
+            else:
+                x = flow_ode_step(x, v, sigmas[j], sigmas[j + 1])
+            history = (x0, sigmas[j])
+    torch.testing.assert_close(got.final, x, rtol=0, atol=0)
+    euler = sample_flow_trajectories(
+        *args[:4], torch.Generator().manual_seed(0), 4, 1.0, latent_shape=trainer.latent_shape, sde_window=(0, 0)
+    )
+    assert not torch.equal(euler.final, got.final)
