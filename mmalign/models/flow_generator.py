@@ -375,6 +375,11 @@ class FlowMatchingGenerator:
         on ``cat([uncond, conditions])`` (:func:`cfg_velocity`); ``t`` a scalar or per sample ``[B]``."""
         return cfg_velocity(self, model, x, t, conditions, uncond, guidance)
 
+    def combine_guidance(self, v_uncond: Tensor, v_cond: Tensor, guidance: float, t: Tensor | float) -> Tensor:
+        """How the pipeline combines its two branches at scale ``guidance``: ``v_u + g·(v_c − v_u)``. Training
+        that detaches the unconditional branch (Flow-GRPO) computes the branches apart and combines them here."""
+        return v_uncond + guidance * (v_cond - v_uncond)
+
     # -- sampling schedule -----------------------------------------------------------------------------
     def shift_mu(self, image_seq_len: int, steps: int) -> float:
         """μ of dynamic shifting for ``image_seq_len`` image tokens (:func:`calculate_shift`)."""

@@ -29,7 +29,13 @@ from .flow_sampling import FlowStep, cps_step, dance_sde_step, flow_dpm2_step, f
 from .generator import Conditions, Generator, Schedule
 from .sampling import _global_randn
 
-__all__ = ["FlowTrajectory", "flow_step_log_prob", "guided_velocity", "sample_flow_trajectories"]
+__all__ = [
+    "FlowTrajectory",
+    "flow_step_log_prob",
+    "guided_velocity",
+    "sample_flow_trajectories",
+    "velocity_with_detached_uncond",
+]
 
 SAMPLERS = ("sde", "cps", "dance")
 
@@ -92,6 +98,33 @@ def guided_velocity(
     if own is not None:
         return own(model, x, t, conditions, uncond, guidance)
     return cfg_velocity(generator, model, x, t, conditions, uncond, guidance)
+
+
+def velocity_with_detached_uncond(
+    generator: Generator,
+    model: torch.nn.Module,
+    x: Tensor,
+    t: Tensor | float,
+    conditions: Conditions,
+    uncond: Conditions | None,
+    guidance: float,
+) -> Tensor:
+    """The guided velocity with gradients through the conditional branch only, as flow_grpo trains
+    (``scripts/train_sd3.py`` ``compute_log_prob``: ``noise_pred_uncond.detach()``): the unconditional branch is
+    computed apart under ``no_grad`` (its activations are not kept: backward covers half the rows) and the two are
+    combined as the family's pipeline does (``generator.combine_guidance``). Values equal :func:`guided_velocity`
+    up to the rounding of two calls of ``B`` rows instead of one of ``2B``."""
+    if guidance == 1.0:
+        return generator.predict(model, x, t, conditions)
+    if uncond is None:
+        raise ValueError(f"guidance {guidance} needs the unconditional branch (uncond)")
+    with torch.no_grad():
+        v_uncond = generator.predict(model, x, t, uncond)
+    v_cond = generator.predict(model, x, t, conditions)
+    combine = getattr(generator, "combine_guidance", None)
+    if combine is None:
+        return v_uncond + guidance * (v_cond - v_uncond)
+    return combine(v_uncond, v_cond, guidance, t)
 
 
 def _window(sde_window: tuple[int, int] | None, steps: int) -> Tensor:
@@ -237,6 +270,7 @@ def flow_step_log_prob(
     rows: Tensor | slice | None = None,
     conditions: Conditions | None = None,
     uncond: Conditions | None = None,
+    detach_uncond: bool = False,
 ) -> FlowStep:
     """Recompute step ``j`` of ``trajectory`` under ``model`` (with gradients when enabled): the velocity at the
     recorded ``latents[:, j]`` (with the trajectory's guidance) and the step's Gaussian evaluated at the recorded
@@ -244,7 +278,8 @@ def flow_step_log_prob(
     ``log_prob [b]`` plus ``mean`` and ``std`` for the KL term.
 
     ``rows`` selects a micro-batch of the trajectory; ``conditions`` / ``uncond`` override the recorded ones
-    (already restricted to ``rows``). Only SDE steps have a density: ``j`` must be one of
+    (already restricted to ``rows``). ``detach_uncond``: gradients through the conditional branch only
+    (:func:`velocity_with_detached_uncond`, flow_grpo's training). Only SDE steps have a density: ``j`` must be one of
     :attr:`FlowTrajectory.sde_steps`."""
     steps = trajectory.steps
     if not 0 <= j < steps:
@@ -259,7 +294,8 @@ def flow_step_log_prob(
     device = next(iter(conditions.tensors.values())).device
     x = trajectory.latents[select, j].to(device)
     recorded = trajectory.latents[select, j + 1].to(device)
-    v = guided_velocity(generator, model, x, trajectory.timesteps[j], conditions, uncond, trajectory.guidance)
+    velocity = velocity_with_detached_uncond if detach_uncond else guided_velocity
+    v = velocity(generator, model, x, trajectory.timesteps[j], conditions, uncond, trajectory.guidance)
     return _stochastic_step(
         trajectory.sampler, x, v, trajectory.sigmas, j, trajectory.noise_level, prev_sample=recorded
     )

@@ -205,10 +205,16 @@ class QwenImageGenerator(FlowMatchingGenerator):
         check_guidance(conditions, uncond, guidance)
         both = self.predict(model, torch.cat([x, x]), doubled_timesteps(t), Conditions.cat([uncond, conditions]))
         v_uncond, v_cond = both.chunk(2)
+        return self.combine_guidance(v_uncond, v_cond, guidance, t, rescale)
+
+    def combine_guidance(
+        self, v_uncond: Tensor, v_cond: Tensor, guidance: float, t: Tensor | float, rescale: bool = True
+    ) -> Tensor:
+        """``v_u + g·(v_c − v_u)``, then (``rescale``) every packed token scaled to the norm of ``v_c``'s."""
         combined = v_uncond + guidance * (v_cond - v_uncond)
         if not rescale:
             return combined
-        height, width = x.shape[-2:]
+        height, width = v_cond.shape[-2:]
         cond_tokens, combined_tokens = pack_latents(v_cond), pack_latents(combined)
         scale = torch.norm(cond_tokens, dim=-1, keepdim=True) / torch.norm(combined_tokens, dim=-1, keepdim=True)
         return unpack_latents(combined_tokens * scale, height, width)

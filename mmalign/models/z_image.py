@@ -163,6 +163,19 @@ class ZImageGenerator(FlowMatchingGenerator):
         timestep = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         both = self.predict(model, torch.cat([x, x]), doubled_timesteps(timestep), Conditions.cat([conditions, uncond]))
         v_cond, v_uncond = both.chunk(2)
+        return self.combine_guidance(v_uncond, v_cond, guidance, timestep, cfg_normalization, cfg_truncation)
+
+    def combine_guidance(
+        self,
+        v_uncond: Tensor,
+        v_cond: Tensor,
+        guidance: float,
+        t: Tensor | float,
+        cfg_normalization: float = 0.0,
+        cfg_truncation: float = 1.0,
+    ) -> Tensor:
+        """The pipeline's combination of the two branches (see :meth:`guided_velocity`)."""
+        timestep = torch.as_tensor(t, device=v_cond.device, dtype=torch.float32)
         # predict returns −output; the pipeline combines the outputs: negating is exact, so combine them alike
         pos, neg = -v_cond, -v_uncond
         pred = pos + (guidance - 1.0) * (pos - neg)
@@ -173,7 +186,7 @@ class ZImageGenerator(FlowMatchingGenerator):
             scale = torch.where(pred_norm > limit, limit / pred_norm, torch.ones_like(pred_norm))
             pred = pred * scale.view(-1, *([1] * (pred.ndim - 1)))
         if cfg_truncation < 1.0:
-            truncated = ((1000 - timestep) / 1000 > cfg_truncation).expand(x.shape[0])
+            truncated = ((1000 - timestep) / 1000 > cfg_truncation).expand(v_cond.shape[0])
             pred = torch.where(truncated.view(-1, *([1] * (pred.ndim - 1))), pos, pred)
         return -pred
 

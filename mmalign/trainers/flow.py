@@ -522,7 +522,9 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
     (:func:`~mmalign.models.flow_rollout.sample_flow_trajectories`), group-relative advantages, and per trained
     step the PPO-clipped ratio of the recomputed log-probability with an optional KL to the reference
     (:func:`~mmalign.trainers.losses.flow_grpo_loss`), each step backpropagated on its own (flow_grpo accumulates
-    over the timesteps). The reference, needed only when ``beta`` > 0, is the model with adapters disabled (LoRA)
+    over the timesteps). With CFG the gradient goes through the conditional branch only, as flow_grpo's
+    ``compute_log_prob`` detaches the unconditional one; that branch is computed apart without a graph. The
+    reference, needed only when ``beta`` > 0, is the model with adapters disabled (LoRA)
     or a frozen copy."""
 
     config_class: ClassVar[type[TrainConfig]] = FlowGRPOConfig
@@ -620,14 +622,16 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
         return perms[lo:hi, :count]
 
     def _column(self, model: torch.nn.Module, trajectory: FlowTrajectory, steps: Tensor) -> FlowStep:
-        """The recorded step ``steps[i]`` of every row ``i`` under ``model``: one call per distinct step."""
+        """The recorded step ``steps[i]`` of every row ``i`` under ``model``: one call per distinct step; with
+        gradients through the conditional branch only (flow_grpo's ``noise_pred_uncond.detach()``)."""
         values = steps.unique()
+        detach = True  # the reference's mean is computed the same way, so the two agree exactly at the start
         if len(values) == 1:
-            return flow_step_log_prob(self.policy, model, trajectory, int(values[0]))
+            return flow_step_log_prob(self.policy, model, trajectory, int(values[0]), detach_uncond=detach)
         log_prob = mean = std = None
         for value in values.tolist():
             rows = torch.nonzero(steps == value).flatten()
-            part = flow_step_log_prob(self.policy, model, trajectory, value, rows=rows)
+            part = flow_step_log_prob(self.policy, model, trajectory, value, rows=rows, detach_uncond=detach)
             if log_prob is None:
                 log_prob = part.log_prob.new_zeros(len(steps))
                 mean = part.mean.new_zeros((len(steps), *part.mean.shape[1:]))

@@ -183,3 +183,27 @@ def test_rollouts_shift_the_schedule_for_their_latent_shape(generator, conds):
     expected = dynamic.sampling_schedule(STEPS, latent_shape=SHAPE)
     assert torch.equal(traj.sigmas, expected.sigmas) and torch.equal(traj.timesteps, expected.timesteps)
     assert not torch.equal(traj.sigmas, generator.sampling_schedule(STEPS).sigmas)
+
+
+def test_detached_uncond_velocity_has_flow_grpos_values_and_gradient(generator):
+    """flow_grpo's training velocity: the value of the pipeline's guided velocity, and the gradient of
+    g·v_cond alone (``noise_pred_uncond.detach()``), with the unconditional branch run without a graph."""
+    from mmalign.models.flow_rollout import guided_velocity, velocity_with_detached_uncond
+
+    model = generator.trainable
+    conditions, uncond = generator.encode_conditions(["a red apple"]), generator.unconditional(1)
+    x = torch.randn((1, *generator.latent_shape(32, 32)), generator=torch.Generator().manual_seed(0))
+    t, g = torch.tensor([600.0]), 3.0
+    weight = next(p for p in model.parameters() if p.ndim == 2)
+    weight.requires_grad_(True)
+    try:
+        v = velocity_with_detached_uncond(generator, model, x, t, conditions, uncond, g)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                v, guided_velocity(generator, model, x, t, conditions, uncond, g), rtol=1e-5, atol=1e-5
+            )
+        (got,) = torch.autograd.grad(v.sum(), weight)
+        (expected,) = torch.autograd.grad(g * generator.predict(model, x, t, conditions).sum(), weight)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    finally:
+        weight.requires_grad_(False)
