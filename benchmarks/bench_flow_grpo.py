@@ -2,7 +2,7 @@
 functions, and mmalign's DiffusionNFT iteration on the same shapes. Time and peak memory per phase.
 
     .venv/bin/python benchmarks/bench_flow_grpo.py --layers 1 --resolution 64            # checks the script (~3 min)
-    .venv/bin/python benchmarks/bench_flow_grpo.py --layers 1 --resolution 256           # the table (CPU: ~30 min)
+    .venv/bin/python benchmarks/bench_flow_grpo.py --layers 1 --resolution 256           # the table (2 cores: ~17 min)
     .venv/bin/python benchmarks/bench_flow_grpo.py --flow-grpo-src /tmp/flow_grpo_src \\
         --flow-grpo-python /work/venv-flowgrpo/bin/python --dtypes fp32,bf16 --rows mmalign,flow_grpo,nft
 
