@@ -9,6 +9,15 @@ Prompt encoding re-implements ``StableDiffusion3Pipeline.encode_prompt`` (diffus
 penultimate hidden state (prompt padded to the CLIP tokenizer's ``model_max_length``, 77) and projected pooled
 output; the two sequences concatenated on the feature axis and zero-padded to T5's width; T5's last hidden state
 (padded to ``max_sequence_length``, default 256) appended on the sequence axis; pooled = [CLIP-L, CLIP-G].
+
+Without T5 (``text_encoder_3`` and ``tokenizer_3`` null in ``model_index.json``, as the pipeline allows), the T5
+part is what the pipeline puts in its place: zeros ``[B, max_sequence_length, joint_attention_dim]``. Those zero
+tokens still enter the joint attention (as ``context_embedder``'s bias), so a model trained with one
+``max_sequence_length`` must be sampled with the same one; the pipeline's own default (256) is a different model
+input. A folder records its length in :data:`GENERATOR_CONFIG` (``{"max_sequence_length": 16}``) beside
+``model_index.json``, which :meth:`SD3Generator.from_pretrained` reads (an explicit argument wins; neither: 256).
+diffusers ignores the file: plain diffusers loads such a folder with ``StableDiffusion3Pipeline.from_pretrained(folder,
+text_encoder_3=None, tokenizer_3=None)`` and must be called with that ``max_sequence_length``.
 Flow matching as in the scheduler: ``x_t = (1 − σ)·x0 + σ·ε``, target velocity ``v = ε − x0``, model timestep
 ``t = σ·num_train_timesteps`` (1000).
 """
@@ -25,7 +34,33 @@ from torch import Tensor
 from ..errors import WeightsError
 from .generator import Conditions, Schedule, read_model_index
 
-__all__ = ["SD3Generator"]
+__all__ = ["GENERATOR_CONFIG", "SD3Generator", "read_generator_config", "write_generator_config"]
+
+#: settings of a pipeline folder that diffusers does not store and the generator needs (``max_sequence_length``)
+GENERATOR_CONFIG = "mmalign_generator.json"
+DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+
+def read_generator_config(folder: str | Path) -> dict[str, Any]:
+    """``folder``'s :data:`GENERATOR_CONFIG` (``{}`` when it has none)."""
+    import json
+
+    path = Path(folder) / GENERATOR_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{path}: not valid JSON ({error})") from error
+
+
+def write_generator_config(folder: str | Path, **settings: Any) -> Path:
+    """Write ``settings`` (e.g. ``max_sequence_length=16``) as ``folder``'s :data:`GENERATOR_CONFIG`."""
+    import json
+
+    path = Path(folder) / GENERATOR_CONFIG
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 class SD3Generator:
@@ -47,22 +82,39 @@ class SD3Generator:
     )
     block_class: ClassVar[str] = "JointTransformerBlock"
 
-    def __init__(self, components: dict[str, Any], folder: Path | None = None, max_sequence_length: int = 256):
+    def __init__(
+        self,
+        components: dict[str, Any],
+        folder: Path | None = None,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    ):
+        """``components`` as the pipeline names them; ``text_encoder_3`` / ``tokenizer_3`` may be missing or
+        ``None`` (no T5: zeros in its place)."""
+        if not 0 <= int(max_sequence_length) <= 512:  # the pipeline's bound
+            raise ValueError(f"max_sequence_length must be in 0..512, got {max_sequence_length}")
         self.folder = folder
         self.transformer = components["transformer"]
         self.vae = components["vae"]
         self.scheduler = components["scheduler"]
-        self.tokenizers = [components["tokenizer"], components["tokenizer_2"], components["tokenizer_3"]]
-        self.text_encoders: list[torch.nn.Module] | None = [
+        self.tokenizers = [components["tokenizer"], components["tokenizer_2"], components.get("tokenizer_3")]
+        self.text_encoders: list[torch.nn.Module | None] | None = [
             components["text_encoder"],
             components["text_encoder_2"],
-            components["text_encoder_3"],
+            components.get("text_encoder_3"),
         ]
-        self.max_sequence_length = max_sequence_length
+        if (self.text_encoders[2] is None) != (self.tokenizers[2] is None):
+            raise ValueError("text_encoder_3 and tokenizer_3 must be given together (or both left out)")
+        self.max_sequence_length = int(max_sequence_length)
         self._unconditional: Conditions | None = None
         for module in [self.vae, *self.text_encoders]:
-            module.requires_grad_(False)
-            module.eval()
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+
+    @property
+    def has_t5(self) -> bool:
+        """Whether the pipeline has its T5 text encoder (``text_encoder_3``)."""
+        return self.tokenizers[2] is not None
 
     @property
     def trainable(self) -> torch.nn.Module:
@@ -74,9 +126,11 @@ class SD3Generator:
         folder: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
     ) -> SD3Generator:
-        """Load every component of a ``StableDiffusion3Pipeline`` folder (``save_pretrained`` layout)."""
+        """Load every component of a ``StableDiffusion3Pipeline`` folder (``save_pretrained`` layout), T5 included
+        when the folder has one. ``max_sequence_length``: the T5 part's length; by default the folder's
+        :data:`GENERATOR_CONFIG` value, else the pipeline's 256."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -85,8 +139,13 @@ class SD3Generator:
         missing = [name for name in ("transformer", "vae", "text_encoder", "text_encoder_2") if not index.get(name)]
         if missing:
             raise WeightsError(f"{folder}: SD3 pipeline without {', '.join(missing)}")
-        if not index.get("text_encoder_3") or index["text_encoder_3"][0] is None:
-            raise WeightsError(f"{folder}: SD3 pipelines without T5 (text_encoder_3) are not supported yet")
+        has_t5 = bool(index.get("text_encoder_3")) and index["text_encoder_3"][0] is not None
+        if has_t5 != (bool(index.get("tokenizer_3")) and index["tokenizer_3"][0] is not None):
+            raise WeightsError(f"{folder}: SD3 pipeline with only one of text_encoder_3 and tokenizer_3")
+        if max_sequence_length is None:
+            max_sequence_length = int(
+                read_generator_config(folder).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+            )
         typed = {} if dtype is None else {"torch_dtype": dtype}
         components = {
             "transformer": SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **typed),
@@ -94,17 +153,19 @@ class SD3Generator:
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
             "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", **typed),
             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **typed),
-            "text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **typed),
             "tokenizer": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer"),
             "tokenizer_2": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2"),
-            "tokenizer_3": AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_3"),
         }
+        if has_t5:
+            components["text_encoder_3"] = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **typed)
+            components["tokenizer_3"] = AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer_3")
         generator = cls(components, folder, max_sequence_length)
         return generator.to(device)
 
     def to(self, device: str | torch.device) -> SD3Generator:
         for module in [self.transformer, self.vae, *(self.text_encoders or [])]:
-            module.to(device)
+            if module is not None:
+                module.to(device)
         return self
 
     @property
@@ -131,6 +192,10 @@ class SD3Generator:
 
     def _t5(self, prompts: list[str]) -> Tensor:
         tokenizer, encoder = self.tokenizers[2], self.text_encoders[2]
+        if encoder is None:  # the pipeline's stand-in for a missing T5, in the first CLIP's dtype and device
+            first = self.text_encoders[0]
+            width = int(self.transformer.config.joint_attention_dim)
+            return torch.zeros(len(prompts), self.max_sequence_length, width, device=first.device, dtype=first.dtype)
         ids = tokenizer(
             prompts,
             padding="max_length",
@@ -144,7 +209,9 @@ class SD3Generator:
     @torch.no_grad()
     def encode_conditions(self, prompts: Sequence[str]) -> Conditions:
         """``prompt_embeds [B, 77 + max_sequence_length, T5 width]`` and ``pooled_prompt_embeds [B, L + G]``,
-        equal to ``StableDiffusion3Pipeline.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)``."""
+        equal to ``StableDiffusion3Pipeline.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+        max_sequence_length=self.max_sequence_length)`` (77: the first CLIP tokenizer's ``model_max_length``;
+        without T5 its width is the transformer's ``joint_attention_dim`` and its part zeros)."""
         if self.text_encoders is None:
             raise RuntimeError("the text encoders were freed (free_text_encoders); load cached Conditions instead")
         if isinstance(prompts, str):
@@ -172,7 +239,7 @@ class SD3Generator:
         return self._unconditional.repeat(count)
 
     def free_text_encoders(self) -> None:
-        """Drop the three text encoders (after caching the unconditional embedding): training then runs on
+        """Drop the text encoders (after caching the unconditional embedding): training then runs on
         cached :class:`Conditions`."""
         if self.text_encoders is not None:
             self.unconditional(1)
@@ -281,7 +348,9 @@ class SD3Generator:
 
     # -- pipelines ------------------------------------------------------------------------------------------
     def pipeline(self, transformer: torch.nn.Module | None = None):
-        """A diffusers ``StableDiffusion3Pipeline`` over these components (validation images, saving)."""
+        """A diffusers ``StableDiffusion3Pipeline`` over these components (validation images, saving). Without T5,
+        call it with ``max_sequence_length=self.max_sequence_length`` (the pipeline's default is 256), and save
+        it with :func:`write_generator_config` beside."""
         from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
         if self.text_encoders is None:
