@@ -29,8 +29,9 @@ def asset_dir(name: str) -> Path:
 
         raise WeightsError(
             f"{path}: toyworld asset folder not found; run from a checkout of mmalign, set "
-            "MMALIGN_TOYWORLD_ASSETS to the folder holding pipeline/ and reward/, or rebuild them with "
-            "`python -m mmalign.toyworld.train_pipeline` and `python -m mmalign.toyworld.train_reward`"
+            "MMALIGN_TOYWORLD_ASSETS to the folder holding pipeline/, flow_pipeline/ and reward/, or rebuild them "
+            "with `python -m mmalign.toyworld.train_pipeline`, `python -m mmalign.toyworld.train_flow_pipeline` "
+            "and `python -m mmalign.toyworld.train_reward`"
         )
     return path
 

@@ -1,6 +1,6 @@
 """Train the shipped toyworld flow-matching pipeline (``assets/toyworld/flow_pipeline``) on a CPU.
 
-    python -m mmalign.toyworld.train_flow_pipeline --out assets/toyworld/flow_pipeline --threads 1   # seeded
+    python -m mmalign.toyworld.train_flow_pipeline --out assets/toyworld/flow_pipeline --threads 1   # seeded; ~20 CPU-min
 
 A diffusers ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3=None``), of tiny parts, for the flow-matching
 trainers (Flow-GRPO, DiffusionNFT, ...: :mod:`mmalign.trainers.flow`) on the toyworld:
@@ -166,6 +166,7 @@ def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
     base = base_dir(recipe)
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae", dtype=torch.float32)
+    vae.register_to_config(_name_or_path=recipe.base or "assets/toyworld/pipeline")  # no absolute path in config
     clip = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder", dtype=torch.float32)
     config = CLIPTextConfig(**{**clip.config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
     text_encoder = CLIPTextModelWithProjection(config)
