@@ -277,11 +277,19 @@ def t5_tokenizer(words: tuple[str, ...] = ()):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_sd3_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict[str, Any]] | None = None) -> Path:
+def build_sd3_pipeline(
+    folder: str | Path,
+    seed: int = 0,
+    config: dict[str, dict[str, Any]] | None = None,
+    t5: bool = True,
+    max_sequence_length: int | None = None,
+) -> Path:
     """A random-weight ``StableDiffusion3Pipeline`` (``SD3Transformer2DModel``, CLIP-L and CLIP-G
     ``CLIPTextModelWithProjection``, ``T5EncoderModel``, 16-channel ``AutoencoderKL``,
     ``FlowMatchEulerDiscreteScheduler``) from :data:`TINY_SD3`-shaped ``config``, saved with
-    ``StableDiffusion3Pipeline.save_pretrained`` into ``folder``."""
+    ``StableDiffusion3Pipeline.save_pretrained`` into ``folder``. ``t5=False``: without T5 (``text_encoder_3``
+    and ``tokenizer_3`` None); ``max_sequence_length``: recorded in the folder's generator config
+    (:func:`mmalign.models.sd3.write_generator_config`)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -297,7 +305,7 @@ def build_sd3_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict
     vae = AutoencoderKL(**config["vae"])
     clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip_text_config(**config["clip_l"])))
     clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip_text_config(**config["clip_g"])))
-    t5 = T5EncoderModel(T5Config(**config["t5"]))
+    t5_encoder = T5EncoderModel(T5Config(**config["t5"]))
     tokenizer = clip_tokenizer()
     words = ("a", "photo", "of", "cat", "dog", "red", "blue", "cube", "on", "the", "and")
     tokenizer_3 = t5_tokenizer(words)
@@ -311,10 +319,14 @@ def build_sd3_pipeline(folder: str | Path, seed: int = 0, config: dict[str, dict
         tokenizer=tokenizer,
         text_encoder_2=clip_g,
         tokenizer_2=tokenizer,
-        text_encoder_3=t5,
-        tokenizer_3=tokenizer_3,
+        text_encoder_3=t5_encoder if t5 else None,
+        tokenizer_3=tokenizer_3 if t5 else None,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    if max_sequence_length is not None:
+        from .sd3 import write_generator_config
+
+        write_generator_config(folder, max_sequence_length=max_sequence_length)
     return Path(folder)
 
 

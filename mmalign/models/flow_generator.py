@@ -141,6 +141,8 @@ class FlowMatchingGenerator:
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     negative_prompt: ClassVar[str] = ""
     """The prompt :meth:`unconditional` encodes (the pipeline's default negative branch)."""
+    optional_components: ClassVar[tuple[str, ...]] = ()
+    """Text encoders / tokenizers a pipeline folder may leave out (``None`` then; SD3 without T5)."""
     exact_sizes: ClassVar[bool] = False
     """Whether :meth:`latent_shape` rejects pixel sizes that are not whole patches (else rounds them down, as
     the FLUX and Qwen-Image pipelines do)."""
@@ -150,12 +152,22 @@ class FlowMatchingGenerator:
         self.transformer = components["transformer"]
         self.vae = components["vae"]
         self.scheduler = components["scheduler"]
-        self.tokenizers = [components[name] for name in self.tokenizer_names]
-        self.text_encoders: list[torch.nn.Module] | None = [components[name] for name in self.text_encoder_classes]
+        self.tokenizers = [components.get(name) for name in self.tokenizer_names]
+        self.text_encoders: list[torch.nn.Module | None] | None = [
+            components.get(name) for name in self.text_encoder_classes
+        ]
+        missing = [
+            name
+            for name in (*self.text_encoder_classes, *self.tokenizer_names)
+            if components.get(name) is None and name not in self.optional_components
+        ]
+        if missing:
+            raise ValueError(f"{self.display_name} components without {', '.join(missing)}")
         self._unconditional: Conditions | None = None
         for module in [self.vae, *self.text_encoders]:
-            module.requires_grad_(False)
-            module.eval()
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
 
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -168,13 +180,17 @@ class FlowMatchingGenerator:
         index = read_model_index(folder)
         cls.check_index(folder, index)
         components = cls.load_components(folder, index, dtype)
-        return cls(components, folder, **{**cls.index_options(index), **options}).to(device)
+        return cls(components, folder, **{**cls.index_options(folder, index), **options}).to(device)
 
     @classmethod
     def check_index(cls, folder: Path, index: dict[str, Any]) -> None:
         """Raise :class:`WeightsError` when ``model_index.json`` lacks a component this family needs."""
         names = ("transformer", "vae", *cls.text_encoder_classes, *cls.tokenizer_names)
-        missing = [name for name in names if not index.get(name) or index[name][0] is None]
+        missing = [
+            name
+            for name in names
+            if (not index.get(name) or index[name][0] is None) and name not in cls.optional_components
+        ]
         if missing:
             raise WeightsError(f"{folder}: {cls.display_name} pipeline without {', '.join(missing)}")
 
@@ -198,22 +214,32 @@ class FlowMatchingGenerator:
             "vae": getattr(diffusers, cls.vae_class).from_pretrained(folder, subfolder="vae", **typed),
             "scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
         }
+
+        def present(name: str) -> bool:
+            return bool(index.get(name)) and index[name][0] is not None
+
         for name in cls.text_encoder_classes:
+            if name in cls.optional_components and not present(name):
+                continue
             components[name] = cls.text_encoder_class(name, index).from_pretrained(
                 folder, subfolder=name, **({} if dtype is None else {"dtype": dtype})
             )
         for name in cls.tokenizer_names:
+            if name in cls.optional_components and not present(name):
+                continue
             components[name] = AutoTokenizer.from_pretrained(str(folder), subfolder=name)
         return components
 
     @classmethod
-    def index_options(cls, index: dict[str, Any]) -> dict[str, Any]:
-        """Constructor options read from ``model_index.json`` (FLUX.2-klein: ``is_distilled``)."""
+    def index_options(cls, folder: Path, index: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options read from the folder (FLUX.2-klein: ``model_index.json``'s ``is_distilled``; SD3:
+        ``max_sequence_length``)."""
         return {}
 
     def to(self, device: str | torch.device) -> FlowMatchingGenerator:
         for module in [self.transformer, self.vae, *(self.text_encoders or [])]:
-            module.to(device)
+            if module is not None:
+                module.to(device)
         return self
 
     @property
@@ -427,6 +453,12 @@ class FlowMatchingGenerator:
     def pipeline_options(self) -> dict[str, Any]:
         """Further keyword arguments of the pipeline's constructor (FLUX.2-klein: ``is_distilled``)."""
         return {}
+
+    def save_pipeline(self, folder: str | Path, transformer: torch.nn.Module | None = None) -> Path:
+        """:meth:`pipeline` saved with ``save_pretrained`` (plus what the family keeps beside it), loadable by
+        :func:`~mmalign.models.generator.load_generator` and by diffusers."""
+        self.pipeline(transformer).save_pretrained(str(folder))
+        return Path(folder)
 
     def pipeline(self, transformer: torch.nn.Module | None = None):
         """A diffusers pipeline of :attr:`pipeline_class` over these components (validation images, saving, LoRA

@@ -127,7 +127,7 @@ class Flux2KleinGenerator(FlowMatchingGenerator):
         return self._lora_base + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles))
 
     @classmethod
-    def index_options(cls, index: dict[str, Any]) -> dict[str, Any]:
+    def index_options(cls, folder: Path, index: dict[str, Any]) -> dict[str, Any]:
         return {"is_distilled": bool(index.get("is_distilled", False))}
 
     def pipeline_options(self) -> dict[str, Any]:

@@ -9,6 +9,15 @@ Prompt encoding re-implements ``StableDiffusion3Pipeline.encode_prompt`` (diffus
 penultimate hidden state (prompt padded to the CLIP tokenizer's ``model_max_length``, 77) and projected pooled
 output; the two sequences concatenated on the feature axis and zero-padded to T5's width; T5's last hidden state
 (padded to ``max_sequence_length``, default 256) appended on the sequence axis; pooled = [CLIP-L, CLIP-G].
+
+Without T5 (``text_encoder_3`` and ``tokenizer_3`` null in ``model_index.json``, as the pipeline allows), the T5
+part is what the pipeline puts in its place: zeros ``[B, max_sequence_length, joint_attention_dim]``. Those zero
+tokens still enter the joint attention (as ``context_embedder``'s bias), so a model trained with one
+``max_sequence_length`` must be sampled with the same one; the pipeline's own default (256) is a different model
+input. A folder records its length in :data:`GENERATOR_CONFIG` (``{"max_sequence_length": 16}``) beside
+``model_index.json``, which :meth:`SD3Generator.from_pretrained` reads (an explicit argument wins; neither: 256).
+diffusers ignores the file: plain diffusers loads such a folder with ``StableDiffusion3Pipeline.from_pretrained(folder,
+text_encoder_3=None, tokenizer_3=None)`` and must be called with that ``max_sequence_length``.
 Flow matching as in the scheduler: ``x_t = (1 − σ)·x0 + σ·ε``, target velocity ``v = ε − x0``, model timestep
 ``t = σ·num_train_timesteps`` (1000).
 """
@@ -26,7 +35,33 @@ from ..errors import WeightsError
 from .flow_generator import FlowMatchingGenerator, calculate_shift
 from .generator import Conditions
 
-__all__ = ["SD3Generator"]
+__all__ = ["GENERATOR_CONFIG", "SD3Generator", "read_generator_config", "write_generator_config"]
+
+#: settings of a pipeline folder that diffusers does not store and the generator needs (``max_sequence_length``)
+GENERATOR_CONFIG = "mmalign_generator.json"
+DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+
+def read_generator_config(folder: str | Path) -> dict[str, Any]:
+    """``folder``'s :data:`GENERATOR_CONFIG` (``{}`` when it has none)."""
+    import json
+
+    path = Path(folder) / GENERATOR_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{path}: not valid JSON ({error})") from error
+
+
+def write_generator_config(folder: str | Path, **settings: Any) -> Path:
+    """Write ``settings`` (e.g. ``max_sequence_length=16``) as ``folder``'s :data:`GENERATOR_CONFIG`."""
+    import json
+
+    path = Path(folder) / GENERATOR_CONFIG
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 class SD3Generator(FlowMatchingGenerator):
@@ -61,15 +96,47 @@ class SD3Generator(FlowMatchingGenerator):
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2", "tokenizer_3")
     exact_sizes: ClassVar[bool] = True
 
-    def __init__(self, components: dict[str, Any], folder: Path | None = None, max_sequence_length: int = 256):
+    optional_components: ClassVar[tuple[str, ...]] = ("text_encoder_3", "tokenizer_3")  # SD3 without T5
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        folder: Path | None = None,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    ):
+        """``components`` as the pipeline names them; ``text_encoder_3`` / ``tokenizer_3`` may be missing or
+        ``None`` (no T5: zeros in its place, as the pipeline does)."""
+        if not 0 <= int(max_sequence_length) <= 512:  # the pipeline's bound
+            raise ValueError(f"max_sequence_length must be in 0..512, got {max_sequence_length}")
+        if (components.get("text_encoder_3") is None) != (components.get("tokenizer_3") is None):
+            raise ValueError("text_encoder_3 and tokenizer_3 must be given together (or both left out)")
         super().__init__(components, folder)
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = int(max_sequence_length)
+
+    @property
+    def has_t5(self) -> bool:
+        """Whether the pipeline has its T5 text encoder (``text_encoder_3``)."""
+        return self.tokenizers[2] is not None
 
     @classmethod
     def check_index(cls, folder: Path, index: dict[str, Any]) -> None:
-        if not index.get("text_encoder_3") or index["text_encoder_3"][0] is None:
-            raise WeightsError(f"{folder}: SD3 pipelines without T5 (text_encoder_3) are not supported yet")
+        present = [bool(index.get(name)) and index[name][0] is not None for name in cls.optional_components]
+        if present[0] != present[1]:
+            raise WeightsError(f"{folder}: SD3 pipeline with only one of text_encoder_3 and tokenizer_3")
         super().check_index(folder, index)
+
+    def save_pipeline(self, folder: str | Path, transformer: torch.nn.Module | None = None) -> Path:
+        """The pipeline folder, and :data:`GENERATOR_CONFIG` when ``max_sequence_length`` is not diffusers' 256."""
+        folder = super().save_pipeline(folder, transformer)
+        if self.max_sequence_length != DEFAULT_MAX_SEQUENCE_LENGTH:
+            write_generator_config(folder, max_sequence_length=self.max_sequence_length)
+        return folder
+
+    @classmethod
+    def index_options(cls, folder: Path, index: dict[str, Any]) -> dict[str, Any]:
+        """``max_sequence_length`` from the folder's :data:`GENERATOR_CONFIG` (else the pipeline's 256)."""
+        config = read_generator_config(folder)
+        return {"max_sequence_length": int(config.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))}
 
     # -- conditioning ----------------------------------------------------------------------------------
     def _clip(self, index: int, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -87,6 +154,10 @@ class SD3Generator(FlowMatchingGenerator):
 
     def _t5(self, prompts: list[str]) -> Tensor:
         tokenizer, encoder = self.tokenizers[2], self.text_encoders[2]
+        if encoder is None:  # the pipeline's stand-in for a missing T5, in the first CLIP's dtype and device
+            first = self.text_encoders[0]
+            width = int(self.transformer.config.joint_attention_dim)
+            return torch.zeros(len(prompts), self.max_sequence_length, width, device=first.device, dtype=first.dtype)
         ids = tokenizer(
             prompts,
             padding="max_length",
@@ -100,7 +171,9 @@ class SD3Generator(FlowMatchingGenerator):
     @torch.no_grad()
     def encode_conditions(self, prompts: Sequence[str]) -> Conditions:
         """``prompt_embeds [B, 77 + max_sequence_length, T5 width]`` and ``pooled_prompt_embeds [B, L + G]``,
-        equal to ``StableDiffusion3Pipeline.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)``."""
+        equal to ``StableDiffusion3Pipeline.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+        max_sequence_length=self.max_sequence_length)`` (77: the first CLIP tokenizer's ``model_max_length``;
+        without T5 its width is the transformer's ``joint_attention_dim`` and its part zeros)."""
         prompts = self._prompt_list(prompts)
         hidden_l, pooled_l = self._clip(0, prompts)
         hidden_g, pooled_g = self._clip(1, prompts)

@@ -29,8 +29,9 @@ def asset_dir(name: str) -> Path:
 
         raise WeightsError(
             f"{path}: toyworld asset folder not found; run from a checkout of mmalign, set "
-            "MMALIGN_TOYWORLD_ASSETS to the folder holding pipeline/ and reward/, or rebuild them with "
-            "`python -m mmalign.toyworld.train_pipeline` and `python -m mmalign.toyworld.train_reward`"
+            "MMALIGN_TOYWORLD_ASSETS to the folder holding pipeline/, flow_pipeline/ and reward/, or rebuild them "
+            "with `python -m mmalign.toyworld.train_pipeline`, `python -m mmalign.toyworld.train_flow_pipeline` "
+            "and `python -m mmalign.toyworld.train_reward`"
         )
     return path
 
@@ -133,4 +134,74 @@ def evaluate(
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     seeds = [seed * 100_003 + i for i in range(len(expanded))]
     images = sample(pipe, expanded, seeds, steps=steps, guidance=guidance)
+    return Evaluation(expanded, seeds, images, [judge(image, p) for image, p in zip(images, expanded)])
+
+
+# -------------------------------------------------------------------------------- flow-matching generators
+
+
+def load_flow_generator(folder: str | os.PathLike | None = None):
+    """The shipped toyworld flow-matching pipeline (``assets/toyworld/flow_pipeline``, a T5-less
+    ``StableDiffusion3Pipeline``) as a :class:`mmalign.models.sd3.SD3Generator` (fp32, CPU), through
+    :func:`mmalign.models.generator.load_generator`: the loader the flow trainers use."""
+    from ..models.generator import load_generator
+
+    return load_generator(str(folder or asset_dir("flow_pipeline")))
+
+
+@torch.no_grad()
+def sample_flow(
+    generator: Any,
+    prompts: Sequence[str | Prompt],
+    seeds: Sequence[int],
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+    batch_size: int = 64,
+    model: torch.nn.Module | None = None,
+) -> np.ndarray:
+    """``uint8 [N, H, W, 3]`` Euler-ODE samples of a flow-matching generator (``model``: its trainable module by
+    default, or e.g. a LoRA-wrapped copy); image ``i`` starts from ``torch.randn`` of the generator seeded with
+    ``seeds[i]``, as the diffusers pipeline draws it for a list of generators, and depends only on ``prompts[i]``,
+    ``seeds[i]`` and the model. The steps are those of the GRPO trainers' rollouts outside their SDE window
+    (:func:`mmalign.models.flow_rollout.guided_velocity`, :func:`mmalign.models.flow_sampling.flow_ode_step`)."""
+    from ..models.flow_rollout import guided_velocity
+    from ..models.flow_sampling import flow_ode_step
+    from .world import CANVAS
+
+    texts = [p.text if isinstance(p, Prompt) else str(p) for p in prompts]
+    if len(texts) != len(seeds):
+        raise ValueError(f"{len(texts)} prompts but {len(seeds)} seeds")
+    model = generator.trainable if model is None else model
+    shape = generator.latent_shape(CANVAS, CANVAS)
+    schedule = generator.sampling_schedule(steps)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        draws = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds[start:][: len(chunk)]
+        ]
+        x = torch.stack(draws).to(generator.device)
+        conditions = generator.encode_conditions(chunk)
+        uncond = None if guidance == 1.0 else generator.unconditional(len(chunk))
+        for j, t in enumerate(schedule.timesteps):
+            v = guided_velocity(generator, model, x, t, conditions, uncond, guidance)
+            x = flow_ode_step(x, v, schedule.sigmas[j], schedule.sigmas[j + 1])
+        images = generator.decode(x).permute(0, 2, 3, 1).cpu().numpy()
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out) if out else np.empty((0, 0, 0, 3), dtype=np.uint8)
+
+
+def evaluate_flow(
+    generator: Any,
+    prompts: Sequence[Prompt],
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+    model: torch.nn.Module | None = None,
+) -> Evaluation:
+    """:func:`evaluate` for a flow-matching generator: :func:`sample_flow` with the same seeds, then the judge."""
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    images = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
     return Evaluation(expanded, seeds, images, [judge(image, p) for image, p in zip(images, expanded)])

@@ -864,6 +864,8 @@ class Trainer:
             elif getattr(self.policy, "text_encoders", True) is None:  # freed: the trained network alone
                 unet.save_pretrained(str(self.output_dir / "transformer"))
                 logger.info("text encoders were freed: saved the trained network to %s/transformer", self.output_dir)
+            elif hasattr(self.policy, "save_pipeline"):
+                self.policy.save_pipeline(self.output_dir, unet)
             else:
                 self.policy.pipeline(unet).save_pretrained(str(self.output_dir))
             if self.ema is not None:

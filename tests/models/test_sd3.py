@@ -194,3 +194,100 @@ def test_generator_module_is_light():
     code = "import sys, mmalign.models.generator; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+# -- without T5 (text_encoder_3=None): the pipeline puts zeros [B, max_sequence_length, joint_attention_dim] there
+
+
+@pytest.fixture(scope="module")
+def no_t5_folder(tmp_path_factory):
+    from mmalign.models.builders import build_sd3_pipeline
+
+    return build_sd3_pipeline(tmp_path_factory.mktemp("sd3-no-t5") / "pipe", seed=0, t5=False, max_sequence_length=8)
+
+
+@pytest.fixture(scope="module")
+def no_t5(no_t5_folder):
+    return load_generator(str(no_t5_folder))
+
+
+@pytest.fixture(scope="module")
+def no_t5_pipe(no_t5_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    # diffusers loads a T5-less folder only when told so (its model_index.json has text_encoder_3 [null, null])
+    with pytest.raises(ValueError, match="expected"):
+        StableDiffusion3Pipeline.from_pretrained(str(no_t5_folder))
+    pipeline = StableDiffusion3Pipeline.from_pretrained(str(no_t5_folder), text_encoder_3=None, tokenizer_3=None)
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.text_encoder_3 is None and pipeline.tokenizer_3 is None
+    return pipeline
+
+
+def test_no_t5_reads_its_max_sequence_length_from_the_folder(no_t5, no_t5_folder):
+    from mmalign.models.sd3 import GENERATOR_CONFIG
+
+    assert isinstance(no_t5, SD3Generator) and not no_t5.has_t5
+    assert no_t5.max_sequence_length == 8
+    assert json.loads((no_t5_folder / GENERATOR_CONFIG).read_text()) == {"max_sequence_length": 8}
+    assert load_generator(str(no_t5_folder), max_sequence_length=4).max_sequence_length == 4  # an argument wins
+
+
+def test_no_t5_without_generator_config_uses_the_pipeline_default(no_t5_folder, tmp_path):
+    import shutil
+
+    from mmalign.models.sd3 import GENERATOR_CONFIG
+
+    copy_dir = tmp_path / "pipe"
+    shutil.copytree(no_t5_folder, copy_dir)
+    (copy_dir / GENERATOR_CONFIG).unlink()
+    assert load_generator(str(copy_dir)).max_sequence_length == 256
+
+
+@pytest.mark.parametrize("length", [8, 3])
+def test_no_t5_encode_conditions_equals_pipeline_encode_prompt(no_t5, no_t5_pipe, length):
+    generator = no_t5 if length == 8 else SD3Generator.from_pretrained(no_t5.folder, max_sequence_length=length)
+    conditions = generator.encode_conditions(PROMPTS)
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = no_t5_pipe.encode_prompt(
+            PROMPTS, None, None, do_classifier_free_guidance=True, max_sequence_length=length
+        )
+    assert conditions["prompt_embeds"].shape == (2, 77 + length, 64)
+    assert torch.equal(conditions["prompt_embeds"], embeds)
+    assert torch.equal(conditions["pooled_prompt_embeds"], pooled)
+    assert not conditions["prompt_embeds"][:, 77:].any()  # T5's place: zeros
+    empty = generator.unconditional(2)
+    torch.testing.assert_close(empty["prompt_embeds"], negative, atol=1e-6, rtol=0)
+    torch.testing.assert_close(empty["pooled_prompt_embeds"], negative_pooled, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_no_t5_ode_sampling_equals_the_pipeline(no_t5, no_t5_pipe, guidance):
+    initial = latents(2, seed=4)
+    ours = sample(no_t5, PROMPTS, initial, 4, guidance)
+    with torch.no_grad():
+        reference = no_t5_pipe(
+            PROMPTS,
+            latents=initial.clone(),
+            num_inference_steps=4,
+            guidance_scale=guidance,
+            height=32,
+            width=32,
+            output_type="latent",
+            max_sequence_length=no_t5.max_sequence_length,
+        ).images
+        # the pipeline's default length (256) is another model input: a different sample
+        default = no_t5_pipe(
+            PROMPTS, latents=initial.clone(), num_inference_steps=4, guidance_scale=guidance, output_type="latent"
+        ).images
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(default, reference, atol=1e-4)
+
+
+def test_no_t5_pipeline_and_free_text_encoders(no_t5_folder):
+    generator = SD3Generator.from_pretrained(no_t5_folder)
+    assert generator.pipeline().text_encoder_3 is None
+    generator.to("cpu")
+    expected = generator.unconditional(1)
+    generator.free_text_encoders()
+    assert torch.equal(generator.unconditional(1)["prompt_embeds"], expected["prompt_embeds"])

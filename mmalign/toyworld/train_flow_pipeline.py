@@ -1,0 +1,456 @@
+"""Train the shipped toyworld flow-matching pipeline (``assets/toyworld/flow_pipeline``) on a CPU.
+
+    python -m mmalign.toyworld.train_flow_pipeline --out assets/toyworld/flow_pipeline --threads 1   # seeded; ~20 CPU-min
+
+A diffusers ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3=None``), of tiny parts, for the flow-matching
+trainers (Flow-GRPO, DiffusionNFT, ...: :mod:`mmalign.trainers.flow`) on the toyworld:
+
+* the VAE of the shipped UNet pipeline (``assets/toyworld/pipeline/vae``: 32 px RGB <-> 8 x 8 x 8 latents),
+  reused as it is, with SD3's latent normalisation ``(z − shift_factor)·scaling_factor``: ``scaling_factor`` stays
+  the UNet pipeline's (1 / std of the latent means of renders), ``shift_factor`` is set to their mean, so that
+  the latents the transformer sees have mean 0 and std 1;
+* ``text_encoder``: the UNet pipeline's CLIP text encoder (width 32, 2 layers, real CLIP tokenizer cut to 16
+  tokens) as a ``CLIPTextModelWithProjection``, its weights reused and a projection (32 -> 32) added;
+* ``text_encoder_2``: a fresh CLIP of width 16 on a tokenizer of the same BPE reduced to the toyworld's words
+  (:func:`write_small_tokenizer`: 572 tokens instead of 49408, identical tokens on every toyworld prompt, so
+  the embedding table stays small);
+* ``SD3Transformer2DModel``: patch 1 (64 image tokens), 4 joint blocks of width 64 (4 heads of 16), RMS
+  query/key norm, ``joint_attention_dim`` = 32 + 16 (the two CLIPs' widths: no padding), pooled 32 + 16;
+* ``FlowMatchEulerDiscreteScheduler`` with ``shift`` 1 (see below); the T5 part of the prompt embedding is the
+  pipeline's zeros of length ``max_sequence_length`` (16, recorded in ``mmalign_generator.json`` beside
+  ``model_index.json``, read by :class:`mmalign.models.sd3.SD3Generator`).
+
+Training (stage 2 of :mod:`mmalign.toyworld.train_pipeline`, for flow matching): rectified flow ``x_σ = (1 − σ)·x0
++ σ·ε``, target ``ε − x0`` (MSE, unweighted), σ drawn from a logit-normal density (``logit_mean`` 0,
+``logit_std`` 1: SD3's "rf/lognorm(0.00, 1.00)", the best of the densities Esser et al. 2024 compared), mapped
+through the scheduler's shift ``σ ← shift·σ / (1 + (shift − 1)·σ)`` as diffusers' ``train_dreambooth_sd3.py``
+draws its timesteps from the shifted scheduler. Shift 1: SD3's shift 3 moves the density towards noise for
+1024 px images, whose many redundant pixels keep the image recognisable under noise; an 8 x 8 latent has none
+of that redundancy, and the resolution rule of the SD3 paper (shift ∝ √(pixels)) gives a shift below 1 at 32 px.
+The transformer and both text encoders learn together (EMA weights kept), on the VAE latents of renders whose
+captions are noisy exactly as for the UNet pipeline: each attribute replaced by a wrong value with probability
+``caption_noise``, and 10 % of captions dropped (encoded ``""``, the pipeline's unconditional prompt) for
+classifier-free guidance; the model then follows prompts only partly, which leaves room for preference training.
+The pipeline is saved in fp16 safetensors (loaded back in fp32), and the judge adherence of Euler-ODE samples
+(:func:`mmalign.toyworld.sampling.evaluate_flow`) on the held-out prompts of the demo's split, at several
+guidance scales and step counts, is written to ``training.json`` beside it. A killed run resumes from its
+checkpoint when rerun.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .save import recipe_main, save_fp16, write_summary
+from .train_pipeline import MAX_TOKENS, TokenCache, _tuples, latent_pool, warmup_cosine, write_tokenizer
+from .world import COLORS, COUNT_WORDS, POSITION_PHRASES, SHAPES, all_prompts, corrupt, split_prompts
+
+#: evaluation grid of ``training.json``: guidance scales x Euler steps, on the demo's held-out prompts
+EVAL_GUIDANCE = (1.0, 1.5, 3.0, 4.5)
+EVAL_STEPS = (10, 20)
+
+
+@dataclass
+class FlowPipelineRecipe:
+    """Every knob of the shipped flow pipeline's training (the defaults made the shipped one)."""
+
+    seed: int = 0
+    base: str = ""  # the UNet pipeline whose VAE and text encoder are reused ("": assets/toyworld/pipeline)
+    pool: int = 16384
+    steps: int = 7000
+    batch: int = 32
+    lr: float = 1e-3
+    caption_noise: float = 0.25
+    prompt_dropout: float = 0.1
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    width: int = 64
+    layers: int = 4
+    patch_size: int = 1
+    clip2_width: int = 16
+    max_sequence_length: int = 16
+    ema_decay: float = 0.995
+    eval_every: int = 1750
+    eval_samples: int = 8
+    checkpoint_every: int = 250
+    threads: int = 0
+
+
+def toyworld_words() -> list[str]:
+    """Every word of every toyworld prompt (counts, colours, shapes and their plurals, position phrases)."""
+    words = {*COUNT_WORDS.values(), *COLORS, *SHAPES, *(s + "s" for s in SHAPES)}
+    for phrase in POSITION_PHRASES.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
+def _bpe_merges(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies to ``word``, in order (the lowest-ranked adjacent pair first, every
+    occurrence of it merged left to right; the last symbol carries ``</w>``)."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    used = []
+    while len(parts) > 1:
+        rank, pair = min((ranks.get(p, math.inf), p) for p in zip(parts, parts[1:]))
+        if rank == math.inf:
+            break
+        used.append(pair)
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return used
+
+
+def write_small_tokenizer(folder: Path, source: Path, words: list[str] | None = None) -> Path:
+    """CLIP's BPE (``vocab.json`` and ``merges.txt`` of the CLIP tokenizer in ``source``) reduced to ``words``
+    (default :func:`toyworld_words`): the 512 byte symbols (with and without ``</w>``), the merges those words use
+    (in CLIP's order) and their results, and the two special tokens, ``model_max_length`` :data:`MAX_TOKENS`. It
+    splits those words into the same tokens as the full tokenizer (BPE takes the lowest-ranked pair present, and
+    keeping ranks in order keeps every choice); other text falls back to shorter pieces. Ids differ from CLIP's:
+    the text encoder using it takes the ids from ``vocab.json``."""
+    vocab = json.loads((source / "vocab.json").read_text(encoding="utf-8"))
+    lines = (source / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    merges = [tuple(line.split()) for line in lines if line]
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    used = {pair for word in (words or toyworld_words()) for pair in _bpe_merges(word, ranks)}
+    kept = sorted(used, key=ranks.__getitem__)
+    symbols = sorted(vocab, key=vocab.__getitem__)[:512]
+    tokens = symbols + ["".join(pair) for pair in kept] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in kept), encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_TOKENS,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def base_dir(recipe: FlowPipelineRecipe) -> Path:
+    from .sampling import asset_dir
+
+    return Path(recipe.base) if recipe.base else asset_dir("pipeline")
+
+
+def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
+    """The reused VAE and text encoder (with a fresh projection), a fresh second CLIP, transformer and scheduler
+    (seeded)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..models.builders import clip_text_config
+
+    base = base_dir(recipe)
+    torch.manual_seed(recipe.seed)
+    vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae", dtype=torch.float32)
+    vae.register_to_config(_name_or_path=recipe.base or "assets/toyworld/pipeline")  # no absolute path in config
+    clip = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder", dtype=torch.float32)
+    config = CLIPTextConfig(**{**clip.config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
+    text_encoder = CLIPTextModelWithProjection(config)
+    text_encoder.text_model.load_state_dict(clip.state_dict())  # all but the new text_projection
+    vocab = tokenizer_2.get_vocab()
+    special = {
+        "vocab_size": len(vocab),
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+    width2 = recipe.clip2_width
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            **clip_text_config(
+                width2, 2 * width2, 2, 2, max_position_embeddings=MAX_TOKENS, projection_dim=width2, **special
+            )
+        )
+    )
+    text_width = text_encoder.config.hidden_size + width2
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=recipe.patch_size,
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        num_layers=recipe.layers,
+        attention_head_dim=16,
+        num_attention_heads=recipe.width // 16,
+        joint_attention_dim=text_width,
+        caption_projection_dim=recipe.width,
+        pooled_projection_dim=text_encoder.config.projection_dim + width2,
+        pos_embed_max_size=8 // recipe.patch_size,
+        qk_norm="rms_norm",
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.shift)
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "transformer": transformer,
+        "scheduler": scheduler,
+    }
+
+
+def encode(
+    text_encoders: list[torch.nn.Module], ids: list[torch.Tensor], max_sequence_length: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds, pooled_prompt_embeds)`` of token ids, with gradients: ``SD3Generator.encode_conditions``
+    (= ``StableDiffusion3Pipeline.encode_prompt``) without T5 - both CLIPs' penultimate hidden states side by side,
+    padded to ``width``, then ``max_sequence_length`` zero tokens; pooled = both projected pooled outputs."""
+    hidden, pooled = [], []
+    for encoder, tokens in zip(text_encoders, ids):
+        out = encoder(tokens, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    clip = F.pad(torch.cat(hidden, dim=-1), (0, width - sum(h.shape[-1] for h in hidden)))
+    zeros = clip.new_zeros(clip.shape[0], max_sequence_length, width)
+    return torch.cat([clip, zeros], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def sample_sigmas(count: int, recipe: FlowPipelineRecipe, gen: torch.Generator) -> torch.Tensor:
+    """σ ~ logit-normal(``logit_mean``, ``logit_std``), shifted as the scheduler shifts its sigmas."""
+    sigma = torch.sigmoid(recipe.logit_mean + recipe.logit_std * torch.randn(count, generator=gen))
+    return recipe.shift * sigma / (1 + (recipe.shift - 1) * sigma)
+
+
+def train_flow(
+    parts: dict[str, Any],
+    tokens: list[TokenCache],
+    latents: torch.Tensor,
+    prompts: list,
+    recipe: FlowPipelineRecipe,
+    log,
+    evaluate=None,
+    checkpoint: Path | None = None,
+) -> list[dict[str, float]]:
+    """Rectified flow on noisy captions; the transformer and both text encoders keep EMA weights (copied in at
+    the end). With ``checkpoint``, the whole state is written there every ``checkpoint_every`` steps and a run
+    resumes from it exactly. Returns the loss curve (mean loss per 100 steps)."""
+    transformer = parts["transformer"]
+    encoders = [parts["text_encoder"], parts["text_encoder_2"]]
+    width = int(transformer.config.joint_attention_dim)
+    rng = random.Random(f"flow:{recipe.seed}")
+    gen = torch.Generator().manual_seed(recipe.seed)
+    modules = torch.nn.ModuleList([transformer, *encoders])
+    ema = copy.deepcopy(modules).requires_grad_(False)
+    params = [p for p in modules.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, recipe.steps)
+    start, curve, window = 0, [], []
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        modules.load_state_dict(state["modules"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(_tuples(state["rng"]))
+        gen.set_state(state["gen"])
+        start, curve = int(state["step"]), list(state["curve"])
+        log(f"resumed from {checkpoint} at step {start}")
+    modules.train()
+    for step in range(start, recipe.steps):
+        index = torch.randint(0, len(prompts), (recipe.batch,), generator=gen)
+        captions = [
+            "" if rng.random() < recipe.prompt_dropout else corrupt(prompts[i], rng, recipe.caption_noise).text
+            for i in index.tolist()
+        ]
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(len(index), recipe, gen)
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * noise
+        embeds, pooled = encode(encoders, [cache(captions) for cache in tokens], recipe.max_sequence_length, width)
+        pred = transformer(
+            hidden_states=noisy,
+            timestep=sigma * 1000,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(pred, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(recipe.ema_decay, (step + 1) / (step + 10))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), modules.parameters()):
+                e.lerp_(p, 1 - decay)
+        window.append(loss.item())
+        if (step + 1) % 100 == 0 or step == recipe.steps - 1:
+            curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 4)})
+            window = []
+            log(f"flow step {step + 1}/{recipe.steps} loss {curve[-1]['loss']:.4f} lr {schedule.get_last_lr()[0]:.2e}")
+        if evaluate is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0:
+            evaluate(ema, step + 1)
+            modules.train()
+        if checkpoint is not None and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.steps:
+            state = {
+                "modules": modules.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": rng.getstate(),
+                "gen": gen.get_state(),
+                "step": step + 1,
+                "curve": curve,
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+    with torch.no_grad():
+        for p, e in zip(modules.parameters(), ema.parameters()):
+            p.copy_(e)
+    modules.eval()
+    return curve
+
+
+def generator_of(parts: dict[str, Any], tokenizers: list[Any], recipe: FlowPipelineRecipe, modules=None):
+    """An :class:`~mmalign.models.sd3.SD3Generator` over ``parts`` (or over ``modules`` = [transformer,
+    text_encoder, text_encoder_2], e.g. EMA copies; the generator freezes its text encoders)."""
+    from ..models.sd3 import SD3Generator
+
+    transformer, text_encoder, text_encoder_2 = modules or [
+        parts["transformer"],
+        parts["text_encoder"],
+        parts["text_encoder_2"],
+    ]
+    components = dict(
+        parts,
+        transformer=transformer,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+    )
+    return SD3Generator(components, max_sequence_length=recipe.max_sequence_length)
+
+
+def adherence_grid(generator: Any, prompts: list, samples: int, seed: int) -> dict[str, dict[str, float]]:
+    """Judge scores of Euler-ODE samples at every guidance of :data:`EVAL_GUIDANCE` x steps of :data:`EVAL_STEPS`."""
+    from .sampling import evaluate_flow
+
+    return {
+        f"guidance_{g:g}_steps_{n}": evaluate_flow(generator, prompts, samples, seed=seed, steps=n, guidance=g).scores
+        for g in EVAL_GUIDANCE
+        for n in EVAL_STEPS
+    }
+
+
+def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
+    """Build, train and save the pipeline folder ``out``; returns the summary written to training.json."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    from ..models.generator import load_generator
+    from ..models.sd3 import write_generator_config
+    from .sampling import evaluate_flow, threads
+
+    started, cpu = time.time(), time.process_time()
+    _, heldout = split_prompts(32, seed=0)
+    with threads(recipe.threads):
+        source = base_dir(recipe) / "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(str(source))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_small_tokenizer(out / "tokenizer_2", source)))
+        parts = build_parts(recipe, tokenizer_2)
+        vae = parts["vae"]
+        latents, prompts = latent_pool(vae, recipe.pool, recipe.seed)  # scaled latent means, shift 0
+        shift = float(latents.mean())
+        vae.register_to_config(shift_factor=shift / vae.config.scaling_factor)
+        latents = latents - shift
+        log(
+            f"latent pool {tuple(latents.shape)}: shift_factor {vae.config.shift_factor:.4f}, scaling_factor "
+            f"{vae.config.scaling_factor:.4f}, std {float(latents.std()):.3f}, {time.time() - started:.0f} s"
+        )
+        tokenizers = [tokenizer, tokenizer_2]
+        history = []
+
+        def evaluate(ema, step):
+            trial = generator_of(parts, tokenizers, recipe, modules=list(ema))
+            for guidance in (1.0, 3.0):
+                scores = evaluate_flow(trial, heldout, 2, seed=1, steps=10, guidance=guidance).scores
+                history.append({"step": step, "guidance": guidance, **scores})
+                log(f"eval step {step} guidance {guidance}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
+
+        curve = train_flow(
+            parts,
+            [TokenCache(t) for t in tokenizers],
+            latents,
+            prompts,
+            recipe,
+            log,
+            evaluate,
+            checkpoint=out / ".flow-checkpoint.pt",
+        )
+        trained_seconds = time.time() - started
+        pipe = StableDiffusion3Pipeline(
+            transformer=parts["transformer"],
+            scheduler=parts["scheduler"],
+            vae=vae,
+            text_encoder=parts["text_encoder"],
+            tokenizer=tokenizer,
+            text_encoder_2=parts["text_encoder_2"],
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+        save_fp16(pipe, out)
+        # save_pretrained adds a tokenizer.json (3.6 MB for the full vocabulary); vocab + merges suffice
+        shutil.rmtree(out / "tokenizer")
+        write_tokenizer(out / "tokenizer")
+        shutil.rmtree(out / "tokenizer_2")
+        write_small_tokenizer(out / "tokenizer_2", source)
+        write_generator_config(out, max_sequence_length=recipe.max_sequence_length)
+        (out / ".flow-checkpoint.pt").unlink(missing_ok=True)
+        # judged as shipped: the saved folder (fp16 weights) loaded back in fp32 by the trainers' loader
+        shipped = load_generator(str(out))
+        grid = adherence_grid(shipped, heldout, recipe.eval_samples, seed=12345)
+        everything = {
+            f"guidance_{g:g}": evaluate_flow(shipped, all_prompts(), 2, seed=12345, steps=20, guidance=g).scores
+            for g in (1.0, 3.0)
+        }
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    summary = write_summary(
+        out,
+        recipe,
+        started,
+        cpu,
+        adherence_heldout=grid,
+        adherence_all_prompts=everything,
+        evaluation="judge of Euler-ODE samples (sampling.evaluate_flow): heldout = the demo's 32 held-out prompts "
+        f"(split_prompts(32, seed=0)) x {recipe.eval_samples} seeds; all_prompts = 144 x 2 seeds, 20 steps",
+        loss_curve=curve,
+        history=history,
+        training_seconds=round(trained_seconds, 1),
+        folder_bytes=size,
+    )
+    log(f"adherence (held-out): {json.dumps({k: round(v['overall'], 3) for k, v in grid.items()})}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return recipe_main(FlowPipelineRecipe, train, "assets/toyworld/flow_pipeline", __doc__.split("\n\n")[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
