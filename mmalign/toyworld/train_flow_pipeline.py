@@ -1,6 +1,6 @@
 """Train the shipped toyworld flow-matching pipeline (``assets/toyworld/flow_pipeline``) on a CPU.
 
-    python -m mmalign.toyworld.train_flow_pipeline --out assets/toyworld/flow_pipeline --threads 1  # seeded, ~20 CPU-min
+    python -m mmalign.toyworld.train_flow_pipeline --out assets/toyworld/flow_pipeline --threads 1  # ~20 CPU-min
 
 A diffusers ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3=None``), of tiny parts, for the flow-matching
 trainers (Flow-GRPO, DiffusionNFT, ...: :mod:`mmalign.trainers.flow`) on the toyworld:
