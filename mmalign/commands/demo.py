@@ -2,7 +2,9 @@
 
 Sample pairs from the shipped tiny pipeline, label them with the shipped learned reward, train Diffusion-DPO with
 LoRA, and measure the exact judge's adherence on held-out prompts before and after (fixed seed); writes
-``report.html``, ``report.md`` and ``report.json`` to ``--out``.
+``report.html``, ``report.md`` and ``report.json`` to ``--out``. ``--generator flow``: the GRPO family instead, on
+the shipped flow-matching pipeline (DiffusionNFT by default, the exact judge as the reward on the training prompts,
+a CPU budget of 8 minutes; see ``mmalign.toyworld.flow_demo``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the whole alignment loop on the toyworld (sample, label, DPO with LoRA, evaluate), offline on a CPU",
         description=__doc__.split("\n\n")[1],
     )
-    p.add_argument("--out", default=d.out, help=f"report folder (default {d.out})")
+    p.add_argument(
+        "--generator",
+        choices=["unet", "flow"],
+        default="unet",
+        help="unet: DPO on the UNet pipeline (default); flow: the GRPO family on the flow-matching pipeline",
+    )
+    p.add_argument("--out", default=d.out, help=f"report folder (default {d.out}; runs/demo-flow for flow)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps of each round (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of sampling, training and evaluation")
     p.add_argument("--trainer", default=d.trainer, help="registered trainer: dpo, sft, smpo, adaptive-dpo, kto")
@@ -66,12 +74,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def flow_config(args: argparse.Namespace):
+    """The flow demo's config: its own defaults (:data:`~mmalign.toyworld.flow_demo.FLOW_DEMO_DEFAULTS`) for every
+    option left at the UNet demo's default."""
+    import dataclasses
+
+    from ..toyworld.config import DemoConfig, config_from_args
+    from ..toyworld.flow_demo import FLOW_DEMO_DEFAULTS
+
+    config, unet = config_from_args(args), DemoConfig()
+    changes = {k: v for k, v in FLOW_DEMO_DEFAULTS.items() if getattr(config, k) == getattr(unet, k)}
+    return dataclasses.replace(config, **changes)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..toyworld.config import config_from_args
     from ..toyworld.demo import run_demo
 
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if getattr(args, "generator", "unet") == "flow":
+        from ..toyworld.flow_demo import run_flow_demo
+
+        config = flow_config(args)
+        report = run_flow_demo(config, log=log)
+        b, a = report["before"], report["after"]
+        print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")
+        for name in ("overall", "exact", "color", "shape", "count", "position"):
+            print(f"{name:<16} {b[name]:>8.3f} {a[name]:>8.3f} {a[name] - b[name]:>+8.3f}")
+        t = report["training"]
+        print(f"\ntraining {t['train_cpu_seconds']:.0f} CPU s, total {report['timing']['total_s']:.0f} s")
+        print(f"wrote {config.out}/report.md and report.json")
+        return 0
     config = config_from_args(args)
-    report = run_demo(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+    report = run_demo(config, log=log)
     b, a = report["before"], report["after"]
     print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")
     for name in ("overall", "exact", "color", "shape", "count", "position", "reward"):
