@@ -49,7 +49,7 @@ def bench_trainers(
     import torch
 
     from ..rewards import load_reward
-    from .demo import configured_pairs, demo_prompts, evaluate_heldout, train_with_curves
+    from .demo import configured_pairs, demo_prompts, evaluate_heldout, reward_of, train_with_curves
     from .sampling import asset_dir, load_pipeline, threads
 
     out = Path(out or config.out)
@@ -69,15 +69,21 @@ def bench_trainers(
         from ..registry import TRAINERS
 
         kind = parametrisation_of(model)
+        flow_model = asset_dir("flow_pipeline")
+        flow_before = None
         for name in names:
             supported = TRAINERS.entry(name).load().parametrisations
+            run = replace(config, trainer=name, steps=1_000_000, cpu_budget=cpu_seconds, eval_every=0)
+            if kind not in supported and "flow" in supported and flow_model.is_dir():
+                flow_before = flow_before or flow_baseline(flow_model, heldout, run)
+                rows.append(flow_row(name, run, flow_model, train_prompts, heldout, flow_before, out / name, log))
+                continue
             if kind not in supported:
                 skipped.append(
                     {"trainer": name, "reason": f"needs a {' or '.join(supported)} generator; {model} is {kind}"}
                 )
                 log(f"{name}: skipped ({skipped[-1]['reason']})")
                 continue
-            run = replace(config, trainer=name, steps=1_000_000, cpu_budget=cpu_seconds, eval_every=0)
             log(f"{name}: training for {cpu_seconds:.0f} CPU s")
             started = time.time()
             training = train_with_curves(run, model, pairs["file"], out / name, base, reward, heldout, log)
@@ -87,6 +93,8 @@ def bench_trainers(
             rows.append(
                 {
                     "trainer": name,
+                    "generator": "unet",
+                    "reward_gain": reward_of(reward, after) - reward_of(reward, before),
                     "steps": training["steps"],
                     "train_cpu_s": training["train_cpu_seconds"],
                     "train_wall_s": training["train_wall_seconds"],
@@ -123,6 +131,54 @@ def bench_trainers(
     return result
 
 
+def flow_baseline(model: Path, heldout: list, config: DemoConfig) -> Any:
+    """Held-out judge of the shipped flow pipeline (the flow rows' "before"), sampled as the flow demo does."""
+    from .flow_demo import FLOW_DEMO_DEFAULTS
+    from .sampling import evaluate_flow, load_flow_generator
+
+    return evaluate_flow(
+        load_flow_generator(model),
+        heldout,
+        samples_per_prompt=config.eval_samples,
+        seed=config.seed,
+        steps=FLOW_DEMO_DEFAULTS["sample_steps"],
+        guidance=config.guidance,
+    )
+
+
+def flow_row(
+    name: str, config: DemoConfig, model: Path, train_prompts: list, heldout: list, before: Any, out: Path, log
+) -> dict[str, Any]:
+    """A flow-matching trainer on the flow pipeline with the flow demo's settings (the judge as training reward on
+    the training prompts) for the same CPU budget; the training reward's rise sits beside the held-out gain."""
+    from .flow_demo import FLOW_DEMO_DEFAULTS, train_flow, training_reward_gain
+
+    keys = ("batch_size", "lora_rank", "lr", "sample_steps")
+    flow = replace(config, **{key: FLOW_DEMO_DEFAULTS[key] for key in keys})
+    started = time.time()
+    log(f"{name}: training the flow pipeline for {config.cpu_budget:.0f} CPU s")
+    run = train_flow(flow, model, train_prompts, heldout, out, log)
+    after = run["after"].scores
+    cpu_minutes = run["train_cpu_seconds"] / 60
+    gain = after["overall"] - before.scores["overall"]
+    log(f"{name}: adherence {after['overall']:.3f} ({gain:+.3f}) after {run['steps']} steps")
+    return {
+        "trainer": name,
+        "generator": "flow",
+        "reward_gain": training_reward_gain(run["history"]),
+        "steps": run["steps"],
+        "train_cpu_s": run["train_cpu_seconds"],
+        "train_wall_s": run["train_wall_seconds"],
+        "before": before.scores["overall"],
+        "after": after["overall"],
+        "gain": gain,
+        "exact_gain": after["exact"] - before.scores["exact"],
+        "gain_per_cpu_minute": gain / cpu_minutes if cpu_minutes else float("nan"),
+        "after_scores": after,
+        "total_wall_s": round(time.time() - started, 1),
+    }
+
+
 def table_markdown(result: dict[str, Any]) -> str:
     """The comparison table, sorted by gain per CPU-minute."""
     s = result["settings"]
@@ -132,16 +188,17 @@ def table_markdown(result: dict[str, Any]) -> str:
         f"{s['lora_rank']}; held-out adherence of the base {result['before']['overall']:.3f} "
         f"({s['heldout_prompts']} prompts x {s['eval_samples']} samples, seed {s['seed']}).",
         "",
-        "| trainer | steps | CPU s | adherence | gain | exact gain | gain / CPU-min |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| trainer | generator | steps | CPU s | adherence | gain | exact gain | gain / CPU-min | reward gain |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sorted(result["rows"], key=lambda r: -r["gain_per_cpu_minute"]):
         lines.append(
-            f"| {row['trainer']} | {row['steps']} | {row['train_cpu_s']:.0f} | {row['after']:.3f} | {row['gain']:+.3f}"
-            f" | {row['exact_gain']:+.3f} | {row['gain_per_cpu_minute']:+.4f} |"
+            f"| {row['trainer']} | {row.get('generator', 'unet')} | {row['steps']} | {row['train_cpu_s']:.0f} | "
+            f"{row['after']:.3f} | {row['gain']:+.3f} | {row['exact_gain']:+.3f} | {row['gain_per_cpu_minute']:+.4f}"
+            f" | {row.get('reward_gain', float('nan')):+.4f} |"
         )
     for row in result.get("skipped", []):
-        lines.append(f"| {row['trainer']} | skipped: {row['reason']} | | | | | |")
+        lines.append(f"| {row['trainer']} | skipped: {row['reason']} | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

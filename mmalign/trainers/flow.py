@@ -77,6 +77,9 @@ class FlowOnlineConfig(OnlineConfig):
     eval_reward_weights: str | None = None
     eval_samples: int = 1
     eval_stop_drop: float = 0.0
+    # keep the weights of the best held-out evaluation and save those at the end (early stopping on a validation
+    # set: give eval_prompts that are neither trained on nor used for the final test)
+    eval_keep_best: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +91,8 @@ class FlowOnlineConfig(OnlineConfig):
             raise ValueError("eval_every >= 0, eval_samples >= 1 and eval_stop_drop >= 0 are required")
         if self.eval_every and not self.eval_prompts:
             raise ValueError("eval_every > 0 needs eval_prompts (a held-out prompt file)")
+        if self.eval_keep_best and not self.eval_every:
+            raise ValueError("eval_keep_best needs eval_every > 0 (and eval_prompts)")
 
 
 @dataclass
@@ -447,7 +452,9 @@ class FlowOnlineTrainer(OnlineTrainer):
         """Mean held-out reward (``eval_reward``, default the training reward) of ``eval_samples`` ODE samples per
         held-out prompt, with fixed seeds (the same initial latents at every evaluation); logged as ``eval/*``
         beside the training reward. With ``eval_stop_drop`` > 0, training stops once the held-out reward falls
-        that far below its best (:attr:`stop_reason` says so)."""
+        that far below its best (:attr:`stop_reason` says so); with ``eval_keep_best`` the weights of the best
+        evaluation are kept and saved at the end. With an EMA (``ema_decay``) the EMA weights are evaluated (they
+        are what the run saves)."""
         from .online import build_reward
 
         config, acc = self.config, self.accelerator
@@ -459,6 +466,35 @@ class FlowOnlineTrainer(OnlineTrainer):
                 else build_reward(spec, config.eval_reward_weights)
             ).to(acc.device)
         prompts = [p for p in self.eval_prompts for _ in range(config.eval_samples)]
+        if self.ema is not None:
+            self.ema.store(self.trainable)
+            self.ema.copy_to(self.trainable)
+        try:
+            components = self._eval_components(prompts)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.trainable)
+        weights = torch.tensor(self._eval_reward.weights, dtype=components.dtype)
+        result = {"eval/reward": float((components * weights).sum(dim=1).mean())}
+        for k, name in enumerate(self.reward_names() if self._eval_reward is self.reward else []):
+            result[f"eval/reward/{name}"] = float(components[:, k].mean())
+        if metrics:
+            result.update({f"eval/train_{k}": v for k, v in metrics.items() if k in ("reward", "kl_loss", "kl_div")})
+        if config.eval_keep_best and (self._eval_best is None or result["eval/reward"] > self._eval_best):
+            kept = self.ema.shadow_params if self.ema is not None else self.trainable
+            self._best = (self.step, [tensor.detach().clone() for tensor in kept])
+        self._eval_best = max(result["eval/reward"], self._eval_best or float("-inf"))
+        if config.eval_stop_drop and self._eval_best - result["eval/reward"] > config.eval_stop_drop:
+            self.stop_reason = (
+                f"held-out reward {result['eval/reward']:.4g} fell more than eval_stop_drop={config.eval_stop_drop} "
+                f"below its best {self._eval_best:.4g} (reward hacking?)"
+            )
+            logger.warning("step %d: %s; stopping", self.step, self.stop_reason)
+        self._log(result)
+        return result
+
+    def _eval_components(self, prompts: list[str]) -> Tensor:
+        config = self.config
         scores = []
         for start in range(0, len(prompts), config.batch_size):
             chunk = prompts[start : start + config.batch_size]
@@ -475,29 +511,40 @@ class FlowOnlineTrainer(OnlineTrainer):
                 sde_window=(0, 0),
             )
             scores.append(self._eval_reward.components(self.policy.decode(trajectory.final), chunk).float().cpu())
-        components = torch.cat(scores)
-        result = {"eval/reward": float(self.weighted(components).mean())}
-        for k, name in enumerate(self.reward_names() if self._eval_reward is self.reward else []):
-            result[f"eval/reward/{name}"] = float(components[:, k].mean())
-        if metrics:
-            result.update({f"eval/train_{k}": v for k, v in metrics.items() if k in ("reward", "kl_loss", "kl_div")})
-        self._eval_best = max(result["eval/reward"], self._eval_best or float("-inf"))
-        if config.eval_stop_drop and self._eval_best - result["eval/reward"] > config.eval_stop_drop:
-            self.stop_reason = (
-                f"held-out reward {result['eval/reward']:.4g} fell more than eval_stop_drop={config.eval_stop_drop} "
-                f"below its best {self._eval_best:.4g} (reward hacking?)"
-            )
-            logger.warning("step %d: %s; stopping", self.step, self.stop_reason)
-        self._log(result)
-        return result
+        return torch.cat(scores)
+
+    def save_final(self) -> Path:
+        """With ``eval_keep_best``: the best evaluation's weights (into the EMA when there is one) before saving."""
+        best = getattr(self, "_best", None)
+        if best is not None:
+            step, kept = best
+            target = self.ema.shadow_params if self.ema is not None else self.trainable
+            with torch.no_grad():
+                for tensor, value in zip(target, kept):
+                    tensor.copy_(value)
+            logger.info("eval_keep_best: saving the weights of step %d (held-out reward %.4g)", step, self._eval_best)
+            self.best_step = step
+        return super().save_final()
 
     def save_extra_state(self, folder: Path) -> None:
-        (folder / "flow_state.json").write_text(json.dumps({"eval_best": self._eval_best}))
+        from safetensors.torch import save_file
+
+        best = getattr(self, "_best", None)
+        state = {"eval_best": self._eval_best, "best_step": None if best is None else best[0]}
+        (folder / "flow_state.json").write_text(json.dumps(state))
+        if best is not None:
+            save_file({str(i): t.contiguous().cpu() for i, t in enumerate(best[1])}, str(folder / "best.safetensors"))
 
     def load_extra_state(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
         path = folder / "flow_state.json"
         if path.is_file():
-            self._eval_best = json.loads(path.read_text()).get("eval_best")
+            state = json.loads(path.read_text())
+            self._eval_best = state.get("eval_best")
+            if state.get("best_step") is not None:
+                kept = load_file(str(folder / "best.safetensors"))
+                self._best = (int(state["best_step"]), [kept[str(i)] for i in range(len(kept))])
 
 
 class _Returning:

@@ -65,10 +65,11 @@ def test_cpu_budget_stops_training_and_bench_tabulates(tmp_path):
         progress=False,
     )
     names = ["dpo", "sft", "draft", "d3po"]  # offline pairs and online trainers (prompts + the learned reward)
-    result = bench_trainers([*names, "flow-grpo"], cpu_seconds=1.0, config=config, log=lambda message: None)
-    assert [row["trainer"] for row in result["rows"]] == names
-    # a trainer that does not apply to the UNet toy is tabulated as skipped, with the reason
-    assert result["skipped"][0]["trainer"] == "flow-grpo" and "flow" in result["skipped"][0]["reason"]
+    result = bench_trainers([*names, "diffusionnft"], cpu_seconds=1.0, config=config, log=lambda message: None)
+    assert [row["trainer"] for row in result["rows"]] == [*names, "diffusionnft"]
+    # a flow-matching trainer runs on the flow pipeline, with the training reward's rise beside its held-out gain
+    assert [row["generator"] for row in result["rows"]] == ["unet"] * 4 + ["flow"]
+    assert all("reward_gain" in row for row in result["rows"]) and not result["skipped"]
     for row in result["rows"]:
         assert 1 <= row["steps"] < 1_000_000 and row["train_cpu_s"] >= 1.0
     assert "| dpo |" in table_markdown(result) and (tmp_path / "bench.md").is_file()
