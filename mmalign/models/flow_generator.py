@@ -117,6 +117,20 @@ def cfg_velocity(
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
+#: both streams of an MMDiT joint attention (SD3, FLUX double-stream blocks): image q/k/v/out and context
+#: q/k/v/out, the projections flow_grpo's SD3 and FLUX scripts train
+JOINT_ATTENTION_TARGETS: tuple[str, ...] = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+
+
 class FlowMatchingGenerator:
     """A flow-matching transformer family behind the generator protocol (:mod:`mmalign.models.generator`).
 

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .flow_generator import FlowMatchingGenerator, pack_latents, unpack_latents
+from .flow_generator import JOINT_ATTENTION_TARGETS, FlowMatchingGenerator, pack_latents, unpack_latents
 from .generator import Conditions
 
 __all__ = ["FluxGenerator", "latent_image_ids", "pack_latents", "unpack_latents"]
@@ -67,14 +67,7 @@ class FluxGenerator(FlowMatchingGenerator):
     # joint attention and both feed-forwards of every double-stream block (the single-stream blocks' attention
     # projections match "attn.to_q/k/v" as well)
     lora_targets: ClassVar[tuple[str, ...]] = (
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.to_k",
-        "attn.to_out.0",
-        "attn.to_q",
-        "attn.to_v",
+        *JOINT_ATTENTION_TARGETS,
         "ff.net.0.proj",
         "ff.net.2",
         "ff_context.net.0.proj",

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .flow_generator import FlowMatchingGenerator, calculate_shift
+from .flow_generator import JOINT_ATTENTION_TARGETS, FlowMatchingGenerator, calculate_shift
 from .generator import Conditions
 
 __all__ = ["GENERATOR_CONFIG", "SD3Generator", "read_generator_config", "write_generator_config"]
@@ -74,16 +74,7 @@ class SD3Generator(FlowMatchingGenerator):
 
     family: ClassVar[str] = "sd3"
     # flow_grpo's SD3 LoRA targets (scripts/train_sd3.py): both streams of every joint attention
-    lora_targets: ClassVar[tuple[str, ...]] = (
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.to_k",
-        "attn.to_out.0",
-        "attn.to_q",
-        "attn.to_v",
-    )
+    lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION_TARGETS
     block_class: ClassVar[str] = "JointTransformerBlock"
     pipeline_name: ClassVar[str] = "StableDiffusion3Pipeline"
     display_name: ClassVar[str] = "SD3"
