@@ -315,8 +315,9 @@ def task_mmalign(spec: dict) -> dict:
             "transformer": SD3Transformer2DModel.from_pretrained(str(folder), subfolder="transformer"),
             "vae": AutoencoderKL.from_pretrained(str(folder), subfolder="vae"),
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler"),
-            **{f"tokenizer{s}": None for s in ("", "_2", "_3")},
-            **{f"text_encoder{s}": torch.nn.Identity() for s in ("", "_2", "_3")},
+            # stand-ins: the text encoders are dropped below (cached conditions only); no T5 pair at all
+            **{f"tokenizer{s}": torch.nn.Identity() for s in ("", "_2")},
+            **{f"text_encoder{s}": torch.nn.Identity() for s in ("", "_2")},
         }
         policy = SD3Generator(components, folder)
         policy.text_encoders = None  # cached conditions only: the encoders are never in memory
