@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flow_generator import cfg_velocity
+from .flow_generator import cfg_velocity, check_guidance
 from .flow_sampling import FlowStep, cps_step, dance_sde_step, flow_dpm2_step, flow_ode_step, flow_sde_step
 from .generator import Conditions, Generator, Schedule
 from .sampling import _global_randn
@@ -116,8 +116,7 @@ def velocity_with_detached_uncond(
     up to the rounding of two calls of ``B`` rows instead of one of ``2B``."""
     if guidance == 1.0:
         return generator.predict(model, x, t, conditions)
-    if uncond is None:
-        raise ValueError(f"guidance {guidance} needs the unconditional branch (uncond)")
+    check_guidance(conditions, uncond, guidance)
     with torch.no_grad():
         v_uncond = generator.predict(model, x, t, uncond)
     v_cond = generator.predict(model, x, t, conditions)
