@@ -635,73 +635,16 @@ def worker_main(spec_path: str) -> None:
 # Parent side (no torch import)
 # ==========================================================================================================
 def run_worker(python: str, spec: dict, threads: int, timeout: float) -> tuple[dict | None, str, dict]:
-    """``python THIS --worker SPEC`` in a fresh process: ``(result, error, stats)``; stats: wall seconds, the
-    load average before and after, and the CPU other processes used meanwhile (cores)."""
-    import psutil
+    """``python THIS --worker SPEC`` in a fresh process (:func:`harness.run_worker`; the reference's environment
+    sees no mmalign): ``(result, error, stats)``; stats: wall seconds, the load average before and after, and the
+    CPU other processes used meanwhile (cores)."""
+    from harness import run_worker as run_in_process  # parent side only: the worker may run in flow_grpo's venv
 
-    def busy() -> float:
-        t = psutil.cpu_times()
-        return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-    with tempfile.TemporaryDirectory(prefix="mmalign-bench-flow-") as tmp:
-        spec = {**spec, "result": str(Path(tmp) / "result.json")}
-        spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env.update(
-            OMP_NUM_THREADS=str(threads),
-            MKL_NUM_THREADS=str(threads),
-            TOKENIZERS_PARALLELISM="false",
-            HF_HUB_OFFLINE="1",
-            PYTHONWARNINGS="ignore",
-        )
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-        if spec["task"] == "flow_grpo":  # the reference's environment must not see mmalign's
-            env["PYTHONPATH"] = ""
-        load0, busy0, wall0 = os.getloadavg(), busy(), time.perf_counter()
-        child0 = _children_cpu()
-        try:
-            proc = subprocess.run(
-                [python, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=env,
-                cwd=str(REPO),
-            )
-        except subprocess.TimeoutExpired:
-            return None, f"timed out after {timeout:.0f} s", {}
-        wall = time.perf_counter() - wall0
-        other = max(0.0, (busy() - busy0 - (_children_cpu() - child0)) / wall) if wall > 0 else 0.0
-        stats = {"wall_s": wall, "load_before": list(load0), "load_after": list(os.getloadavg()), "other_cores": other}
-        result_path = Path(spec["result"])
-        if proc.returncode != 0 or not result_path.is_file():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-20:]
-            return None, f"exit status {proc.returncode}: " + "\n".join(tail), stats
-        return json.loads(result_path.read_text()), "", stats
-
-
-def _children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def cpu_flags() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    return ""
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
+    stats: dict = {}
+    result, error = run_in_process(
+        __file__, spec, threads, timeout, stats, python=python, isolated=spec["task"] == "flow_grpo"
+    )
+    return result, error, stats
 
 
 def uptime() -> str:
@@ -731,10 +674,6 @@ def ensure_model(cache_dir: Path, layers: int, threads: int, timeout: float) -> 
     return folder, info
 
 
-def fmt(value, spec: str = ".2f", none: str = "–") -> str:
-    return none if value is None else format(value, spec)
-
-
 def ratio(a, b) -> float | None:
     return None if a is None or b in (None, 0) else a / b
 
@@ -746,6 +685,8 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def markdown(report: dict) -> str:
+    from harness import fmt
+
     m = report["machine"]
     lines = [
         "# One Flow-GRPO iteration: mmalign vs yifan123/flow_grpo (+ mmalign DiffusionNFT)",
@@ -846,6 +787,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker_main(args.worker)
         return 0
+    from harness import cpu_flags, cpu_model, fmt  # parent side only: the worker may run in flow_grpo's venv
+
     if args.render:
         report = json.loads(args.render.read_text())
         report["notes"] = list(report.get("notes", [])) + list(args.note)

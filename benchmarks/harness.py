@@ -209,11 +209,19 @@ def children_cpu_seconds() -> float:
 
 
 def run_worker(
-    script: str | Path, spec: dict, threads: int, timeout: float, stats: dict | None = None
+    script: str | Path,
+    spec: dict,
+    threads: int,
+    timeout: float,
+    stats: dict | None = None,
+    python: str | None = None,
+    isolated: bool = False,
 ) -> tuple[dict | None, str]:
     """Run ``script --worker SPEC`` (one row or task) in a fresh process; ``(result, '')`` or ``(None, error)``.
-    ``stats`` receives the wall time and ``other_cores``: the CPU that other processes used meanwhile (machine
-    busy time minus the worker's), in cores."""
+    ``stats`` receives the wall time, the load average before and after, and ``other_cores``: the CPU that other
+    processes used meanwhile (machine busy time minus the worker's), in cores. ``python``: the interpreter (another
+    environment's, e.g. a reference repository's; default this one); ``isolated``: an empty ``PYTHONPATH`` (that
+    environment must not see mmalign)."""
     with tempfile.TemporaryDirectory(prefix="mmalign-bench-spec-") as tmp:
         spec = {**spec, "result": str(Path(tmp) / "result.json")}
         spec_path = Path(tmp) / "spec.json"
@@ -226,11 +234,12 @@ def run_worker(
             HF_HUB_OFFLINE="1",
             PYTHONWARNINGS="ignore",
         )
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = "" if isolated else os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+        load0 = os.getloadavg()
         busy0, children0, wall0 = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
         try:
             proc = subprocess.run(
-                [sys.executable, str(Path(script).resolve()), "--worker", str(spec_path)],
+                [python or sys.executable, str(Path(script).resolve()), "--worker", str(spec_path)],
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -244,6 +253,7 @@ def run_worker(
             worker = children_cpu_seconds() - children0
             other = (busy_cpu_seconds() - busy0 - worker) / wall if wall > 0 else 0.0
             stats.update(wall_s=wall, other_cores=max(0.0, other))
+            stats.update(load_before=list(load0), load_after=list(os.getloadavg()))
         result_path = Path(spec["result"])
         if proc.returncode != 0 or not result_path.is_file():
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
@@ -285,6 +295,15 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (``/proc/cpuinfo``), empty when unknown."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    return ""
 
 
 def cpu_model() -> str:
