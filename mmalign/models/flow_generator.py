@@ -42,6 +42,7 @@ from .generator import Conditions, Schedule, read_model_index
 __all__ = [
     "FlowMatchingGenerator",
     "calculate_shift",
+    "cfg_branches",
     "cfg_velocity",
     "check_guidance",
     "doubled_timesteps",
@@ -97,6 +98,24 @@ def doubled_timesteps(t: Tensor | float) -> Tensor | float:
     return t
 
 
+def cfg_branches(
+    generator: Any,
+    model: torch.nn.Module,
+    x: Tensor,
+    t: Tensor | float,
+    conditions: Conditions,
+    uncond: Conditions,
+    cond_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(v_uncond, v_cond)``: both branches of classifier-free guidance from ONE batched ``generator.predict``
+    on ``cat([uncond, conditions])`` (as the diffusers pipelines batch it; ``cond_first``: ``cat([conditions,
+    uncond])``, Z-Image's order); ``t`` a scalar or per sample ``[B]``."""
+    pair = [conditions, uncond] if cond_first else [uncond, conditions]
+    both = generator.predict(model, torch.cat([x, x]), doubled_timesteps(t), Conditions.cat(pair))
+    first, second = both.chunk(2)
+    return (second, first) if cond_first else (first, second)
+
+
 def cfg_velocity(
     generator: Any,
     model: torch.nn.Module,
@@ -107,13 +126,12 @@ def cfg_velocity(
     guidance: float,
 ) -> Tensor:
     """Standard classifier-free guidance on any generator with a ``predict``: ``generator.predict`` on
-    ``conditions`` when ``guidance == 1``, else ``v_u + g·(v_c − v_u)`` from ONE batched call on
-    ``cat([uncond, conditions])`` (as the diffusers pipelines batch it); ``t`` a scalar or per sample ``[B]``."""
+    ``conditions`` when ``guidance == 1``, else ``v_u + g·(v_c − v_u)`` from one batched call
+    (:func:`cfg_branches`); ``t`` a scalar or per sample ``[B]``."""
     if guidance == 1.0:
         return generator.predict(model, x, t, conditions)
     check_guidance(conditions, uncond, guidance)
-    both = generator.predict(model, torch.cat([x, x]), doubled_timesteps(t), Conditions.cat([uncond, conditions]))
-    v_uncond, v_cond = both.chunk(2)
+    v_uncond, v_cond = cfg_branches(generator, model, x, t, conditions, uncond)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
@@ -411,9 +429,20 @@ class FlowMatchingGenerator:
         guidance: float,
     ) -> Tensor:
         """The velocity the pipeline samples with at classifier-free guidance scale ``guidance`` (the
-        conditional :meth:`predict` at 1): by default ``v_u + g·(v_c − v_u)`` from one batched :meth:`predict`
-        on ``cat([uncond, conditions])`` (:func:`cfg_velocity`); ``t`` a scalar or per sample ``[B]``."""
-        return cfg_velocity(self, model, x, t, conditions, uncond, guidance)
+        conditional :meth:`predict` at 1): the two branches of :meth:`guidance_branches` combined by
+        :meth:`combine_guidance` (by default ``v_u + g·(v_c − v_u)``); ``t`` a scalar or per sample ``[B]``."""
+        if guidance == 1.0:
+            return self.predict(model, x, t, conditions)
+        check_guidance(conditions, uncond, guidance)
+        return self.combine_guidance(*self.guidance_branches(model, x, t, conditions, uncond), guidance, t)
+
+    def guidance_branches(
+        self, model: torch.nn.Module, x: Tensor, t: Tensor | float, conditions: Conditions, uncond: Conditions
+    ) -> tuple[Tensor, Tensor]:
+        """``(v_uncond, v_cond)`` from one batched :meth:`predict` in the pipeline's order (:func:`cfg_branches`):
+        what :meth:`guided_velocity` combines, and what a rollout records of the unconditional branch so that
+        training with it detached need not recompute it while the weights are those that sampled."""
+        return cfg_branches(self, model, x, t, conditions, uncond)
 
     def combine_guidance(self, v_uncond: Tensor, v_cond: Tensor, guidance: float, t: Tensor | float) -> Tensor:
         """How the pipeline combines its two branches at scale ``guidance``: ``v_u + g·(v_c − v_u)``. Training

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flow_generator import cfg_velocity, check_guidance
+from .flow_generator import cfg_branches, cfg_velocity, check_guidance
 from .flow_sampling import FlowStep, cps_step, dance_sde_step, flow_dpm2_step, flow_ode_step, flow_sde_step
 from .generator import Conditions, Generator, Schedule
 from .sampling import _global_randn
@@ -33,6 +33,7 @@ __all__ = [
     "FlowTrajectory",
     "flow_step_log_prob",
     "guided_velocity",
+    "guided_velocity_and_uncond",
     "sample_flow_trajectories",
     "velocity_with_detached_uncond",
 ]
@@ -48,7 +49,10 @@ class FlowTrajectory:
     the final sample), ``log_probs [B, T]`` (0 at ODE steps), ``sigmas [T + 1]`` and ``timesteps [T]`` of the
     schedule, ``sde [T]`` (bool: which steps were stochastic), the ``conditions`` (and ``uncond``, the
     classifier-free guidance branch, ``None`` when ``guidance == 1``) that produced them, ``guidance``,
-    ``noise_level`` and ``sampler`` ("sde", "cps" or "dance")."""
+    ``noise_level`` and ``sampler`` ("sde", "cps" or "dance"). ``uncond_velocities [B, T, C, h, w]``: the
+    unconditional branch's velocity at every step, when the rollout was asked to keep it (``keep_uncond``), for a
+    training step that detaches that branch under the weights that sampled (:func:`flow_step_log_prob`
+    ``reuse_uncond``)."""
 
     latents: Tensor
     log_probs: Tensor
@@ -60,6 +64,7 @@ class FlowTrajectory:
     guidance: float
     noise_level: float
     sampler: str
+    uncond_velocities: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -100,6 +105,31 @@ def guided_velocity(
     return cfg_velocity(generator, model, x, t, conditions, uncond, guidance)
 
 
+def guided_velocity_and_uncond(
+    generator: Generator,
+    model: torch.nn.Module,
+    x: Tensor,
+    t: Tensor | float,
+    conditions: Conditions,
+    uncond: Conditions | None,
+    guidance: float,
+) -> tuple[Tensor, Tensor | None]:
+    """``(v, v_uncond)``: :func:`guided_velocity` and the unconditional branch it was combined from (``None`` at
+    ``guidance == 1``, or for a generator whose own guidance does not expose its branches). The same batched call
+    and the same combination as :func:`guided_velocity`, so ``v`` is bitwise the same."""
+    if guidance == 1.0:
+        return guided_velocity(generator, model, x, t, conditions, uncond, guidance), None
+    check_guidance(conditions, uncond, guidance)
+    branches = getattr(generator, "guidance_branches", None)
+    if branches is not None:
+        v_uncond, v_cond = branches(model, x, t, conditions, uncond)
+        return generator.combine_guidance(v_uncond, v_cond, guidance, t), v_uncond
+    if getattr(generator, "guided_velocity", None) is not None:
+        return guided_velocity(generator, model, x, t, conditions, uncond, guidance), None
+    v_uncond, v_cond = cfg_branches(generator, model, x, t, conditions, uncond)
+    return v_uncond + guidance * (v_cond - v_uncond), v_uncond
+
+
 def velocity_with_detached_uncond(
     generator: Generator,
     model: torch.nn.Module,
@@ -108,17 +138,24 @@ def velocity_with_detached_uncond(
     conditions: Conditions,
     uncond: Conditions | None,
     guidance: float,
+    uncond_velocity: Tensor | None = None,
 ) -> Tensor:
     """The guided velocity with gradients through the conditional branch only, as flow_grpo trains
     (``scripts/train_sd3.py`` ``compute_log_prob``: ``noise_pred_uncond.detach()``): the unconditional branch is
     computed apart under ``no_grad`` (its activations are not kept: backward covers half the rows) and the two are
     combined as the family's pipeline does (``generator.combine_guidance``). Values equal :func:`guided_velocity`
-    up to the rounding of two calls of ``B`` rows instead of one of ``2B``."""
+    up to the rounding of two calls of ``B`` rows instead of one of ``2B``.
+
+    ``uncond_velocity``: that branch already computed (recorded by the rollout under the same weights): no
+    unconditional call at all."""
     if guidance == 1.0:
         return generator.predict(model, x, t, conditions)
     check_guidance(conditions, uncond, guidance)
-    with torch.no_grad():
-        v_uncond = generator.predict(model, x, t, uncond)
+    if uncond_velocity is not None:
+        v_uncond = uncond_velocity.detach().to(x)
+    else:
+        with torch.no_grad():
+            v_uncond = generator.predict(model, x, t, uncond)
     v_cond = generator.predict(model, x, t, conditions)
     combine = getattr(generator, "combine_guidance", None)
     if combine is None:
@@ -173,6 +210,7 @@ def sample_flow_trajectories(
     shared_noise_per: int | None = None,
     schedule: Schedule | None = None,
     ode_solver: str = "euler",
+    keep_uncond: bool = False,
     **schedule_kwargs: Any,
 ) -> FlowTrajectory:
     """Sample ``B = len(conditions)`` chains of ``steps`` steps without gradients.
@@ -194,6 +232,9 @@ def sample_flow_trajectories(
     (the latent shape gives dynamically shifted schedules their image tokens). ``ode_solver``: "euler", or
     "dpm2" (MixGRPO-Flash: DPM-Solver++(2M), :func:`~mmalign.models.flow_sampling.flow_dpm2_step`, for the ODE
     steps from σ < 1, with the previous step's data prediction ``x − σ·v`` as its history, whatever that step was).
+
+    ``keep_uncond``: record the unconditional branch's velocity of every step
+    (:attr:`FlowTrajectory.uncond_velocities`; with guidance ≠ 1 and a generator that exposes its branches).
     """
     if ode_solver not in ("euler", "dpm2"):
         raise ValueError(f"ode_solver must be 'euler' or 'dpm2', got {ode_solver!r}")
@@ -227,12 +268,14 @@ def sample_flow_trajectories(
         x = _global_randn(rng, total, offset, shape, batch)
     x = x.to(device=device, dtype=torch.float32)
 
-    latents, log_probs = [x], []
+    latents, log_probs, uncond_velocities = [x], [], []
     history: tuple[Tensor, Tensor] | None = None  # (x̂0, σ) of the previous step, for DPM-Solver++(2M)
     with torch.no_grad():
         for j in range(steps):
             noise = _global_randn(rng, total, offset, shape, batch).to(device)
-            v = guided_velocity(generator, model, x, timesteps[j], conditions, uncond, guidance)
+            v, v_uncond = guided_velocity_and_uncond(generator, model, x, timesteps[j], conditions, uncond, guidance)
+            if keep_uncond and v_uncond is not None:
+                uncond_velocities.append(v_uncond.float())
             x0 = x - sigmas[j].to(device) * v
             if bool(sde[j]):
                 step = _stochastic_step(sampler, x, v, sigmas, j, noise_level, noise=noise)
@@ -258,6 +301,7 @@ def sample_flow_trajectories(
         guidance=float(guidance),
         noise_level=float(noise_level),
         sampler=sampler,
+        uncond_velocities=torch.stack(uncond_velocities, dim=1) if len(uncond_velocities) == steps > 0 else None,
     )
 
 
@@ -270,6 +314,7 @@ def flow_step_log_prob(
     conditions: Conditions | None = None,
     uncond: Conditions | None = None,
     detach_uncond: bool = False,
+    reuse_uncond: bool = False,
 ) -> FlowStep:
     """Recompute step ``j`` of ``trajectory`` under ``model`` (with gradients when enabled): the velocity at the
     recorded ``latents[:, j]`` (with the trajectory's guidance) and the step's Gaussian evaluated at the recorded
@@ -278,8 +323,10 @@ def flow_step_log_prob(
 
     ``rows`` selects a micro-batch of the trajectory; ``conditions`` / ``uncond`` override the recorded ones
     (already restricted to ``rows``). ``detach_uncond``: gradients through the conditional branch only
-    (:func:`velocity_with_detached_uncond`, flow_grpo's training). Only SDE steps have a density: ``j`` must be one of
-    :attr:`FlowTrajectory.sde_steps`."""
+    (:func:`velocity_with_detached_uncond`, flow_grpo's training). ``reuse_uncond`` (with ``detach_uncond``): take
+    that branch from the trajectory's :attr:`~FlowTrajectory.uncond_velocities` instead of calling ``model``:
+    exact when ``model`` has the weights that sampled (the caller's to know), and one call of ``b`` rows saved.
+    Only SDE steps have a density: ``j`` must be one of :attr:`FlowTrajectory.sde_steps`."""
     steps = trajectory.steps
     if not 0 <= j < steps:
         raise IndexError(f"step {j} outside the trajectory's {steps} steps")
@@ -293,8 +340,18 @@ def flow_step_log_prob(
     device = next(iter(conditions.tensors.values())).device
     x = trajectory.latents[select, j].to(device)
     recorded = trajectory.latents[select, j + 1].to(device)
-    velocity = velocity_with_detached_uncond if detach_uncond else guided_velocity
-    v = velocity(generator, model, x, trajectory.timesteps[j], conditions, uncond, trajectory.guidance)
+    t = trajectory.timesteps[j]
+    if detach_uncond:
+        recorded_uncond = None
+        if reuse_uncond:
+            if trajectory.uncond_velocities is None:
+                raise ValueError("reuse_uncond needs a trajectory sampled with keep_uncond=True (and guidance != 1)")
+            recorded_uncond = trajectory.uncond_velocities[select, j].to(device)
+        v = velocity_with_detached_uncond(
+            generator, model, x, t, conditions, uncond, trajectory.guidance, uncond_velocity=recorded_uncond
+        )
+    else:
+        v = guided_velocity(generator, model, x, t, conditions, uncond, trajectory.guidance)
     return _stochastic_step(
         trajectory.sampler, x, v, trajectory.sigmas, j, trajectory.noise_level, prev_sample=recorded
     )

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .flow_generator import FlowMatchingGenerator, check_guidance, doubled_timesteps, pack_latents, unpack_latents
+from .flow_generator import FlowMatchingGenerator, check_guidance, pack_latents, unpack_latents
 from .generator import Conditions
 
 __all__ = ["QwenImageGenerator", "pack_latents", "unpack_latents"]
@@ -203,9 +203,7 @@ class QwenImageGenerator(FlowMatchingGenerator):
         if guidance == 1.0:
             return self.predict(model, x, t, conditions)
         check_guidance(conditions, uncond, guidance)
-        both = self.predict(model, torch.cat([x, x]), doubled_timesteps(t), Conditions.cat([uncond, conditions]))
-        v_uncond, v_cond = both.chunk(2)
-        return self.combine_guidance(v_uncond, v_cond, guidance, t, rescale)
+        return self.combine_guidance(*self.guidance_branches(model, x, t, conditions, uncond), guidance, t, rescale)
 
     def combine_guidance(
         self, v_uncond: Tensor, v_cond: Tensor, guidance: float, t: Tensor | float, rescale: bool = True

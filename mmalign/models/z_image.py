@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .flow_generator import FlowMatchingGenerator, check_guidance, doubled_timesteps
+from .flow_generator import FlowMatchingGenerator, cfg_branches, check_guidance
 from .generator import Conditions
 
 __all__ = ["ZImageGenerator"]
@@ -161,9 +161,16 @@ class ZImageGenerator(FlowMatchingGenerator):
             return self.predict(model, x, t, conditions)
         check_guidance(conditions, uncond, guidance)
         timestep = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        both = self.predict(model, torch.cat([x, x]), doubled_timesteps(timestep), Conditions.cat([conditions, uncond]))
-        v_cond, v_uncond = both.chunk(2)
+        v_uncond, v_cond = self.guidance_branches(model, x, timestep, conditions, uncond)
         return self.combine_guidance(v_uncond, v_cond, guidance, timestep, cfg_normalization, cfg_truncation)
+
+    def guidance_branches(
+        self, model: torch.nn.Module, x: Tensor, t: Tensor | float, conditions: Conditions, uncond: Conditions
+    ) -> tuple[Tensor, Tensor]:
+        """``(v_uncond, v_cond)`` from one batched :meth:`predict` on ``cat([conditions, uncond])`` (the
+        pipeline's order)."""
+        timestep = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        return cfg_branches(self, model, x, timestep, conditions, uncond, cond_first=True)
 
     def combine_guidance(
         self,

@@ -132,6 +132,10 @@ class FlowGRPOConfig(FlowOnlineConfig):
     # > 0: MixGRPO-Flash's compressed DPM tail after the window (its compress_ratio; needs the shifted_linear
     # schedule and the mixgrpo window)
     flash_compress_ratio: float = 0.0
+    # with CFG, the training step's unconditional branch (detached, as flow_grpo's) is taken from the rollout
+    # while the weights are still those that sampled (the round's first optimizer step): the same values, one
+    # transformer call of the micro-batch's rows fewer per trained step; false recomputes it always
+    reuse_uncond: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -346,6 +350,7 @@ class FlowOnlineTrainer(OnlineTrainer):
                 "micro_index": micro_index,
                 "round": round_index,
                 "slice": (lo, hi),
+                "sampled_at_step": self.step,  # the optimizer step whose weights sample it
             }
             batch["trajectory"] = self.sample_micro(batch)
             with torch.no_grad():
@@ -625,6 +630,7 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
             sde_window=window,
             shared_noise_per=shared,
             ode_solver=config.ode_solver,
+            keep_uncond=config.reuse_uncond and config.guidance != 1.0,
         )
 
     def schedule_for(self, window: tuple[int, int] | None):
@@ -668,17 +674,20 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
         perms = torch.stack([sde[torch.randperm(len(sde), generator=gen)] for _ in range(self.global_batch)])
         return perms[lo:hi, :count]
 
-    def _column(self, model: torch.nn.Module, trajectory: FlowTrajectory, steps: Tensor) -> FlowStep:
+    def _column(
+        self, model: torch.nn.Module, trajectory: FlowTrajectory, steps: Tensor, reuse_uncond: bool = False
+    ) -> FlowStep:
         """The recorded step ``steps[i]`` of every row ``i`` under ``model``: one call per distinct step; with
-        gradients through the conditional branch only (flow_grpo's ``noise_pred_uncond.detach()``)."""
+        gradients through the conditional branch only (flow_grpo's ``noise_pred_uncond.detach()``), that branch
+        taken from the rollout when ``reuse_uncond`` (``model`` has the weights that sampled)."""
         values = steps.unique()
-        detach = True  # the reference's mean is computed the same way, so the two agree exactly at the start
+        options = dict(detach_uncond=True, reuse_uncond=reuse_uncond)  # the reference's mean is computed alike
         if len(values) == 1:
-            return flow_step_log_prob(self.policy, model, trajectory, int(values[0]), detach_uncond=detach)
+            return flow_step_log_prob(self.policy, model, trajectory, int(values[0]), **options)
         log_prob = mean = std = None
         for value in values.tolist():
             rows = torch.nonzero(steps == value).flatten()
-            part = flow_step_log_prob(self.policy, model, trajectory, value, rows=rows, detach_uncond=detach)
+            part = flow_step_log_prob(self.policy, model, trajectory, value, rows=rows, **options)
             if log_prob is None:
                 log_prob = part.log_prob.new_zeros(len(steps))
                 mean = part.mean.new_zeros((len(steps), *part.mean.shape[1:]))
@@ -696,7 +705,8 @@ class FlowGRPOTrainer(FlowOnlineTrainer):
     def _step_loss(self, batch: dict[str, Any], steps: Tensor, count: int) -> losses.LossOutput:
         config, trajectory = self.config, batch["trajectory"]
         rows = torch.arange(len(steps))
-        step = self._column(self.model, trajectory, steps)
+        reuse = trajectory.uncond_velocities is not None and batch["sampled_at_step"] == self.step
+        step = self._column(self.model, trajectory, steps, reuse_uncond=reuse)
         old = trajectory.log_probs[rows, steps.to(trajectory.log_probs.device)].to(step.log_prob.device)
         kl = {}
         if config.beta > 0:

@@ -207,3 +207,34 @@ def test_detached_uncond_velocity_has_flow_grpos_values_and_gradient(generator):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     finally:
         weight.requires_grad_(False)
+
+
+def test_rollout_keeps_the_unconditional_branch_and_training_reuses_it(generator, conds):
+    """``keep_uncond`` records each step's unconditional velocity without changing the chains (the same batched
+    call, bitwise); a training step that reuses it has the recomputed step's log-prob, mean and gradient."""
+    from mmalign.models.flow_rollout import guided_velocity_and_uncond
+
+    cond, uncond = conds[0].select(slice(0, 2)), conds[1].select(slice(0, 2))
+    plain, kept = rollout(generator, cond, uncond), rollout(generator, cond, uncond, keep_uncond=True)
+    assert plain.uncond_velocities is None and kept.uncond_velocities.shape == (2, STEPS, *SHAPE)
+    assert torch.equal(plain.latents, kept.latents) and torch.equal(plain.log_probs, kept.log_probs)
+    x, t = kept.latents[:, 1], kept.timesteps[1]
+    with torch.no_grad():
+        v, v_uncond = guided_velocity_and_uncond(generator, generator.trainable, x, t, cond, uncond, 3.0)
+        assert torch.equal(v, guided_velocity(generator, generator.trainable, x, t, cond, uncond, 3.0))
+        torch.testing.assert_close(v_uncond, generator.predict(generator.trainable, x, t, uncond), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kept.uncond_velocities[:, 1], v_uncond, rtol=0, atol=0)
+    weight = next(p for p in generator.trainable.parameters() if p.ndim == 2)
+    weight.requires_grad_(True)
+    try:
+        results = []
+        for reuse in (False, True):
+            step = flow_step_log_prob(generator, generator.trainable, kept, 1, detach_uncond=True, reuse_uncond=reuse)
+            (grad,) = torch.autograd.grad(step.log_prob.sum(), weight)
+            results.append((step.log_prob.detach(), step.mean.detach(), grad))
+        for recomputed, reused in zip(*results):
+            torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=1e-6)
+    finally:
+        weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="keep_uncond"):
+        flow_step_log_prob(generator, generator.trainable, plain, 1, detach_uncond=True, reuse_uncond=True)
