@@ -495,14 +495,20 @@ def test_wan_trains_with_flow_grpo_and_its_lora_loads_into_wan_pipeline(wan_fold
 
 
 def test_wan_flow_dpo_trains_on_image_pairs_as_one_frame_clips(wan_folder, pairs_file, tmp_path):
+    from PIL import Image
+
     from tests.trainers.test_training import make_trainer
 
-    trainer = make_trainer(wan_folder, pairs_file, tmp_path, "trainer=dpo", "lr=1e-2", "beta=100")
+    trainer = make_trainer(
+        wan_folder, pairs_file, tmp_path, "trainer=dpo", "lr=1e-2", "beta=100", "validation_prompts=[a red apple]",
+        "sample_steps=2", "guidance=2.0",
+    )  # fmt: skip
     assert trainer.make_batch(0)["latents_w"].shape == (2, 16, 1, 4, 4)
     before = {k: v.clone() for k, v in trainer._trainable_state().items()}
     trainer.train()
     unchanged = sorted(k for k, v in trainer._trainable_state().items() if torch.equal(before[k], v))
     assert not unchanged, unchanged
+    assert Image.open(trainer.sample_grid()).size == (5 * 32, 32)  # WanPipeline's 5 frames in a row
 
 
 def test_wan_reward_backprop_goes_through_the_video_decoder(wan_folder, prompts, tmp_path):
