@@ -135,3 +135,11 @@ def make_z_image_pipeline(folder: Path, seed: int = 0) -> Path:
     from mmalign.models.builders import build_z_image_pipeline
 
     return build_z_image_pipeline(folder, seed)
+
+
+def make_wan_pipeline(folder: Path, seed: int = 0, **options) -> Path:
+    """A tiny WanPipeline folder (Wan 2.1 layout with its UniPC flow-sigma scheduler, ``save_pretrained``): real
+    classes, random weights, 5 frames and 16 text tokens recorded in its generator config."""
+    from mmalign.models.builders import build_wan_pipeline
+
+    return build_wan_pipeline(folder, seed, **options)

@@ -765,3 +765,86 @@ def build_z_image_pipeline(folder: str | Path, seed: int = 0, config: dict[str, 
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+# a tiny WanPipeline of the real classes: the Wan DiT (3D patches, self- and cross-attention, head width 12 split
+# by its 3-axis RoPE), a UMT5 encoder, the causal 3D Wan VAE (4x temporal, 8x spatial compression) and the
+# UniPC flow-sigma scheduler with shift 3 that the published Wan 2.1 checkpoints ship
+TINY_WAN: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ),
+    vae=dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
+    text=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+    scheduler=dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0),
+)
+
+__all__ += ["TINY_WAN", "build_wan_pipeline"]
+
+
+def build_wan_pipeline(
+    folder: str | Path,
+    seed: int = 0,
+    config: dict[str, dict[str, Any]] | None = None,
+    max_sequence_length: int | None = 16,
+    num_frames: int | None = 5,
+    euler: bool = False,
+    expand_timesteps: bool = False,
+) -> Path:
+    """A random-weight ``WanPipeline`` (``WanTransformer3DModel``, ``UMT5EncoderModel`` with :func:`t5_tokenizer`,
+    ``AutoencoderKLWan``, ``UniPCMultistepScheduler`` with flow sigmas as shipped, or ``euler``:
+    ``FlowMatchEulerDiscreteScheduler`` of the same shift) from :data:`TINY_WAN`-shaped ``config``, saved with
+    ``WanPipeline.save_pretrained`` into ``folder``; ``max_sequence_length`` and ``num_frames`` (when given) are
+    recorded in the folder's generator config (:func:`mmalign.models.sd3.write_generator_config`);
+    ``expand_timesteps``: Wan 2.2 TI2V's per-token timesteps."""
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .sd3 import write_generator_config
+
+    config = config or TINY_WAN
+    tokenizer = t5_tokenizer(("a", "red", "apple", "blue", "sky", "green", "field", "cat", "video"))
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**config["transformer"])
+    vae = AutoencoderKLWan(**config["vae"]).eval()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **config["text"])).eval()
+    if euler:
+        shift = config["scheduler"]["flow_shift"]
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    else:
+        scheduler = UniPCMultistepScheduler(**config["scheduler"])
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        expand_timesteps=expand_timesteps,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    settings = {}
+    if max_sequence_length is not None:
+        settings["max_sequence_length"] = int(max_sequence_length)
+    if num_frames is not None:
+        settings["num_frames"] = int(num_frames)
+    if settings:
+        write_generator_config(folder, **settings)
+    return Path(folder)

@@ -157,6 +157,9 @@ class FlowMatchingGenerator:
 
     family: ClassVar[str]
     parametrisation: ClassVar[str] = "flow"
+    modality: ClassVar[str] = "image"
+    """What :meth:`decode` returns: "image" (``[B, 3, H, W]``) or "video" (``[B, T, 3, H, W]``, Wan); online
+    trainers lift image rewards to it."""
     lora_layers_key: ClassVar[str] = "transformer_lora_layers"
     lora_targets: ClassVar[tuple[str, ...]]
     block_class: ClassVar[str]
@@ -244,7 +247,7 @@ class FlowMatchingGenerator:
                 folder, subfolder="transformer", **typed
             ),
             "vae": getattr(diffusers, cls.vae_class).from_pretrained(folder, subfolder="vae", **typed),
-            "scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+            "scheduler": cls.load_scheduler(folder, index),
         }
 
         def present(name: str) -> bool:
@@ -261,6 +264,13 @@ class FlowMatchingGenerator:
                 continue
             components[name] = AutoTokenizer.from_pretrained(str(folder), subfolder=name)
         return components
+
+    @classmethod
+    def load_scheduler(cls, folder: Path, index: dict[str, Any]) -> Any:
+        """The ``FlowMatchEulerDiscreteScheduler`` of the folder (Wan converts the multistep one it ships)."""
+        import diffusers
+
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
 
     @classmethod
     def index_options(cls, folder: Path, index: dict[str, Any]) -> dict[str, Any]:

@@ -45,14 +45,14 @@ SAMPLERS = ("sde", "cps", "dance")
 class FlowTrajectory:
     """A batch of ``B`` recorded flow-matching chains of ``T`` steps.
 
-    ``latents [B, T + 1, C, h, w]`` (detached, float32; ``latents[:, 0]`` the initial noise, ``latents[:, -1]``
-    the final sample), ``log_probs [B, T]`` (0 at ODE steps), ``sigmas [T + 1]`` and ``timesteps [T]`` of the
-    schedule, ``sde [T]`` (bool: which steps were stochastic), the ``conditions`` (and ``uncond``, the
-    classifier-free guidance branch, ``None`` when ``guidance == 1``) that produced them, ``guidance``,
-    ``noise_level`` and ``sampler`` ("sde", "cps" or "dance"). ``uncond_velocities [B, T, C, h, w]``: the
-    unconditional branch's velocity at every step, when the rollout was asked to keep it (``keep_uncond``), for a
-    training step that detaches that branch under the weights that sampled (:func:`flow_step_log_prob`
-    ``reuse_uncond``)."""
+    ``latents [B, T + 1, *latent_shape]`` (``[B, T + 1, C, h, w]``; videos ``[B, T + 1, C, F', h, w]``; detached,
+    float32; ``latents[:, 0]`` the initial noise, ``latents[:, -1]`` the final sample), ``log_probs [B, T]`` (0 at
+    ODE steps), ``sigmas [T + 1]`` and ``timesteps [T]`` of the schedule, ``sde [T]`` (bool: which steps were
+    stochastic), the ``conditions`` (and ``uncond``, the classifier-free guidance branch, ``None`` when
+    ``guidance == 1``) that produced them, ``guidance``, ``noise_level`` and ``sampler`` ("sde", "cps" or "dance").
+    ``uncond_velocities [B, T, *latent_shape]``: the unconditional branch's velocity at every step, when the
+    rollout was asked to keep it (``keep_uncond``), for a training step that detaches that branch under the
+    weights that sampled (:func:`flow_step_log_prob` ``reuse_uncond``)."""
 
     latents: Tensor
     log_probs: Tensor
@@ -80,7 +80,7 @@ class FlowTrajectory:
 
     @property
     def final(self) -> Tensor:
-        """The final latents ``[B, C, h, w]`` (decode them for the reward)."""
+        """The final latents ``[B, *latent_shape]`` (decode them for the reward)."""
         return self.latents[:, -1]
 
 
@@ -201,7 +201,7 @@ def sample_flow_trajectories(
     steps: int,
     guidance: float,
     *,
-    latent_shape: tuple[int, int, int],
+    latent_shape: tuple[int, ...],
     noise_level: float = 0.7,
     sampler: str = "sde",
     sde_window: tuple[int, int] | None = None,
@@ -215,8 +215,9 @@ def sample_flow_trajectories(
 ) -> FlowTrajectory:
     """Sample ``B = len(conditions)`` chains of ``steps`` steps without gradients.
 
-    ``latent_shape`` = ``(C, h, w)`` of one latent (SD3 at 512 px: ``(16, 64, 64)``). ``rng`` (a CPU generator)
-    draws the initial latents and each step's noise for ``global_batch`` rows (default ``B``), of which rows
+    ``latent_shape`` = ``(C, h, w)`` of one latent (SD3 at 512 px: ``(16, 64, 64)``; videos ``(C, F', h, w)``:
+    Wan's 81 frames at 480x832 ``(16, 21, 60, 104)``). ``rng`` (a CPU generator) draws the initial latents and
+    each step's noise for ``global_batch`` rows (default ``B``), of which rows
     ``[offset, offset + B)`` are this call's. ``shared_noise_per=G``: groups of ``G`` consecutive *global* rows
     start from the same initial latents (DanceGRPO; ``global_batch`` must be a multiple of ``G``); the step
     noise stays independent.

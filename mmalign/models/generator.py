@@ -224,14 +224,17 @@ class Generator(Protocol):
         training through here."""
         ...
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """``(C, h, w)`` of one latent of a ``height×width`` image, as :meth:`to_latents` returns it and samplers
-        draw initial noise (always an image-shaped layout, whatever the network's token packing)."""
+        draw initial noise (always an image-shaped layout, whatever the network's token packing); video families
+        add the latent frames, ``(C, F', h, w)`` (Wan: of its ``num_frames``). Samplers and losses treat latents
+        as ``[B, *latent_shape]`` of any rank."""
         ...
 
     def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
-        """Latents → images ``[B, 3, H, W]`` in [0, 1], the canonical tensor rewards read; ``grad=True`` keeps the
-        graph (reward backpropagation: ReFL, DRaFT, AlignProp)."""
+        """Latents → images ``[B, 3, H, W]`` in [0, 1] (video families: ``[B, T, 3, H, W]``; the generator's
+        ``modality`` says which, "image" when it has none), the canonical tensor rewards read; ``grad=True``
+        keeps the graph (reward backpropagation: ReFL, DRaFT, AlignProp)."""
         ...
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -270,12 +273,13 @@ FAMILIES: dict[str, str] = {
     "Flux2KleinPipeline": "mmalign.models.flux2:Flux2KleinGenerator",
     "QwenImagePipeline": "mmalign.models.qwen_image:QwenImageGenerator",
     "ZImagePipeline": "mmalign.models.z_image:ZImageGenerator",
+    "WanPipeline": "mmalign.models.wan:WanGenerator",
 }
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
 PARAMETRISATIONS: dict[str, str] = {
     "diffusion": "a DDPM-schedule UNet (SD 1.x/2.x, SDXL: epsilon or v prediction, DDIM chains)",
-    "flow": "a flow-matching transformer (SD3/3.5, FLUX, Qwen-Image, Z-Image: velocity on σ, Euler/SDE chains)",
+    "flow": "a flow-matching transformer (SD3/3.5, FLUX, Qwen-Image, Z-Image, Wan: velocity on σ, Euler/SDE chains)",
 }
 
 

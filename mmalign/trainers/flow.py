@@ -1,6 +1,7 @@
 """Online trainers of flow-matching generators: the GRPO family (Flow-GRPO, Flow-GRPO-Fast, DanceGRPO, MixGRPO)
 and DiffusionNFT, on any generator of the protocol (:mod:`mmalign.models.generator`) whose parametrisation is
-"flow" (SD3/3.5, FLUX, Qwen-Image, Z-Image).
+"flow" (SD3/3.5, FLUX, Qwen-Image, Z-Image; Wan for video: latents ``[B, C, F', h, w]``, image rewards lifted
+to its videos by :func:`~mmalign.trainers.online.for_modality`).
 
 A *round* samples ``sample_batches × grad_accum`` global micro-batches with the weights of that moment, scores
 them and normalises the rewards per prompt over the whole round (a prompt's group of ``group_size`` samples may
@@ -33,7 +34,7 @@ from ..models.flow_rollout import FlowTrajectory, flow_step_log_prob, sample_flo
 from ..models.flow_sampling import FlowStep
 from ..models.generator import Conditions
 from . import losses
-from .loop import Schedule, TrainConfig, _generator, adapters_disabled, logger
+from .loop import Schedule, TrainConfig, _generator, adapters_disabled, logger, tile_rows
 from .online import OnlineConfig, OnlineTrainer, read_prompts
 
 # random streams of a micro-batch (the offline loop uses 1 and 2, the UNet online trainers 3 to 6)
@@ -268,7 +269,8 @@ class FlowOnlineTrainer(OnlineTrainer):
     def _graph_calls(self) -> float:
         config = self.config
         rows = config.batch_size * (2 if config.guidance != 1.0 else 1)
-        return rows / 2 * (config.resolution / 512) ** 2
+        frames = self.policy.latent_frames() if hasattr(self.policy, "latent_frames") else 1  # video latents
+        return rows / 2 * (config.resolution / 512) ** 2 * frames
 
     def run_prompts(self) -> list[str]:
         return list(dict.fromkeys([*self.prompts, *self.eval_prompts, *self.config.validation_prompts]))
@@ -276,11 +278,10 @@ class FlowOnlineTrainer(OnlineTrainer):
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
         """Images of the validation prompts (ODE, ``sample_steps``, ``guidance``, fixed seeds) tiled into
-        ``samples/step-N.png``, from the cached conditions (so it works with ``free_text_encoders``)."""
+        ``samples/step-N.png`` (videos: a row of frames each), from the cached conditions (so it works with
+        ``free_text_encoders``)."""
         if not self.accelerator.is_main_process:
             return None
-        from PIL import Image
-
         from ..modalities.image import tensor_to_pil
 
         config = self.config
@@ -296,18 +297,19 @@ class FlowOnlineTrainer(OnlineTrainer):
             latent_shape=self.latent_shape,
             sde_window=(0, 0),
         )
-        images = [tensor_to_pil(image) for image in self.policy.decode(trajectory.final).cpu()]
-        width, height = images[0].size
-        grid = Image.new("RGB", (width * len(images), height))
-        for i, image in enumerate(images):
-            grid.paste(image, (i * width, 0))
+        media = self.policy.decode(trajectory.final).cpu()
+        if media.ndim == 5:  # videos [B, T, 3, H, W]: one row of frames per prompt
+            grid = tile_rows([[tensor_to_pil(frame) for frame in video] for video in media])
+        else:
+            grid = tile_rows([[tensor_to_pil(image) for image in media]])
         path = self.output_dir / "samples" / f"step-{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
+    def latent_shape(self) -> tuple[int, ...]:
+        """One latent's shape at the training resolution: ``(C, h, w)``, or ``(C, F', h, w)`` for videos."""
         return tuple(self.policy.latent_shape(self.config.resolution, self.config.resolution))
 
     def round_of(self, micro_index: int) -> tuple[int, int]:
@@ -460,7 +462,7 @@ class FlowOnlineTrainer(OnlineTrainer):
         that far below its best (:attr:`stop_reason` says so); with ``eval_keep_best`` the weights of the best
         evaluation are kept and saved at the end. With an EMA (``ema_decay``) the EMA weights are evaluated (they
         are what the run saves)."""
-        from .online import build_reward
+        from .online import build_reward, for_modality
 
         config, acc = self.config, self.accelerator
         if not hasattr(self, "_eval_reward"):
@@ -468,7 +470,9 @@ class FlowOnlineTrainer(OnlineTrainer):
             self._eval_reward = (
                 self.reward
                 if spec == config.reward and not config.eval_reward_weights
-                else build_reward(spec, config.eval_reward_weights)
+                else for_modality(
+                    build_reward(spec, config.eval_reward_weights), getattr(self.policy, "modality", "image")
+                )
             ).to(acc.device)
         prompts = [p for p in self.eval_prompts for _ in range(config.eval_samples)]
         if self.ema is not None:

@@ -70,6 +70,9 @@ class TrainConfig:
     reference: Literal["auto", "adapters", "copy", "precomputed"] = "auto"
     beta: float = 5000.0
     resolution: int = 512
+    # video generators (Wan): frames per sampled video, (frames - 1) % 4 == 0; 0: the generator's own (its folder's
+    # mmalign_generator.json, else the pipeline's 81)
+    frames: int = 0
     # the scripts' --random_crop (off: a centre crop after resizing the shorter side) and --no_hflip (off: flips)
     random_crop: bool = False
     hflip: bool = True
@@ -107,6 +110,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "resolution", "checkpoint_every", "log_every")
+        if self.frames < 0:
+            raise ValueError(f"frames must be >= 0 (0: the generator's own), got {self.frames}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -256,6 +261,7 @@ class Trainer:
         if policy is None:
             policy = load_generator(config.model)
         self.policy = policy
+        self._set_frames()
         self.policy.to(self.accelerator.device)
         self._setup_model()
         self._setup_data()
@@ -280,6 +286,20 @@ class Trainer:
                 f"timestep_density={self.config.timestep_density} is a flow-matching training density; model={model} "
                 "is a DDPM-schedule UNet (use timestep_range)"
             )
+
+    def _set_frames(self) -> None:
+        """``frames`` (when given) onto a video generator's ``num_frames``; refused for other generators and for
+        counts the generator cannot make."""
+        frames = self.config.frames
+        if not frames:
+            return
+        modality = getattr(self.policy, "modality", "image")
+        if modality != "video":
+            raise ConfigError(f"frames={frames}: model={self.config.model} generates {modality}s, not videos")
+        try:
+            self.policy.num_frames = frames
+        except ValueError as error:
+            raise ConfigError(f"frames={frames}: {error}") from None
 
     # the trainable network under its former, UNet-only names (kept for scripts and tests written against them)
     @property
@@ -878,14 +898,15 @@ class Trainer:
         """Images of the validation prompts with a fixed seed, tiled into ``samples/step-N.png``."""
         if not self.accelerator.is_main_process:
             return None
-        from PIL import Image
 
         unet = self.accelerator.unwrap_model(self.model)
         was_training = unet.training
         unet.eval()
         pipe = self.policy.pipeline(unet)
         pipe.set_progress_bar_config(disable=True)
-        images = []
+        video = getattr(self.policy, "modality", "image") == "video"
+        options = self.policy.pipeline_call_options() if hasattr(self.policy, "pipeline_call_options") else {}
+        rows = []
         for i, prompt in enumerate(self.config.validation_prompts):
             generator = torch.Generator().manual_seed(self.config.seed + i)
             out = pipe(
@@ -895,17 +916,28 @@ class Trainer:
                 generator=generator,
                 height=self.config.resolution,
                 width=self.config.resolution,
+                **({"output_type": "pil"} if video else {}),
+                **options,
             )
-            images.append(out.images[0])
+            rows.append(list(out.frames[0]) if video else [out.images[0]])
         unet.train(was_training)
-        size = images[0].size
-        grid = Image.new("RGB", (size[0] * len(images), size[1]))
-        for i, image in enumerate(images):
-            grid.paste(image, (i * size[0], 0))
+        grid = tile_rows(rows if video else [[row[0] for row in rows]])
         path = self.output_dir / "samples" / f"{CHECKPOINT_PREFIX}{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
+
+
+def tile_rows(rows: list[list[Any]]) -> Any:
+    """Pillow images of one size tiled row by row into one image (a video's frames make a row)."""
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * width, r * height))
+    return grid
 
 
 class adapters_disabled:

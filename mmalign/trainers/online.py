@@ -136,6 +136,27 @@ def pareto_preference(scores_a: Tensor, scores_b: Tensor) -> tuple[Tensor, Tenso
     return a_dom, ~(a_dom | b_dom)
 
 
+def for_modality(reward: WeightedReward, modality: str) -> WeightedReward:
+    """``reward`` scoring what the generator makes (its ``modality``): rewards of that modality as they are, image
+    rewards lifted to videos (:class:`~mmalign.rewards.lifted.VideoReward`: the mean over up to 8 uniformly
+    spaced frames) or multi-view sets; anything else is refused."""
+    from ..rewards.lifted import lift
+
+    adapted = []
+    for item in reward.rewards:
+        own = getattr(item, "modality", "image")
+        if own == modality:
+            adapted.append(item)
+        elif own == "image" and modality in ("video", "multiview"):
+            adapted.append(lift(item, modality))
+        else:
+            name = getattr(item, "name", type(item).__name__)
+            raise ConfigError(f"reward {name} scores {own}; the generator makes {modality}")
+    if all(a is b for a, b in zip(adapted, reward.rewards)):
+        return reward
+    return WeightedReward(adapted, reward.weights)
+
+
 class PerPromptStatTracker:
     """Per-prompt reward normalisation of kvablack/ddpo-pytorch ``stat_tracking.py``: advantages
     ``(r − mean)/(std + 1e-6)`` over the last ``buffer_size`` rewards of the prompt once it has ``min_count``
@@ -223,6 +244,7 @@ class OnlineTrainer(Trainer):
         if self._reward is None:
             self._reward = build_reward(self.config.reward, self.config.reward_weights)
         if not getattr(self, "_reward_placed", False):  # once: .to() drops the text-feature caches of rewards
+            self._reward = for_modality(self._reward, getattr(self.policy, "modality", "image"))
             self._reward.to(self.accelerator.device)
             self._reward_placed = True
         return self._reward
@@ -304,8 +326,8 @@ class OnlineTrainer(Trainer):
             )
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, h, w)`` of one latent at the training resolution."""
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(C, h, w)`` of one latent at the training resolution (video generators: ``(C, F', h, w)``)."""
         size = self.config.resolution
         if self.uses_conditions:
             return tuple(self.policy.latent_shape(size, size))

@@ -491,3 +491,87 @@ def test_dpm2_rollout_composes_dpm_solver_steps_with_the_previous_data_predictio
         *args[:4], torch.Generator().manual_seed(0), 4, 1.0, latent_shape=trainer.latent_shape, sde_window=(0, 0)
     )
     assert not torch.equal(euler.final, got.final)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Video: Wan (latents [B, C, F', h, w], image rewards lifted to its videos), through the normal loading path
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    from tests import tiny
+
+    return tiny.make_wan_pipeline(tmp_path_factory.mktemp("wan") / "pipe", seed=0)  # 5 frames, 16 text tokens
+
+
+def test_wan_trains_with_flow_grpo_and_its_lora_loads_into_wan_pipeline(wan_folder, prompts, tmp_path):
+    from diffusers import WanPipeline
+
+    from mmalign.rewards.lifted import VideoReward
+
+    trainer = make_flow(
+        "flow-grpo", wan_folder, prompts, tmp_path, "guidance=2.0", "beta=0.04", "sample_steps=2", "frames=5",
+        "validation_prompts=[a red apple]",
+    )  # fmt: skip
+    assert trainer.latent_shape == (16, 2, 4, 4) and isinstance(trainer.reward.rewards[0], VideoReward)
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    summary = trainer.train()
+    unchanged = sorted(k for k, v in trainer._trainable_state().items() if torch.equal(before[k], v))
+    assert not unchanged, unchanged
+    assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in summary["history"])
+    grid = trainer.sample_grid()  # a row of the 5 frames
+    from PIL import Image
+
+    assert Image.open(grid).size == (5 * 32, 32)
+    pipe = WanPipeline.from_pretrained(str(wan_folder))
+    pipe.load_lora_weights(str(tmp_path))
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    conditions = trainer._embeds(["a red apple"])
+    x = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        trained = trainer.policy.predict(model, x, t, conditions)
+        loaded = trainer.policy.predict(pipe.transformer, x, t, conditions)
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_wan_flow_dpo_trains_on_image_pairs_as_one_frame_clips(wan_folder, pairs_file, tmp_path):
+    from PIL import Image
+
+    from tests.trainers.test_training import make_trainer
+
+    trainer = make_trainer(
+        wan_folder, pairs_file, tmp_path, "trainer=dpo", "lr=1e-2", "beta=100", "validation_prompts=[a red apple]",
+        "sample_steps=2", "guidance=2.0",
+    )  # fmt: skip
+    assert trainer.make_batch(0)["latents_w"].shape == (2, 16, 1, 4, 4)
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    trainer.train()
+    unchanged = sorted(k for k, v in trainer._trainable_state().items() if torch.equal(before[k], v))
+    assert not unchanged, unchanged
+    assert Image.open(trainer.sample_grid()).size == (5 * 32, 32)  # WanPipeline's 5 frames in a row
+
+
+def test_wan_reward_backprop_goes_through_the_video_decoder(wan_folder, prompts, tmp_path):
+    from tests.trainers.test_online import make
+
+    trainer = make(
+        "draft", wan_folder, prompts, tmp_path, "sample_steps=2", "lr=1e-2", "draft_mode=lv", reward=Brightness()
+    )
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    trainer.train()
+    unchanged = sorted(k for k, v in trainer._trainable_state().items() if torch.equal(before[k], v))
+    assert not unchanged, unchanged
+
+
+def test_wan_trains_with_diffusionnft(wan_folder, prompts, tmp_path):
+    trainer = make_flow("diffusionnft", wan_folder, prompts, tmp_path, "sample_steps=2")
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    trainer.train()
+    assert not [k for k, v in trainer._trainable_state().items() if torch.equal(before[k], v)]
+
+
+def test_frames_are_checked_against_the_generator(wan_folder, sd3_folder, prompts, tmp_path):
+    with pytest.raises(ConfigError, match=r"frames=6: Wan needs a frame count with \(frames - 1\) % 4 == 0"):
+        make_flow("flow-grpo", wan_folder, prompts, tmp_path / "wan", "frames=6")
+    with pytest.raises(ConfigError, match="frames=5: .* generates images, not videos"):
+        make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "sd3", "frames=5")
