@@ -18,6 +18,7 @@ no pair decodes raises :class:`~mmalign.errors.DataError`. The streaming dataset
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -53,11 +54,15 @@ class PairTransform:
         self.hflip = hflip
         self.seed = seed
 
-    def __call__(self, pair: PreferencePair, index: int, epoch: int = 0) -> dict[str, Any]:
-        """Raise :class:`~mmalign.errors.MediaError` naming ``pair.source`` when an image fails to decode."""
+    def _draws(self, index: int, epoch: int) -> tuple[float, float, bool]:
+        """The crop position (fractions of the free space) and the flip of item ``index`` in ``epoch``."""
         rng = random.Random(f"{self.seed}:{epoch}:{index}")
         fx, fy, coin = rng.random(), rng.random(), rng.random()
-        flip = self.train and self.hflip and coin < 0.5
+        return fx, fy, self.train and self.hflip and coin < 0.5
+
+    def __call__(self, pair: PreferencePair, index: int, epoch: int = 0) -> dict[str, Any]:
+        """Raise :class:`~mmalign.errors.MediaError` naming ``pair.source`` when an image fails to decode."""
+        fx, fy, flip = self._draws(index, epoch)
         source = pair.source or f"pair {index}"
         chosen = decode_image(pair.chosen, f"{source} chosen")
         rejected = decode_image(pair.rejected, f"{source} rejected")
@@ -95,10 +100,66 @@ class PairTransform:
         return pixels, (top, left)
 
 
+class VideoPairTransform(PairTransform):
+    """Decode and transform a pair of videos into tensors ``[T, 3, R, R]`` in [-1, 1] (VideoDPO / VideoAlign
+    Flow-DPO pairs for a video generator): ``frames`` frames evenly spaced from each clip's first to its last
+    (:func:`~mmalign.modalities.video.uniform_indices`, as the video rewards sample), each resized and cropped
+    as :class:`PairTransform` does an image, with one crop position and one flip for every frame of both clips.
+    A clip that cannot be read or has fewer than ``frames`` frames raises :class:`~mmalign.errors.MediaError`
+    naming the pair's source (file and line) and side."""
+
+    def __init__(self, resolution: int = 512, frames: int = 1, **options: Any):
+        super().__init__(resolution, **options)
+        if frames < 1:
+            raise ValueError(f"frames must be positive, got {frames}")
+        self.frames = int(frames)
+
+    def __call__(self, pair: PreferencePair, index: int, epoch: int = 0) -> dict[str, Any]:
+        fx, fy, flip = self._draws(index, epoch)
+        source = pair.source or f"pair {index}"
+        chosen = self._clip(pair.chosen, f"{source} chosen")
+        rejected = self._clip(pair.rejected, f"{source} rejected")
+        chosen_frames = [self._apply(frame, fx, fy, flip) for frame in chosen]
+        rejected_frames = [self._apply(frame, fx, fy, flip)[0] for frame in rejected]
+        return {
+            "chosen_pixels": torch.stack([pixels for pixels, _ in chosen_frames]),
+            "rejected_pixels": torch.stack(rejected_frames),
+            "prompt": pair.prompt,
+            "label": torch.tensor(pair.label, dtype=torch.float32),
+            "original_size": torch.tensor((chosen[0].height, chosen[0].width)),
+            "crop_top_left": torch.tensor(chosen_frames[0][1]),
+            "index": index,
+        }
+
+    def _clip(self, video: Any, where: str) -> list[Image.Image]:
+        from ..modalities.video import is_video_file, probe_video, read_frames, uniform_indices
+
+        if not isinstance(video, (str, os.PathLike)) or not is_video_file(video, include_gif=True):
+            raise MediaError(where, f"expected a video file, got {str(video)[:80]!r}")
+        try:
+            info = probe_video(video)
+            if info.num_frames < self.frames:
+                raise MediaError(video, f"{info.num_frames} frames, fewer than the {self.frames} the model trains on")
+            array, _, _ = read_frames(video, uniform_indices(info.num_frames, self.frames))
+        except MediaError as error:
+            raise MediaError(where, f"{error.path}: {error.reason}") from error
+        except (OSError, ValueError) as error:
+            raise MediaError(where, f"{video}: {error}") from error
+        return [Image.fromarray(frame) for frame in array]
+
+
+def pair_transform(resolution: int, frames: int | None = None, **options: Any) -> PairTransform:
+    """The transform of a dataset: images (``frames`` None) or videos of ``frames`` frames."""
+    if frames:
+        return VideoPairTransform(resolution, frames, **options)
+    return PairTransform(resolution, **options)
+
+
 class PreferenceDataset(Dataset):
     """Map-style dataset over a sequence of pairs (a :class:`PreferenceList`, or any list of pairs).
 
-    Items: ``chosen_pixels``, ``rejected_pixels`` float ``[3, R, R]`` in [-1, 1], ``prompt``, ``label``
+    Items: ``chosen_pixels``, ``rejected_pixels`` float ``[3, R, R]`` (videos, with ``frames``:
+    ``[frames, 3, R, R]``, :class:`VideoPairTransform`) in [-1, 1], ``prompt``, ``label``
     (float32 scalar), ``original_size`` (h, w of ``chosen``), ``crop_top_left`` (top, left; SDXL micro-
     conditioning) and ``index`` (the pair actually returned, after any replacement). Call :meth:`set_epoch`
     to draw new augmentations each epoch.
@@ -113,9 +174,12 @@ class PreferenceDataset(Dataset):
         hflip: bool = True,
         seed: int = 0,
         random_crop: bool | None = None,
+        frames: int | None = None,
     ):
         self.pairs = pairs
-        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed, random_crop=random_crop)
+        self.transform = pair_transform(
+            resolution, frames, train=train, hflip=hflip, seed=seed, random_crop=random_crop
+        )
         self.epoch = 0
         self.failed: dict[int, str] = {}
 
@@ -159,9 +223,12 @@ class IterablePreferenceDataset(IterableDataset):
         hflip: bool = True,
         seed: int = 0,
         random_crop: bool | None = None,
+        frames: int | None = None,
     ):
         self.pairs = pairs
-        self.transform = PairTransform(resolution, train=train, hflip=hflip, seed=seed, random_crop=random_crop)
+        self.transform = pair_transform(
+            resolution, frames, train=train, hflip=hflip, seed=seed, random_crop=random_crop
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

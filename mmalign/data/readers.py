@@ -5,7 +5,9 @@ Formats (what each reader assumes; anything else is a bad row, reported with its
 - JSONL (mmalign's own): one object per line, ``{"prompt", "chosen", "rejected"}`` with image paths
   relative to the JSONL's folder (or absolute), optional ``"label"`` (P(chosen preferred), default 1.0),
   ``"score_chosen"``, ``"score_rejected"``; other keys go to ``meta``. A ``.json`` list of such objects
-  is read the same way.
+  is read the same way. ``chosen``/``rejected`` may be video files (VideoDPO / VideoAlign Flow-DPO pairs for
+  a video generator): each is probed when read (its container index, no decoding), so a missing, unreadable
+  or frameless video is a bad row named by its line.
 - Pick-a-Pic v2 (Kirstain et al. 2023, ``yuvalkirstain/pickapic_v2``): parquet with ``caption``, ``jpg_0``,
   ``jpg_1`` (encoded image bytes), ``label_0``, ``label_1`` (1/0, 0/1, 0.5/0.5 for a tie) and ``has_label``;
   rows without a label are ignored (counted, not errors); the winner is put first.
@@ -264,6 +266,8 @@ def _drive(
 
 
 def _check_images(pairs: list[PreferencePair], where: str, decode: bool, check_files: bool) -> None:
+    from ..modalities.video import is_video_file
+
     seen: set[Any] = set()
     for pair in pairs:
         names = pair.meta.get("image_columns", ("chosen", "rejected"))
@@ -272,12 +276,28 @@ def _check_images(pairs: list[PreferencePair], where: str, decode: bool, check_f
             if key in seen:
                 continue
             seen.add(key)
-            if decode:
+            if isinstance(image, str) and is_video_file(image, include_gif=False):
+                _check_video(image, name, check_files or decode)
+            elif decode:
                 decode_image(image, f"{where} {name}")
             elif check_files and isinstance(image, str) and not os.path.isfile(image):
                 raise _BadRow(f"image not found: {image}")
             elif isinstance(image, bytes) and not image:
                 raise _BadRow(f"{name!r} holds empty image bytes")
+
+
+def _check_video(path: str, name: str, check: bool) -> None:
+    """A video side of a pair (VideoDPO / VideoAlign pairs): its container index is read (nothing decoded), so
+    that a missing, unreadable or empty file is a bad row named by its file and line."""
+    if not check:
+        return
+    if not os.path.isfile(path):
+        raise _BadRow(f"{name!r} video not found: {path}")
+    from ..modalities.video import probe_video
+
+    info = probe_video(path)
+    if info.num_frames < 1:
+        raise _BadRow(f"{name!r} video has no frames: {path}")
 
 
 def _result(name: str, make_rows: Callable[[], Iterable], parse: Callable, stream: bool, **options) -> Result:

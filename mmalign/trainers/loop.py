@@ -388,12 +388,29 @@ class Trainer:
             random_crop=config.random_crop,
             hflip=config.hflip,
             seed=config.seed,
+            frames=self._pair_frames(pairs),
         )
         processes = self.accelerator.num_processes
         self.global_batch = config.batch_size * processes
         self.schedule = Schedule(len(pairs), self.global_batch, config.seed)
         self._latent_cache: dict[int, dict[str, Any]] = {}
         self._prompt_cache: dict[str, Any] = {}
+
+    def _pair_frames(self, pairs: list) -> int | None:
+        """Frames per clip when the pairs are videos (the video generator's ``num_frames``), else None: images
+        (a video generator trains on them as one-frame clips). Video pairs for an image model are refused."""
+        from ..modalities.video import is_video_file
+
+        first = pairs[0].chosen
+        if not (isinstance(first, (str, os.PathLike)) and is_video_file(first, include_gif=True)):
+            return None
+        modality = getattr(self.policy, "modality", "image")
+        if modality != "video":
+            raise ConfigError(
+                f"data={self.config.data} holds videos ({pairs[0].source or first}), but model={self.config.model} "
+                f"generates {modality}s"
+            )
+        return int(self.policy.num_frames)
 
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler

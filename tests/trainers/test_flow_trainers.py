@@ -575,3 +575,28 @@ def test_frames_are_checked_against_the_generator(wan_folder, sd3_folder, prompt
         make_flow("flow-grpo", wan_folder, prompts, tmp_path / "wan", "frames=6")
     with pytest.raises(ConfigError, match="frames=5: .* generates images, not videos"):
         make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "sd3", "frames=5")
+
+
+@pytest.fixture(scope="module")
+def video_pairs(tmp_path_factory):
+    from tests.data.test_video_pairs import write_video_pairs
+
+    return write_video_pairs(tmp_path_factory.mktemp("video-pairs"))[0]
+
+
+def test_wan_flow_dpo_trains_on_video_pairs(wan_folder, video_pairs, tmp_path):
+    from tests.trainers.test_training import make_trainer
+
+    trainer = make_trainer(wan_folder, video_pairs, tmp_path, "trainer=dpo", "lr=1e-2", "beta=100", "frames=5")
+    assert trainer.make_batch(0)["latents_w"].shape == (2, 16, 2, 4, 4)  # (5 - 1) // 4 + 1 latent frames
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    trainer.train()
+    unchanged = sorted(k for k, v in trainer._trainable_state().items() if torch.equal(before[k], v))
+    assert not unchanged, unchanged
+
+
+def test_video_pairs_for_an_image_model_are_refused(video_pairs, sd3_folder, tmp_path):
+    from tests.trainers.test_training import make_trainer
+
+    with pytest.raises(ConfigError, match="holds videos .* generates images"):
+        make_trainer(sd3_folder, video_pairs, tmp_path, "trainer=dpo")
