@@ -143,3 +143,12 @@ def make_wan_pipeline(folder: Path, seed: int = 0, **options) -> Path:
     from mmalign.models.builders import build_wan_pipeline
 
     return build_wan_pipeline(folder, seed, **options)
+
+
+def make_animatediff_pipeline(folder: Path, seed: int = 0, **options) -> Path:
+    """A tiny AnimateDiffPipeline folder (``save_pretrained`` layout: a ``UNetMotionModel`` with random motion
+    modules, the SD VAE and CLIP text tower, DDIM): real classes, random weights, 4 frames recorded in its generator
+    config."""
+    from mmalign.models.builders import build_animatediff_pipeline
+
+    return build_animatediff_pipeline(folder, seed, **options)

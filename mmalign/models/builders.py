@@ -128,6 +128,9 @@ __all__ = [
     "TINY_SD",
     "TINY_SD3",
     "TINY_SDXL_UNET",
+    "ANIMATEDIFF_SCHEDULER",
+    "TINY_ANIMATEDIFF_MOTION",
+    "build_animatediff_pipeline",
     "build_sd3_pipeline",
     "build_sd_pipeline",
     "clip_config",
@@ -847,4 +850,81 @@ def build_wan_pipeline(
         settings["num_frames"] = int(num_frames)
     if settings:
         write_generator_config(folder, **settings)
+    return Path(folder)
+
+
+# a tiny AnimateDiffPipeline (as diffusers' AnimateDiff tests build it): the tiny SD UNet, VAE and text tower plus a
+# MotionAdapter of the same block widths (one temporal transformer per resnet, 2 heads); AnimateDiff's DDIM scheduler
+TINY_ANIMATEDIFF_MOTION: dict[str, Any] = dict(
+    block_out_channels=TINY_SD["unet"]["block_out_channels"],
+    motion_layers_per_block=TINY_SD["unet"]["layers_per_block"],
+    motion_norm_num_groups=8,
+    motion_num_attention_heads=2,
+    motion_max_seq_length=32,
+)
+# the DDIM settings diffusers' AnimateDiff docs load over an SD 1.5 scheduler (linear betas 0.00085-0.012, steps
+# offset 1, linspace spacing, no clipping; SD's set_alpha_to_one=False)
+ANIMATEDIFF_SCHEDULER: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="linspace",
+    prediction_type="epsilon",
+    set_alpha_to_one=False,
+)
+
+
+def build_animatediff_pipeline(
+    folder: str | Path,
+    seed: int = 0,
+    num_frames: int | None = 4,
+    separate_adapter: bool = False,
+    motion: dict[str, Any] | None = None,
+) -> Path:
+    """A random-weight ``AnimateDiffPipeline`` (tiny SD 1.x UNet, VAE and CLIP text tower of :data:`TINY_SD` with a
+    ``MotionAdapter`` of :data:`TINY_ANIMATEDIFF_MOTION`, merged into a ``UNetMotionModel``; a ``DDIMScheduler`` of
+    :data:`ANIMATEDIFF_SCHEDULER`), saved with ``AnimateDiffPipeline.save_pretrained`` into ``folder``. The motion
+    modules' last projections are re-drawn (diffusers zero-initialises ``proj_out``, which would make them an
+    identity). ``separate_adapter``: the folder holds the SD ``UNet2DConditionModel`` and the ``motion_adapter``
+    apart (the layout of a pipeline built from a base model and an adapter); ``num_frames`` (when given) goes into
+    the folder's generator config."""
+    import torch
+    from diffusers import (
+        AnimateDiffPipeline,
+        AutoencoderKL,
+        DDIMScheduler,
+        MotionAdapter,
+        UNet2DConditionModel,
+        UNetMotionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .sd3 import write_generator_config
+
+    torch.manual_seed(seed)
+    unet2d = UNet2DConditionModel(**TINY_SD["unet"])
+    adapter = MotionAdapter(**(motion or TINY_ANIMATEDIFF_MOTION))
+    with torch.no_grad():
+        for name, parameter in adapter.named_parameters():
+            if "proj_out" in name:
+                parameter.normal_(0.0, 0.05)
+    vae = AutoencoderKL(**TINY_SD["vae"])
+    text = TINY_SD["text"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_text_config(**{"projection_dim": text["hidden_size"], **text})))
+    pipe = AnimateDiffPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=UNetMotionModel.from_unet2d(unet2d, adapter),
+        motion_adapter=adapter,
+        scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER),
+    )
+    if separate_adapter:  # the pipeline merged them: register the 2D UNet again so that the folder keeps it apart
+        pipe.register_modules(unet=unet2d)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    if num_frames is not None:
+        write_generator_config(folder, num_frames=int(num_frames))
     return Path(folder)

@@ -274,11 +274,12 @@ FAMILIES: dict[str, str] = {
     "QwenImagePipeline": "mmalign.models.qwen_image:QwenImageGenerator",
     "ZImagePipeline": "mmalign.models.z_image:ZImageGenerator",
     "WanPipeline": "mmalign.models.wan:WanGenerator",
+    "AnimateDiffPipeline": "mmalign.models.animatediff:AnimateDiffPolicy",
 }
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
 PARAMETRISATIONS: dict[str, str] = {
-    "diffusion": "a DDPM-schedule UNet (SD 1.x/2.x, SDXL: epsilon or v prediction, DDIM chains)",
+    "diffusion": "a DDPM-schedule UNet (SD 1.x/2.x, SDXL, AnimateDiff: epsilon or v prediction, DDIM chains)",
     "flow": "a flow-matching transformer (SD3/3.5, FLUX, Qwen-Image, Z-Image, Wan: velocity on σ, Euler/SDE chains)",
 }
 

@@ -212,11 +212,18 @@ class DiffusionPolicy:
             noisy.to(dtype), timesteps, encoder_hidden_states=embeds.hidden.to(dtype), added_cond_kwargs=added
         ).sample.float()
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> canonical images ``[B, 3, H, W]`` in [0, 1]."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """``(C, h, w)`` of one latent of a ``height×width`` image (video subclasses: ``(C, F, h, w)``): what the
+        samplers draw initial noise of."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.in_channels), height // factor, width // factor
+
+    def decode(self, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Latents -> canonical images ``[B, 3, H, W]`` in [0, 1]; ``grad=True`` keeps the graph (reward
+        backpropagation)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+            return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # -- pipelines ----------------------------------------------------------------------------------------
     def pipeline(self, unet: torch.nn.Module | None = None):

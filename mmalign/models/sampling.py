@@ -196,9 +196,9 @@ def guided_eps(
 
 
 def decode_with_grad(policy: Any, latents: Tensor) -> Tensor:
-    """VAE decode with gradients -> ``[B, 3, H, W]`` in [0, 1] (``DiffusionPolicy.decode`` without no_grad)."""
-    images = policy.vae.decode(latents.to(policy.vae.dtype) / policy.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    """``policy.decode(latents, grad=True)``: the canonical media tensor (images ``[B, 3, H, W]``, videos
+    ``[B, T, 3, H, W]``) in [0, 1] keeping the graph."""
+    return policy.decode(latents, grad=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,7 +206,8 @@ def decode_with_grad(policy: Any, latents: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class Trajectory:
-    """A batch of sampled DDIM chains: ``latents [B, T+1, C, h, w]`` (x_T … x_0, detached),
+    """A batch of sampled DDIM chains: ``latents [B, T+1, *latent]`` (x_T … x_0, detached; a latent is
+    ``[C, h, w]``, or ``[C, F, h, w]`` for a video policy),
     ``log_probs [B, T]`` (of each sampled step at sampling time), the schedule, and the conditioning."""
 
     latents: Tensor
@@ -269,9 +270,7 @@ def sample_trajectories(
     batch = embeds.hidden.shape[0]
     total = global_batch or batch
     schedule = ddim_schedule(policy.noise_scheduler, steps)
-    channels = policy.unet.config.in_channels
-    factor = 2 ** (len(policy.vae.config.block_out_channels) - 1)
-    shape = (channels, resolution // factor, resolution // factor)
+    shape = tuple(policy.latent_shape(resolution, resolution))  # (C, h, w); video policies (C, F, h, w)
     x = _global_randn(generator, total, offset, shape, batch).to(device)
     if shared_start:
         x = x[:1].expand_as(x).clone()

@@ -70,8 +70,8 @@ class TrainConfig:
     reference: Literal["auto", "adapters", "copy", "precomputed"] = "auto"
     beta: float = 5000.0
     resolution: int = 512
-    # video generators (Wan): frames per sampled video, (frames - 1) % 4 == 0; 0: the generator's own (its folder's
-    # mmalign_generator.json, else the pipeline's 81)
+    # video generators: frames per sampled video (Wan: (frames - 1) % 4 == 0; AnimateDiff: 1..32); 0: the
+    # generator's own (its folder's mmalign_generator.json, else the pipeline's: Wan 81, AnimateDiff 16)
     frames: int = 0
     # the scripts' --random_crop (off: a centre crop after resizing the shorter side) and --no_hflip (off: flips)
     random_crop: bool = False
@@ -312,8 +312,12 @@ class Trainer:
 
     @property
     def lora_targets(self) -> list[str]:
-        """``lora_targets`` of the config, or the generator family's defaults when it leaves them empty."""
-        return list(self.config.lora_targets) or list(self.policy.lora_targets)
+        """``lora_targets`` of the config, or the generator family's defaults when it leaves them empty; a family
+        with named groups of targets (AnimateDiff: ``motion``, ``spatial``) expands them
+        (``resolve_lora_targets``)."""
+        targets = list(self.config.lora_targets) or list(self.policy.lora_targets)
+        resolve = getattr(self.policy, "resolve_lora_targets", None)
+        return list(resolve(targets)) if resolve is not None else targets
 
     def _setup_model(self) -> None:
         config, unet = self.config, self.policy.trainable

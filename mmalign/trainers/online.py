@@ -205,9 +205,15 @@ class OnlineConfig(TrainConfig):
     lora_rank: int = 4
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     checkpoint_unet: bool | None = None
+    # video generators whose VAE decodes frames apart (AnimateDiff): decode and score only this many evenly spaced
+    # frames of each sample for the reward (VADER's frame subsampling: less memory in reward backpropagation);
+    # 0: every frame
+    reward_frames: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reward_frames < 0:
+            raise ValueError(f"reward_frames must be >= 0 (0: every frame), got {self.reward_frames}")
         if self.checkpoint_unet is not None:
             self.gradient_checkpointing = self.checkpoint_unet
         if self.sample_steps < 1:
@@ -236,6 +242,11 @@ class OnlineTrainer(Trainer):
     def __init__(self, config: OnlineConfig, policy: Any = None, reward: Any = None):
         self._reward = reward if reward is None or isinstance(reward, WeightedReward) else WeightedReward([reward], [1])
         super().__init__(config, policy)
+        if config.reward_frames and not getattr(self.policy, "decodes_frames_apart", False):
+            raise ConfigError(
+                f"reward_frames={config.reward_frames}: model={config.model} cannot decode some frames of a video "
+                "without the others (only video generators whose VAE decodes frames apart, e.g. AnimateDiff)"
+            )
         if self.needs_differentiable_reward and not self.reward.is_differentiable:
             raise ConfigError(f"trainer={config.trainer} backpropagates through the reward: {config.reward} is not")
 
@@ -329,11 +340,7 @@ class OnlineTrainer(Trainer):
     def latent_shape(self) -> tuple[int, ...]:
         """``(C, h, w)`` of one latent at the training resolution (video generators: ``(C, F', h, w)``)."""
         size = self.config.resolution
-        if self.uses_conditions:
-            return tuple(self.policy.latent_shape(size, size))
-        unet, vae = self.policy.unet, self.policy.vae
-        size = size // 2 ** (len(vae.config.block_out_channels) - 1)
-        return (unet.config.in_channels, size, size)
+        return tuple(self.policy.latent_shape(size, size))
 
     def x_T(self, batch: dict[str, Any]) -> Tensor:
         """Initial noise of this process's slice, from the micro-batch's sampling stream."""
@@ -342,10 +349,17 @@ class OnlineTrainer(Trainer):
         return torch.randn(shape, generator=batch["generator"])[lo:hi].to(self.accelerator.device)
 
     def decode_with_grad(self, latents: Tensor) -> Tensor:
-        """Latents → images in [0, 1] keeping the graph (reward backpropagation)."""
-        if self.uses_conditions:
-            return self.policy.decode(latents, grad=True)
-        return sampling.decode_with_grad(self.policy, latents)
+        """Latents → the media the reward scores, in [0, 1], keeping the graph (reward backpropagation)."""
+        return self.policy.decode(latents, grad=True, **self._decode_options(latents))
+
+    def _decode_options(self, latents: Tensor) -> dict[str, Any]:
+        """``frames``: the ``reward_frames`` evenly spaced frame indices of video latents ``[B, C, F, h, w]`` (first
+        and last included) when fewer than ``F``; else nothing."""
+        wanted = getattr(self.config, "reward_frames", 0)
+        count = latents.shape[2] if latents.ndim == 5 else 0
+        if not wanted or wanted >= count:
+            return {}
+        return {"frames": torch.linspace(0, count - 1, wanted).round().long().tolist()}
 
     # -- flow-matching chains (reward backpropagation on flow families) -----------------------------------------
     def flow_schedule(self):
@@ -392,7 +406,7 @@ class OnlineTrainer(Trainer):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        return self.policy.decode(latents)
+        return self.policy.decode(latents, **self._decode_options(latents))
 
     def train_steps(self, batch: dict[str, Any]) -> Tensor:
         """The steps each of this process's samples trains on, ``[B, n]``: all of them, or with
@@ -756,7 +770,7 @@ class ReFLTrainer(OnlineTrainer):
         t = scheduler.timesteps[mid]
         out = self.predict(x, t.expand(x.shape[0]).to(x.device), embeds, time_ids)
         x0 = scheduler.step(out, t, x, generator=gen).pred_original_sample
-        rewards = self.reward(sampling.decode_with_grad(self.policy, x0), batch["prompts"])
+        rewards = self.reward(self.decode_with_grad(x0), batch["prompts"])
         return losses.refl_loss(rewards, config.refl_target, config.refl_scale)
 
     def _flow_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
