@@ -34,6 +34,7 @@ __all__ = [
     "ddim_mean_std",
     "ddim_schedule",
     "decode_with_grad",
+    "deterministic_steps",
     "guided_eps",
     "model_output_to_eps",
     "pred_x0",
@@ -163,6 +164,15 @@ def ddim_schedule(noise_scheduler: Any, steps: int) -> DDIMSchedule:
     final = torch.as_tensor(float(scheduler.final_alpha_cumprod))
     alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
     return DDIMSchedule(timesteps, alphas[timesteps], alpha_prev)
+
+
+def deterministic_steps(schedule: DDIMSchedule) -> list[int]:
+    """Indices of the steps of ``schedule`` whose DDIM σ_t is 0 whatever η (``ᾱ_prev = ᾱ_t``, or ``ᾱ_prev = 1``):
+    they have no density, so a log-prob trainer cannot use them. A ``linspace``-spaced schedule (AnimateDiff's
+    DDIM settings) ends at ``t = 0``, whose step goes to ``ᾱ_0`` itself."""
+    a_t, a_prev = schedule.alpha_bar.double(), schedule.alpha_bar_prev.double()
+    variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+    return [int(j) for j in torch.nonzero(variance <= 0).flatten()]
 
 
 def guided_eps(

@@ -209,9 +209,14 @@ class OnlineConfig(TrainConfig):
     # frames of each sample for the reward (VADER's frame subsampling: less memory in reward backpropagation);
     # 0: every frame
     reward_frames: int = 0
+    # UNets: the DDIM timestep spacing of the sampler ("leading", "linspace", "trailing"); empty: the scheduler's
+    # own. A linspace schedule (AnimateDiff's) ends with a deterministic step (t = 0), which DDPO / D3PO refuse
+    timestep_spacing: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.timestep_spacing not in ("", "leading", "linspace", "trailing"):
+            raise ValueError(f"timestep_spacing must be leading, linspace or trailing, got {self.timestep_spacing!r}")
         if self.reward_frames < 0:
             raise ValueError(f"reward_frames must be >= 0 (0: every frame), got {self.reward_frames}")
         if self.checkpoint_unet is not None:
@@ -237,11 +242,14 @@ class OnlineTrainer(Trainer):
 
     config_class: ClassVar[type[TrainConfig]] = OnlineConfig
     needs_differentiable_reward: ClassVar[bool] = False
+    #: the loss uses the log-density of every sampled DDIM step (DDPO, D3PO): a σ = 0 step is refused
+    needs_step_densities: ClassVar[bool] = False
     checkpoint_blocks: ClassVar[bool] = False  # whole UNet calls are checkpointed (``torch.utils.checkpoint``)
 
     def __init__(self, config: OnlineConfig, policy: Any = None, reward: Any = None):
         self._reward = reward if reward is None or isinstance(reward, WeightedReward) else WeightedReward([reward], [1])
         super().__init__(config, policy)
+        self._set_timestep_spacing()
         if config.reward_frames and not getattr(self.policy, "decodes_frames_apart", False):
             raise ConfigError(
                 f"reward_frames={config.reward_frames}: model={config.model} cannot decode some frames of a video "
@@ -249,6 +257,32 @@ class OnlineTrainer(Trainer):
             )
         if self.needs_differentiable_reward and not self.reward.is_differentiable:
             raise ConfigError(f"trainer={config.trainer} backpropagates through the reward: {config.reward} is not")
+
+    def _set_timestep_spacing(self) -> None:
+        """``timestep_spacing`` (when given) onto a UNet's noise scheduler; with η > 0, a trainer that needs every
+        step's density refuses a schedule with a deterministic step
+        (:func:`~mmalign.models.sampling.deterministic_steps`)."""
+        config = self.config
+        if config.timestep_spacing:
+            if self.uses_conditions:
+                raise ConfigError(
+                    f"timestep_spacing={config.timestep_spacing}: a DDIM option; model={config.model} is a flow family"
+                )
+            scheduler = self.policy.noise_scheduler
+            self.policy.noise_scheduler = type(scheduler).from_config(
+                scheduler.config, timestep_spacing=config.timestep_spacing
+            )
+        if self.needs_step_densities and config.eta > 0 and not self.uses_conditions:
+            schedule = sampling.ddim_schedule(self.policy.noise_scheduler, config.sample_steps)
+            dead = sampling.deterministic_steps(schedule)
+            if dead:
+                spacing = self.policy.noise_scheduler.config.get("timestep_spacing", "leading")
+                raise ConfigError(
+                    f"trainer={config.trainer}: step(s) {dead} of the {config.sample_steps}-step DDIM schedule "
+                    f"({spacing} spacing, timesteps {schedule.timesteps.tolist()}) are deterministic (σ = 0: the "
+                    "step from t = 0 goes to ᾱ_0) and have no log-density; set timestep_spacing=leading (Stable "
+                    "Diffusion's, as DDPO / D3PO sample) or trailing"
+                )
 
     @property
     def reward(self) -> WeightedReward:
@@ -458,6 +492,7 @@ class DDPOTrainer(OnlineTrainer):
     and the PPO clip acts."""
 
     config_class: ClassVar[type[TrainConfig]] = DDPOConfig
+    needs_step_densities: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
 
     def __init__(self, config: DDPOConfig, policy: Any = None, reward: Any = None):
@@ -566,6 +601,7 @@ class D3POTrainer(OnlineTrainer):
     accelerate-prepared UNet, so they are synchronised across processes (the reference's LoRA ones are not)."""
 
     config_class: ClassVar[type[TrainConfig]] = D3POConfig
+    needs_step_densities: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = True
 
     # -- offline: stored chains scored by people (feedback=DIR, human=SCORES) ---------------------------------
