@@ -20,7 +20,10 @@ How the UNet :class:`mmalign.models.policy.DiffusionPolicy` maps onto this proto
 (on images rescaled to [-1, 1]); ``add_noise`` / ``training_target`` = the two halves of ``noisy_and_target``
 (epsilon, v-prediction or sample, chosen by the scheduler's ``prediction_type``); ``predict`` = ``predict``
 (with ``time_ids``); ``decode`` = ``decode``; ``trainable`` = ``unet``; ``block_class`` = diffusers'
-``BasicTransformerBlock``; its samplers are DDIM steps over ``DDIMScheduler`` timesteps.
+``BasicTransformerBlock``; its samplers are DDIM steps over ``DDIMScheduler`` timesteps. AnimateDiff
+(:class:`mmalign.models.animatediff.AnimateDiffPolicy`) is a video subclass of it: ``modality`` "video",
+``num_frames``, latents ``[B, C, F, h, w]``, ``decode`` to ``[B, T, 3, H, W]``; the DDIM chains and the UNet
+trainers take its latent shape (``latent_shape``) and decoding (``decode(latents, grad=...)``) from the policy.
 
 Families register in :data:`FAMILIES` under the diffusers pipeline class that ``model_index.json`` names, as
 ``"module:Class"`` strings imported on first use (``import mmalign`` stays light).

@@ -143,3 +143,18 @@ def test_frame_counts_are_checked(policy):
     with pytest.raises(ValueError, match="1 to 32 frames"):
         policy.latent_shape(32, 32, frames=0)
     assert policy.latent_shape(32, 32, frames=8) == (4, 8, 16, 16) and policy.num_frames == 4
+
+
+def test_sd_folder_plus_motion_adapter(tmp_path):
+    """``from_pretrained(sd_folder, motion_adapter=...)``: an SD 1.x pipeline and a MotionAdapter folder merged."""
+    from diffusers import MotionAdapter
+
+    from mmalign.errors import WeightsError
+    from mmalign.models.builders import TINY_ANIMATEDIFF_MOTION
+
+    sd = tiny.make_sd_pipeline(tmp_path / "sd")
+    MotionAdapter(**TINY_ANIMATEDIFF_MOTION).save_pretrained(str(tmp_path / "adapter"))
+    policy = AnimateDiffPolicy.from_pretrained(sd, motion_adapter=tmp_path / "adapter", num_frames=3)
+    assert type(policy.unet).__name__ == "UNetMotionModel" and policy.latent_shape(16, 16) == (4, 3, 8, 8)
+    with pytest.raises(WeightsError, match="needs motion_adapter="):
+        AnimateDiffPolicy.from_pretrained(sd)
