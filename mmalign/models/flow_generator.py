@@ -139,12 +139,14 @@ def cfg_velocity(
 class PerChannelLatentStats:
     """Latent normalisation of the Wan-style VAEs (``AutoencoderKLWan``, ``AutoencoderKLQwenImage``): per-channel
     ``latents_mean`` / ``latents_std`` from the VAE config, ``(z − mean)/std`` (the training scripts'
-    ``(z − mean)·(1/std)``) and back, for latents of any rank ``[B, C, ...]``."""
+    ``(z − mean)·(1/std)``) and back. One latent is ``[C, ...]`` of ``latent_rank`` dimensions (images ``[C, h, w]``:
+    3; Wan's videos ``[C, F, h, w]``: 4), with any leading batch dimensions."""
 
     vae: Any
+    latent_rank: ClassVar[int] = 3
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, like.shape[1]) + (1,) * (like.ndim - 2)
+        shape = (-1,) + (1,) * (self.latent_rank - 1)
         mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
         inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
         return mean, inverse_std

@@ -113,6 +113,7 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
     :class:`~mmalign.models.flow_generator.FlowMatchingGenerator` and this module). Latents are 5-D
     ``[B, C, F', h, w]``; :meth:`decode` gives videos ``[B, T, 3, H, W]`` in [0, 1]."""
 
+    latent_rank: ClassVar[int] = 4  # [C, F', h, w]
     family: ClassVar[str] = "wan"
     modality: ClassVar[str] = "video"
     lora_targets: ClassVar[tuple[str, ...]] = WAN_LORA_TARGETS
