@@ -332,8 +332,8 @@ def check_parametrisation(trainer: str, supported: Sequence[str], kind: str, mod
 
 
 def parametrisation_of(model: str | Path) -> str:
-    """ "flow", "diffusion" or "v-diffusion" for a hub id or pipeline folder, from its ``model_index.json`` alone (no weights
-    load): what trainers check when their config is read."""
+    """ "flow", "diffusion" or "v-diffusion" for a hub id or pipeline folder, from its ``model_index.json`` alone
+    (no weights load): what trainers check when their config is read."""
     return getattr(generator_class_of(model), "parametrisation", "diffusion")
 
 
