@@ -143,3 +143,11 @@ def make_wan_pipeline(folder: Path, seed: int = 0, **options) -> Path:
     from mmalign.models.builders import build_wan_pipeline
 
     return build_wan_pipeline(folder, seed, **options)
+
+
+def make_stable_audio_pipeline(folder: Path, seed: int = 0, **options) -> Path:
+    """A tiny StableAudioPipeline folder (model_index.json, every component's ``save_pretrained``): real classes,
+    random weights, 16 latent frames of hop 4 at 4000 Hz, 12 text tokens."""
+    from mmalign.models.builders import build_stable_audio_pipeline
+
+    return build_stable_audio_pipeline(folder, seed, **options)
