@@ -578,7 +578,7 @@ def test_frames_are_checked_against_the_generator(wan_folder, sd3_folder, prompt
 
 @pytest.fixture(scope="module")
 def video_pairs(tmp_path_factory):
-    from tests.data.test_video_pairs import write_video_pairs
+    from tests.data.test_media_pairs import write_video_pairs
 
     return write_video_pairs(tmp_path_factory.mktemp("video-pairs"))[0]
 
