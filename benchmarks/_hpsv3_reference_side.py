@@ -21,9 +21,8 @@ from tests import qwen2vl_tiny  # noqa: E402
 
 def main(workdir: str, images_json: str, out_json: str) -> None:
     import safetensors.torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
     from hpsv3.inference import HPSv3RewardInferencer
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     work = Path(workdir)
     folder = qwen2vl_tiny.write_backbone_folder(work / "backbone")
@@ -48,8 +47,10 @@ def main(workdir: str, images_json: str, out_json: str) -> None:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             scale = 1.0
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale / max(1, parameter.shape[-1]) ** 0.5
-                            + (1.0 if "norm" in name and parameter.ndim == 1 else 0.0))
+            parameter.copy_(
+                torch.randn(parameter.shape, generator=generator) * scale / max(1, parameter.shape[-1]) ** 0.5
+                + (1.0 if "norm" in name and parameter.ndim == 1 else 0.0)
+            )
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     checkpoint = work / "HPSv3.safetensors"
     safetensors.torch.save_file(state, str(checkpoint))

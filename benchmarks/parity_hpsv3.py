@@ -61,8 +61,13 @@ def main() -> int:
         (work / "images.json").write_text(json.dumps(items))
         started = time.perf_counter()
         subprocess.run(
-            [args.reference_python, str(ROOT / "benchmarks/_hpsv3_reference_side.py"), str(work),
-             str(work / "images.json"), str(work / "reference.json")],
+            [
+                args.reference_python,
+                str(ROOT / "benchmarks/_hpsv3_reference_side.py"),
+                str(work),
+                str(work / "images.json"),
+                str(work / "reference.json"),
+            ],
             check=True,
             cwd=ROOT,
         )

@@ -32,9 +32,7 @@ def _looks_like_repo_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def _hub_download(
-    repo_id: str, filename: str | None, what: str, allow_patterns: Iterable[str] | None = None
-) -> Path:
+def _hub_download(repo_id: str, filename: str | None, what: str, allow_patterns: Iterable[str] | None = None) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     try:

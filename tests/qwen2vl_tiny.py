@@ -43,7 +43,7 @@ CORPUS = (
 HIDDEN = 32
 
 
-def write_tokenizer(folder: Path, vocab_size: int = 400) -> dict[str, int]:
+def write_tokenizer(folder: Path, vocab_size: int = 400, corpus: str = "") -> dict[str, int]:
     """A byte-level BPE tokenizer with Qwen2-VL's special tokens; returns their ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -57,7 +57,7 @@ def write_tokenizer(folder: Path, vocab_size: int = 400) -> dict[str, int]:
         special_tokens=list(SPECIAL_TOKENS),
         show_progress=False,
     )
-    backend.train_from_iterator([CORPUS], trainer)
+    backend.train_from_iterator([CORPUS + corpus], trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right"
     )
@@ -65,11 +65,12 @@ def write_tokenizer(folder: Path, vocab_size: int = 400) -> dict[str, int]:
     return {token: backend.token_to_id(token) for token in SPECIAL_TOKENS} | {"__len__": backend.get_vocab_size()}
 
 
-def write_backbone_folder(folder: Path, layers: int = 2, vision_depth: int = 1) -> Path:
-    """config.json (4.45 flat layout), tokenizer, chat template and preprocessor config of a tiny Qwen2-VL."""
+def write_backbone_folder(folder: Path, layers: int = 2, vision_depth: int = 1, corpus: str = "") -> Path:
+    """config.json (4.45 flat layout), tokenizer, chat template and preprocessor config of a tiny Qwen2-VL.
+    ``corpus``: extra BPE training text (the reward prompts make sequences short and tests fast)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = write_tokenizer(folder)
+    ids = write_tokenizer(folder, 1200 if corpus else 400, corpus)
     config = {
         "architectures": ["Qwen2VLForConditionalGeneration"],
         "model_type": "qwen2_vl",

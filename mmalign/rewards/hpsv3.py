@@ -1,3 +1,4 @@
+# ruff: noqa: E501, W291  (the reference prompts are data: their long lines and trailing spaces are kept verbatim)
 """HPSv3: Human Preference Score v3 (Ma et al. 2025, arXiv:2508.03789; MizzenAI/HPSv3, PyPI ``hpsv3`` 1.0.0).
 
 A Qwen2-VL-7B-Instruct fine-tuned as an uncertainty-aware reward: a head on the hidden state of an added
@@ -210,7 +211,10 @@ class HPSv3Reward(Qwen2VLRewardModel):
         return self.score_frames(list(pixels), prompts).mu
 
     def score_detailed(
-        self, images: torch.Tensor | Sequence[ImageLike], prompts: str | Sequence[str] | None = None, batch_size: int = 8
+        self,
+        images: torch.Tensor | Sequence[ImageLike],
+        prompts: str | Sequence[str] | None = None,
+        batch_size: int = 8,
     ) -> HPSv3Scores:
         """``mu`` and ``sigma`` of tensors (differentiable) or files / Pillow images (reference preprocessing)."""
         if isinstance(images, torch.Tensor):

@@ -67,8 +67,13 @@ def _floor_by(number: float, factor: int) -> int:
     return math.floor(number / factor) * factor
 
 
-def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = 4 * 28 * 28,
+    max_pixels: int = 16384 * 28 * 28,
+) -> tuple[int, int]:
     """qwen-vl-utils ``smart_resize``: sides rounded to multiples of ``factor``, area clamped to
     ``[min_pixels, max_pixels]`` keeping the aspect ratio (floor when shrinking, ceil when growing)."""
     if max(height, width) / min(height, width) > MAX_RATIO:
@@ -87,16 +92,18 @@ def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels
 
 
 # -- pixels -> Qwen2-VL patches ---------------------------------------------------------------------------------
-def normalize(pixels: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-              std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
+def normalize(
+    pixels: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
+) -> torch.Tensor:
     """``[..., 3, H, W]`` in [0, 1] -> normalised (the processor's rescale + normalize, in torch)."""
     mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
     return (pixels - mean_t) / std_t
 
 
-def patchify(frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2,
-             temporal_patch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def patchify(
+    frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised frames ``[T, 3, H, W]`` of ONE image/video -> flat patches ``[t*h*w, 3*tp*p*p]`` and
     ``grid_thw [3]``, in Qwen2VLImageProcessor's order. ``T`` is padded to a multiple of ``temporal_patch_size``
     by repeating the last frame (an image, ``T = 1``, becomes its own frame twice). Differentiable."""
@@ -108,8 +115,17 @@ def patchify(frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2,
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     grid_t = frames.shape[0] // temporal_patch_size
     grid_h, grid_w = height // patch_size, width // patch_size
-    x = frames.reshape(grid_t, temporal_patch_size, channels, grid_h // merge_size, merge_size, patch_size,
-                       grid_w // merge_size, merge_size, patch_size)
+    x = frames.reshape(
+        grid_t,
+        temporal_patch_size,
+        channels,
+        grid_h // merge_size,
+        merge_size,
+        patch_size,
+        grid_w // merge_size,
+        merge_size,
+        patch_size,
+    )
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     patches = x.reshape(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
     return patches, torch.tensor([grid_t, grid_h, grid_w], dtype=torch.long)
@@ -245,8 +261,15 @@ class Qwen2VLRewardModel(Reward):
 
     reward_tokens: tuple[str, ...] = ()
 
-    def __init__(self, backbone: nn.Module, rm_head: nn.Module, tokenizer: Any, chat_template: str,
-                 image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rm_head: nn.Module,
+        tokenizer: Any,
+        chat_template: str,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+    ):
         super().__init__()
         self.backbone = backbone.eval()
         self.rm_head = rm_head.eval()
@@ -296,19 +319,31 @@ class Qwen2VLRewardModel(Reward):
         return encoded["input_ids"], encoded["attention_mask"]
 
     # forward ----------------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patches: torch.Tensor,
-                      grids: torch.Tensor, kind: str) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patches: torch.Tensor,
+        grids: torch.Tensor,
+        kind: str,
+    ) -> torch.Tensor:
         """Last hidden states ``[B, L, D]`` with sequential positions on all three M-RoPE axes."""
         device = self.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         batch, length = input_ids.shape
         positions = torch.arange(length, device=device).view(1, 1, -1).expand(3, batch, -1)
-        vision = {"pixel_values": patches, "image_grid_thw": grids} if kind == "image" else {
-            "pixel_values_videos": patches, "video_grid_thw": grids}
-        vision = {k: v.to(device=device, dtype=self.dtype) if v.is_floating_point() else v.to(device)
-                  for k, v in vision.items()}
-        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                               use_cache=False, **vision)
+        vision = (
+            {"pixel_values": patches, "image_grid_thw": grids}
+            if kind == "image"
+            else {"pixel_values_videos": patches, "video_grid_thw": grids}
+        )
+        vision = {
+            k: v.to(device=device, dtype=self.dtype) if v.is_floating_point() else v.to(device)
+            for k, v in vision.items()
+        }
+        output = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False, **vision
+        )
         return output.last_hidden_state
 
     def head_outputs(self, texts: Sequence[str], frames: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
@@ -328,8 +363,10 @@ class Qwen2VLRewardModel(Reward):
         counts = mask.sum(dim=1)
         want = len(self.reward_token_ids)
         if bool((counts != want).any()):
-            raise ValueError(f"each sequence must hold the {want} reward token(s) {self.reward_tokens} once; "
-                             f"found {counts.tolist()} (the prompt may contain one, or it was truncated)")
+            raise ValueError(
+                f"each sequence must hold the {want} reward token(s) {self.reward_tokens} once; "
+                f"found {counts.tolist()} (the prompt may contain one, or it was truncated)"
+            )
         selected = hidden[mask].float()  # row-major: tokens in sequence order within each item
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             out = self.rm_head(selected)
@@ -358,7 +395,9 @@ def checkpoint_vocab_size(state_dict: Mapping[str, torch.Tensor], source: str) -
     for key in ("backbone.language_model.embed_tokens.weight",):
         if key in state_dict:
             return int(state_dict[key].shape[0])
-    raise WeightsError(f"{source}: no embed_tokens weight (model.embed_tokens.weight): not a Qwen2-VL reward checkpoint")
+    raise WeightsError(
+        f"{source}: no embed_tokens weight (model.embed_tokens.weight): not a Qwen2-VL reward checkpoint"
+    )
 
 
 def resolve_backbone_dir(spec: str | os.PathLike | None, default_repo: str) -> Path:

@@ -1,3 +1,4 @@
+# ruff: noqa: E501, W291  (the reference prompts are data: their long lines and trailing spaces are kept verbatim)
 """VideoReward (Liu et al. 2025, "Improving Video Generation with Human Feedback", arXiv:2501.13918;
 KwaiVGI/VideoAlign, now KlingAIResearch/VideoAlign; weights ``KlingTeam/VideoReward``, formerly
 ``KwaiVGI/VideoReward``): a Qwen2-VL-2B-Instruct reward scoring a video's visual quality (VQ), motion quality
@@ -79,8 +80,12 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 FRAME_FACTOR = 2
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
-CHECKPOINT_FILES = ("model_config.json", "checkpoint-*/model.pth", "checkpoint-*/model.safetensors",
-                    "checkpoint-*/tokenizer/*")
+CHECKPOINT_FILES = (
+    "model_config.json",
+    "checkpoint-*/model.pth",
+    "checkpoint-*/model.safetensors",
+    "checkpoint-*/tokenizer/*",
+)
 
 # VideoAlign prompt_template.py, verbatim (prompt data).
 DIMENSION_DESCRIPTIONS = {
@@ -270,8 +275,12 @@ class VideoAlignReward(Qwen2VLRewardModel):
         self.use_norm = use_norm
         self.name = "videoreward" if dimension == "Overall" else f"videoreward-{dimension.lower()}"
         self.score_scale = (
-            f"VideoReward {dimension}: " + ("normalised by the release's means/stds (about N(0,1) per dimension;"
-            " Overall their sum)" if use_norm and self.inference_config else "raw head output (unbounded)")
+            f"VideoReward {dimension}: "
+            + (
+                "normalised by the release's means/stds (about N(0,1) per dimension; Overall their sum)"
+                if use_norm and self.inference_config
+                else "raw head output (unbounded)"
+            )
             + ", higher is better"
         )
 
@@ -293,8 +302,9 @@ class VideoAlignReward(Qwen2VLRewardModel):
         processor files give the architecture (default: ``model_config.model_name_or_path``,
         ``Qwen/Qwen2-VL-2B-Instruct``; its weights are not needed). ``processor``: a tokenizer folder overriding
         the checkpoint's ``tokenizer/``."""
-        folder = resolve_dir(weights, default_repo=VIDEOREWARD_REPO, what="VideoReward checkpoint",
-                             allow_patterns=CHECKPOINT_FILES)
+        folder = resolve_dir(
+            weights, default_repo=VIDEOREWARD_REPO, what="VideoReward checkpoint", allow_patterns=CHECKPOINT_FILES
+        )
         config_path = folder / "model_config.json"
         if not config_path.is_file():
             raise WeightsError(f"{folder}: no model_config.json (VideoReward's layout)")
@@ -304,7 +314,11 @@ class VideoAlignReward(Qwen2VLRewardModel):
         path = next((f for f in files if f.is_file()), None)
         if path is None:
             lora_only = (checkpoint / "adapter_model.safetensors").is_file()
-            hint = " (a LoRA-only checkpoint over base weights: not supported, merge it into model.pth)" if lora_only else ""
+            hint = (
+                " (a LoRA-only checkpoint over base weights: not supported, merge it into model.pth)"
+                if lora_only
+                else ""
+            )
             raise WeightsError(f"{checkpoint}: no model.pth or model.safetensors{hint}")
         raw = load_state_dict(path)
         lora = settings.get("peft_lora_config", {})
@@ -333,8 +347,9 @@ class VideoAlignReward(Qwen2VLRewardModel):
         except WeightsError:
             template = load_chat_template(backbone_folder, tokenizer)
         mean, std = read_pixel_stats(backbone_folder)
-        reward = cls(model, head, tokenizer, template, mean, std, settings=settings, dimension=dimension,
-                     use_norm=use_norm)
+        reward = cls(
+            model, head, tokenizer, template, mean, std, settings=settings, dimension=dimension, use_norm=use_norm
+        )
         load_reward_weights(reward, state_dict, str(path))
         return reward.to(device=device)
 
@@ -355,8 +370,9 @@ class VideoAlignReward(Qwen2VLRewardModel):
         pieces = [patchify(f, self.patch_size, self.merge_size, self.temporal_patch_size) for f in frames]
         chats = [self.chat_text(t, "video") for t in texts]
         ids, mask = self.tokenize(chats, [g for _, g in pieces], ["video"] * len(texts))
-        hidden = self.hidden_states(ids, mask, torch.cat([p for p, _ in pieces]), torch.stack([g for _, g in pieces]),
-                                    "video")
+        hidden = self.hidden_states(
+            ids, mask, torch.cat([p for p, _ in pieces]), torch.stack([g for _, g in pieces]), "video"
+        )
         last = mask.sum(dim=1).to(hidden.device) - 1
         return self.rm_head(hidden[torch.arange(len(texts), device=hidden.device), last].float())
 
@@ -429,14 +445,20 @@ class VideoAlignReward(Qwen2VLRewardModel):
         results = []
         for index, clip in enumerate(decoded):
             extra = {dim: float(scores.get(dim)[index]) for dim in (*DIMENSIONS, "Overall")}
-            results.append(MediaScore(
-                total=float(scores.get(self.dimension)[index]), units=[], unit="frame",
-                positions=[float(i) for i in clip.indices], extra={"dimensions": extra, "num_frames": clip.num_frames},
-            ))
+            results.append(
+                MediaScore(
+                    total=float(scores.get(self.dimension)[index]),
+                    units=[],
+                    unit="frame",
+                    positions=[float(i) for i in clip.indices],
+                    extra={"dimensions": extra, "num_frames": clip.num_frames},
+                )
+            )
         return results
 
-    def score_files(self, sources: Sequence[str | os.PathLike], prompts: str | Sequence[str] | None = None,
-                    batch_size: int = 4) -> VideoRewardScores:
+    def score_files(
+        self, sources: Sequence[str | os.PathLike], prompts: str | Sequence[str] | None = None, batch_size: int = 4
+    ) -> VideoRewardScores:
         prompts = broadcast_prompts(prompts, len(sources))
         return self.score_clips([self.decode(s) for s in sources], prompts, batch_size)
 

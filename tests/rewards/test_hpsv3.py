@@ -12,7 +12,7 @@ from torch import nn
 
 import mmalign
 from mmalign.errors import StateDictMismatchError, WeightsError
-from mmalign.rewards.hpsv3 import build_hpsv3_text
+from mmalign.rewards.hpsv3 import INSTRUCTION, PROMPT_WITH_REWARD_TOKEN, build_hpsv3_text
 from mmalign.rewards.qwen2vl import build_backbone, load_backbone_config, load_tokenizer, patchify, smart_resize
 from tests import qwen2vl_tiny
 
@@ -28,11 +28,12 @@ def _randomise(module: nn.Module, seed: int) -> None:
 @pytest.fixture(scope="module")
 def hpsv3_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("hpsv3")
-    folder = qwen2vl_tiny.write_backbone_folder(root / "backbone")
+    folder = qwen2vl_tiny.write_backbone_folder(root / "backbone", corpus=INSTRUCTION + PROMPT_WITH_REWARD_TOKEN)
     tokenizer = load_tokenizer(folder, ("<|Reward|>",))
     backbone = build_backbone(load_backbone_config(folder, len(tokenizer)), torch.float32)
-    head = nn.Sequential(nn.Linear(32, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(),
-                         nn.Linear(16, 2))
+    head = nn.Sequential(
+        nn.Linear(32, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2)
+    )
     _randomise(backbone, 0)
     _randomise(head, 1)
     module_keys = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
@@ -57,17 +58,22 @@ def hpsv3(hpsv3_files):
 
 def test_published_layout_keys(hpsv3_files):
     keys = set(load_file(str(hpsv3_files[0] / "HPSv3.safetensors")))
-    assert {"model.embed_tokens.weight", "visual.patch_embed.proj.weight", "rm_head.0.weight", "rm_head.3.weight",
-            "rm_head.5.weight", "lm_head.weight"} <= keys
+    assert {
+        "model.embed_tokens.weight",
+        "visual.patch_embed.proj.weight",
+        "rm_head.0.weight",
+        "rm_head.3.weight",
+        "rm_head.5.weight",
+        "lm_head.weight",
+    } <= keys
 
 
 def test_mu_sigma_shapes_and_determinism(hpsv3, hpsv3_files):
     images = hpsv3_files[2]
     first = hpsv3.score_detailed(images, ["a red circle", "two blue squares", "camera"])
-    again = hpsv3.score_detailed(images, ["a red circle", "two blue squares", "camera"])
+    again = hpsv3.score_detailed(images[:1], ["a red circle"])
     assert first.mu.shape == first.sigma.shape == (3,)
-    torch.testing.assert_close(first.mu, again.mu, atol=0, rtol=0)
-    torch.testing.assert_close(hpsv3.score(images, ["a red circle", "two blue squares", "camera"]), first.mu)
+    torch.testing.assert_close(first.mu[:1], again.mu, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(first.mu, first.sigma)
     assert hpsv3.info()["higher_is_better"] and hpsv3.modality == "image"
 
@@ -98,8 +104,10 @@ def test_image_size_and_patch_layout(hpsv3, hpsv3_files):
 
 def test_prompt_holds_one_reward_token(hpsv3):
     text = hpsv3.chat_text(build_hpsv3_text("a cat"), "image")
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                           "<|vision_start|><|image_pad|><|vision_end|>\nYou are tasked with evaluating")
+    assert text.startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>\nYou are tasked with evaluating"
+    )
     assert text.count("<|Reward|>") == 1 and text.endswith("END\n<|im_end|>\n<|im_start|>assistant\n")
     assert "Textual prompt - a cat\n" in text
 

@@ -15,7 +15,7 @@ from torch import nn
 import mmalign
 from mmalign.errors import WeightsError
 from mmalign.rewards.qwen2vl import build_backbone, load_backbone_config, load_tokenizer
-from mmalign.rewards.videoreward import REWARD_TOKENS, build_prompt, sample_indices
+from mmalign.rewards.videoreward import DETAILED_PROMPT_WITH_SPECIAL_TOKEN, REWARD_TOKENS, build_prompt, sample_indices
 from tests import qwen2vl_tiny
 
 INFERENCE = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.25, "MQ_std": 0.5, "TA_mean": 1.0, "TA_std": 4.0}
@@ -24,10 +24,20 @@ LORA_R, LORA_ALPHA = 4, 8
 
 def _settings(folder):
     return {
-        "data_config": {"max_frame_pixels": 280 * 364, "fps": 2.0, "num_frames": None, "eval_dim": ["VQ", "MQ", "TA"],
-                        "prompt_template_type": "detailed_special", "sample_type": "uniform"},
-        "model_config": {"model_name_or_path": str(folder), "output_dim": 1, "use_special_tokens": True,
-                         "reward_token": "special"},
+        "data_config": {
+            "max_frame_pixels": 280 * 364,
+            "fps": 2.0,
+            "num_frames": None,
+            "eval_dim": ["VQ", "MQ", "TA"],
+            "prompt_template_type": "detailed_special",
+            "sample_type": "uniform",
+        },
+        "model_config": {
+            "model_name_or_path": str(folder),
+            "output_dim": 1,
+            "use_special_tokens": True,
+            "reward_token": "special",
+        },
         "peft_lora_config": {"lora_enable": True, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "use_rslora": False},
         "inference_config": INFERENCE,
     }
@@ -37,7 +47,9 @@ def _settings(folder):
 def release(tmp_path_factory):
     """The folder VideoReward publishes, with a peft-style model.pth (LoRA on q_proj of layer 0)."""
     root = tmp_path_factory.mktemp("videoreward")
-    backbone_folder = qwen2vl_tiny.write_backbone_folder(root / "Qwen2-VL-tiny", layers=1)
+    backbone_folder = qwen2vl_tiny.write_backbone_folder(
+        root / "Qwen2-VL-tiny", layers=1, corpus=DETAILED_PROMPT_WITH_SPECIAL_TOKEN
+    )
     checkpoint = root / "release" / "checkpoint-7"
     tokenizer = load_tokenizer(backbone_folder, REWARD_TOKENS)
     tokenizer.save_pretrained(str(checkpoint / "tokenizer"))
@@ -45,8 +57,10 @@ def release(tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in backbone.named_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) / max(1, parameter.shape[-1]) ** 0.5
-                            + (1.0 if "norm" in name and parameter.ndim == 1 else 0.0))
+            parameter.copy_(
+                torch.randn(parameter.shape, generator=generator) / max(1, parameter.shape[-1]) ** 0.5
+                + (1.0 if "norm" in name and parameter.ndim == 1 else 0.0)
+            )
     head = nn.Linear(32, 1, bias=False)
     module = {f"backbone.{k}": v for k, v in backbone.state_dict().items()} | {"rm_head.weight": head.weight.data}
     plain = qwen2vl_tiny.reference_keys_from_module(module)
@@ -67,8 +81,9 @@ def release(tmp_path_factory):
     torch.save(peft, checkpoint / "model.pth")
     (root / "release" / "model_config.json").write_text(json.dumps(_settings(backbone_folder)))
     merged = dict(module)
-    merged[f"backbone.language_model.layers.0.self_attn.q_proj.weight"] = (
-        module["backbone.language_model.layers.0.self_attn.q_proj.weight"] + lora_b @ lora_a * (LORA_ALPHA / LORA_R))
+    merged["backbone.language_model.layers.0.self_attn.q_proj.weight"] = module[
+        "backbone.language_model.layers.0.self_attn.q_proj.weight"
+    ] + lora_b @ lora_a * (LORA_ALPHA / LORA_R)
     return root / "release", backbone_folder, merged
 
 
@@ -92,7 +107,7 @@ def _rederived(release, videos, prompts):
     folder, backbone_folder, merged = release
     tokenizer = load_tokenizer(folder / "checkpoint-7" / "tokenizer", REWARD_TOKENS)
     model = build_backbone(load_backbone_config(backbone_folder, len(tokenizer)), torch.float32).eval()
-    model.load_state_dict({k[len("backbone."):]: v for k, v in merged.items() if k.startswith("backbone.")})
+    model.load_state_dict({k[len("backbone.") :]: v for k, v in merged.items() if k.startswith("backbone.")})
     weight = merged["rm_head.weight"]
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
@@ -103,9 +118,13 @@ def _rederived(release, videos, prompts):
         x = frames.reshape(t // 2, 2, 3, h // 28, 2, 14, w // 28, 2, 14).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         patches = x.reshape(-1, 3 * 2 * 14 * 14)
         grid = torch.tensor([[t // 2, h // 14, w // 14]])
-        text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                + "<|video_pad|>" * (int(grid.prod()) // 4) + "<|vision_end|>"
-                + build_prompt(prompt, ["VQ", "MQ", "TA"], "detailed_special") + "<|im_end|>\n<|im_start|>assistant\n")
+        text = (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+            + "<|video_pad|>" * (int(grid.prod()) // 4)
+            + "<|vision_end|>"
+            + build_prompt(prompt, ["VQ", "MQ", "TA"], "detailed_special")
+            + "<|im_end|>\n<|im_start|>assistant\n"
+        )
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         embeds = model.language_model.embed_tokens(ids)
         vision = model.visual(patches, grid_thw=grid).pooler_output
@@ -184,7 +203,12 @@ def test_lora_scaling_math():
 
     base, a, b = torch.randn(3, 3), torch.randn(2, 3), torch.randn(3, 2)
     out = convert_reference_state_dict(
-        {"base_model.model.model.x.base_layer.weight": base, "base_model.model.model.x.lora_A.default.weight": a,
-         "base_model.model.model.x.lora_B.default.weight": b}, lora_scaling=2.0)
+        {
+            "base_model.model.model.x.base_layer.weight": base,
+            "base_model.model.model.x.lora_A.default.weight": a,
+            "base_model.model.model.x.lora_B.default.weight": b,
+        },
+        lora_scaling=2.0,
+    )
     torch.testing.assert_close(out["backbone.language_model.x.weight"], base + 2.0 * b @ a)
     assert math.isclose(8 / 4, 2.0)
