@@ -32,12 +32,13 @@ def _looks_like_repo_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def _hub_download(repo_id: str, filename: str | None, what: str) -> Path:
+def _hub_download(repo_id: str, filename: str | None, what: str, allow_patterns: Iterable[str] | None = None) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
         if filename is None:
-            return Path(snapshot_download(repo_id))
+            patterns = list(allow_patterns) if allow_patterns is not None else None
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
         return Path(hf_hub_download(repo_id, filename))
     except Exception as error:  # offline, missing repo, missing file: say what to do
         target = f"{repo_id}/{filename}" if filename else repo_id
@@ -75,10 +76,14 @@ def resolve_file(spec: str | os.PathLike | None, *, default_repo: str, filename:
     raise WeightsError(f"{text}: no such file or folder ({what})")
 
 
-def resolve_dir(spec: str | os.PathLike | None, *, default_repo: str, what: str) -> Path:
-    """Resolve a model folder: a local directory, or a hub repo id snapshot (cached, offline-aware)."""
+def resolve_dir(
+    spec: str | os.PathLike | None, *, default_repo: str, what: str, allow_patterns: Iterable[str] | None = None
+) -> Path:
+    """Resolve a model folder: a local directory, or a hub repo id snapshot (cached, offline-aware).
+
+    ``allow_patterns`` limits a hub snapshot to matching files (e.g. configs and tokenizer, not the weights)."""
     if spec is None:
-        return _hub_download(default_repo, None, what)
+        return _hub_download(default_repo, None, what, allow_patterns)
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -87,7 +92,7 @@ def resolve_dir(spec: str | os.PathLike | None, *, default_repo: str, what: str)
         raise WeightsError(f"{path}: expected a folder ({what}), found a file")
     repo = text[len(HF_PREFIX) :] if text.startswith(HF_PREFIX) else text
     if _looks_like_repo_id(repo):
-        return _hub_download(repo, None, what)
+        return _hub_download(repo, None, what, allow_patterns)
     raise WeightsError(f"{text}: no such folder ({what})")
 
 

@@ -129,6 +129,25 @@ REWARDS.register(
     sign=1.0,
 )
 
+REWARDS.register(
+    "hpsv3",
+    "mmalign.rewards.hpsv3:HPSv3Reward.from_pretrained",
+    "HPSv3: Qwen2-VL-7B + uncertainty head at <|Reward|>, score = mu (MizzenAI/HPSv3)",
+)
+REWARDS.register(
+    "videoreward",
+    "mmalign.rewards.videoreward:VideoAlignReward.from_pretrained",
+    "VideoReward (VideoAlign): Qwen2-VL-2B, VQ + MQ + TA normalised, 2 fps (KlingTeam/VideoReward)",
+    dimension="Overall",
+)
+for _dim in ("VQ", "MQ", "TA"):
+    REWARDS.register(
+        f"videoreward-{_dim.lower()}",
+        "mmalign.rewards.videoreward:VideoAlignReward.from_pretrained",
+        f"VideoReward (VideoAlign): the normalised {_dim} dimension alone",
+        dimension=_dim,
+    )
+
 TRAINERS = Registry("trainer")
 
 TRAINERS.register("dpo", "mmalign.trainers.dpo:DiffusionDPOTrainer", "Diffusion-DPO (sigmoid, hinge, ipo)")

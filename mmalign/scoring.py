@@ -217,6 +217,9 @@ def media_scorers(reward: Reward, modalities: Iterable[str], options: MediaOptio
             if reward.modality != "image":
                 raise MMAlignError(f"{reward.name} scores {reward.modality}, not images; use an image reward")
             continue
+        if reward.modality == modality == "video":  # a native video reward (VideoReward) scores files itself
+            scorers[modality] = reward
+            continue
         aggregate = options.aggregate or DEFAULT_AGGREGATE[modality]
         try:
             if modality in ("video", "multiview"):

@@ -18,7 +18,7 @@ def test_import_is_light():
 
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(UnknownNameError, match="Did you mean hpsv2"):
-        REWARDS.entry("hpsv3")
+        REWARDS.entry("hpsv2.2")
     with pytest.raises(UnknownNameError, match="Known:"):
         TRAINERS.entry("zzz")
 

@@ -152,3 +152,11 @@ def make_animatediff_pipeline(folder: Path, seed: int = 0, **options) -> Path:
     from mmalign.models.builders import build_animatediff_pipeline
 
     return build_animatediff_pipeline(folder, seed, **options)
+
+
+def make_stable_audio_pipeline(folder: Path, seed: int = 0, **options) -> Path:
+    """A tiny StableAudioPipeline folder (model_index.json, every component's ``save_pretrained``): real classes,
+    random weights, 16 latent frames of hop 4 at 4000 Hz, 12 text tokens."""
+    from mmalign.models.builders import build_stable_audio_pipeline
+
+    return build_stable_audio_pipeline(folder, seed, **options)

@@ -35,7 +35,13 @@ from .records import (
     decode_image,
 )
 
-_LAZY = {"PreferenceDataset", "IterablePreferenceDataset", "PairTransform"}
+_LAZY = {
+    "PreferenceDataset",
+    "IterablePreferenceDataset",
+    "PairTransform",
+    "AudioPreferenceDataset",
+    "AudioPairTransform",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +54,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "FORMATS",
+    "AudioPairTransform",
+    "AudioPreferenceDataset",
     "PICKAPIC_COLUMNS",
     "TIE_POLICIES",
     "ImageInput",

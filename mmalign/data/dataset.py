@@ -206,6 +206,60 @@ class PreferenceDataset(Dataset):
         raise DataError("PreferenceDataset", f"none of its {n} pairs could be decoded")
 
 
+class AudioPairTransform:
+    """Decode one pair of audio files (wav/flac/ogg by soundfile, compressed formats by PyAV) into canonical
+    waveforms ``[C, S]`` in [-1, 1] at ``sample_rate`` with ``channels`` channels (mono duplicated, stereo mixed
+    down), the shorter one zero-padded to the longer one's length so that the two stack. No augmentation. A file
+    that fails to decode raises :class:`~mmalign.errors.MediaError` naming the pair's ``source`` (file and line)
+    and the file."""
+
+    def __init__(self, sample_rate: int, channels: int):
+        self.sample_rate, self.channels = int(sample_rate), int(channels)
+
+    def _load(self, media: Any, where: str) -> torch.Tensor:
+        from ..modalities.audio import load_audio
+
+        if not isinstance(media, str):
+            raise MediaError(where, f"audio pairs hold file paths, got {type(media).__name__}")
+        try:
+            waveform = load_audio(media, sample_rate=self.sample_rate).waveform
+        except MediaError as error:
+            raise MediaError(where, str(error)) from error
+        if waveform.shape[0] == 1 and self.channels > 1:
+            waveform = waveform.repeat(self.channels, 1)
+        elif waveform.shape[0] != self.channels:
+            waveform = waveform.mean(0, keepdim=True).repeat(self.channels, 1)
+        return waveform.clamp(-1, 1)
+
+    def __call__(self, pair: PreferencePair, index: int, epoch: int = 0) -> dict[str, Any]:
+        source = pair.source or f"pair {index}"
+        chosen = self._load(pair.chosen, f"{source} chosen")
+        rejected = self._load(pair.rejected, f"{source} rejected")
+        length = max(chosen.shape[-1], rejected.shape[-1])
+        chosen, rejected = (torch.nn.functional.pad(w, (0, length - w.shape[-1])) for w in (chosen, rejected))
+        return {
+            "chosen_pixels": chosen,
+            "rejected_pixels": rejected,
+            "prompt": pair.prompt,
+            "label": torch.tensor(pair.label, dtype=torch.float32),
+            "index": index,
+        }
+
+
+class AudioPreferenceDataset(PreferenceDataset):
+    """:class:`PreferenceDataset` over pairs of audio files (JSONL ``{"prompt", "chosen": "a.wav", "rejected":
+    "b.wav"}``, paths relative to the file): items hold waveforms ``[C, S]`` in [-1, 1] (under the image keys
+    ``chosen_pixels`` / ``rejected_pixels`` that the training loop reads) at the generator's ``sample_rate`` and
+    ``channels`` (:class:`AudioPairTransform`). Unreadable files are reported and replaced as for images: a warning
+    and ``failed`` name the pair's file and line."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], sample_rate: int, channels: int):
+        self.pairs = pairs
+        self.transform = AudioPairTransform(sample_rate, channels)
+        self.epoch = 0
+        self.failed: dict[int, str] = {}
+
+
 class IterablePreferenceDataset(IterableDataset):
     """Streaming dataset over an iterable of pairs (e.g. a :class:`PreferenceStream` of Pick-a-Pic).
 

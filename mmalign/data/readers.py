@@ -266,6 +266,7 @@ def _drive(
 
 
 def _check_images(pairs: list[PreferencePair], where: str, decode: bool, check_files: bool) -> None:
+    from ..modalities.audio import is_audio_file
     from ..modalities.video import is_video_file
 
     seen: set[Any] = set()
@@ -278,6 +279,8 @@ def _check_images(pairs: list[PreferencePair], where: str, decode: bool, check_f
             seen.add(key)
             if isinstance(image, str) and is_video_file(image, include_gif=False):
                 _check_video(image, name, check_files or decode)
+            elif isinstance(image, str) and is_audio_file(image):
+                _check_audio(image, name, check_files, decode)
             elif decode:
                 decode_image(image, f"{where} {name}")
             elif check_files and isinstance(image, str) and not os.path.isfile(image):
@@ -298,6 +301,17 @@ def _check_video(path: str, name: str, check: bool) -> None:
     info = probe_video(path)
     if info.num_frames < 1:
         raise _BadRow(f"{name!r} video has no frames: {path}")
+
+
+def _check_audio(path: str, name: str, check_files: bool, decode: bool) -> None:
+    """An audio side of a pair (Tango 2 / BATON pairs for an audio generator): missing (``check_files``) or, with
+    ``decode``, unreadable, empty or non-finite audio is a bad row named by its file and line."""
+    if decode:
+        from ..modalities.audio import read_audio
+
+        read_audio(path)
+    elif check_files and not os.path.isfile(path):
+        raise _BadRow(f"{name!r} audio not found: {path}")
 
 
 def _result(name: str, make_rows: Callable[[], Iterable], parse: Callable, stream: bool, **options) -> Result:

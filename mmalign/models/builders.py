@@ -928,3 +928,105 @@ def build_animatediff_pipeline(
     if num_frames is not None:
         write_generator_config(folder, num_frames=int(num_frames))
     return Path(folder)
+
+
+# a Stable Audio Open-shaped pipeline at toy size: 4 latent channels, 16 latent frames, hop 4 at 4000 Hz (64
+# samples, 0.016 s), a 2-block DiT with grouped-query attention, stereo Oobleck VAE
+TINY_STABLE_AUDIO: dict[str, dict[str, Any]] = dict(
+    transformer=dict(
+        sample_size=16,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        num_key_value_attention_heads=1,
+        out_channels=4,
+        cross_attention_dim=16,
+        time_proj_dim=8,
+        global_states_input_dim=32,
+        cross_attention_input_dim=16,
+    ),
+    vae=dict(
+        encoder_hidden_size=8,
+        downsampling_ratios=[2, 2],
+        decoder_channels=4,
+        decoder_input_channels=4,
+        audio_channels=2,
+        channel_multiples=[1, 2],
+        sampling_rate=4000,
+    ),
+    text=dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8),
+    projection=dict(text_encoder_dim=16, conditioning_dim=16, min_value=0, max_value=512),
+    # Stable Audio Open 1.0's scheduler_config.json values (CosineDPMSolverMultistepScheduler)
+    scheduler=dict(
+        sigma_min=0.3,
+        sigma_max=500,
+        sigma_data=1.0,
+        sigma_schedule="exponential",
+        solver_order=2,
+        prediction_type="v_prediction",
+        rho=7.0,
+        solver_type="midpoint",
+        lower_order_final=True,
+        euler_at_final=False,
+        final_sigmas_type="zero",
+        num_train_timesteps=1000,
+    ),
+)
+
+
+def build_stable_audio_pipeline(
+    folder: str | Path,
+    seed: int = 0,
+    config: dict[str, dict[str, Any]] | None = None,
+    max_length: int = 12,
+    audio_end_in_s: float | None = None,
+) -> Path:
+    """A random-weight ``StableAudioPipeline`` (``StableAudioDiTModel``, ``T5EncoderModel`` with
+    :func:`t5_tokenizer` of ``model_max_length`` ``max_length``, ``StableAudioProjectionModel``,
+    ``AutoencoderOobleck``, ``CosineDPMSolverMultistepScheduler``) from :data:`TINY_STABLE_AUDIO`-shaped
+    ``config``, saved with ``save_pretrained`` into ``folder`` (the scheduler as its config file: writing it needs no
+    torchsde); ``audio_end_in_s`` (when given) is recorded in the folder's generator config."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderOobleck, StableAudioDiTModel
+    from diffusers.pipelines.stable_audio import StableAudioProjectionModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .sd3 import write_generator_config
+
+    config = config or TINY_STABLE_AUDIO
+    folder = Path(folder)
+    tokenizer = t5_tokenizer(("a", "dog", "barks", "rain", "piano", "drum", "loop", "bird", "sings"))
+    tokenizer.model_max_length = int(max_length)
+    torch.manual_seed(seed)
+    transformer = StableAudioDiTModel(**config["transformer"])
+    vae = AutoencoderOobleck(**config["vae"]).eval()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **config["text"])).eval()
+    projection = StableAudioProjectionModel(**config["projection"]).eval()
+    components = {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "projection_model": projection,
+        "tokenizer": tokenizer,
+    }
+    for name, component in components.items():
+        component.save_pretrained(str(folder / name))
+    scheduler = {"_class_name": "CosineDPMSolverMultistepScheduler", **config["scheduler"]}
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    index = {
+        "_class_name": "StableAudioPipeline",
+        "transformer": ["diffusers", "StableAudioDiTModel"],
+        "vae": ["diffusers", "AutoencoderOobleck"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "projection_model": ["stable_audio", "StableAudioProjectionModel"],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "scheduler": ["diffusers", "CosineDPMSolverMultistepScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if audio_end_in_s is not None:
+        write_generator_config(folder, audio_end_in_s=float(audio_end_in_s))
+    return folder

@@ -41,6 +41,7 @@ from .generator import Conditions, Schedule, read_model_index
 
 __all__ = [
     "FlowMatchingGenerator",
+    "PerChannelLatentStats",
     "calculate_shift",
     "cfg_branches",
     "cfg_velocity",
@@ -133,6 +134,32 @@ def cfg_velocity(
     check_guidance(conditions, uncond, guidance)
     v_uncond, v_cond = cfg_branches(generator, model, x, t, conditions, uncond)
     return v_uncond + guidance * (v_cond - v_uncond)
+
+
+class PerChannelLatentStats:
+    """Latent normalisation of the Wan-style VAEs (``AutoencoderKLWan``, ``AutoencoderKLQwenImage``): per-channel
+    ``latents_mean`` / ``latents_std`` from the VAE config, ``(z − mean)/std`` (the training scripts'
+    ``(z − mean)·(1/std)``) and back. One latent is ``[C, ...]`` of ``latent_rank`` dimensions (images ``[C, h, w]``:
+    3; Wan's videos ``[C, F, h, w]``: 4), with any leading batch dimensions."""
+
+    vae: Any
+    latent_rank: ClassVar[int] = 3
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (-1,) + (1,) * (self.latent_rank - 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+        inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, inverse_std
+
+    def normalise_latents(self, z: Tensor) -> Tensor:
+        """VAE latents → ``(z − mean)·(1/std)`` per channel (the inverse of the pipeline's decoding)."""
+        mean, inverse_std = self._latent_stats(z)
+        return (z - mean) * inverse_std
+
+    def denormalise_latents(self, latents: Tensor) -> Tensor:
+        """The pipeline's ``z / (1/std) + mean``."""
+        mean, inverse_std = self._latent_stats(latents)
+        return latents / inverse_std + mean
 
 
 #: both streams of an MMDiT joint attention (SD3, FLUX double-stream blocks): image q/k/v/out and context

@@ -181,7 +181,8 @@ class Generator(Protocol):
     """Family name ("sd3", "flux", "sd", ...): logs and checkpoints say which code path ran."""
 
     parametrisation: ClassVar[str]
-    """"flow" (flow matching: velocity on σ in [0, 1]) or "diffusion" (epsilon/v on a DDPM schedule): trainers
+    """"flow" (flow matching: velocity on σ in [0, 1]), "diffusion" (epsilon/v on a DDPM schedule) or "v-diffusion"
+    (v-prediction on continuous σ with EDM preconditioning, Stable Audio: :mod:`mmalign.models.stable_audio`): trainers
     declare the ones their mathematics applies to (:data:`PARAMETRISATIONS`), checked before any weight loads."""
 
     lora_layers_key: ClassVar[str]
@@ -278,12 +279,17 @@ FAMILIES: dict[str, str] = {
     "ZImagePipeline": "mmalign.models.z_image:ZImageGenerator",
     "WanPipeline": "mmalign.models.wan:WanGenerator",
     "AnimateDiffPipeline": "mmalign.models.animatediff:AnimateDiffPolicy",
+    "StableAudioPipeline": "mmalign.models.stable_audio:StableAudioGenerator",
 }
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
 PARAMETRISATIONS: dict[str, str] = {
     "diffusion": "a DDPM-schedule UNet (SD 1.x/2.x, SDXL, AnimateDiff: epsilon or v prediction, DDIM chains)",
     "flow": "a flow-matching transformer (SD3/3.5, FLUX, Qwen-Image, Z-Image, Wan: velocity on σ, Euler/SDE chains)",
+    "v-diffusion": (
+        "a v-objective diffusion model on continuous noise levels (Stable Audio: EDM-preconditioned v-prediction, "
+        "t = (2/π)·atan(σ), DPM-Solver++ chains; neither a DDPM schedule nor flow matching)"
+    ),
 }
 
 
@@ -330,8 +336,8 @@ def check_parametrisation(trainer: str, supported: Sequence[str], kind: str, mod
 
 
 def parametrisation_of(model: str | Path) -> str:
-    """ "flow" or "diffusion" for a hub id or pipeline folder, from its ``model_index.json`` alone (no weights
-    load): what trainers check when their config is read."""
+    """ "flow", "diffusion" or "v-diffusion" for a hub id or pipeline folder, from its ``model_index.json`` alone
+    (no weights load): what trainers check when their config is read."""
     return getattr(generator_class_of(model), "parametrisation", "diffusion")
 
 
@@ -357,6 +363,8 @@ def save_lora_weights(
     the adapter's ``LoraConfig`` as a dict (``peft_config["default"].to_dict()``), stored in the file; without it
     diffusers assumes ``lora_alpha = r`` when loading, and a LoRA trained with another alpha comes back at the wrong
     strength."""
+    if hasattr(generator, "save_lora"):  # a family whose pipeline has no LoRA saver (Stable Audio)
+        return generator.save_lora(folder, dict(layers), None if metadata is None else dict(metadata))
     key = generator.lora_layers_key
     kwargs: dict[str, Any] = {key: layers}
     if metadata is not None:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .flow_generator import FlowMatchingGenerator, check_guidance, pack_latents, unpack_latents
+from .flow_generator import FlowMatchingGenerator, PerChannelLatentStats, check_guidance, pack_latents, unpack_latents
 from .generator import Conditions
 
 __all__ = ["QwenImageGenerator", "pack_latents", "unpack_latents"]
@@ -60,7 +60,7 @@ PROMPT_TEMPLATE_START_IDX = 34
 TOKENIZER_MAX_LENGTH = 1024
 
 
-class QwenImageGenerator(FlowMatchingGenerator):
+class QwenImageGenerator(PerChannelLatentStats, FlowMatchingGenerator):
     """Qwen-Image components behind the generator protocol (see :mod:`mmalign.models.generator`,
     :class:`~mmalign.models.flow_generator.FlowMatchingGenerator` and this module). The unconditional branch is
     the encoded ``" "`` (the pipeline has no default negative prompt: without one it does not guide; ``" "`` is
@@ -126,28 +126,12 @@ class QwenImageGenerator(FlowMatchingGenerator):
     def latent_channels(self) -> int:
         return int(self.vae.config.z_dim)
 
-    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, self.vae.config.z_dim, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-        inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, inverse_std
-
     @torch.no_grad()
     def latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """The VAE posterior ``(mean, std)`` (float32) of images ``[B, 3, H, W]`` in [-1, 1] (``H``, ``W``
         multiples of 16) encoded as single-frame videos, frame axis dropped: ``[B, 16, H/8, W/8]`` each."""
         mean, std = super().latent_distribution(pixels.unsqueeze(2))
         return mean[:, :, 0], std[:, :, 0]
-
-    def normalise_latents(self, z: Tensor) -> Tensor:
-        """VAE latents → ``(z − mean)·(1/std)`` per channel (``train_dreambooth_lora_qwen_image.py``)."""
-        mean, inverse_std = self._latent_stats(z)
-        return (z - mean) * inverse_std
-
-    def denormalise_latents(self, latents: Tensor) -> Tensor:
-        """The pipeline's ``z / (1/std) + mean``."""
-        mean, inverse_std = self._latent_stats(latents)
-        return latents / inverse_std + mean
 
     def _vae_decode(self, z: Tensor) -> Tensor:
         """Decode ``[B, 16, h, w]`` as one-frame videos, first frame: ``[B, 3, 8h, 8w]``."""

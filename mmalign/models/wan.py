@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .flow_generator import FlowMatchingGenerator
+from .flow_generator import FlowMatchingGenerator, PerChannelLatentStats
 from .generator import Conditions
 
 __all__ = ["DEFAULT_NUM_FRAMES", "WAN_LORA_TARGETS", "WanGenerator", "check_num_frames", "prompt_clean"]
@@ -108,11 +108,12 @@ def check_num_frames(frames: int, temporal: int = 4) -> int:
     return frames
 
 
-class WanGenerator(FlowMatchingGenerator):
+class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
     """Wan text-to-video components behind the generator protocol (see :mod:`mmalign.models.generator`,
     :class:`~mmalign.models.flow_generator.FlowMatchingGenerator` and this module). Latents are 5-D
     ``[B, C, F', h, w]``; :meth:`decode` gives videos ``[B, T, 3, H, W]`` in [0, 1]."""
 
+    latent_rank: ClassVar[int] = 4  # [C, F', h, w]
     family: ClassVar[str] = "wan"
     modality: ClassVar[str] = "video"
     lora_targets: ClassVar[tuple[str, ...]] = WAN_LORA_TARGETS
@@ -280,12 +281,6 @@ class WanGenerator(FlowMatchingGenerator):
         channels, h, w = super().latent_shape(height, width)
         return channels, self.latent_frames(frames), h, w
 
-    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, self.latent_channels, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-        inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, inverse_std
-
     def _as_clips(self, pixels: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` → the VAE's ``[B, 3, T, H, W]`` (images: ``T = 1``)."""
         if pixels.ndim == 4:
@@ -300,16 +295,6 @@ class WanGenerator(FlowMatchingGenerator):
         """The VAE posterior ``(mean, std)`` (float32, ``[B, C, F', h, w]`` each) of images ``[B, 3, H, W]`` (one-frame
         clips) or videos ``[B, T, 3, H, W]`` in [-1, 1]."""
         return super().latent_distribution(self._as_clips(pixels))
-
-    def normalise_latents(self, z: Tensor) -> Tensor:
-        """VAE latents → ``(z − mean)·(1/std)`` per channel (the inverse of the pipeline's decoding)."""
-        mean, inverse_std = self._latent_stats(z)
-        return (z - mean) * inverse_std
-
-    def denormalise_latents(self, latents: Tensor) -> Tensor:
-        """The pipeline's ``z / (1/std) + mean``."""
-        mean, inverse_std = self._latent_stats(latents)
-        return latents / inverse_std + mean
 
     def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
         """Latents ``[B, C, F', h, w]`` → videos ``[B, T, 3, H, W]`` in [0, 1] (``T = 4·(F' − 1) + 1``): the

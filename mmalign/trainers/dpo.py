@@ -27,10 +27,11 @@ class DPOConfig(TrainConfig):
 
 class DiffusionDPOTrainer(Trainer):
     """Diffusion-DPO on any generator: on a flow-matching family the per-sample errors are those of the
-    velocity (``ε − x0``), which is Flow-DPO (VideoAlign's); the loss is the same function of the errors."""
+    velocity (``ε − x0``), which is Flow-DPO (VideoAlign's); on a v-diffusion one (Stable Audio) those of its
+    v-prediction at continuous timesteps; the loss is the same function of the errors."""
 
     config_class: ClassVar[type[TrainConfig]] = DPOConfig
-    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow", "v-diffusion")
 
     def pair_mses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """Per-sample denoising MSEs of the model and the reference for winners and losers ``[b]`` each."""
@@ -60,7 +61,7 @@ class SFTConfig(TrainConfig):
 
 class SFTTrainer(Trainer):
     config_class: ClassVar[type[TrainConfig]] = SFTConfig
-    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow", "v-diffusion")
     uses_reference: ClassVar[bool] = False
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
@@ -312,7 +313,7 @@ class KTOConfig(TrainConfig):
 
 class KTOTrainer(Trainer):
     config_class: ClassVar[type[TrainConfig]] = KTOConfig
-    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow", "v-diffusion")
 
     def compute_loss(self, batch: dict[str, Any]) -> losses.LossOutput:
         timesteps_w, noise_w = self.draw_noise(batch, stream=2)

@@ -66,6 +66,10 @@ class FlowOnlineConfig(OnlineConfig):
     group_size: int = 24
     sample_batches: int = 2
     global_std: bool = True
+    # the advantages' (r − mean) / (std + std_eps), std with std_ddof (0: population, flow_grpo's numpy std;
+    # 1: unbiased, DanceGRPO's torch std)
+    std_eps: float = 1e-4
+    std_ddof: int = 0
     adv_clip_max: float = 5.0
     timestep_fraction: float = 0.99
     advantage: Literal["per_reward", "sum"] = "per_reward"
@@ -92,6 +96,8 @@ class FlowOnlineConfig(OnlineConfig):
             raise ValueError("eval_every >= 0, eval_samples >= 1 and eval_stop_drop >= 0 are required")
         if self.eval_every and not self.eval_prompts:
             raise ValueError("eval_every > 0 needs eval_prompts (a held-out prompt file)")
+        if self.std_ddof not in (0, 1) or not self.std_eps > 0:
+            raise ValueError(f"std_ddof must be 0 or 1 and std_eps > 0, got {self.std_ddof} and {self.std_eps}")
         if self.eval_keep_best and not self.eval_every:
             raise ValueError("eval_keep_best needs eval_every > 0 (and eval_prompts)")
 
@@ -173,8 +179,8 @@ class FlowGRPOFastConfig(FlowGRPOConfig):
 class DanceGRPOConfig(FlowGRPOConfig):
     """DanceGRPO (Xue et al. 2025; XueZeyue/DanceGRPO ``scripts/finetune/finetune_flux_grpo.sh`` at 15cc71d):
     its SDE step with η 0.3 on 16 steps, initial noise shared within a group of 12, a random 60 % of the steps
-    trained per sample, per-group std, lr 1e-5, clip 1e-4, advantages clipped to ±5. (Its advantages divide by
-    the unbiased group std + 1e-8; here the population std + 1e-4 of :func:`losses.group_advantages`.)"""
+    trained per sample, per-group std, lr 1e-5, clip 1e-4, advantages clipped to ±5; its advantages divide by the
+    unbiased group std + 1e-8 (``std_ddof`` 1, ``std_eps`` 1e-8)."""
 
     trainer: str = "dance-grpo"
     sampler: Literal["sde", "cps", "dance"] = "dance"
@@ -182,6 +188,8 @@ class DanceGRPOConfig(FlowGRPOConfig):
     sample_steps: int = 16
     group_size: int = 12
     global_std: bool = False
+    std_eps: float = 1e-8
+    std_ddof: int = 1
     lr: float = 1e-5
     shared_noise: bool = True
     train_steps: Literal["first", "random"] = "random"
@@ -382,10 +390,11 @@ class FlowOnlineTrainer(OnlineTrainer):
         """Group-relative advantages ``[N]`` of the round's rewards ``[N, K]`` (:func:`losses.group_advantages`):
         of each reward, then weighted and summed (``advantage=per_reward``), or of the weighted sum (``sum``)."""
         config = self.config
+        options = dict(global_std=config.global_std, eps=config.std_eps, ddof=config.std_ddof)
         if config.advantage == "sum":
-            return losses.group_advantages(self.weighted(components), prompts, global_std=config.global_std)
+            return losses.group_advantages(self.weighted(components), prompts, **options)
         per_reward = [
-            weight * losses.group_advantages(components[:, k], prompts, global_std=config.global_std)
+            weight * losses.group_advantages(components[:, k], prompts, **options)
             for k, weight in enumerate(self.reward.weights)
         ]
         return torch.stack(per_reward).sum(dim=0)

@@ -73,6 +73,9 @@ class TrainConfig:
     # video generators: frames per sampled video (Wan: (frames - 1) % 4 == 0; AnimateDiff: 1..32); 0: the
     # generator's own (its folder's mmalign_generator.json, else the pipeline's: Wan 81, AnimateDiff 16)
     frames: int = 0
+    # audio generators (Stable Audio): seconds of audio sampled (the seconds_end conditioning and the decoded length);
+    # 0: the generator's own (its folder's mmalign_generator.json, else the model's maximum)
+    duration: float = 0.0
     # the scripts' --random_crop (off: a centre crop after resizing the shorter side) and --no_hflip (off: flips)
     random_crop: bool = False
     hflip: bool = True
@@ -80,8 +83,9 @@ class TrainConfig:
     # [low, high): fractions of the training timesteps the losses draw from (like diffusers' timestep_bias_*
     # options); [0.5, 1.0] trains where layout and attributes are decided
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    # flow families only: "uniform" (an index into the scheduler's timestep table, within timestep_range) or
-    # "logit_normal" (SD3's training density, with logit_mean / logit_std)
+    # flow families: "uniform" (an index into the scheduler's timestep table, within timestep_range) or
+    # "logit_normal" (SD3's training density, with logit_mean / logit_std); v-diffusion (Stable Audio): t uniform in
+    # timestep_range (stable-audio-tools' default) or sigmoid(N(logit_mean, logit_std)) (its "logit_normal")
     timestep_density: Literal["uniform", "logit_normal"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -112,6 +116,8 @@ class TrainConfig:
         positive = ("max_steps", "batch_size", "grad_accum", "resolution", "checkpoint_every", "log_every")
         if self.frames < 0:
             raise ValueError(f"frames must be >= 0 (0: the generator's own), got {self.frames}")
+        if self.duration < 0:
+            raise ValueError(f"duration must be >= 0 seconds (0: the generator's own), got {self.duration}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -281,7 +287,7 @@ class Trainer:
         from ..models.generator import check_parametrisation
 
         check_parametrisation(self.config.trainer, self.parametrisations, parametrisation, model)
-        if self.config.timestep_density != "uniform" and parametrisation != "flow":
+        if self.config.timestep_density != "uniform" and parametrisation not in ("flow", "v-diffusion"):
             raise ConfigError(
                 f"timestep_density={self.config.timestep_density} is a flow-matching training density; model={model} "
                 "is a DDPM-schedule UNet (use timestep_range)"
@@ -290,10 +296,17 @@ class Trainer:
     def _set_frames(self) -> None:
         """``frames`` (when given) onto a video generator's ``num_frames``; refused for other generators and for
         counts the generator cannot make."""
+        modality = getattr(self.policy, "modality", "image")
+        if self.config.duration:
+            if modality != "audio":
+                raise ConfigError(f"duration={self.config.duration}: model={self.config.model} generates {modality}s")
+            try:
+                self.policy.audio_end_in_s = self.config.duration
+            except ValueError as error:
+                raise ConfigError(f"duration={self.config.duration}: {error}") from None
         frames = self.config.frames
         if not frames:
             return
-        modality = getattr(self.policy, "modality", "image")
         if modality != "video":
             raise ConfigError(f"frames={frames}: model={self.config.model} generates {modality}s, not videos")
         try:
@@ -371,7 +384,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         from ..data import load_preferences
-        from ..data.dataset import PreferenceDataset
+        from ..data.dataset import AudioPreferenceDataset, PreferenceDataset
 
         config = self.config
         if not config.data:
@@ -385,15 +398,18 @@ class Trainer:
         if not pairs:
             raise MMAlignError(f"{config.data}: no usable preference pairs")
         self.pairs = pairs
-        self.dataset = PreferenceDataset(
-            pairs,
-            config.resolution,
-            train=True,
-            random_crop=config.random_crop,
-            hflip=config.hflip,
-            seed=config.seed,
-            frames=self._pair_frames(pairs),
-        )
+        if getattr(self.policy, "modality", "image") == "audio":  # waveforms at the generator's rate and channels
+            self.dataset = AudioPreferenceDataset(pairs, self.policy.sample_rate, self.policy.audio_channels)
+        else:
+            self.dataset = PreferenceDataset(
+                pairs,
+                config.resolution,
+                train=True,
+                random_crop=config.random_crop,
+                hflip=config.hflip,
+                seed=config.seed,
+                frames=self._pair_frames(pairs),
+            )
         processes = self.accelerator.num_processes
         self.global_batch = config.batch_size * processes
         self.schedule = Schedule(len(pairs), self.global_batch, config.seed)
@@ -446,7 +462,8 @@ class Trainer:
 
     # -- batches --------------------------------------------------------------------------------------------
     def _item(self, epoch: int, index: int) -> dict[str, Any]:
-        """One pair with its VAE posteriors; with ``cache_latents`` the first draw is kept for the run."""
+        """One pair with its VAE posteriors; with ``cache_latents`` the first draw is kept for the run. (Audio pairs:
+        waveforms in [-1, 1], which the audio generators encode as they are.)"""
         if self.config.cache_latents and index in self._latent_cache:
             return self._latent_cache[index]
         self.dataset.set_epoch(0 if self.config.cache_latents else epoch)
@@ -571,6 +588,8 @@ class Trainer:
         into the table (diffusers' ``compute_density_for_timestep_sampling``; flow_grpo's
         ``scripts/train_sd3_dpo.py``)."""
         config, size = self.config, self.global_batch
+        if getattr(self.policy, "parametrisation", "diffusion") == "v-diffusion":
+            return self._continuous_timesteps(gen)
         count = self.policy.num_train_timesteps
         if not self.uses_conditions:
             low, high = timestep_bounds(config.timestep_range, count)
@@ -583,6 +602,17 @@ class Trainer:
             return table[(u * count).long().clamp(max=count - 1)]
         low, high = timestep_bounds(config.timestep_range, count)
         return table.flip(0)[torch.randint(low, high, (size,), generator=gen)]
+
+    def _continuous_timesteps(self, gen: torch.Generator) -> torch.Tensor:
+        """Continuous model timesteps ``t`` in [0, 1) of a "v-diffusion" generator (Stable Audio: σ = tan(πt/2)):
+        uniform within ``timestep_range``, stable-audio-tools' default ``timestep_sampler="uniform"`` for its "v"
+        objective (a Sobol sequence there; i.i.d. here, for a seeded per-step draw), or with
+        ``timestep_density=logit_normal`` its ``"logit_normal"`` option ``sigmoid(N(logit_mean, logit_std))``."""
+        config, size = self.config, self.global_batch
+        if config.timestep_density == "logit_normal":
+            return torch.sigmoid(config.logit_mean + config.logit_std * torch.randn((size,), generator=gen))
+        low, high = (float(b) for b in config.timestep_range)
+        return low + (high - low) * torch.rand((size,), generator=gen)
 
     def global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean of ``values`` (detached) over the global micro-batch: this process's sum and count summed over
@@ -916,9 +946,12 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
-        """Images of the validation prompts with a fixed seed, tiled into ``samples/step-N.png``."""
+        """Images of the validation prompts with a fixed seed, tiled into ``samples/step-N.png`` (audio generators:
+        one ``samples/step-N/prompt-i.wav`` per prompt, :meth:`sample_audio`)."""
         if not self.accelerator.is_main_process:
             return None
+        if getattr(self.policy, "modality", "image") == "audio":
+            return self.sample_audio()
 
         unet = self.accelerator.unwrap_model(self.model)
         was_training = unet.training
@@ -947,6 +980,39 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
+
+    @torch.no_grad()
+    def sample_audio(self) -> Path:
+        """The validation prompts sampled by the audio generator's own sampler (its pipeline's, with Gaussian step
+        noise seeded by ``seed + i``: no torchsde needed) from the cached conditions, under the trained network,
+        written as ``samples/step-N/prompt-i.wav`` at the generator's sample rate; returns the folder."""
+        unet = self.accelerator.unwrap_model(self.model)
+        was_training = unet.training
+        unet.eval()
+        folder = self.output_dir / "samples" / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        for i, prompt in enumerate(self.config.validation_prompts):
+            generator = torch.Generator().manual_seed(self.config.seed + i)
+            conditions = self._embeds([prompt]).to(self.accelerator.device)
+            latents = self.policy.sample(
+                conditions,
+                steps=self.config.sample_steps,
+                guidance=self.config.guidance,
+                generator=generator,
+                noise="gaussian",
+                model=unet,
+            )
+            write_wav(folder / f"prompt-{i}.wav", self.policy.decode(latents)[0], self.policy.sample_rate)
+        unet.train(was_training)
+        return folder
+
+
+def write_wav(path: Path, audio: torch.Tensor, sample_rate: int) -> Path:
+    """A canonical waveform ``[C, S]`` in [-1, 1] written as a 16-bit PCM ``.wav`` (soundfile)."""
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio.detach().float().clamp(-1, 1).cpu().numpy().T, int(sample_rate), subtype="PCM_16")
+    return path
 
 
 def tile_rows(rows: list[list[Any]]) -> Any:

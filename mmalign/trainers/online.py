@@ -136,21 +136,58 @@ def pareto_preference(scores_a: Tensor, scores_b: Tensor) -> tuple[Tensor, Tenso
     return a_dom, ~(a_dom | b_dom)
 
 
-def for_modality(reward: WeightedReward, modality: str) -> WeightedReward:
-    """``reward`` scoring what the generator makes (its ``modality``): rewards of that modality as they are, image
-    rewards lifted to videos (:class:`~mmalign.rewards.lifted.VideoReward`: the mean over up to 8 uniformly
-    spaced frames) or multi-view sets; anything else is refused."""
+class AtSampleRate:
+    """An audio reward scoring waveforms of the generator's ``sample_rate`` (``score_tensor(audio, prompts,
+    sample_rate=...)``; CLAP resamples to its own 48 kHz differentiably), so that :class:`WeightedReward` can call
+    it as it calls every reward."""
+
+    def __init__(self, reward: Any, sample_rate: int):
+        self.reward, self.sample_rate = reward, int(sample_rate)
+        self.modality = getattr(reward, "modality", "audio")
+        self.name = getattr(reward, "name", type(reward).__name__)
+
+    @property
+    def is_differentiable(self) -> bool:
+        return bool(getattr(self.reward, "is_differentiable", False))
+
+    def to(self, device: torch.device) -> AtSampleRate:
+        if hasattr(self.reward, "to"):
+            self.reward.to(device)
+        return self
+
+    def score_tensor(self, audio: Tensor, prompts: list[str]) -> Tensor:
+        return self.reward.score_tensor(audio, prompts, sample_rate=self.sample_rate)
+
+    def score_images(self, media: Sequence[Any], prompts: list[str]) -> Tensor:
+        return self.reward.score_images(media, prompts)
+
+
+def for_modality(reward: WeightedReward, modality: str, sample_rate: int | None = None) -> WeightedReward:
+    """``reward`` scoring what the generator makes (its ``modality``): rewards of that modality as they are (audio
+    rewards told the generator's ``sample_rate``: :class:`AtSampleRate`), image rewards lifted to videos
+    (:class:`~mmalign.rewards.lifted.VideoReward`: the mean over up to 8 uniformly spaced frames) or multi-view
+    sets; anything else (an image or video reward on an audio generator, an audio reward on an image one) is
+    refused with a :class:`ConfigError` naming both."""
     from ..rewards.lifted import lift
 
     adapted = []
     for item in reward.rewards:
         own = getattr(item, "modality", "image")
-        if own == modality:
+        name = getattr(item, "name", type(item).__name__)
+        if own == modality == "audio":
+            if sample_rate is None:
+                raise ConfigError(f"reward {name} scores audio: the generator's sample rate is needed")
+            adapted.append(item if isinstance(item, AtSampleRate) else AtSampleRate(item, sample_rate))
+        elif own == modality:
             adapted.append(item)
         elif own == "image" and modality in ("video", "multiview"):
             adapted.append(lift(item, modality))
+        elif modality == "audio":
+            raise ConfigError(
+                f"reward {name} scores {own}s; the generator makes audio: use an audio reward (e.g. clap, which "
+                "compares the audio with the prompt)"
+            )
         else:
-            name = getattr(item, "name", type(item).__name__)
             raise ConfigError(f"reward {name} scores {own}; the generator makes {modality}")
     if all(a is b for a, b in zip(adapted, reward.rewards)):
         return reward
@@ -289,10 +326,25 @@ class OnlineTrainer(Trainer):
         if self._reward is None:
             self._reward = build_reward(self.config.reward, self.config.reward_weights)
         if not getattr(self, "_reward_placed", False):  # once: .to() drops the text-feature caches of rewards
-            self._reward = for_modality(self._reward, getattr(self.policy, "modality", "image"))
+            self._reward = for_modality(
+                self._reward, getattr(self.policy, "modality", "image"), getattr(self.policy, "sample_rate", None)
+            )
             self._reward.to(self.accelerator.device)
             self._reward_placed = True
         return self._reward
+
+    def check_generator(self, parametrisation: str, model: object) -> None:
+        super().check_generator(parametrisation, model)
+        if parametrisation == "v-diffusion" and 0.0 < self.config.eta < 1.0:
+            raise ConfigError(
+                f"eta={self.config.eta}: on a v-diffusion generator ({model}) the chains are the pipeline's "
+                "SDE-DPM-Solver++ (eta=1) or its deterministic DPM-Solver++ ODE (eta=0); nothing in between"
+            )
+
+    @property
+    def v_diffusion(self) -> bool:
+        """Whether the generator is a "v-diffusion" one (Stable Audio): its chains are DPM-Solver++ steps."""
+        return getattr(self.policy, "parametrisation", "diffusion") == "v-diffusion"
 
     def _setup_data(self) -> None:
         config = self.config
@@ -414,6 +466,8 @@ class OnlineTrainer(Trainer):
         ``checkpoint`` is recomputed in backward."""
         from ..models.flow_sampling import flow_ode_step
 
+        if self.v_diffusion:
+            return self.v_chain(batch, grad_from, checkpoint)
         schedule = self.flow_schedule()
         sigmas = schedule.sigmas.to(torch.float32)
         x = self.x_T(batch)
@@ -431,6 +485,47 @@ class OnlineTrainer(Trainer):
                 keep = (j >= grad_from).view(-1, *([1] * (x.ndim - 1)))
                 v = torch.where(keep, v, v.detach())
             x = flow_ode_step(x, v, sigmas[j].to(x.device), sigmas[j + 1].to(x.device))
+        return x
+
+    # -- v-diffusion chains (Stable Audio: the pipeline's DPM-Solver++ in σ) ---------------------------------------
+    def v_output(self, batch: dict[str, Any], x: Tensor, schedule: Any, j: int) -> Tensor:
+        """The trained model's guided output at the state ``x`` (``x0 + σ·ε`` scale) of step ``j``."""
+        sigma = schedule.sigmas[j].to(x.device)
+        x_in = self.policy.model_input(x, sigma)
+        t = schedule.timesteps[j]
+        return self.policy.guided_velocity(
+            self.model, x_in, t, batch["embeds"], batch["uncond"], float(self.config.guidance)
+        )
+
+    def v_noise(self, batch: dict[str, Any], like: Tensor) -> Tensor | None:
+        """A step's SDE noise (``eta=1``: the pipeline's stochastic solver, drawn for the global batch from the
+        micro-batch's stream), or ``None`` (``eta=0``: the deterministic DPM-Solver++ ODE)."""
+        return self.step_noise(batch, like) if self.config.eta > 0 else None
+
+    def v_chain(
+        self, batch: dict[str, Any], grad_from: Tensor | int, checkpoint: bool = False, stop: int | None = None
+    ) -> Tensor:
+        """The v-diffusion generator's sampler from ``x_T·init_noise_sigma`` (:meth:`StableAudioGenerator.chain_step`
+        with :meth:`v_noise`); sample ``b`` keeps gradients from step ``grad_from[b]`` on (earlier outputs detached);
+        each model call under ``checkpoint`` is recomputed in backward. ``stop``: the state before step ``stop``."""
+        schedule = self.flow_schedule()
+        x = self.x_T(batch) * self.policy.init_noise_sigma
+        grad_from = torch.as_tensor(grad_from, device=x.device).expand(x.shape[0])
+        first = int(grad_from.min())
+        state: dict[str, Any] = {}
+        for j in range(len(schedule) if stop is None else stop):
+            noise = self.v_noise(batch, x)
+            if j < first:
+                with torch.no_grad():
+                    out = self.v_output(batch, x, schedule, j)
+            else:
+                if checkpoint:
+                    out = torch.utils.checkpoint.checkpoint(self.v_output, batch, x, schedule, j, use_reentrant=False)
+                else:
+                    out = self.v_output(batch, x, schedule, j)
+                keep = (j >= grad_from).view(-1, *([1] * (x.ndim - 1)))
+                out = torch.where(keep, out, out.detach())
+            x = self.policy.chain_step(x, out, schedule, j, state, noise)
         return x
 
     def step_noise(self, batch: dict[str, Any], like: Tensor) -> Tensor:
@@ -777,7 +872,8 @@ class ReFLTrainer(OnlineTrainer):
     :func:`~mmalign.trainers.losses.refl_loss`. The DDPM variance noise is drawn per process."""
 
     config_class: ClassVar[type[TrainConfig]] = ReFLConfig
-    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")  # DDIM or Euler ODE chains
+    # DDIM, Euler ODE or DPM-Solver++ chains
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow", "v-diffusion")
     uses_reference: ClassVar[bool] = False
     needs_differentiable_reward: ClassVar[bool] = True
     checkpoint_blocks: ClassVar[bool] = True  # one UNet call with gradients: its blocks are checkpointed
@@ -819,6 +915,14 @@ class ReFLTrainer(OnlineTrainer):
         low = min(config.refl_min_step, config.sample_steps - 1)
         high = min(config.refl_max_step, config.sample_steps - 1)
         mid = int(torch.randint(low, high + 1, (1,), generator=batch["generator"]))
+        if self.v_diffusion:  # the pipeline's solver up to mid, then its denoised estimate x̂0 = c_skip·x + c_out·F
+            schedule = self.flow_schedule()
+            with torch.no_grad():
+                x = self.v_chain(batch, config.sample_steps, stop=mid)
+            out = self.v_output(batch, x, schedule, mid)
+            x0 = self.policy.denoised(x, out, schedule.sigmas[mid].to(x.device))
+            rewards = self.reward(self.decode_with_grad(x0), batch["prompts"])
+            return losses.refl_loss(rewards, config.refl_target, config.refl_scale)
         schedule = self.flow_schedule()
         sigmas = schedule.sigmas.to(torch.float32)
         x = self.x_T(batch)
@@ -856,7 +960,8 @@ class DRaFTTrainer(OnlineTrainer):
     final sample at the last timestep, averaged."""
 
     config_class: ClassVar[type[TrainConfig]] = DRaFTConfig
-    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow")  # DDIM or Euler ODE chains
+    # DDIM, Euler ODE or DPM-Solver++ chains
+    parametrisations: ClassVar[tuple[str, ...]] = ("diffusion", "flow", "v-diffusion")
     uses_reference: ClassVar[bool] = False
     needs_differentiable_reward: ClassVar[bool] = True
 
@@ -926,7 +1031,14 @@ class DRaFTTrainer(OnlineTrainer):
 
     def _lv_estimate(self, batch: dict[str, Any], x0: Tensor, noise: Tensor) -> Tensor:
         """DRaFT-LV's one-step estimate of ``x0`` re-noised at the last sampling timestep: DDIM's predicted x0 on
-        a UNet, ``x_t − σ·v`` on a flow family (``x_t = (1 − σ)·x0 + σ·ε``)."""
+        a UNet, ``x_t − σ·v`` on a flow family (``x_t = (1 − σ)·x0 + σ·ε``), the denoised estimate of ``x0 + σ·ε``
+        at the last non-zero σ on a v-diffusion one."""
+        if self.v_diffusion:
+            schedule = self.flow_schedule()
+            j = len(schedule) - 1
+            sigma = schedule.sigmas[j].to(x0.device)
+            x_t = x0 + sigma * noise
+            return self.policy.denoised(x_t, self.v_output(batch, x_t, schedule, j), sigma)
         if self.uses_conditions:
             schedule = self.flow_schedule()
             t, sigma = schedule.timesteps[-1], schedule.sigmas[-2].to(x0.device, torch.float32)
@@ -1011,6 +1123,7 @@ class AlignPropTrainer(DRaFTTrainer):
 __all__ = [
     "AlignPropConfig",
     "AlignPropTrainer",
+    "AtSampleRate",
     "D3POConfig",
     "D3POTrainer",
     "DDPOConfig",

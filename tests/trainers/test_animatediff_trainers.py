@@ -36,7 +36,7 @@ def prompts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def video_pairs(tmp_path_factory):
-    from tests.data.test_video_pairs import write_video_pairs
+    from tests.data.test_media_pairs import write_video_pairs
 
     return write_video_pairs(tmp_path_factory.mktemp("video-pairs"), count=2, frames=4)[0]
 

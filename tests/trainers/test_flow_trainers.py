@@ -30,6 +30,19 @@ def prompts(tmp_path_factory):
     return path
 
 
+def assert_lora_reproduces_the_trained_model(trainer, pipe) -> None:
+    """The pipeline's transformer, with the LoRA the trainer wrote loaded into it, predicts what the trained model
+    predicts (at one noisy latent, t = 700, on "a red apple")."""
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    conditions = trainer._embeds(["a red apple"])
+    x = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        trained = trainer.policy.predict(model, x, t, conditions)
+        loaded = trainer.policy.predict(pipe.transformer, x, t, conditions)
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+
+
 EXTRA = {
     "flow-grpo": ["beta=0.04", "guidance=2.0"],
     "flow-grpo-fast": ["window_range=[0,3]", "window_size=1"],
@@ -431,14 +444,7 @@ def test_every_flow_family_trains_and_its_lora_loads_into_its_pipeline(maker, pr
     pipeline_class = getattr(diffusers, read_model_index(folder)["_class_name"])
     pipe = pipeline_class.from_pretrained(str(folder))
     pipe.load_lora_weights(str(tmp_path / "run"))
-    model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    conditions = trainer._embeds(["a red apple"])
-    x = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(3))
-    t = torch.tensor([700.0])
-    with torch.no_grad():
-        trained = trainer.policy.predict(model, x, t, conditions)
-        loaded = trainer.policy.predict(pipe.transformer, x, t, conditions)
-    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+    assert_lora_reproduces_the_trained_model(trainer, pipe)
 
 
 def test_mixgrpo_flash_samples_a_compressed_dpm_tail_after_its_window(sd3_folder, prompts, tmp_path):
@@ -524,14 +530,7 @@ def test_wan_trains_with_flow_grpo_and_its_lora_loads_into_wan_pipeline(wan_fold
     assert Image.open(grid).size == (5 * 32, 32)
     pipe = WanPipeline.from_pretrained(str(wan_folder))
     pipe.load_lora_weights(str(tmp_path))
-    model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    conditions = trainer._embeds(["a red apple"])
-    x = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(3))
-    t = torch.tensor([700.0])
-    with torch.no_grad():
-        trained = trainer.policy.predict(model, x, t, conditions)
-        loaded = trainer.policy.predict(pipe.transformer, x, t, conditions)
-    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+    assert_lora_reproduces_the_trained_model(trainer, pipe)
 
 
 def test_wan_flow_dpo_trains_on_image_pairs_as_one_frame_clips(wan_folder, pairs_file, tmp_path):
@@ -579,7 +578,7 @@ def test_frames_are_checked_against_the_generator(wan_folder, sd3_folder, prompt
 
 @pytest.fixture(scope="module")
 def video_pairs(tmp_path_factory):
-    from tests.data.test_video_pairs import write_video_pairs
+    from tests.data.test_media_pairs import write_video_pairs
 
     return write_video_pairs(tmp_path_factory.mktemp("video-pairs"))[0]
 

@@ -36,14 +36,27 @@ REWARDS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5, 0.5]
 PROMPTS = ["a", "b", "a", "c", "b", "a", "d", "d"]
 
 
-def advantages_by_hand(global_std: bool, eps: float = 1e-4) -> list[float]:
+def advantages_by_hand(global_std: bool, eps: float = 1e-4, unbiased: bool = False) -> list[float]:
     out = []
-    everyone = statistics.pstdev(REWARDS)
+    spread = statistics.stdev if unbiased else statistics.pstdev
+    everyone = spread(REWARDS)
     for i, prompt in enumerate(PROMPTS):
         group = [r for r, p in zip(REWARDS, PROMPTS) if p == prompt]
-        std = everyone if global_std else statistics.pstdev(group)
+        # a group of one: r − mean = 0 (its unbiased std is undefined; DanceGRPO's torch.std gives nan there)
+        std = everyone if global_std else (spread(group) if len(group) > 1 else 0.0)
         out.append((REWARDS[i] - statistics.fmean(group)) / (std + eps))
     return out
+
+
+@pytest.mark.parametrize("global_std", [True, False])
+def test_group_advantages_with_dancegrpos_unbiased_std_and_eps(global_std):
+    """DanceGRPO: ``(r − mean) / (group_rewards.std() + 1e-8)`` with torch's unbiased std (``ddof`` 1)."""
+    expected = advantages_by_hand(global_std, eps=1e-8, unbiased=True)
+    got = L.group_advantages(t(REWARDS), PROMPTS, global_std=global_std, eps=1e-8, ddof=1)
+    for i in range(len(REWARDS)):
+        assert close(got[i], expected[i], rel=1e-12)
+    with pytest.raises(ValueError, match="ddof"):
+        L.group_advantages(t(REWARDS), PROMPTS, ddof=2)
 
 
 @pytest.mark.parametrize("global_std", [True, False])

@@ -19,6 +19,7 @@ def group_advantages(
     group_ids: Tensor | Sequence[object],
     global_std: bool = True,
     eps: float = 1e-4,
+    ddof: int = 0,
 ) -> Tensor:
     """Group-relative advantages of Flow-GRPO: each reward minus its group's (prompt's) mean, over a std.
 
@@ -29,7 +30,9 @@ def group_advantages(
         A_i = (r_i − mean_{g(i)}) / (std + eps),   std = population std (ddof 0) of all ``rewards`` when
         ``global_std`` (the default, ``config.sample.global_std = True``), else of group g(i)'s rewards,
 
-    eps = 1e-4. ``rewards`` ``[N]`` (every process's rewards, gathered); ``group_ids`` ``[N]``: a tensor of ints or
+    eps = 1e-4. ``ddof`` 1 and ``eps`` 1e-8 give DanceGRPO's ``(r − mean) / (group_rewards.std() + 1e-8)`` (torch's
+    unbiased std; XueZeyue/DanceGRPO ``fastvideo/train_grpo_flux.py``). ``rewards`` ``[N]`` (every process's rewards,
+    gathered); ``group_ids`` ``[N]``: a tensor of ints or
     a sequence of hashables (the prompts). Computed in float64 (the reference uses numpy float64) and returned
     detached in the rewards' dtype (at least float32). A group of one gets advantage 0.
     ``benchmarks/parity_flow_grpo.py``: max |Δ| 8.9e-16 from the reference's tracker (48 prompts × 24 rewards,
@@ -55,11 +58,13 @@ def group_advantages(
     )
     sums = torch.zeros_like(counts).index_add_(0, inverse, values)
     group_mean = (sums / counts)[inverse]
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (unbiased), got {ddof}")
     if global_std:
-        std = (values - values.mean()).pow(2).mean().sqrt()
+        std = ((values - values.mean()).pow(2).sum() / max(size - ddof, 1)).sqrt()
     else:
         squares = torch.zeros_like(counts).index_add_(0, inverse, (values - group_mean).pow(2))
-        std = (squares / counts).sqrt()[inverse]
+        std = (squares / (counts - ddof).clamp(min=1)).sqrt()[inverse]
     return ((values - group_mean) / (std + eps)).to(_compute_dtype(rewards))
 
 

@@ -1,4 +1,4 @@
-"""Video preference pairs (VideoDPO / VideoAlign Flow-DPO JSONL: prompt, chosen and rejected video paths): bad
+"""Video and audio preference pairs (VideoDPO / VideoAlign Flow-DPO JSONL of video paths; Tango 2 style .wav pairs): bad
 videos named by their line when read, clips sampled, resized and cropped alike (training a tiny Wan on them:
 tests/trainers/test_flow_trainers.py)."""
 
@@ -74,3 +74,28 @@ def test_a_clip_shorter_than_the_model_trains_on_names_its_pair_and_side(video_p
         VideoPairTransform(32, frames=13)(pairs[0], 0)
     dataset = PreferenceDataset(list(pairs), 32, frames=5)
     assert dataset[0]["chosen_pixels"].shape == (5, 3, 32, 32)
+
+
+def test_bad_audio_is_a_row_named_by_its_line(tmp_path):
+    """Audio pairs (Tango 2 / BATON style JSONL with .wav paths): a missing file is a bad row when read; with
+    ``decode=True`` an unreadable or empty one too; the good row stays."""
+    import soundfile
+
+    rate = 16000
+    wave = 0.1 * np.sin(np.linspace(0, 440 * 2 * np.pi, rate, dtype=np.float32))
+    soundfile.write(tmp_path / "a.wav", wave, rate)
+    soundfile.write(tmp_path / "b.wav", wave[::-1].copy(), rate)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00not audio")
+    rows = [
+        {"prompt": "a tone", "chosen": "a.wav", "rejected": "b.wav"},
+        {"prompt": "a tone", "chosen": "a.wav", "rejected": "missing.wav"},
+        {"prompt": "a tone", "chosen": "broken.wav", "rejected": "b.wav"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = load_preferences(path)
+    assert [pair.source for pair in pairs] == [f"{path} line 1", f"{path} line 3"]  # broken.wav exists
+    assert "audio not found" in dict(pairs.skipped)[f"{path} line 2"]
+    decoded = load_preferences(path, decode=True)
+    assert [pair.source for pair in decoded] == [f"{path} line 1"]
+    assert "broken.wav" in dict(decoded.skipped)[f"{path} line 3"]
