@@ -19,13 +19,7 @@ needs_flow = pytest.mark.skipif(not FLOW.is_dir(), reason="assets/toyworld/flow_
 PROMPTS = ["two red circles on the left", "one blue square at the top", "three green triangles on the right"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster than two (and much faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

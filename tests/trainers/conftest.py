@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mmalign.modalities.image import pil_to_tensor
@@ -92,15 +91,6 @@ class Brightness(Reward):
 
     def score_pixels(self, pixels, prompts):
         return pixels.float().mean(dim=(1, 2, 3))
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread: the tiny models are faster so, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_online(trainer, model, data, out, *overrides, reward=None, defaults=()):
