@@ -50,6 +50,7 @@ __all__ = [
     "Conditions",
     "Generator",
     "Schedule",
+    "attention_projections",
     "check_parametrisation",
     "generator_class_of",
     "load_generator",
@@ -281,6 +282,13 @@ FAMILIES: dict[str, str] = {
     "AnimateDiffPipeline": "mmalign.models.animatediff:AnimateDiffPolicy",
     "StableAudioPipeline": "mmalign.models.stable_audio:StableAudioGenerator",
 }
+
+
+def attention_projections(*attentions: str) -> tuple[str, ...]:
+    """The q/k/v/out projections of diffusers ``Attention`` modules named ``attentions`` (peft target names):
+    ``attention_projections("attn1")`` = ``("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")``."""
+    return tuple(f"{name}.{projection}" for name in attentions for projection in ("to_q", "to_k", "to_v", "to_out.0"))
+
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
 PARAMETRISATIONS: dict[str, str] = {

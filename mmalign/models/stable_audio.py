@@ -67,7 +67,7 @@ from torch import Tensor
 from ..errors import WeightsError
 from ..tensors import left_broadcast
 from .flow_generator import cfg_branches, check_guidance
-from .generator import Conditions, Schedule, read_model_index
+from .generator import Conditions, Schedule, attention_projections, read_model_index
 
 __all__ = [
     "STABLE_AUDIO_LORA_TARGETS",
@@ -78,18 +78,7 @@ __all__ = [
 
 #: every StableAudioDiTBlock's self-attention (attn1) and text cross-attention (attn2) q/k/v/out projections and
 #: its feed-forward layers (GELU projection and output)
-STABLE_AUDIO_LORA_TARGETS: tuple[str, ...] = (
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-    "ff.net.0.proj",
-    "ff.net.2",
-)
+STABLE_AUDIO_LORA_TARGETS: tuple[str, ...] = (*attention_projections("attn1", "attn2"), "ff.net.0.proj", "ff.net.2")
 
 #: CosineDPMSolverMultistepScheduler's defaults (the keys a scheduler_config.json may leave out)
 SCHEDULER_DEFAULTS: dict[str, Any] = {

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ..errors import WeightsError
 from .flow_generator import FlowMatchingGenerator, PerChannelLatentStats
-from .generator import Conditions
+from .generator import Conditions, attention_projections
 
 __all__ = ["DEFAULT_NUM_FRAMES", "WAN_LORA_TARGETS", "WanGenerator", "check_num_frames", "prompt_clean"]
 
@@ -65,18 +65,7 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s max_sequence_length
 
 #: every WanTransformerBlock's self-attention (attn1) and text cross-attention (attn2) q/k/v/out projections and
 #: its feed-forward layers: DiffSynth-Studio's Wan LoRA default ``q,k,v,o,ffn.0,ffn.2`` in diffusers' names
-WAN_LORA_TARGETS: tuple[str, ...] = (
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-    "ffn.net.0.proj",
-    "ffn.net.2",
-)
+WAN_LORA_TARGETS: tuple[str, ...] = (*attention_projections("attn1", "attn2"), "ffn.net.0.proj", "ffn.net.2")
 
 #: flow-matching schedulers a Wan folder may ship (their flow shift key), replaced by the Euler schedule of that shift
 _FLOW_SIGMA_SCHEDULERS = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
