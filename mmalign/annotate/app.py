@@ -6,8 +6,8 @@ set by the login form); cookie-authenticated writes also need the CSRF token (do
 ``mmalign_csrf`` cookie equals the form's ``csrf`` field or the ``X-CSRF-Token`` header) and a same-origin
 ``Origin`` when the browser sends one. Media come only from a task's folder and only the files its items
 name, by numbers (task, item, option, view), never by a path from the request. Every answer carries a strict
-Content-Security-Policy (no inline script, nothing from elsewhere), ``X-Content-Type-Options``, ``X-Frame-Options``, ``Referrer-Policy`` and ``Cache-Control: no-store`` on pages
-and API answers.
+Content-Security-Policy (no inline script, nothing from elsewhere), ``X-Content-Type-Options``,
+``X-Frame-Options``, ``Referrer-Policy``, and ``Cache-Control: no-store`` on pages and API answers.
 """
 
 from __future__ import annotations
