@@ -86,7 +86,7 @@ def agreement_units(kind: str, answers_by_item: dict[int, list[dict]], k_of: dic
             "metric": "interval (ranks)",
             "percent_agreement": percent_agreement(whole),
         }
-    out: dict[str, Any] = {"metric": "interval (scores)", "dimensions": {}}
+    out: dict[str, Any] = {"metric": "interval (scores)", "dimensions": {}, "percent_agreement": None}
     dims = sorted({d for lst in answers_by_item.values() for a in lst for d in a["scores"]})
     for dim in dims:
         units = [
