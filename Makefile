@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,audio]'
+	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate]'
 	touch $(STAMP)
 
 install: $(STAMP)

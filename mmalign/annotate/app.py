@@ -182,7 +182,7 @@ def create_app(db: Database) -> FastAPI:
         return user
 
     def task_or_404(task_id: int) -> Task:
-        with db.session() as s:
+        with db.read() as s:
             task = s.get(Task, task_id)
             if task is None:
                 raise AnnotateError(f"no task {task_id}", 404)
@@ -223,7 +223,7 @@ def create_app(db: Database) -> FastAPI:
         return response
 
     def my_tasks(user: Annotator) -> list[dict]:
-        with db.session() as s:
+        with db.read() as s:
             tasks = s.scalars(select(Task).order_by(Task.id)).all()
             mine = dict(
                 s.execute(
@@ -283,7 +283,7 @@ def create_app(db: Database) -> FastAPI:
         with media_lock:
             if key in media_cache:
                 return media_cache[key]
-        with db.session() as s:
+        with db.read() as s:
             task, item = s.get(Task, task_id), s.get(Item, item_id)
             if task is None or item is None or item.task_id != task_id or not 0 <= option < len(item.options):
                 raise AnnotateError("not found", 404)
@@ -332,9 +332,7 @@ def create_app(db: Database) -> FastAPI:
         user = require(request, write=True)
         result = assign.record(db, body.assignment, user.id, body.answer, seconds=body.seconds)
         if body.next:
-            with db.session() as s:
-                task_id = s.get(assign.Assignment, body.assignment).task_id
-            result["next"] = assign.next_assignment(db, task_id, user.id)
+            result["next"] = assign.next_assignment(db, result["task"], user.id)
         return JSONResponse(result, status_code=201 if result["status"] == "recorded" else 200)
 
     @app.get("/api/tasks/{task_id}/stats")

@@ -166,7 +166,7 @@ def record(
             if existing is not None:
                 if existing.answer != stored:
                     raise AnnotateError(f"assignment {assignment_id} was answered already, differently", 409)
-                return {"status": "duplicate", "judgement": existing.id}
+                return {"status": "duplicate", "judgement": existing.id, "task": task.id}
             if (
                 assignment.expires_at <= now
                 and item.gold is None
@@ -191,13 +191,13 @@ def record(
             s.add(judgement)
             assignment.done = True
             s.flush()
-            return {"status": "recorded", "judgement": judgement.id}
+            return {"status": "recorded", "judgement": judgement.id, "task": task.id}
     except IntegrityError:  # a concurrent duplicate of the same submission won the race: it is recorded once
         with db.session() as s:
             existing = s.scalar(select(Judgement).where(Judgement.assignment_id == assignment_id))
             if existing is None:
                 raise
-            return {"status": "duplicate", "judgement": existing.id}
+            return {"status": "duplicate", "judgement": existing.id, "task": existing.task_id}
 
 
 def record_direct(db: Database, item_id: int, annotator_id: int, answer: Any, now: float | None = None) -> dict:

@@ -242,8 +242,8 @@ def make_engine(db: str | Path) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn: Connection) -> None:  # reads (Database.read) take no write lock
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("mmalign_read") else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -256,6 +256,7 @@ class Database:
         self.url = database_url(db)
         self.engine = make_engine(db)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = sessionmaker(self.engine.execution_options(mmalign_read=True), expire_on_commit=False)
         if check:
             check_schema(self.engine)
 
@@ -266,6 +267,12 @@ class Database:
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self.sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading only: on SQLite a deferred transaction that does not queue for the write lock."""
+        with self.read_sessions() as session, session.begin():
             yield session
 
     def setting(self, key: str) -> str | None:

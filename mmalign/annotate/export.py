@@ -37,7 +37,7 @@ SOURCES = ("human", "ai", "all")
 def _rows(db: Database, task_name: str, source: str) -> tuple[Task, list[tuple[Judgement, Item, str]]]:
     if source not in SOURCES:
         raise AnnotateError(f"source must be one of {SOURCES}, got {source!r}")
-    with db.session() as s:
+    with db.read() as s:
         task = s.scalar(select(Task).where(Task.name == task_name))
         if task is None:
             raise AnnotateError(f"no task named {task_name!r}", 404)
@@ -132,7 +132,7 @@ def export_d3po(
     task, rows = _rows(db, task_name, source)
     out = Path(out)
     (out / "annotators").mkdir(parents=True, exist_ok=True)
-    with db.session() as s:
+    with db.read() as s:
         k_of_group: dict[int, int] = {}
         for item in s.scalars(select(Item).where(Item.task_id == task.id, Item.gold.is_(None))):
             if "index" not in item.meta:

@@ -84,7 +84,7 @@ def authenticate(db: Database, token: str | None) -> Annotator | None:
     """The active human annotator holding ``token``, else None."""
     if not token or len(token) > 200:
         return None
-    with db.session() as s:
+    with db.read() as s:
         row = s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
         if row is None or not row.active or row.kind != "human":
             return None

@@ -102,7 +102,7 @@ def agreement_units(kind: str, answers_by_item: dict[int, list[dict]], k_of: dic
 
 def task_stats(db: Database, task_id: int) -> dict[str, Any]:
     """Progress, per-annotator counts and gold accuracy, and agreement of one task."""
-    with db.session() as s:
+    with db.read() as s:
         task = s.get(Task, task_id)
         items = s.scalars(select(Item).where(Item.task_id == task_id)).all()
         rows = s.execute(
@@ -169,7 +169,7 @@ def task_stats(db: Database, task_id: int) -> dict[str, Any]:
 
 
 def all_stats(db: Database) -> list[dict[str, Any]]:
-    with db.session() as s:
+    with db.read() as s:
         ids = list(s.scalars(select(Task.id).order_by(Task.id)))
     return [task_stats(db, i) for i in ids]
 

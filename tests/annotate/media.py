@@ -38,11 +38,15 @@ def label_folder(root: Path, prompts: int = 3, k: int = 3) -> Path:
             for j, name in enumerate(names):
                 png(root / name, 100 * i + j)
             scores = [float(j) for j in range(k)]
-            handle.write(json.dumps({"prompt": f"prompt {i}", "images": names, "scores": scores, "ranking": [2, 1, 0]}) + "\n")
+            handle.write(
+                json.dumps({"prompt": f"prompt {i}", "images": names, "scores": scores, "ranking": [2, 1, 0]}) + "\n"
+            )
     return root
 
 
-def manifest_folder(root: Path, items: int = 4, kind: str = "image", models=("sd15", "sdxl"), gold: dict | None = None) -> Path:
+def manifest_folder(
+    root: Path, items: int = 4, kind: str = "image", models=("sd15", "sdxl"), gold: dict | None = None
+) -> Path:
     """``manifest.jsonl`` with ``items`` rows of len(models) options each, of media ``kind``."""
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -59,7 +63,12 @@ def manifest_folder(root: Path, items: int = 4, kind: str = "image", models=("sd
                 path.write_bytes(b"\x00\x00\x00\x18ftypmp42")  # served as bytes, never decoded here
                 media.append(path.relative_to(root).as_posix())
             else:  # multiview
-                media.append([png(root / model / f"{i}" / f"view{v}.png", 100 * i + 10 * j + v).relative_to(root).as_posix() for v in range(3)])
+                media.append(
+                    [
+                        png(root / model / f"{i}" / f"view{v}.png", 100 * i + 10 * j + v).relative_to(root).as_posix()
+                        for v in range(3)
+                    ]
+                )
         row = {"prompt": f"prompt <b>{i}</b>", "media": media, "models": list(models)}
         if gold and i in gold:
             row["gold"] = gold[i]

@@ -23,7 +23,9 @@ def site(tmp_path):
     tokens = {"admin": add_user(db, "admin", admin=True), "alice": add_user(db, "alice")}
     add_task(db, "pairs", "pairwise", media.manifest_folder(tmp_path / "p", items=2), judgements=2)
     add_task(db, "rank", "kwise", media.label_folder(tmp_path / "l", prompts=1, k=3), judgements=1)
-    add_task(db, "rate", "rating", media.manifest_folder(tmp_path / "r", items=1, kind="multiview"), dimensions=["a", "b"])
+    add_task(
+        db, "rate", "rating", media.manifest_folder(tmp_path / "r", items=1, kind="multiview"), dimensions=["a", "b"]
+    )
     add_task(db, "sound", "pairwise", media.manifest_folder(tmp_path / "s", items=1, kind="audio"))
     add_task(db, "film", "pairwise", media.manifest_folder(tmp_path / "v", items=1, kind="video"))
     return db, tokens, tmp_path
@@ -31,7 +33,9 @@ def site(tmp_path):
 
 def login(client, token):
     client.get("/login")
-    response = client.post("/login", data={"token": token, "csrf": client.cookies["mmalign_csrf"]}, follow_redirects=False)
+    response = client.post(
+        "/login", data={"token": token, "csrf": client.cookies["mmalign_csrf"]}, follow_redirects=False
+    )
     assert response.status_code == 303
     return client.cookies["mmalign_csrf"]
 
@@ -72,9 +76,13 @@ def test_pairwise_form_flow_and_escaping(site):
     images = re.findall(r'<img src="(/media/[0-9/]+)"', page)
     assert len(images) == 2 and client.get(images[0]).headers["content-type"] == "image/png"
     assignment = hidden(page, "assignment")
-    response = client.post("/tasks/1/submit", data={"csrf": csrf, "assignment": assignment, "choice": "1"}, follow_redirects=False)
+    response = client.post(
+        "/tasks/1/submit", data={"csrf": csrf, "assignment": assignment, "choice": "1"}, follow_redirects=False
+    )
     assert response.status_code == 303 and count(db) == 1
-    again = client.post("/tasks/1/submit", data={"csrf": csrf, "assignment": assignment, "choice": "1"}, follow_redirects=False)
+    again = client.post(
+        "/tasks/1/submit", data={"csrf": csrf, "assignment": assignment, "choice": "1"}, follow_redirects=False
+    )
     assert again.status_code == 303 and count(db) == 1  # a double click counts once
     page = client.get("/tasks/1?saved=1").text
     assert "Saved." in page
@@ -118,10 +126,14 @@ def test_validation_errors_are_clear(site):
         response = client.post("/api/judgements", json=body, headers=headers)
         assert response.status_code == status, (body, response.text)
         assert message in response.json()["error"]
-    huge = client.post("/api/judgements", content=b"{" + b" " * 70000 + b"}", headers={**headers, "content-type": "application/json"})
+    huge = client.post(
+        "/api/judgements", content=b"{" + b" " * 70000 + b"}", headers={**headers, "content-type": "application/json"}
+    )
     assert huge.status_code == 413
     assert client.post("/api/tasks/99/next", headers=headers).status_code == 404
-    ok = client.post("/api/judgements", json={"assignment": a["assignment"], "answer": {"choice": 0}, "next": True}, headers=headers)
+    ok = client.post(
+        "/api/judgements", json={"assignment": a["assignment"], "answer": {"choice": 0}, "next": True}, headers=headers
+    )
     assert ok.status_code == 201 and ok.json()["next"]["assignment"] != a["assignment"]
 
 

@@ -49,7 +49,9 @@ def test_tasks_from_every_source(tmp_path, db):
     assert add_task(db, "rank", "kwise", label)["items"] == 3
     assert add_task(db, "pairs", "pairwise", label)["items"] == 9  # C(3, 2) per prompt
     for kind in ("image", "audio", "video", "multiview"):
-        info = add_task(db, f"m-{kind}", "rating", media.manifest_folder(tmp_path / kind, kind=kind), dimensions=["a", "b"])
+        info = add_task(
+            db, f"m-{kind}", "rating", media.manifest_folder(tmp_path / kind, kind=kind), dimensions=["a", "b"]
+        )
         assert info["media"] == kind and info["items"] == 4
     gen = tmp_path / "gen"
     for model in ("m1", "m2", "m3"):
@@ -76,7 +78,9 @@ def test_task_sources_refuse_outside_and_bad_rows(tmp_path, db):
     (folder / "manifest.jsonl").write_text('{"prompt": "p", "media": ["sd15/0.png"], "gold": {"choice": 0}}\n')
     with pytest.raises(AnnotateError, match="2 options"):
         add_task(db, "t", "pairwise", folder)
-    (folder / "manifest.jsonl").write_text('{"prompt": "p", "media": ["sd15/0.png", "sdxl/0.png"], "gold": {"choice": 7}}\n')
+    (folder / "manifest.jsonl").write_text(
+        '{"prompt": "p", "media": ["sd15/0.png", "sdxl/0.png"], "gold": {"choice": 7}}\n'
+    )
     with pytest.raises(AnnotateError, match="bad gold answer"):
         add_task(db, "t", "pairwise", folder)
 

@@ -57,7 +57,9 @@ def test_pairs_for_train_with_sources(tmp_path, db):
 
 
 def test_rating_and_kwise_pairs(tmp_path, db):
-    add_task(db, "r", "rating", media.manifest_folder(tmp_path / "m", items=2), judgements=1, dimensions=["look", "fit"])
+    add_task(
+        db, "r", "rating", media.manifest_folder(tmp_path / "m", items=2), judgements=1, dimensions=["look", "fit"]
+    )
     alice = authenticate(db, add_user(db, "alice")).id
     _answer_all(db, 1, alice, {"scores": {"look": [2, 4], "fit": [5, 1]}})
     pairs = load_preferences(export(db, "r", "pairs", tmp_path / "r.jsonl") and tmp_path / "r.jsonl", tie_policy="keep")
@@ -106,7 +108,10 @@ def test_votes_for_bench_generators(tmp_path, db):
     kvotes = read_votes(tmp_path / "votes_k.jsonl")
     assert kvotes[0].models == ("a", "b", "c") and kvotes[0].ranks == (3.0, 1.0, 2.0)
     out = tmp_path / "bench"
-    assert main(["bench", "generators", "--votes", str(tmp_path / "votes.jsonl"), "--bootstrap", "0", "--out", str(out)]) == 0
+    assert (
+        main(["bench", "generators", "--votes", str(tmp_path / "votes.jsonl"), "--bootstrap", "0", "--out", str(out)])
+        == 0
+    )
     report = json.loads((out / "generators.json").read_text())
     assert json.dumps(report).index("sdxl") >= 0
 
