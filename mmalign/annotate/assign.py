@@ -63,7 +63,12 @@ def _pick(s: Session, task: Task, annotator_id: int, now: float) -> Item | None:
             Assignment,
             and_(Assignment.item_id == Item.id, or_(Assignment.done.is_(True), Assignment.expires_at > now)),
         )
-        .where(Item.task_id == task.id, Item.gold.is_(None), Item.id.not_in(mine))
+        .where(
+            Item.task_id == task.id,
+            Item.gold.is_(None),
+            or_(Item.routed.is_(None), Item.routed != "ai"),
+            Item.id.not_in(mine),
+        )
         .group_by(Item.id, Item.position)
         .having(active < task.judgements)
         .order_by(active.desc(), Item.position)

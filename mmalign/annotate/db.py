@@ -7,8 +7,9 @@ Migrations: not Alembic (an ``alembic.ini`` + ``env.py`` + script folder shipped
 this small), but the same idea in a few lines: :data:`MIGRATIONS` is an ordered list of ``(version,
 description, function(connection))``; the ``schema_version`` table records the versions applied, and
 :func:`migrate` applies the missing ones in order, each in its own transaction. Migration 1 creates the tables
-as they were at version 1 (a frozen copy of their DDL lives in that function's table list); a later schema
-change appends a migration (``ALTER TABLE ...``) and never edits an earlier one.
+from the current models; each later one alters a database made by an earlier version and first looks at what is
+there (a fresh database already has the column), so fresh and upgraded databases end up alike. A schema change
+appends a migration and never edits an earlier one (test: ``tests/annotate/test_core.py``).
 
 Writes on SQLite: WAL journal, ``busy_timeout`` and ``BEGIN IMMEDIATE`` transactions, so that concurrent
 requests (the server's thread pool, or a CLI command while the server runs) queue for the write lock instead of
@@ -36,6 +37,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
@@ -114,6 +116,7 @@ class Item(Base):
     options: Mapped[list] = mapped_column(JSON)
     gold: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    routed: Mapped[str | None] = mapped_column(String(8), nullable=True)  # "ai": labelled by a reward (schema v2)
 
 
 class Assignment(Base):
@@ -169,8 +172,15 @@ def _v1(conn: Connection) -> None:
     )
 
 
+def _v2(conn: Connection) -> None:
+    columns = {c["name"] for c in inspect(conn).get_columns("items")}
+    if "routed" not in columns:  # a database made by version 1; a fresh one has it from _v1 already
+        conn.execute(text("ALTER TABLE items ADD COLUMN routed VARCHAR(8)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "annotators, tasks, items, assignments, judgements, settings", _v1),
+    (2, "items.routed: items labelled by a reward are not handed to people (hybrid routing)", _v2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -25,7 +25,7 @@ def db(tmp_path):
 
 def test_migrations_are_idempotent_and_checked(tmp_path, db):
     _, again = init_database(tmp_path / "a.db")
-    assert again == [] and applied_versions(db.engine) == [SCHEMA_VERSION]
+    assert again == [] and applied_versions(db.engine) == list(range(1, SCHEMA_VERSION + 1))
     with pytest.raises(AnnotateError, match="annotate init"):
         Database(tmp_path / "other.db")
 
@@ -221,3 +221,21 @@ def test_agreement_of_a_task(tmp_path, db):
     agreement = task_stats(db, 1)["agreement"]
     assert agreement["alpha"] == pytest.approx(1.0) and agreement["percent_agreement"] == 1.0
     assert list(combinations(range(2), 2))
+
+
+def test_upgrade_from_schema_1(tmp_path):
+    """A database as version 1 made it (no items.routed): refused until migrated, then like a fresh one."""
+    from sqlalchemy import inspect, text
+
+    from mmalign.annotate.db import make_engine, migrate
+
+    init_database(tmp_path / "old.db")
+    engine = make_engine(tmp_path / "old.db")
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE items DROP COLUMN routed"))
+        conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
+    with pytest.raises(AnnotateError, match="annotate migrate"):
+        Database(tmp_path / "old.db")
+    assert migrate(engine) == list(range(2, SCHEMA_VERSION + 1))
+    assert "routed" in {c["name"] for c in inspect(engine).get_columns("items")}
+    Database(tmp_path / "old.db")
