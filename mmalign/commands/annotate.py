@@ -5,6 +5,7 @@
     mmalign annotate users list | revoke NAME | token NAME
     mmalign annotate add-task NAME --kind pairwise --from DIR [--judgements 3] [--dimensions a,b] [--gold F]
     mmalign annotate serve [--host 127.0.0.1 --port 8000]
+    mmalign annotate route --task NAME --reward R --budget N   # the reward labels all but the N least sure items
     mmalign annotate stats [--task NAME]                   # progress, gold accuracy, agreement (JSON)
     mmalign annotate export --task NAME --format pairs|d3po|votes --out PATH [--source human|ai|all]
 
@@ -67,6 +68,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--port", type=int, default=8000)
     q.add_argument("--allow-remote", action="store_true", help="listen on a non-loopback address")
     q.add_argument("--log-level", default="info")
+
+    q = acts.add_parser("route", help="hybrid labelling: a reward labels the items it is sure of, people the rest")
+    _db_arg(q)
+    q.add_argument("--task", required=True)
+    q.add_argument("--reward", required=True, help="reward name (as `mmalign list` shows)")
+    q.add_argument("--reward-weights", help="reward checkpoint path")
+    q.add_argument("--budget", type=int, required=True, help="items left to people (the least confident)")
+    q.add_argument("--device", default="cpu")
 
     q = acts.add_parser("stats", help="progress, gold accuracy and agreement as JSON")
     _db_arg(q)
@@ -141,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
         from ..annotate.app import serve
 
         serve(args.db, args.host, args.port, allow_remote=args.allow_remote, log_level=args.log_level)
+        return 0
+    if args.action == "route":
+        from ..annotate.routing import reward_scorer, route
+
+        scorer = reward_scorer(args.reward, args.reward_weights, args.device)
+        out(route(db, args.task, scorer, args.budget, args.reward))
         return 0
     if args.action == "stats":
         from sqlalchemy import select
