@@ -58,7 +58,7 @@ def test_security_headers_everywhere(site):
         assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP and "frame-ancestors 'none'" in CSP
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["x-frame-options"] == "DENY"
-        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["referrer-policy"] == "same-origin"
     assert client.get("/login").headers["cache-control"] == "no-store"
     fresh = TestClient(create_app(db)).get("/login").headers["set-cookie"]
     assert "HttpOnly" in fresh and "SameSite=strict" in fresh
