@@ -5,13 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-kernels lint format demo demo-flow bench clean
+.PHONY: install test test-kernels browser-deps test-browser lint format demo demo-flow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,audio]'
+	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +25,17 @@ test: $(STAMP)
 AVX2_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 test-kernels: $(STAMP)
 	$(AVX2_KERNELS) $(BIN)/python -m pytest -q -m kernels
+
+# The annotation app in a real headless browser: Debian's chromium + chromium-driver and selenium (plain `make test`
+# skips tests/annotate/test_browser.py, saying why, when they are missing). SUDO=sudo when not root.
+SUDO ?=
+browser-deps: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver)
+	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate,browser]'
+
+test-browser: browser-deps
+	$(BIN)/python -m pytest -q tests/annotate/test_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmalign tests benchmarks

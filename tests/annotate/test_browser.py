@@ -1,0 +1,82 @@
+"""The app in a real headless browser (Chromium through Selenium): log in with the form, see the media (the CSP
+lets them through), answer with the keyboard shortcut (static JS runs under the CSP), and the vote is in the
+database. Needs `make browser-deps` (Debian's chromium + chromium-driver, and selenium); skipped otherwise."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from mmalign.annotate.db import Judgement, init_database
+from mmalign.annotate.people import add_user
+from mmalign.annotate.tasks import add_task
+from tests.annotate import media
+from tests.annotate.server import Server
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (make browser-deps)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="no chromium + chromedriver on PATH (make browser-deps installs them)"
+)
+
+
+@pytest.fixture
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_login_see_media_and_vote_with_the_keyboard(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    db = init_database(tmp_path / "a.db")[0]
+    token = add_user(db, "alice")
+    add_task(db, "arena", "pairwise", media.manifest_folder(tmp_path / "m", items=2), judgements=1)
+    server = Server(Path(db.url[len("sqlite:///") :]), tmp_path / "server.log")
+    try:
+        wait = WebDriverWait(browser, 20)
+        browser.get(server.url + "/")
+        wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(token)
+        browser.find_element(By.ID, "login").click()
+        try:
+            wait.until(ec.presence_of_element_located((By.CLASS_NAME, "task-link"))).click()
+        except Exception:
+            raise AssertionError(browser.current_url + browser.page_source[:3000]) from None
+        try:
+            wait.until(ec.presence_of_element_located((By.ID, "prompt")))
+        except Exception:
+            raise AssertionError(browser.current_url + browser.page_source[:3000]) from None
+        assert browser.find_element(By.ID, "prompt").text == "prompt <b>0</b>"  # shown as text, not markup
+        loaded = wait.until(
+            lambda d: d.execute_script(
+                "const imgs = [...document.images];"
+                "return imgs.length == 2 && imgs.every(i => i.complete && i.naturalWidth > 0);"
+            )
+        )
+        assert loaded
+        browser.find_element(By.TAG_NAME, "body").send_keys("2")  # app.js: "2" chooses the second option
+        wait.until(ec.presence_of_element_located((By.ID, "saved")))
+        with db.session() as s:
+            assert s.scalar(select(func.count(Judgement.id))) == 1
+        browser.find_element(By.ID, "choice-tie").click()
+        wait.until(ec.presence_of_element_located((By.ID, "done")))
+        with db.session() as s:
+            answers = [j.answer for j in s.scalars(select(Judgement).order_by(Judgement.id))]
+        assert answers[1] == {"choice": "tie"} and answers[0]["choice"] in (0, 1)
+    finally:
+        server.stop()
