@@ -129,7 +129,7 @@ def test_pairs_file_and_prompt_required(tmp_path, image_files, clip_folder, caps
 
 
 def test_unknown_reward_and_stdout(image_files, capsys):
-    assert main(["score", "--reward", "hpsv3", "--prompt", "x", str(image_files[0])]) == 2
+    assert main(["score", "--reward", "hpsv2.2", "--prompt", "x", str(image_files[0])]) == 2
     assert "hpsv2" in capsys.readouterr().err  # suggests close names
     assert main(["score", "--reward", "jpeg-compressibility", "--no-progress", str(image_files[0])]) == 0
     row = json.loads(capsys.readouterr().out)
