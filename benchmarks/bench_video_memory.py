@@ -52,6 +52,7 @@ from pathlib import Path
 
 from harness import (
     BUSY_CORES,
+    GIB,
     REPO,
     RESULTS,
     Phases,
@@ -350,6 +351,36 @@ def ensure_model(cache_dir: Path, size: str, threads: int, timeout: float) -> tu
     return folder, info
 
 
+class ChildRss:
+    """The largest resident set of this process's children, sampled every ``interval`` seconds from the parent: a
+    row killed for memory has no high-water mark of its own to report, this one survives it."""
+
+    def __init__(self, interval: float = 0.25):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(self.interval):
+            try:
+                total = sum(child.memory_info().rss for child in me.children(recursive=True))
+            except psutil.Error:
+                continue
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> ChildRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def render_markdown(report: dict) -> str:
     meta, rows = report["meta"], report["rows"]
     by_name = {row["name"]: row for row in rows if row.get("ok")}
@@ -365,8 +396,10 @@ def render_markdown(report: dict) -> str:
         f"- Machine: {meta['cpu']}, {meta['threads']} torch threads per row; CPU flags: {meta['cpu_flags']}.",
         f"- {meta['warmup']} warm-up step, then the mean of {meta['steps']} timed steps; each row in its own process.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
-        "- Step peak: the training steps' own high-water mark (VmHWM reset after set-up); process peak: loading and "
-        "priming included. The text encoder is UMT5-XXL's width with 2 of its 24 layers (module docstring).",
+        f"- Memory: {meta.get('memory_gib', 0):.1f} GiB on the machine. Step peak: the training steps' own high-water "
+        "mark (VmHWM reset after set-up); process peak: loading and priming included; a killed row shows the largest "
+        "resident set the parent sampled (every 0.25 s) before the kill. The text encoder is UMT5-XXL's width with 2 "
+        "of its 24 layers (module docstring).",
         "",
         "| row | s/step | encode | forward | backward | optimizer | step peak GiB | process peak GiB | x time "
         "| x step peak | other cores |",
@@ -374,7 +407,12 @@ def render_markdown(report: dict) -> str:
     ]
     for row in rows:
         if not row.get("ok"):
-            lines.append(f"| {row['name']} | failed: {row.get('error', '?')[:120]} |||||||||")
+            error = row.get("error", "?")
+            reason = "killed (out of memory)" if "-9" in error else f"failed: {error[:80]}"
+            lines.append(
+                f"| {row['name']} | {reason} | | | | | | ≥ {row.get('sampled_peak_gib', 0.0):.2f} (sampled) | | | "
+                f"{row.get('other_cores', 0.0):.2f} |"
+            )
             continue
         phases = row["phases"]
         time_ratio = row["s_per_step"] / plain["s_per_step"] if plain else None
@@ -428,7 +466,9 @@ def main(argv=None) -> int:
         spec.update(size, steps=args.steps, warmup=args.warmup)
         print(f"{name}: running (load {os.getloadavg()[0]:.2f}) ...", flush=True)
         stats: dict = {}
-        result, error = run_worker(__file__, spec, args.threads, args.timeout, stats)
+        with ChildRss() as sampled:
+            result, error = run_worker(__file__, spec, args.threads, args.timeout, stats)
+        stats["sampled_peak_gib"] = sampled.peak / GIB
         row = {"name": name, **stats, **({"ok": True, **result} if result else {"ok": False, "error": error})}
         results.append(row)
         if result:
@@ -447,6 +487,7 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "memory_gib": __import__("psutil").virtual_memory().total / GIB,
         "versions": versions(),
         "notes": args.note,
     }
