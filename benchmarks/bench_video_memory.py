@@ -41,6 +41,7 @@ set-up), and the whole process's peak (loading and priming included). Target (is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -292,10 +293,8 @@ def release_freed_memory() -> None:
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _run_row(spec: dict) -> dict:
