@@ -48,7 +48,7 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mmalign demo
 
-# the GRPO family on the flow-matching toy pipeline (DiffusionNFT, 8 CPU-minutes of training)
+# the GRPO family on the flow-matching toy pipeline (Flow-GRPO, 8 CPU-minutes of training)
 demo-flow: $(STAMP)
 	$(BIN)/mmalign demo --generator flow
 

@@ -62,3 +62,54 @@ def test_demo_generator_flow_takes_the_flow_defaults():
     assert all(getattr(config, key) == value for key, value in FLOW_DEMO_DEFAULTS.items())
     config = flow_config(parser.parse_args(["demo", "--generator", "flow", "--trainer", "flow-grpo", "--lr", "0.01"]))
     assert (config.trainer, config.lr, config.cpu_budget) == ("flow-grpo", 0.01, FLOW_DEMO_DEFAULTS["cpu_budget"])
+
+
+class _FakeTrainer:
+    """The parts of a trainer that :func:`budget_schedule` touches: an optimizer, a cosine scheduler over 10 steps,
+    the step count and the CPU seconds used (set by the test, as ``hooked_trainer`` counts them)."""
+
+    def __init__(self, config=None):
+        from types import SimpleNamespace
+
+        from diffusers.optimization import get_scheduler
+
+        self.config = SimpleNamespace(max_steps=10)
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        self.lr_scheduler = get_scheduler("cosine", optimizer=self.optimizer, num_warmup_steps=0, num_training_steps=10)
+        self.step, self.cpu_used, self.used = 0, 0.0, []
+
+    def _train_step(self):
+        self.used.append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.step += 1
+        return {"lr": self.lr_scheduler.get_last_lr()[0]}
+
+
+def test_budget_schedule_ends_the_lr_schedule_by_the_cpu_budget():
+    import math
+
+    from mmalign.toyworld.flow_demo import budget_schedule
+
+    cosine = [0.5 * (1 + math.cos(math.pi * step / 10)) for step in range(10)]
+    # the steps run out first (1 CPU s a step, budget 100 s): the scheduler's own lr
+    trainer = budget_schedule(_FakeTrainer, cpu_budget=100.0)()
+    for step in range(10):
+        trainer.cpu_used = float(step)
+        trainer._train_step()
+    assert trainer.used == pytest.approx(cosine)
+    # 25 CPU s a step, budget 100 s: the budget ends first, so the schedule runs on its fraction and is at its
+    # end (lr 0) when the budget is spent, at step 4 of 10
+    trainer = budget_schedule(_FakeTrainer, cpu_budget=100.0)()
+    metrics = [None]
+    for step in range(5):
+        trainer.cpu_used = 25.0 * step
+        metrics.append(trainer._train_step())
+    expected = [cosine[0]] + [0.5 * (1 + math.cos(math.pi * min(1.0, 0.25 * step))) for step in range(1, 5)]
+    assert trainer.used == pytest.approx(expected, abs=1e-12) and trainer.used[-1] == pytest.approx(0.0, abs=1e-12)
+    assert metrics[2]["lr"] == pytest.approx(expected[1])  # the lr the step used
+    # no budget: the scheduler alone
+    trainer = budget_schedule(_FakeTrainer, cpu_budget=0.0)()
+    trainer.cpu_used = 1e6
+    trainer._train_step(), trainer._train_step()
+    assert trainer.used == pytest.approx(cosine[:2])
