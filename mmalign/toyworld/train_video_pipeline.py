@@ -8,9 +8,11 @@ A diffusers ``WanPipeline`` of tiny parts for the flow-matching trainers on the 
 
 * ``AutoencoderKLWan``: Wan's causal 3D VAE at ``base_dim`` 8, ``z_dim`` 8, ``dim_mult`` (1, 2, 2), temporal
   downsampling in both stages: 32 px x 5 frames <-> 8 channels x 2 latent frames x 8 x 8 (``scale_factor_spatial``
-  4, ``scale_factor_temporal`` 4, as Wan's 4x temporal compression keeps ``(frames − 1) % 4 == 0``), trained on
-  renders (stage 1: L1 + MSE, a small KL term); ``latents_mean`` / ``latents_std`` are set per channel to the
-  statistics of the latent means of renders, so that the latents the transformer sees have mean 0 and std 1;
+  4, ``scale_factor_temporal`` 4, as Wan's 4x temporal compression keeps ``(frames − 1) % 4 == 0``), fitted to
+  renders in stage 1 as a noise-augmented autoencoder (:func:`train_vae`: L1 + MSE; its posterior std then fixed to
+  the noise it was trained with; the decoder's output clamp passing gradients while it trains, without which it
+  stalls on white clips); ``latents_mean`` / ``latents_std`` are set per channel to the statistics of the latent
+  means of renders, so that the latents the transformer sees have mean 0 and std 1;
 * ``text_encoder``: a ``UMT5EncoderModel`` of width 32 (2 layers) on :func:`mmalign.models.builders.t5_tokenizer`
   over the world's words (every prompt word one token), ``max_sequence_length`` 8 (recorded in
   ``mmalign_generator.json`` with ``num_frames`` 5);
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -72,9 +75,10 @@ class VideoPipelineRecipe:
     """Every knob of the shipped video pipeline's training (the defaults made the shipped one)."""
 
     seed: int = 0
-    vae_steps: int = 400
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 2e-3
+    vae_noise: float = 0.1
     vae_base_dim: int = 8
     z_dim: int = 8
     pool: int = 8192
@@ -164,32 +168,46 @@ def clip_batch(prompts: list, rng: random.Random) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
+class _PassingClamp:
+    """The ``torch`` module as ``autoencoder_kl_wan`` sees it while the VAE trains, with ``clamp`` passing gradients
+    (straight through): ``AutoencoderKLWan.decode`` clamps its output to [-1, 1], which stops the gradient at every
+    pixel beyond that range; a decoder that starts out above 1 everywhere (white) then never learns the coloured
+    pixels under it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def clamp(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x + (torch.clamp(x, *args, **kwargs) - x).detach()
+
+
 @contextmanager
-def straight_through_clamp():
-    """``torch.clamp`` with the identity's gradient while the block runs: ``AutoencoderKLWan.decode`` clamps its
-    output to [-1, 1], which stops the gradient at every pixel beyond that range; a decoder that starts out drawing
-    white past 1 then never learns the coloured pixels under it (the VAE loss stalls at a blur). Used only while
-    the VAE trains, in a process doing nothing else."""
-    clamp = torch.clamp
+def passing_clamp():
+    """Within the block, the Wan VAE's output clamp passes gradients (:class:`_PassingClamp`)."""
+    from diffusers.models.autoencoders import autoencoder_kl_wan
 
-    def passing(x, *args, **kwargs):
-        return x + (clamp(x, *args, **kwargs) - x).detach()
-
-    torch.clamp = passing
+    original = autoencoder_kl_wan.torch
+    autoencoder_kl_wan.torch = _PassingClamp()
     try:
         yield
     finally:
-        torch.clamp = clamp
+        autoencoder_kl_wan.torch = original
 
 
 def train_vae(vae: torch.nn.Module, recipe: VideoPipelineRecipe, log) -> None:
-    """Fit the VAE to random clips (L1 + 2·MSE + 1e-5·KL, as the image pipeline's VAE), its output clamp passing
-    gradients (:func:`straight_through_clamp`)."""
-    with straight_through_clamp():
-        _train_vae(vae, recipe, log)
+    """:func:`fit_vae` with the VAE's output clamp passing gradients (:func:`passing_clamp`)."""
+    with passing_clamp():
+        fit_vae(vae, recipe, log)
 
 
-def _train_vae(vae: torch.nn.Module, recipe: VideoPipelineRecipe, log) -> None:
+def fit_vae(vae: torch.nn.Module, recipe: VideoPipelineRecipe, log) -> None:
+    """Fit the VAE to random clips as a noise-augmented autoencoder: the decoder reconstructs ``mean + vae_noise·ε``
+    of the encoder's posterior mean (L1 + 2·MSE, plus ``1e-4·mean²`` to bound the latents' scale); afterwards the
+    posterior's log-variance is fixed to that noise (``quant_conv``'s log-variance rows: weights 0, bias
+    ``2·ln(vae_noise)``), so that ``latent_dist.sample()`` draws what the decoder was trained on. Sampling the
+    posterior as a VAE from the start collapses it: at initialisation its std is 1 and its mean ~0.02, the decoder
+    learns to ignore the latent and draws the average clip (all white), and nothing pulls it out again."""
     rng = random.Random(f"vae:{recipe.seed}")
     torch.manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
@@ -197,17 +215,22 @@ def _train_vae(vae: torch.nn.Module, recipe: VideoPipelineRecipe, log) -> None:
     vae.train()
     for step in range(recipe.vae_steps):
         pixels = clip_batch([random_video_prompt(rng) for _ in range(recipe.vae_batch)], rng)
-        posterior = vae.encode(pixels).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = (recon - pixels).abs().mean() + 2 * (recon - pixels).pow(2).mean() + 1e-5 * posterior.kl().mean()
+        mean = vae.encode(pixels).latent_dist.mean
+        recon = vae.decode(mean + recipe.vae_noise * torch.randn_like(mean)).sample
+        loss = (recon - pixels).abs().mean() + 2 * (recon - pixels).pow(2).mean() + 1e-4 * mean.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == recipe.vae_steps - 1:
-            log(f"vae step {step + 1}/{recipe.vae_steps} loss {loss.item():.4f}")
+            spread = float(mean.detach().std())
+            log(f"vae step {step + 1}/{recipe.vae_steps} loss {loss.item():.4f} latent std {spread:.3f}")
     vae.eval()
+    with torch.no_grad():
+        z = recipe.z_dim
+        vae.quant_conv.weight[z:] = 0.0
+        vae.quant_conv.bias[z:] = 2 * math.log(recipe.vae_noise)
 
 
 @torch.no_grad()

@@ -100,3 +100,14 @@ def test_judge_reads_canonical_video_tensors_and_still_or_empty_clips():
     for direction in DIRECTIONS:  # a lone square moving each way is judged so
         prompt = VideoPrompt("red", "square", 1, direction)
         assert judge_clip(render_clip(prompt, 0), prompt).direction == 1.0
+
+
+def test_video_judge_reward_is_registered():
+    from mmalign.rewards import load_reward
+
+    reward = load_reward("toyworld-video-judge")
+    assert reward.modality == "video" and not reward.is_differentiable
+    prompt = VideoPrompt("yellow", "circle", 2, "up")
+    clips = [render_clip(prompt, 0), render_clip(perturb_video(prompt, random.Random(0), ["direction"]), 0)]
+    videos = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 255
+    assert reward.score(videos, prompt.text).tolist() == [1.0, 0.75]
