@@ -80,6 +80,7 @@ class VideoPipelineRecipe:
     vae_lr: float = 2e-3
     vae_noise: float = 0.1
     vae_base_dim: int = 8
+    vae_dim_mult: str = "1,2,2"
     z_dim: int = 8
     pool: int = 8192
     steps: int = 6000
@@ -123,7 +124,7 @@ def build_parts(recipe: VideoPipelineRecipe, tokenizer: Any) -> dict[str, Any]:
     vae = AutoencoderKLWan(
         base_dim=recipe.vae_base_dim,
         z_dim=recipe.z_dim,
-        dim_mult=[1, 2, 2],
+        dim_mult=[int(m) for m in recipe.vae_dim_mult.split(",")],
         num_res_blocks=1,
         temperal_downsample=[True, True],
         scale_factor_spatial=4,

@@ -133,3 +133,40 @@ def test_training_resumes_exactly(tmp_path):
         train_flow(parts, TokenCache(tokenizer), latents, prompts, recipe, lambda m: None, tmp_path / "state.pt")
         runs.append({**parts["transformer"].state_dict(), **parts["text_encoder"].state_dict()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@needs_video
+def test_video_demo_trains_and_reports(tmp_path):
+    from mmalign.toyworld.config import DemoConfig
+    from mmalign.toyworld.video_demo import run_video_demo
+
+    config = DemoConfig(
+        out=str(tmp_path),
+        trainer="flow-grpo",
+        heldout=2,
+        train_prompts=2,
+        eval_samples=1,
+        sample_steps=4,
+        steps=2,
+        batch_size=8,
+        lr=1e-4,
+        lora_rank=4,
+        eval_every=2,
+        progress=False,
+    )
+    report = run_video_demo(config, log=lambda message: None)
+    assert report["training"]["steps"] == 2 and report["trainer_config"]["reward"] == "toyworld-video-judge"
+    assert set(report["after"]) == {*VIDEO_ATTRIBUTES, "overall", "exact"}
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_demo_world_video_takes_the_video_defaults():
+    from mmalign.cli import build_parser
+    from mmalign.commands.demo import video_config
+    from mmalign.toyworld.video_demo import VIDEO_DEMO_DEFAULTS
+
+    parser = build_parser()
+    config = video_config(parser.parse_args(["demo", "--world", "video"]))
+    assert all(getattr(config, key) == value for key, value in VIDEO_DEMO_DEFAULTS.items())
+    config = video_config(parser.parse_args(["demo", "--world", "video", "--trainer", "diffusionnft"]))
+    assert (config.trainer, config.out) == ("diffusionnft", "runs/demo-video")
