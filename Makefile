@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-kernels browser-deps test-browser lint format demo demo-flow bench clean
+.PHONY: install test test-kernels browser-deps test-browser lint format demo demo-flow demo-video bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ demo: $(STAMP)
 # the GRPO family on the flow-matching toy pipeline (Flow-GRPO, 8 CPU-minutes of training)
 demo-flow: $(STAMP)
 	$(BIN)/mmalign demo --generator flow
+
+demo-video: $(STAMP)
+	$(BIN)/mmalign demo --world video
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rewards.py

@@ -195,3 +195,9 @@ REWARDS.register(
     "mmalign.toyworld.reward:JudgeReward.from_pretrained",
     "Toyworld exact judge: mean of the colour, shape, count and position checks, in [0, 1] (not differentiable)",
 )
+REWARDS.register(
+    "toyworld-video-judge",
+    "mmalign.toyworld.reward:VideoJudgeReward.from_pretrained",
+    "Toy video world exact judge: mean of the colour, shape, count and direction-of-motion checks, in [0, 1] "
+    "(videos; not differentiable)",
+)

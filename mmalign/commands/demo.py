@@ -4,7 +4,8 @@ Sample pairs from the shipped tiny pipeline, label them with the shipped learned
 LoRA, and measure the exact judge's adherence on held-out prompts before and after (fixed seed); writes
 ``report.html``, ``report.md`` and ``report.json`` to ``--out``. ``--generator flow``: the GRPO family instead, on
 the shipped flow-matching pipeline (DiffusionNFT by default, the exact judge as the reward on the training prompts,
-a CPU budget of 8 minutes; see ``mmalign.toyworld.flow_demo``).
+a CPU budget of 8 minutes; see ``mmalign.toyworld.flow_demo``). ``--world video``: the toy video world (moving
+shapes), Flow-GRPO on its tiny Wan pipeline with the exact video judge as the reward (``mmalign.toyworld.video_demo``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["unet", "flow"],
         default="unet",
         help="unet: DPO on the UNet pipeline (default); flow: the GRPO family on the flow-matching pipeline",
+    )
+    p.add_argument(
+        "--world",
+        choices=["image", "video"],
+        default="image",
+        help="image: the image toyworld (default); video: the toy video world on its tiny Wan pipeline (the GRPO "
+        "family; --generator does not apply)",
     )
     p.add_argument("--out", default=d.out, help=f"report folder (default {d.out}; runs/demo-flow for flow)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps of each round (default {d.steps})")
@@ -87,11 +95,37 @@ def flow_config(args: argparse.Namespace):
     return dataclasses.replace(config, **changes)
 
 
+def video_config(args: argparse.Namespace):
+    """The video demo's config: :data:`~mmalign.toyworld.video_demo.VIDEO_DEMO_DEFAULTS` for every option left at
+    the UNet demo's default."""
+    import dataclasses
+
+    from ..toyworld.config import DemoConfig, config_from_args
+    from ..toyworld.video_demo import VIDEO_DEMO_DEFAULTS
+
+    config, unet = config_from_args(args), DemoConfig()
+    changes = {k: v for k, v in VIDEO_DEMO_DEFAULTS.items() if getattr(config, k) == getattr(unet, k)}
+    return dataclasses.replace(config, **changes)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..toyworld.config import config_from_args
     from ..toyworld.demo import run_demo
 
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if getattr(args, "world", "image") == "video":
+        from ..toyworld.video_demo import run_video_demo
+
+        config = video_config(args)
+        report = run_video_demo(config, log=log)
+        b, a = report["before"], report["after"]
+        print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")
+        for name in ("overall", "exact", "color", "shape", "count", "direction"):
+            print(f"{name:<16} {b[name]:>8.3f} {a[name]:>8.3f} {a[name] - b[name]:>+8.3f}")
+        t = report["training"]
+        print(f"\ntraining {t['train_cpu_seconds']:.0f} CPU s, total {report['timing']['total_s']:.0f} s")
+        print(f"wrote {config.out}/report.md and report.json")
+        return 0
     if getattr(args, "generator", "unet") == "flow":
         from ..toyworld.flow_demo import run_flow_demo
 

@@ -66,14 +66,21 @@ VALIDATION_PROMPTS = 16
 
 
 def flow_overrides(
-    config: DemoConfig, model: Path, prompts: Path, output_dir: Path, validation: Path | None = None
+    config: DemoConfig,
+    model: Path,
+    prompts: Path,
+    output_dir: Path,
+    validation: Path | None = None,
+    reward: str = "toyworld-judge",
+    lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
 ) -> list[str]:
     """``key=value`` options of the flow trainer: groups of 8 samples per prompt, one optimizer step per round, no
     CFG (the judge is computed on guidance-1 samples), the exact judge as the reward, 30 % of the steps trained
     (Flow-GRPO: the first 3 of 10, the noisiest, where colour, shape, count and position are decided;
     DiffusionNFT: 3 random ones per sample), an EMA of the weights (decay 0.95: what is evaluated and saved) and
     the lr's warm-up and cosine decay to 0 over ``steps`` (:data:`LR_SCHEDULER`; by the CPU budget when that ends
-    first: :func:`budget_schedule`)."""
+    first: :func:`budget_schedule`). ``reward`` and ``lora_targets``: the image world's judge and the SD3
+    projections by default (the video demo, :mod:`mmalign.toyworld.video_demo`, passes its own)."""
     return [
         f"trainer={config.trainer}",
         f"model={model}",
@@ -92,16 +99,16 @@ def flow_overrides(
         f"lr_warmup_steps={LR_WARMUP_STEPS}",
         f"lora_rank={config.lora_rank}",
         f"lora_alpha={2 * config.lora_rank}",
-        f"lora_targets=[{','.join(FLOW_LORA_TARGETS)}]",
+        f"lora_targets=[{','.join(lora_targets)}]",
         f"max_steps={config.steps}",
         f"seed={config.seed}",
-        "reward=toyworld-judge",
+        f"reward={reward}",
         "checkpoint_every=1000000",
         "tracker=none",
         f"progress={str(config.progress).lower()}",
         "log_every=1",
         *(
-            [f"eval_prompts={validation}", "eval_every=10", "eval_reward=toyworld-judge", "eval_samples=2"]
+            [f"eval_prompts={validation}", "eval_every=10", f"eval_reward={reward}", "eval_samples=2"]
             + ["eval_keep_best=true"]
             if validation is not None
             else []
@@ -137,16 +144,19 @@ def budget_schedule(trainer_class: type, cpu_budget: float) -> type:
     return Budgeted
 
 
-def evaluate_trained(trainer: Any, heldout: list, guidance: float, options: dict[str, Any]) -> Evaluation:
+def evaluate_trained(
+    trainer: Any, heldout: list, guidance: float, options: dict[str, Any], evaluate: Callable[..., Any] = evaluate_flow
+) -> Evaluation:
     """Held-out judge of the trained network, with its EMA weights when the trainer keeps an EMA (``ema_decay``:
-    what the run saves)."""
+    what the run saves); ``evaluate``: :func:`~mmalign.toyworld.sampling.evaluate_flow` or, for videos,
+    :func:`~mmalign.toyworld.sampling.evaluate_video`."""
     network = trainer.accelerator.unwrap_model(trainer.model)
     network.eval()
     if trainer.ema is not None:
         trainer.ema.store(trainer.trainable)
         trainer.ema.copy_to(trainer.trainable)
     try:
-        return evaluate_flow(trainer.policy, heldout, guidance=guidance, model=network, **options)
+        return evaluate(trainer.policy, heldout, guidance=guidance, model=network, **options)
     finally:
         if trainer.ema is not None:
             trainer.ema.restore(trainer.trainable)
@@ -154,11 +164,20 @@ def evaluate_trained(trainer: Any, heldout: list, guidance: float, options: dict
 
 
 def train_flow(
-    config: DemoConfig, model: Path, train_prompts: list, heldout: list, out: Path, log: Callable[[str], None]
+    config: DemoConfig,
+    model: Path,
+    train_prompts: list,
+    heldout: list,
+    out: Path,
+    log: Callable[[str], None],
+    evaluate_fn: Callable[..., Any] = evaluate_flow,
+    reward: str = "toyworld-judge",
+    lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
 ) -> dict[str, Any]:
     """Train ``config.trainer`` on the flow pipeline ``model`` with the judge as reward on ``train_prompts`` until
     ``config.cpu_budget`` CPU seconds (or ``config.steps``), evaluating ``heldout`` every ``eval_every`` steps;
-    returns the final evaluation, the curve, the history, the trainer's config and its CPU and wall time."""
+    returns the final evaluation, the curve, the history, the trainer's config and its CPU and wall time.
+    ``evaluate_fn``, ``reward``, ``lora_targets``: the image world's by default (the video demo passes its own)."""
     from ..commands.train import resolve_trainer_config
 
     evaluate = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
@@ -171,19 +190,19 @@ def train_flow(
     curve: list[dict[str, float]] = []
 
     def hook(trainer: Any, step: int) -> None:
-        result = evaluate_trained(trainer, heldout, config.guidance, evaluate)
+        result = evaluate_trained(trainer, heldout, config.guidance, evaluate, evaluate_fn)
         reward = trainer.history[-1].get("reward", float("nan")) if trainer.history else float("nan")
         curve.append({"step": step, **result.scores, "train_reward": reward, "train_cpu_s": trainer.cpu_used})
         log(f"  step {step}: held-out adherence {result.scores['overall']:.3f}, training reward {reward:.3f}")
 
-    overrides = flow_overrides(config, model, prompts, out / "lora", validation if held else None)
+    overrides = flow_overrides(config, model, prompts, out / "lora", validation if held else None, reward, lora_targets)
     trainer_class, trainer_config = resolve_trainer_config(None, overrides)
     log(f"training {config.trainer} for {config.cpu_budget:.0f} CPU s (LoRA rank {config.lora_rank})")
     hooked = hooked_trainer(trainer_class, hook, config.eval_every, config.cpu_budget)
     trainer = budget_schedule(hooked, config.cpu_budget)(trainer_config)
     summary = trainer.train()
     return {
-        "after": evaluate_trained(trainer, heldout, config.guidance, evaluate),
+        "after": evaluate_trained(trainer, heldout, config.guidance, evaluate, evaluate_fn),
         "steps": summary["steps"],
         "best_step": getattr(trainer, "best_step", None),
         "train_cpu_seconds": round(trainer.cpu_used, 1),

@@ -3,6 +3,7 @@
 * ``toyworld``: the shipped tiny CLIP (``assets/toyworld/reward``) scored by cosine, trained by
   :mod:`mmalign.toyworld.train_reward` to rank images of one prompt as the judge does; differentiable.
 * ``toyworld-judge``: the exact judge's ``overall`` adherence in [0, 1]; not differentiable (a verifiable reward).
+* ``toyworld-video-judge``: the toy video world's exact judge (:mod:`~mmalign.toyworld.video_world`) on videos.
 """
 
 from __future__ import annotations
@@ -66,3 +67,36 @@ class JudgeReward(Reward):
 
     def score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return torch.tensor([judge(image, prompt).overall for image, prompt in zip(pixels, prompts)])
+
+
+class VideoJudgeReward(Reward):
+    """The exact judge of the toy video world (:func:`mmalign.toyworld.video_world.judge_clip`) as a reward of
+    videos ``[B, T, 3, H, W]`` in [0, 1]: ``overall`` adherence in [0, 1] (colour, shape and count per frame,
+    direction of motion from the first frame to the last); not differentiable."""
+
+    name = "toyworld-video-judge"
+    modality: ClassVar[str] = "video"
+    is_differentiable: ClassVar[bool] = False
+    score_scale: ClassVar[str] = "mean of colour, shape, count (fractions of frames) and direction checks, in [0, 1]"
+
+    @classmethod
+    def from_pretrained(cls, **_: Any) -> VideoJudgeReward:
+        return cls()
+
+    def score_tensor(self, videos: torch.Tensor, prompts=None) -> torch.Tensor:
+        """Scores ``[B]`` of videos ``[B, T, 3, H, W]`` in [0, 1] (frames resized to 32 px when they are not)."""
+        from ..rewards.base import broadcast_prompts
+        from .video_world import judge_clip
+
+        if videos.ndim != 5:
+            raise ValueError(f"expected videos [B, T, 3, H, W], got {tuple(videos.shape)}")
+        prompts = broadcast_prompts(prompts, videos.shape[0])
+        if videos.shape[-2:] != (CANVAS, CANVAS):
+            flat = torch.nn.functional.interpolate(videos.flatten(0, 1), size=(CANVAS, CANVAS), mode="nearest")
+            videos = flat.view(*videos.shape[:2], 3, CANVAS, CANVAS)
+        return torch.tensor([judge_clip(clip, prompt).overall for clip, prompt in zip(videos.detach(), prompts)])
+
+    def score(self, videos, prompts=None, batch_size: int = 32) -> torch.Tensor:
+        if not isinstance(videos, torch.Tensor):
+            raise TypeError("toyworld-video-judge scores video tensors [B, T, 3, H, W] in [0, 1]")
+        return self.score_tensor(videos, prompts)

@@ -159,7 +159,8 @@ def sample_flow(
     batch_size: int = 64,
     model: torch.nn.Module | None = None,
 ) -> np.ndarray:
-    """``uint8 [N, H, W, 3]`` Euler-ODE samples of a flow-matching generator (``model``: its trainable module by
+    """``uint8 [N, H, W, 3]`` Euler-ODE samples of a flow-matching generator (videos of a video generator such as
+    Wan: ``uint8 [N, T, H, W, 3]``, its :attr:`num_frames` frames) (``model``: its trainable module by
     default, or e.g. a LoRA-wrapped copy); image ``i`` starts from ``torch.randn`` of the generator seeded with
     ``seeds[i]``, as the diffusers pipeline draws it for a list of generators, and depends only on ``prompts[i]``,
     ``seeds[i]`` and the model. The steps are those of the GRPO trainers' rollouts outside their SDE window
@@ -186,7 +187,7 @@ def sample_flow(
         for j, t in enumerate(schedule.timesteps):
             v = guided_velocity(generator, model, x, t, conditions, uncond, guidance)
             x = flow_ode_step(x, v, schedule.sigmas[j], schedule.sigmas[j + 1])
-        images = generator.decode(x).permute(0, 2, 3, 1).cpu().numpy()
+        images = generator.decode(x).movedim(-3, -1).cpu().numpy()  # images [N, H, W, 3], videos [N, T, H, W, 3]
         out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out) if out else np.empty((0, 0, 0, 3), dtype=np.uint8)
 
@@ -205,3 +206,37 @@ def evaluate_flow(
     seeds = [seed * 100_003 + i for i in range(len(expanded))]
     images = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
     return Evaluation(expanded, seeds, images, [judge(image, p) for image, p in zip(images, expanded)])
+
+
+@dataclass
+class VideoEvaluation:
+    """Judge scores (:func:`mmalign.toyworld.video_world.judge_clip`) of ``clips`` (``uint8 [N, T, H, W, 3]``)
+    sampled for ``prompts``."""
+
+    prompts: list
+    seeds: list[int]
+    clips: np.ndarray
+    verdicts: list
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return mean_scores(self.verdicts)
+
+
+def evaluate_video(
+    generator: Any,
+    prompts: Sequence,
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = 10,
+    guidance: float = GUIDANCE,
+    model: torch.nn.Module | None = None,
+) -> VideoEvaluation:
+    """:func:`evaluate_flow` for a video generator (the toy video pipeline) and prompts of the toy video world: the
+    same seeds, :func:`sample_flow`, then the video judge."""
+    from .video_world import judge_clip
+
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    clips = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
+    return VideoEvaluation(expanded, seeds, clips, [judge_clip(clip, p) for clip, p in zip(clips, expanded)])

@@ -1,0 +1,127 @@
+"""The toyworld demo on the toy video world: an online trainer of the GRPO family (Flow-GRPO by default, or
+DiffusionNFT) fine-tunes the shipped tiny ``WanPipeline`` (``assets/toyworld/video_pipeline``) on the training
+prompts of :mod:`mmalign.toyworld.video_world` with its exact judge as the reward (``toyworld-video-judge``), and
+the judge measures held-out adherence before and after.
+
+``mmalign demo --world video`` (``make demo-video``) runs it: the flow demo's loop (:mod:`mmalign.toyworld.flow_demo`:
+groups of 8, the noisiest 30 % of 10 Euler steps trained, EMA, the best weights on 16 validation prompts kept) with
+Wan's LoRA targets and :data:`VIDEO_DEMO_DEFAULTS`; the report (``report.json``, ``report.md``) goes to ``--out``.
+Training stops after ``cpu_budget`` CPU seconds (evaluation excluded). Measured (seed 0, one thread): held-out
+adherence 0.283 -> 0.391 (+0.107) in 358-374 CPU s of training (two runs, the same figures).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DemoConfig
+from .flow_demo import train_flow, training_reward_gain
+from .sampling import asset_dir, evaluate_video, threads
+from .video_world import VIDEO_ATTRIBUTES, split_video_prompts
+
+#: the video demo's defaults where they differ from the UNet demo's (``mmalign demo --world video``). Measured on the
+#: shipped video pipeline (seed 0, one thread): these settings 0.283 -> 0.391 held-out (+0.107, best validation
+#: weights of step 340) in 358-374 CPU s; the flow demo's (160 steps, lr 1e-3) 0.283 -> 0.336 (+0.052) in 145 CPU s
+VIDEO_DEMO_DEFAULTS: dict[str, Any] = {
+    "trainer": "flow-grpo",
+    "out": "runs/demo-video",
+    "steps": 400,
+    "cpu_budget": 480.0,
+    "batch_size": 32,
+    "lr": 5e-4,
+    "lora_rank": 16,
+    "sample_steps": 10,
+    "eval_every": 40,
+    "eval_samples": 4,
+}
+#: Wan's LoRA targets (:data:`mmalign.models.wan.WAN_LORA_TARGETS`: self- and cross-attention, feed-forward)
+VIDEO_LORA_TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ffn.net.0.proj",
+    "ffn.net.2",
+)
+
+
+def run_video_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train and evaluate on the video world; write the report; return the ``report.json`` content."""
+    from ..models.generator import load_generator
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, cpu0 = time.time(), time.process_time()
+    with threads(config.threads):
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        model = Path(config.pipeline) if config.pipeline else asset_dir("video_pipeline")
+        train_prompts, heldout = split_video_prompts(config.heldout, seed=0)
+        if 0 < config.train_prompts < len(train_prompts):
+            train_prompts = sorted(random.Random(config.seed).sample(train_prompts, config.train_prompts))
+        options = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
+        before = evaluate_video(load_generator(str(model)), heldout, guidance=config.guidance, **options)
+        log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} videos)")
+        run = train_flow(
+            config,
+            model,
+            train_prompts,
+            heldout,
+            out,
+            log,
+            evaluate_fn=evaluate_video,
+            reward="toyworld-video-judge",
+            lora_targets=VIDEO_LORA_TARGETS,
+        )
+        after = run["after"]
+        gain = after.scores["overall"] - before.scores["overall"]
+        log(f"after: held-out adherence {after.scores['overall']:.3f} ({gain:+.3f})")
+    report = {
+        "world": "video",
+        "before": before.scores,
+        "after": after.scores,
+        "gain": {k: after.scores[k] - before.scores[k] for k in before.scores},
+        "training_reward_gain": training_reward_gain(run["history"]),
+        "heldout": {"prompts": len(heldout), "samples_per_prompt": config.eval_samples, "seed": config.seed},
+        "training": {
+            k: run[k] for k in ("steps", "best_step", "train_cpu_seconds", "train_wall_seconds", "curve", "history")
+        },
+        "trainer_config": run["config"],
+        "demo_config": asdict(config),
+        "timing": {"total_s": round(time.time() - started, 1), "total_cpu_s": round(time.process_time() - cpu0, 1)},
+        "torch_threads": config.threads or torch.get_num_threads(),
+    }
+    rows = ["overall", "exact", *VIDEO_ATTRIBUTES]
+    training = report["training"]
+    lines = [
+        f"# Toy video demo: {config.trainer} on the tiny Wan pipeline",
+        "",
+        f"Held-out judge adherence, {len(heldout)} prompts x {config.eval_samples} videos (seed {config.seed}); "
+        f"training {training['steps']} steps in {training['train_cpu_seconds']:.0f} CPU s; reward: the exact video "
+        f"judge on the training prompts; weights kept: step {training.get('best_step')}.",
+        "",
+        "| | before | after | gain |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {name} | {report['before'][name]:.3f} | {report['after'][name]:.3f} | {report['gain'][name]:+.3f} |"
+            for name in rows
+        ],
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+__all__ = ["VIDEO_DEMO_DEFAULTS", "VIDEO_LORA_TARGETS", "run_video_demo"]
