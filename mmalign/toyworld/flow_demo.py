@@ -73,6 +73,7 @@ def flow_overrides(
     validation: Path | None = None,
     reward: str = "toyworld-judge",
     lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
+    lr_scheduler: str = LR_SCHEDULER,
 ) -> list[str]:
     """``key=value`` options of the flow trainer: groups of 8 samples per prompt, one optimizer step per round, no
     CFG (the judge is computed on guidance-1 samples), the exact judge as the reward, 30 % of the steps trained
@@ -95,7 +96,7 @@ def flow_overrides(
         "timestep_fraction=0.3",
         "ema_decay=0.95",
         f"lr={config.lr}",
-        f"lr_scheduler={LR_SCHEDULER}",
+        f"lr_scheduler={lr_scheduler}",
         f"lr_warmup_steps={LR_WARMUP_STEPS}",
         f"lora_rank={config.lora_rank}",
         f"lora_alpha={2 * config.lora_rank}",
@@ -173,11 +174,13 @@ def train_flow(
     evaluate_fn: Callable[..., Any] = evaluate_flow,
     reward: str = "toyworld-judge",
     lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
+    lr_scheduler: str = LR_SCHEDULER,
 ) -> dict[str, Any]:
     """Train ``config.trainer`` on the flow pipeline ``model`` with the judge as reward on ``train_prompts`` until
     ``config.cpu_budget`` CPU seconds (or ``config.steps``), evaluating ``heldout`` every ``eval_every`` steps;
     returns the final evaluation, the curve, the history, the trainer's config and its CPU and wall time.
-    ``evaluate_fn``, ``reward``, ``lora_targets``: the image world's by default (the video demo passes its own)."""
+    ``evaluate_fn``, ``reward``, ``lora_targets``, ``lr_scheduler``: the image world's by default (the video demo
+    passes its own)."""
     from ..commands.train import resolve_trainer_config
 
     evaluate = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
@@ -195,7 +198,8 @@ def train_flow(
         curve.append({"step": step, **result.scores, "train_reward": reward, "train_cpu_s": trainer.cpu_used})
         log(f"  step {step}: held-out adherence {result.scores['overall']:.3f}, training reward {reward:.3f}")
 
-    overrides = flow_overrides(config, model, prompts, out / "lora", validation if held else None, reward, lora_targets)
+    held_out = validation if held else None
+    overrides = flow_overrides(config, model, prompts, out / "lora", held_out, reward, lora_targets, lr_scheduler)
     trainer_class, trainer_config = resolve_trainer_config(None, overrides)
     log(f"training {config.trainer} for {config.cpu_budget:.0f} CPU s (LoRA rank {config.lora_rank})")
     hooked = hooked_trainer(trainer_class, hook, config.eval_every, config.cpu_budget)

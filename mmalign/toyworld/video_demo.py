@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..models.wan import WAN_LORA_TARGETS
 from .config import DemoConfig
 from .flow_demo import train_flow, training_reward_gain
 from .sampling import asset_dir, evaluate_video, threads
@@ -42,19 +43,12 @@ VIDEO_DEMO_DEFAULTS: dict[str, Any] = {
     "eval_every": 40,
     "eval_samples": 4,
 }
-#: Wan's LoRA targets (:data:`mmalign.models.wan.WAN_LORA_TARGETS`: self- and cross-attention, feed-forward)
-VIDEO_LORA_TARGETS = (
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-    "ffn.net.0.proj",
-    "ffn.net.2",
-)
+#: Wan's LoRA targets (self- and cross-attention, feed-forward)
+VIDEO_LORA_TARGETS = WAN_LORA_TARGETS
+#: a constant lr, as measured above: the image demo's cosine decay to 0 over the 400 steps gave +0.080 (seed 0, one
+#: thread, 388 CPU s; the held-out curve still rising at step 360): at lr 5e-4 this run does not collapse, and the
+#: decay only slows it
+VIDEO_LR_SCHEDULER = "constant"
 
 
 def run_video_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -84,6 +78,7 @@ def run_video_demo(config: DemoConfig, log: Callable[[str], None] = print) -> di
             evaluate_fn=evaluate_video,
             reward="toyworld-video-judge",
             lora_targets=VIDEO_LORA_TARGETS,
+            lr_scheduler=VIDEO_LR_SCHEDULER,
         )
         after = run["after"]
         gain = after.scores["overall"] - before.scores["overall"]
