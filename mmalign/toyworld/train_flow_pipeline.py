@@ -39,10 +39,8 @@ checkpoint when rerun.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -54,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .save import recipe_main, save_fp16, write_summary
-from .train_pipeline import MAX_TOKENS, TokenCache, _tuples, latent_pool, warmup_cosine, write_tokenizer
+from .train_pipeline import MAX_TOKENS, TokenCache, latent_pool, train_rectified_flow, write_tokenizer
 from .world import COLORS, COUNT_WORDS, POSITION_PHRASES, SHAPES, all_prompts, corrupt, split_prompts
 
 #: evaluation grid of ``training.json``: guidance scales x Euler steps, on the demo's held-out prompts
@@ -249,26 +247,9 @@ def train_flow(
     transformer = parts["transformer"]
     encoders = [parts["text_encoder"], parts["text_encoder_2"]]
     width = int(transformer.config.joint_attention_dim)
-    rng = random.Random(f"flow:{recipe.seed}")
-    gen = torch.Generator().manual_seed(recipe.seed)
     modules = torch.nn.ModuleList([transformer, *encoders])
-    ema = copy.deepcopy(modules).requires_grad_(False)
-    params = [p for p in modules.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, recipe.steps)
-    start, curve, window = 0, [], []
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        modules.load_state_dict(state["modules"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        rng.setstate(_tuples(state["rng"]))
-        gen.set_state(state["gen"])
-        start, curve = int(state["step"]), list(state["curve"])
-        log(f"resumed from {checkpoint} at step {start}")
-    modules.train()
-    for step in range(start, recipe.steps):
+
+    def batch_loss(rng: random.Random, gen: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, len(prompts), (recipe.batch,), generator=gen)
         captions = [
             "" if rng.random() < recipe.prompt_dropout else corrupt(prompts[i], rng, recipe.caption_noise).text
@@ -287,42 +268,9 @@ def train_flow(
             pooled_projections=pooled,
             return_dict=False,
         )[0]
-        loss = F.mse_loss(pred, noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(recipe.ema_decay, (step + 1) / (step + 10))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), modules.parameters()):
-                e.lerp_(p, 1 - decay)
-        window.append(loss.item())
-        if (step + 1) % 100 == 0 or step == recipe.steps - 1:
-            curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 4)})
-            window = []
-            log(f"flow step {step + 1}/{recipe.steps} loss {curve[-1]['loss']:.4f} lr {schedule.get_last_lr()[0]:.2e}")
-        if evaluate is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0:
-            evaluate(ema, step + 1)
-            modules.train()
-        if checkpoint is not None and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.steps:
-            state = {
-                "modules": modules.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": rng.getstate(),
-                "gen": gen.get_state(),
-                "step": step + 1,
-                "curve": curve,
-            }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
-    with torch.no_grad():
-        for p, e in zip(modules.parameters(), ema.parameters()):
-            p.copy_(e)
-    modules.eval()
-    return curve
+        return F.mse_loss(pred, noise - x0)
+
+    return train_rectified_flow(modules, recipe, log, batch_loss, evaluate, checkpoint)
 
 
 def generator_of(parts: dict[str, Any], tokenizers: list[Any], recipe: FlowPipelineRecipe, modules=None):

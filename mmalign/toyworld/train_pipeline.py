@@ -282,6 +282,78 @@ def train_unet(
     modules.eval()
 
 
+def train_rectified_flow(
+    modules: torch.nn.ModuleList,
+    recipe: Any,
+    log,
+    batch_loss,
+    evaluate=None,
+    checkpoint: Path | None = None,
+) -> list[dict[str, float]]:
+    """The loop the flow pipelines' scripts share (:mod:`mmalign.toyworld.train_flow_pipeline`,
+    :mod:`mmalign.toyworld.train_video_pipeline`): ``batch_loss(rng, gen)`` draws a batch from the loop's seeded
+    Python and torch generators and returns its rectified-flow loss; AdamW (no weight decay) with
+    :func:`warmup_cosine` over ``recipe.steps``, gradients clipped to 1, EMA weights (decay ramping up to
+    ``recipe.ema_decay``; copied in at the end), the mean loss per 100 steps, ``evaluate(ema, step)`` every
+    ``recipe.eval_every`` steps. With ``checkpoint``, the whole state is written there every
+    ``recipe.checkpoint_every`` steps and a run resumes from it exactly. Returns the loss curve."""
+    rng = random.Random(f"flow:{recipe.seed}")
+    gen = torch.Generator().manual_seed(recipe.seed)
+    ema = copy.deepcopy(modules).requires_grad_(False)
+    params = [p for p in modules.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, recipe.steps)
+    start, curve, window = 0, [], []
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        modules.load_state_dict(state["modules"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(_tuples(state["rng"]))
+        gen.set_state(state["gen"])
+        start, curve = int(state["step"]), list(state["curve"])
+        log(f"resumed from {checkpoint} at step {start}")
+    modules.train()
+    for step in range(start, recipe.steps):
+        loss = batch_loss(rng, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(recipe.ema_decay, (step + 1) / (step + 10))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), modules.parameters()):
+                e.lerp_(p, 1 - decay)
+        window.append(loss.item())
+        if (step + 1) % 100 == 0 or step == recipe.steps - 1:
+            curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 4)})
+            window = []
+            log(f"flow step {step + 1}/{recipe.steps} loss {curve[-1]['loss']:.4f} lr {schedule.get_last_lr()[0]:.2e}")
+        if evaluate is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0:
+            evaluate(ema, step + 1)
+            modules.train()
+        if checkpoint is not None and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.steps:
+            state = {
+                "modules": modules.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": rng.getstate(),
+                "gen": gen.get_state(),
+                "step": step + 1,
+                "curve": curve,
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+    with torch.no_grad():
+        for p, e in zip(modules.parameters(), ema.parameters()):
+            p.copy_(e)
+    modules.eval()
+    return curve
+
+
 def _tuples(value: Any) -> Any:
     """``random.Random`` state read back from a checkpoint (lists -> the tuples ``setstate`` wants)."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
