@@ -226,6 +226,36 @@ def training_reward_gain(history: list[dict[str, float]], window: int = 10) -> f
     return sum(rewards[-window:]) / window - sum(rewards[:window]) / window
 
 
+def demo_report(
+    head: dict[str, Any],
+    before: Evaluation,
+    after: Evaluation,
+    run: dict[str, Any],
+    config: DemoConfig,
+    heldout: int,
+    started: float,
+    cpu0: float,
+) -> dict[str, Any]:
+    """The ``report.json`` content of a flow-trainer demo (image or video world): ``head`` first, then the held-out
+    scores before and after and their gain, the training reward's gain, the run's curve and history, both configs
+    and the timing."""
+    return {
+        **head,
+        "before": before.scores,
+        "after": after.scores,
+        "gain": {k: after.scores[k] - before.scores[k] for k in before.scores},
+        "training_reward_gain": training_reward_gain(run["history"]),
+        "heldout": {"prompts": heldout, "samples_per_prompt": config.eval_samples, "seed": config.seed},
+        "training": {
+            k: run[k] for k in ("steps", "best_step", "train_cpu_seconds", "train_wall_seconds", "curve", "history")
+        },
+        "trainer_config": run["config"],
+        "demo_config": asdict(config),
+        "timing": {"total_s": round(time.time() - started, 1), "total_cpu_s": round(time.process_time() - cpu0, 1)},
+        "torch_threads": config.threads or torch.get_num_threads(),
+    }
+
+
 def run_flow_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate; write the report; return the ``report.json`` content."""
     out = Path(config.out)
@@ -249,21 +279,7 @@ def run_flow_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dic
         after = run["after"]
         gain = after.scores["overall"] - before.scores["overall"]
         log(f"after: held-out adherence {after.scores['overall']:.3f} ({gain:+.3f})")
-    report = {
-        "generator": "flow",
-        "before": before.scores,
-        "after": after.scores,
-        "gain": {k: after.scores[k] - before.scores[k] for k in before.scores},
-        "training_reward_gain": training_reward_gain(run["history"]),
-        "heldout": {"prompts": len(heldout), "samples_per_prompt": config.eval_samples, "seed": config.seed},
-        "training": {
-            k: run[k] for k in ("steps", "best_step", "train_cpu_seconds", "train_wall_seconds", "curve", "history")
-        },
-        "trainer_config": run["config"],
-        "demo_config": asdict(config),
-        "timing": {"total_s": round(time.time() - started, 1), "total_cpu_s": round(time.process_time() - cpu0, 1)},
-        "torch_threads": config.threads or torch.get_num_threads(),
-    }
+    report = demo_report({"generator": "flow"}, before, after, run, config, len(heldout), started, cpu0)
     report["files"] = write_flow_report(report, before, after, out)
     return report
 
@@ -312,6 +328,7 @@ __all__ = [
     "FLOW_DEMO_DEFAULTS",
     "FLOW_LORA_TARGETS",
     "budget_schedule",
+    "demo_report",
     "flow_overrides",
     "run_flow_demo",
     "train_flow",

@@ -16,7 +16,6 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 
 from ..models.wan import WAN_LORA_TARGETS
 from .config import DemoConfig
-from .flow_demo import train_flow, training_reward_gain
+from .flow_demo import demo_report, train_flow
 from .sampling import asset_dir, evaluate_video, threads
 from .video_world import VIDEO_ATTRIBUTES, split_video_prompts
 
@@ -83,21 +82,7 @@ def run_video_demo(config: DemoConfig, log: Callable[[str], None] = print) -> di
         after = run["after"]
         gain = after.scores["overall"] - before.scores["overall"]
         log(f"after: held-out adherence {after.scores['overall']:.3f} ({gain:+.3f})")
-    report = {
-        "world": "video",
-        "before": before.scores,
-        "after": after.scores,
-        "gain": {k: after.scores[k] - before.scores[k] for k in before.scores},
-        "training_reward_gain": training_reward_gain(run["history"]),
-        "heldout": {"prompts": len(heldout), "samples_per_prompt": config.eval_samples, "seed": config.seed},
-        "training": {
-            k: run[k] for k in ("steps", "best_step", "train_cpu_seconds", "train_wall_seconds", "curve", "history")
-        },
-        "trainer_config": run["config"],
-        "demo_config": asdict(config),
-        "timing": {"total_s": round(time.time() - started, 1), "total_cpu_s": round(time.process_time() - cpu0, 1)},
-        "torch_threads": config.threads or torch.get_num_threads(),
-    }
+    report = demo_report({"world": "video"}, before, after, run, config, len(heldout), started, cpu0)
     rows = ["overall", "exact", *VIDEO_ATTRIBUTES]
     training = report["training"]
     lines = [
