@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -61,15 +62,27 @@ def _path(task: Task, option: dict) -> str:
     return str(root / option["path"])
 
 
-def export_pairs(
-    db: Database, task_name: str, out: str | Path, source: str = "all", dimension: str | None = None
-) -> int:
-    task, rows = _rows(db, task_name, source)
+def _write_jsonl(out: str | Path, rows: Iterable[dict]) -> int:
+    """Write ``rows`` as JSON lines to ``out`` through a temporary file renamed at the end (a reader never sees a
+    half-written export); returns the count."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+            n += 1
+    tmp.replace(out)
+    return n
+
+
+def export_pairs(
+    db: Database, task_name: str, out: str | Path, source: str = "all", dimension: str | None = None
+) -> int:
+    task, rows = _rows(db, task_name, source)
+
+    def pairs() -> Iterator[dict]:
         for judgement, item, name in rows:
             k = len(item.options)
             scores = answers.option_scores(task.kind, judgement.answer, k, dimension)
@@ -79,7 +92,7 @@ def export_pairs(
                 else:
                     win, lose = (a, b) if scores[a] > scores[b] else (b, a)
                     label = 1.0
-                row = {
+                yield {
                     "prompt": item.prompt,
                     "chosen": _path(task, item.options[win]),
                     "rejected": _path(task, item.options[lose]),
@@ -89,21 +102,16 @@ def export_pairs(
                     "task": task.name,
                     "item": item.position,
                 }
-                handle.write(json.dumps(row) + "\n")
-                n += 1
-    tmp.replace(out)
-    return n
+
+    return _write_jsonl(out, pairs())
 
 
 def export_votes(
     db: Database, task_name: str, out: str | Path, source: str = "all", dimension: str | None = None
 ) -> int:
     task, rows = _rows(db, task_name, source)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+
+    def votes() -> Iterator[dict]:
         for judgement, item, name in rows:
             models = [option.get("model") for option in item.options]
             if any(m is None for m in models):
@@ -116,14 +124,12 @@ def export_votes(
             if task.kind == "pairwise":
                 choice = judgement.answer["choice"]
                 winner = "tie" if choice == "tie" else ("model_a" if choice == 0 else "model_b")
-                row = {"model_a": models[0], "model_b": models[1], "winner": winner, **common}
+                yield {"model_a": models[0], "model_b": models[1], "winner": winner, **common}
             else:
                 ranks = answers.ranks_of(task.kind, judgement.answer, len(models), dimension)
-                row = {"models": models, "ranks": ranks, **common}
-            handle.write(json.dumps(row) + "\n")
-            n += 1
-    tmp.replace(out)
-    return n
+                yield {"models": models, "ranks": ranks, **common}
+
+    return _write_jsonl(out, votes())
 
 
 def export_d3po(
