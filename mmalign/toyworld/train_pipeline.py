@@ -141,6 +141,19 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.l
     )
 
 
+def step_with_ema(loss, params, optimizer, schedule, ema: torch.nn.Module, modules: torch.nn.Module, decay: float):
+    """One optimizer step of the toyworld training scripts: backward, gradients clipped to 1, the step and the lr
+    schedule's, then ``ema ← decay·ema + (1 − decay)·modules``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), modules.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
 def render_batch(prompts: list[Prompt], rng: random.Random) -> torch.Tensor:
     """Ground-truth renders of ``prompts`` as ``[B, 3, H, W]`` in [-1, 1]."""
     array = np.stack([render(p, rng) for p in prompts])
@@ -251,15 +264,7 @@ def train_unet(
         pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
         target = noise if recipe.prediction == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
         loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights[timesteps]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(recipe.ema_decay, (step + 1) / (step + 10))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), modules.parameters()):
-                e.lerp_(p, 1 - decay)
+        step_with_ema(loss, params, optimizer, schedule, ema, modules, min(recipe.ema_decay, (step + 1) / (step + 10)))
         if step % 100 == 0 or step == recipe.unet_steps - 1:
             log(f"unet step {step + 1}/{recipe.unet_steps} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e}")
         if evaluate is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0:
@@ -317,15 +322,7 @@ def train_rectified_flow(
     modules.train()
     for step in range(start, recipe.steps):
         loss = batch_loss(rng, gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(recipe.ema_decay, (step + 1) / (step + 10))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), modules.parameters()):
-                e.lerp_(p, 1 - decay)
+        step_with_ema(loss, params, optimizer, schedule, ema, modules, min(recipe.ema_decay, (step + 1) / (step + 10)))
         window.append(loss.item())
         if (step + 1) % 100 == 0 or step == recipe.steps - 1:
             curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 4)})
