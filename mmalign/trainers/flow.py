@@ -287,10 +287,12 @@ class FlowOnlineTrainer(OnlineTrainer):
     def sample_grid(self) -> Path | None:
         """Images of the validation prompts (ODE, ``sample_steps``, ``guidance``, fixed seeds) tiled into
         ``samples/step-N.png`` (videos: a row of frames each), from the cached conditions (so it works with
-        ``free_text_encoders``)."""
-        if not self.accelerator.is_main_process:
-            return None
+        ``free_text_encoders``). Under FSDP every process samples (the network's forward gathers its shards)."""
         from ..modalities.image import tensor_to_pil
+        from .distributed import is_fsdp
+
+        if not self.accelerator.is_main_process and not is_fsdp(self.accelerator):
+            return None
 
         config = self.config
         prompts = list(config.validation_prompts)
@@ -305,6 +307,8 @@ class FlowOnlineTrainer(OnlineTrainer):
             latent_shape=self.latent_shape,
             sde_window=(0, 0),
         )
+        if not self.accelerator.is_main_process:
+            return None
         media = self.policy.decode(trajectory.final).cpu()
         if media.ndim == 5:  # videos [B, T, 3, H, W]: one row of frames per prompt
             grid = tile_rows([[tensor_to_pil(frame) for frame in video] for video in media])

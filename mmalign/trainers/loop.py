@@ -34,6 +34,8 @@ from .losses import LossOutput
 logger = logging.getLogger("mmalign.train")
 
 CHECKPOINT_PREFIX = "step-"
+#: the folder of a checkpoint holding FSDP's sharded weights and optimizer state (torch.distributed.checkpoint)
+SHARDED_DIR = "sharded"
 
 
 @dataclass
@@ -92,6 +94,9 @@ class TrainConfig:
     tie_policy: Literal["drop", "keep"] = "drop"
     max_train_samples: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # the distributed engine (:mod:`mmalign.trainers.distributed`): auto (what `accelerate launch` was configured
+    # for, else DDP), ddp, fsdp2, fsdp2-hybrid, deepspeed-zero2, deepspeed-zero3
+    distributed: Literal["auto", "ddp", "fsdp2", "fsdp2-hybrid", "deepspeed-zero2", "deepspeed-zero3"] = "auto"
     # true / false / "auto": on when the device's free memory looks short (:func:`resolve_gradient_checkpointing`)
     gradient_checkpointing: bool | Literal["auto"] = False
     cache_latents: bool = True
@@ -246,19 +251,15 @@ class Trainer:
     checkpoint_blocks: ClassVar[bool] = True
 
     def __init__(self, config: TrainConfig, policy: Any = None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
+
+        from .distributed import build_accelerator
 
         self.config = config
         self.output_dir = Path(config.output_dir)
         trackers = None if config.tracker == "none" else config.tracker
-        # Without a GPU, accelerate only forms a multi-process (gloo) group under torchrun when told cpu=True.
-        self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision,
-            log_with=trackers,
-            project_dir=str(self.output_dir),
-            cpu=not torch.cuda.is_available(),
-        )
+        # Without a GPU the processes form a gloo group (accelerate's cpu=True); FSDP2 runs there too
+        self.accelerator = build_accelerator(config.distributed, config.mixed_precision, trackers, str(self.output_dir))
         set_seed(config.seed)
         from ..models.generator import load_generator, parametrisation_of
 
@@ -372,11 +373,7 @@ class Trainer:
         self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise MMAlignError("no trainable parameters (check lora_targets)")
-        self.ema = None
-        if config.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+        self.ema = None  # made once the network is prepared (FSDP replaces its parameters by sharded ones)
 
     def _graph_calls(self) -> float:
         """UNet calls (two rows at 512 px each) whose activations one backward keeps: a batch of pairs here."""
@@ -458,7 +455,16 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
+        from .distributed import set_wrap_blocks
+
+        set_wrap_blocks(self.accelerator, self.policy.trainable, self.policy)
         self.model, self.optimizer = self.accelerator.prepare(self.policy.trainable, self.optimizer)
+        # the parameters the optimizer steps: FSDP2 swaps each for its sharded DTensor during prepare
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if config.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
 
     # -- batches --------------------------------------------------------------------------------------------
     def _item(self, epoch: int, index: int) -> dict[str, Any]:
@@ -833,21 +839,30 @@ class Trainer:
         """Write ``checkpoints/step-N`` atomically (a temporary folder renamed when complete)."""
         from safetensors.torch import save_file
 
+        from .distributed import is_fsdp, save_sharded
+
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        tmp = root / f".{final.name}.tmp"
+        sharded = is_fsdp(acc)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            tmp = root / f".{final.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        acc.wait_for_everyone()
+        if sharded:  # every process writes its shards of the weights, optimizer state and EMA
+            save_sharded(tmp / SHARDED_DIR, self.model, self.optimizer, self._sharded_extra())
+        if acc.is_main_process:
+            if not sharded:
+                save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if self.ema is not None:
                 state = self.ema.state_dict()
                 shadow = state.pop("shadow_params")
-                save_file({str(i): t.contiguous() for i, t in enumerate(shadow)}, str(tmp / "ema.safetensors"))
+                if not sharded:
+                    save_file({str(i): t.contiguous() for i, t in enumerate(shadow)}, str(tmp / "ema.safetensors"))
                 (tmp / "ema.json").write_text(json.dumps(state))
             self.save_extra_state(tmp)
             meta = {"step": self.step, "skipped_steps": self.skipped_steps, "trainer": self.config.trainer}
@@ -858,6 +873,12 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _sharded_extra(self) -> dict[str, Any]:
+        """What goes into an FSDP checkpoint beside the weights and optimizer: the EMA's (sharded) shadow tensors."""
+        if self.ema is None:
+            return {}
+        return {"ema": {str(i): t for i, t in enumerate(self.ema.shadow_params)}}
 
     def save_extra_state(self, folder: Path) -> None:
         """Hook for trainers with more state (e.g. EMA annotators)."""
@@ -888,6 +909,12 @@ class Trainer:
                 logger.info("resume=latest: no checkpoint yet in %s; starting from scratch", self.output_dir)
             return
         meta = json.loads((folder / "state.json").read_text())
+        if self._resume_sharded(folder):
+            self.load_extra_state(folder)
+            self.step = int(meta["step"])
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
+            logger.info("resumed from %s (sharded) at step %d", folder, self.step)
+            return
         unet = self.accelerator.unwrap_model(self.model)
         state = load_file(str(folder / "trainable.safetensors"))
         missing = [n for n in self.trainable_names if n not in state]
@@ -909,19 +936,51 @@ class Trainer:
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         logger.info("resumed from %s at step %d", folder, self.step)
 
+    def _resume_sharded(self, folder: Path) -> bool:
+        """Resume from an FSDP checkpoint (``folder/sharded``) on any process count and engine (DCP re-shards, or
+        loads whole tensors into one process); False for a checkpoint of one process or DDP (read by
+        :meth:`_maybe_resume`), which an FSDP run does not resume."""
+        from .distributed import is_fsdp, load_sharded
+
+        sharded = (folder / SHARDED_DIR).is_dir()
+        if not sharded:
+            if is_fsdp(self.accelerator):
+                raise MMAlignError(
+                    f"resume={folder}: the checkpoint was written by one process or DDP (no {SHARDED_DIR}/ folder); "
+                    "resume it without FSDP"
+                )
+            return False
+        extra = self._sharded_extra()
+        load_sharded(folder / SHARDED_DIR, self.model, self.optimizer, extra)
+        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
+        if self.ema is not None:
+            ema_state = json.loads((folder / "ema.json").read_text())
+            ema_state["shadow_params"] = [extra["ema"][str(i)] for i in range(len(extra["ema"]))]
+            self.ema.load_state_dict(ema_state)
+        return True
+
     def _save_config(self) -> None:
         (self.output_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
 
     def save_final(self) -> Path:
         """LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(output_dir)``); full: a
         pipeline folder (``from_pretrained(output_dir)``). EMA weights are used when EMA is on."""
+        from .distributed import full_state_dict, is_fsdp
+
         acc = self.accelerator
         acc.wait_for_everyone()
+        sharded = is_fsdp(acc)
+        unet = acc.unwrap_model(self.model)
+        if self.ema is not None and (sharded or acc.is_main_process):
+            self.ema.store(self.trainable)
+            self.ema.copy_to(self.trainable)
+        gathered = None
+        if sharded:  # every process takes part in gathering the shards; the main one writes
+            lora = self.config.lora_rank > 0
+            gathered = full_state_dict(acc, unet, self.trainable_names if lora else None)
+            if not lora:
+                unet = self._plain_copy(unet, gathered) if acc.is_main_process else unet
         if acc.is_main_process:
-            unet = acc.unwrap_model(self.model)
-            if self.ema is not None:
-                self.ema.store(self.trainable)
-                self.ema.copy_to(self.trainable)
             if self.config.lora_rank > 0:
                 from peft.utils import get_peft_model_state_dict
 
@@ -931,7 +990,8 @@ class Trainer:
                 from ..models.generator import save_lora_weights
 
                 metadata = unet.peft_config["default"].to_dict()
-                save_lora_weights(self.policy, self.output_dir, get_peft_model_state_dict(unet), metadata)
+                state = get_peft_model_state_dict(unet, state_dict=gathered)
+                save_lora_weights(self.policy, self.output_dir, state, metadata)
             elif getattr(self.policy, "text_encoders", True) is None:  # freed: the trained network alone
                 unet.save_pretrained(str(self.output_dir / "transformer"))
                 logger.info("text encoders were freed: saved the trained network to %s/transformer", self.output_dir)
@@ -939,16 +999,33 @@ class Trainer:
                 self.policy.save_pipeline(self.output_dir, unet)
             else:
                 self.policy.pipeline(unet).save_pretrained(str(self.output_dir))
-            if self.ema is not None:
-                self.ema.restore(self.trainable)
+        if self.ema is not None and (sharded or acc.is_main_process):
+            self.ema.restore(self.trainable)
         acc.wait_for_everyone()
         return self.output_dir
+
+    @staticmethod
+    def _plain_copy(model: torch.nn.Module, parameters: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """An unsharded copy of an FSDP-wrapped diffusers network with the gathered ``parameters`` (and its own
+        buffers), for ``save_pretrained`` of a full fine-tuning."""
+        plain = type(model).from_config(model.config)
+        state = {**parameters, **{k: v.detach().cpu() for k, v in model.named_buffers()}}
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            from ..errors import StateDictMismatchError
+
+            raise StateDictMismatchError("the gathered FSDP weights", list(missing), list(unexpected))
+        return plain.to(next(iter(parameters.values())).dtype)
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
         """Images of the validation prompts with a fixed seed, tiled into ``samples/step-N.png`` (audio generators:
-        one ``samples/step-N/prompt-i.wav`` per prompt, :meth:`sample_audio`)."""
-        if not self.accelerator.is_main_process:
+        one ``samples/step-N/prompt-i.wav`` per prompt, :meth:`sample_audio`). Under FSDP every process runs the
+        network (its forward gathers the shards) and the main one writes."""
+        from .distributed import is_fsdp
+
+        main = self.accelerator.is_main_process
+        if not main and not is_fsdp(self.accelerator):
             return None
         if getattr(self.policy, "modality", "image") == "audio":
             return self.sample_audio()
@@ -975,6 +1052,8 @@ class Trainer:
             )
             rows.append(list(out.frames[0]) if video else [out.images[0]])
         unet.train(was_training)
+        if not main:
+            return None
         grid = tile_rows(rows if video else [[row[0] for row in rows]])
         path = self.output_dir / "samples" / f"{CHECKPOINT_PREFIX}{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1001,7 +1080,8 @@ class Trainer:
                 noise="gaussian",
                 model=unet,
             )
-            write_wav(folder / f"prompt-{i}.wav", self.policy.decode(latents)[0], self.policy.sample_rate)
+            if self.accelerator.is_main_process:
+                write_wav(folder / f"prompt-{i}.wav", self.policy.decode(latents)[0], self.policy.sample_rate)
         unet.train(was_training)
         return folder
 

@@ -54,25 +54,56 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(args: list[str], out: Path, processes: int, global_batch: int = 2, entry=None) -> dict:
+def run_train(
+    args: list[str], out: Path, processes: int, global_batch: int = 2, entry=None, nodes: int = 1, timeout: int = 300
+) -> None:
     """``mmalign train ARGS`` in 1 process or under torchrun in several, each with its share of
-    ``global_batch``; the run's ``log.jsonl`` records (``logs``), their ``grad_norm`` list and the LoRA tensors.
-    ``entry``: a script to run instead of ``-m mmalign.cli``."""
+    ``global_batch``, asserting that every launcher succeeds (the assertion carries the end of stderr).
+    ``entry``: a script to run instead of ``-m mmalign.cli``. ``nodes`` > 1: that many torchrun launchers, as on
+    separate machines (``--nnodes``, ``--node_rank``, a rendezvous over loopback), with ``processes`` in all."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     program = list(entry) if entry else ["-m", "mmalign.cli"]
-    command = [sys.executable]
-    if processes > 1:
-        command += [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(processes),
-            "--master_port",
-            str(free_port()),
-        ]
-    command += [*program, "train", *args, f"batch_size={global_batch // processes}", f"output_dir={out}"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    program += ["train", *args, f"batch_size={global_batch // processes}", f"output_dir={out}"]
+    if processes == 1:
+        commands = [[sys.executable, *program]]
+    else:
+        assert processes % nodes == 0
+        port = free_port()
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes // nodes)]
+        launcher += ["--nnodes", str(nodes), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        commands = [[*launcher, "--node_rank", str(rank), *program] for rank in range(nodes)]
+    running = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    try:
+        finished = [(p.communicate(timeout=timeout), p.returncode) for p in running]
+    finally:
+        for p in running:
+            p.kill()
+    for (_, stderr), code in finished:
+        # torchrun ends with its own summary: put the processes' tracebacks first
+        ranks = [line for line in stderr.splitlines() if line.startswith(("[rank", "mmalign"))]
+        assert code == 0, "\n".join(ranks[-40:]) + "\n" + stderr[-2000:]
+
+
+def train(args: list[str], out: Path, processes: int, global_batch: int = 2, entry=None, nodes: int = 1) -> dict:
+    """:func:`run_train`, then the run's ``log.jsonl`` records (``logs``), their ``grad_norm`` list and the LoRA
+    tensors. ``processes=0``: one process, this one (no interpreter to start; the same computation)."""
+    if processes == 0:
+        train_here(args, out, global_batch)
+    else:
+        run_train(args, out, processes, global_batch, entry, nodes)
+    return read_run(out)
+
+
+def train_here(args: list[str], out: Path, global_batch: int = 2) -> None:
+    """``mmalign train ARGS`` in this process (no interpreter to start; the same computation as one process)."""
+    from mmalign.commands.train import resolve_trainer_config
+
+    cls, config = resolve_trainer_config(None, [*args, f"batch_size={global_batch}", f"output_dir={out}"])
+    cls(config).train()
+
+
+def read_run(out: Path) -> dict:
+    """A finished run's ``log.jsonl`` records (``logs``), their ``grad_norm`` list and the LoRA tensors."""
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return {
         "logs": logs,
