@@ -4,4 +4,4 @@ Add a command by writing a module here and naming it in :data:`COMMANDS` (import
 heavy imports inside ``run``).
 """
 
-COMMANDS = ["score", "list", "convert", "demo", "train", "bench", "label", "annotate"]
+COMMANDS = ["score", "list", "convert", "demo", "train", "bench", "label", "annotate", "accelerate_config"]

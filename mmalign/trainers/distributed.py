@@ -112,10 +112,15 @@ def build_accelerator(engine: str, mixed_precision: str, log_with: str | None, p
         plugin = _fsdp_plugin(engine)
         if not cpu:
             kwargs["fsdp_plugin"] = plugin
-    elif engine.startswith("deepspeed"):
+    elif engine.startswith("deepspeed") or (engine == "auto" and launched == "deepspeed"):
         if cpu:
-            raise ConfigError(f"distributed={engine} needs CUDA; on CPUs use distributed=fsdp2 or ddp")
-        kwargs["deepspeed_plugin"] = _deepspeed_plugin(engine)
+            raise ConfigError(f"distributed={engine} (DeepSpeed) needs CUDA; on CPUs use distributed=fsdp2 or ddp")
+        if engine != "auto":
+            kwargs["deepspeed_plugin"] = _deepspeed_plugin(engine)
+    elif engine == "auto" and launched == "fsdp" and cpu:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set
     accelerator = Accelerator(
         mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu, **kwargs
     )

@@ -55,17 +55,29 @@ def free_port() -> int:
 
 
 def run_train(
-    args: list[str], out: Path, processes: int, global_batch: int = 2, entry=None, nodes: int = 1, timeout: int = 300
+    args: list[str],
+    out: Path,
+    processes: int,
+    global_batch: int = 2,
+    entry=None,
+    nodes: int = 1,
+    timeout: int = 300,
+    accelerate_config: Path | None = None,
 ) -> None:
     """``mmalign train ARGS`` in 1 process or under torchrun in several, each with its share of
     ``global_batch``, asserting that every launcher succeeds (the assertion carries the end of stderr).
     ``entry``: a script to run instead of ``-m mmalign.cli``. ``nodes`` > 1: that many torchrun launchers, as on
-    separate machines (``--nnodes``, ``--node_rank``, a rendezvous over loopback), with ``processes`` in all."""
+    separate machines (``--nnodes``, ``--node_rank``, a rendezvous over loopback), with ``processes`` in all.
+    ``accelerate_config``: launched by ``accelerate launch --config_file`` instead of torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     program = list(entry) if entry else ["-m", "mmalign.cli"]
     program += ["train", *args, f"batch_size={global_batch // processes}", f"output_dir={out}"]
     if processes == 1:
         commands = [[sys.executable, *program]]
+    elif accelerate_config is not None:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+        launcher += ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
+        commands = [[*launcher, *program]]
     else:
         assert processes % nodes == 0
         port = free_port()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmalign.trainers.distributed import accelerate_config
 from tests.trainers import distributed
 from tests.trainers.test_training import make_trainer
 
@@ -99,3 +100,26 @@ def test_an_fsdp_run_refuses_a_one_process_checkpoint(sd_folder, pairs_file, one
     with pytest.raises(MMAlignError, match="no sharded/ folder.*resume it without FSDP"):
         trainer.train()
     assert load_file(str(checkpoint / "trainable.safetensors"))
+
+
+def test_flow_grpo_under_fsdp2_equals_one_process(sd3_folder, tmp_path):
+    """``accelerate launch --config_file $(mmalign accelerate-config fsdp2)``, an online trainer on a flow-matching
+    transformer: every process samples its share of each round through the
+    sharded network (its forwards gather the shards), rewards are gathered for the group advantages, gradients
+    reduce-scattered; the same update as one process."""
+    from tests.trainers.test_flow_trainers import make_flow
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na blue sky\na green field\n")
+    args = ["trainer=flow-grpo", f"model={sd3_folder}", f"data={prompts}", "resolution=32", "tracker=none"]
+    args += ["progress=false", "max_steps=2", "lr=1e-2", "optimizer=sgd", "sample_steps=3", "log_every=1"]
+    args += ["reward=jpeg-compressibility", "group_size=2", "lora_rank=4", "lora_alpha=8", "beta=0.04"]
+    args += ["sample_batches=1", "checkpoint_every=1"]
+    one = distributed.train(args, tmp_path / "one", 0)
+    config = accelerate_config("fsdp2")  # the shipped file, through accelerate's own launcher (distributed=auto)
+    distributed.run_train(args, tmp_path / "fsdp", 2, accelerate_config=config)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-0000001" / "sharded").is_dir()  # FSDP did shard
+    fsdp = distributed.read_run(tmp_path / "fsdp")
+    assert (tmp_path / "fsdp" / "log.jsonl").read_text().count("\n") == 2
+    init = distributed.initial_lora(make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "init"))
+    distributed.assert_two_processes_equal_one({"one": one, "two": fsdp}, init)
