@@ -199,6 +199,9 @@ def read_done(out: Path, reward: str) -> set[ScoreItem]:
     if good_end < len(data):
         with out.open("r+b") as handle:
             handle.truncate(good_end)
+    elif data and not data.endswith(b"\n"):  # a whole record whose newline was lost: the next append would join it
+        with out.open("ab") as handle:
+            handle.write(b"\n")
     return done
 
 
