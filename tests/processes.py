@@ -15,7 +15,7 @@ import psutil
 from tests.trainers.distributed import REPO, free_port
 
 TIMEOUT = 240
-STEP = 0.01  # seconds a process to be killed runs between looks at its part file
+STEP = 0.003  # seconds a process to be killed runs between looks at its part file
 
 
 def command(args: list[str], processes: int) -> list[str]:

@@ -157,10 +157,11 @@ def test_one_process_finishes_what_a_killed_multi_process_run_left(image_files, 
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
-    """48 images, so that each of two processes scores 12 batches of 2."""
+    """48 images, so that each of two processes scores 12 batches of 2; of 150-200 px, so that a batch takes
+    milliseconds even on a fast machine (the kill test needs process 1 alive a few steps after its first batch)."""
     folder = tmp_path_factory.mktemp("many")
     for index in range(48):
-        tiny.random_image(100 + index, (40 + index, 56)).save(folder / f"img_{index:02d}.png")
+        tiny.random_image(100 + index, (150 + index, 160)).save(folder / f"img_{index:02d}.png")
     return folder
 
 
