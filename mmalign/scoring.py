@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +31,18 @@ from .modalities.image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images,
 from .modalities.multiview import CAMERAS_FILE
 from .modalities.video import VIDEO_EXTENSIONS
 from .rewards.base import DTYPE_NAMES, Reward
+from .sharding import (
+    Shard,
+    close_part,
+    current_shard,
+    fingerprint,
+    open_part,
+    part_rows,
+    parts_dir,
+    process_group,
+    remove_parts,
+    write_atomic,
+)
 
 AUTO = "auto"
 PAIR_KEYS = {
@@ -177,29 +189,81 @@ def items_from_pairs(pairs_file: str | os.PathLike, modality: str = AUTO, grid: 
     return items
 
 
-def read_done(out: Path, reward: str) -> set[ScoreItem]:
-    """(path, prompt, variant) already scored by ``reward`` in ``out``; a torn last line (a crash mid-write) is
-    cut off. Several rewards (and variants) may share one output file."""
-    if not out.exists():
-        return set()
+def _record_key(row: Any) -> tuple[Any, ...]:
+    """What makes a score record unique in a file: ``(reward, path, prompt, variant)``."""
+    return (row["reward"], row.get("path"), row.get("prompt"), row.get("variant"))
+
+
+def _scan_scores(out: Path, reward: str) -> tuple[set[ScoreItem], list[tuple[Any, ...]], bytes, int]:
+    """Read a score file without changing it: the items ``reward`` scored there, every record's key, the file's
+    bytes and the length of its valid part (a torn last line left out). A complete line that is not a record
+    raises, naming the file and line."""
     done: set[ScoreItem] = set()
-    data = out.read_bytes()
+    keys: list[tuple[Any, ...]] = []
+    data = out.read_bytes() if out.exists() else b""
     good_end = 0
     for line in data.splitlines(keepends=True):
         try:
             row = json.loads(line)
             if row["reward"] == reward:
                 done.add(ScoreItem(row["path"], row["prompt"], variant=row.get("variant")))
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            keys.append(_record_key(row))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             if line.endswith(b"\n"):
                 number = data[:good_end].count(b"\n") + 1
                 raise MMAlignError(f"{out}: line {number} is not a score record") from None
             break  # torn final line
         good_end += len(line)
+    return done, keys, data, good_end
+
+
+def read_done(out: Path, reward: str) -> set[ScoreItem]:
+    """(path, prompt, variant) already scored by ``reward`` in ``out``; a torn last line (a crash mid-write) is
+    cut off. Several rewards (and variants) may share one output file."""
+    if not out.exists():
+        return set()
+    done, _, data, good_end = _scan_scores(out, reward)
     if good_end < len(data):
         with out.open("r+b") as handle:
             handle.truncate(good_end)
+    elif data and not data.endswith(b"\n"):  # a whole record whose newline was lost: the next append would join it
+        with out.open("ab") as handle:
+            handle.write(b"\n")
     return done
+
+
+def merge_parts(out: Path, reward: str, order: Mapping[ScoreItem, int] | None = None) -> int:
+    """Move the records of the part files of a multi-process run (:mod:`mmalign.sharding`) into ``out`` at once;
+    returns how many were new. ``out`` keeps its lines (a torn last one dropped); then come part records it does
+    not hold yet, ``reward``'s in the job's item ``order`` (so that the file reads as one process's run would
+    write it), any others after them as found. Idempotent: a merge killed after replacing ``out`` leaves parts
+    whose records ``out`` already holds, and they are skipped."""
+    if not parts_dir(out).exists():
+        return 0
+    rows = part_rows(out)
+    _, keys, data, good_end = _scan_scores(out, reward)
+    present = set(keys)
+    new: list[tuple[tuple[int, int], bytes]] = []
+    unknown = len(order) if order else 0  # after every item of the job
+    for position, part in enumerate(rows):
+        try:
+            key = _record_key(part.row)
+        except (KeyError, TypeError, AttributeError):
+            raise MMAlignError(f"{part.path}: line {part.line} is not a score record") from None
+        if key in present:
+            continue
+        present.add(key)
+        rank = None
+        if order is not None and key[0] == reward:
+            rank = order.get(ScoreItem(key[1], key[2], variant=key[3]))
+        new.append(((rank if rank is not None else unknown, position), part.raw))
+    kept = data[:good_end]
+    if new or good_end < len(data) or not out.exists() or (kept and not kept.endswith(b"\n")):
+        if kept and not kept.endswith(b"\n"):
+            kept += b"\n"
+        write_atomic(out, [kept, *(raw for _, raw in sorted(new, key=lambda pair: pair[0]))])
+    remove_parts(out)
+    return len(new)
 
 
 def _batches(items: list[ScoreItem], size: int) -> Iterator[list[ScoreItem]]:
@@ -275,81 +339,153 @@ def run_scoring(
     progress: bool = True,
     stdout: IO[str] | None = None,
     media: MediaOptions | None = None,
+    shard: Shard | None = None,
 ) -> ScoreSummary:
     """Score ``items`` with ``reward``, appending JSON lines to ``out`` (or writing to stdout). Videos, view sets
-    and audio are scored by :func:`media_scorers` with ``media`` options; records keep the batch's order."""
-    from tqdm.auto import tqdm
+    and audio are scored by :func:`media_scorers` with ``media`` options; records keep the batch's order.
 
-    summary = ScoreSummary()
+    Under a launcher (``shard``, default from the environment: :func:`mmalign.sharding.current_shard`) each
+    process scores its batches into a part file and process 0 merges them into ``out`` at the end, in the order
+    one process writes; every process returns the summary of the whole job."""
+    shard = shard or current_shard()
     scorers = media_scorers(reward, [item.modality for item in items], media)
     items = [
         item if item.modality == "image" else replace(item, variant=scorers[item.modality].variant) for item in items
     ]
     out_path = Path(out) if out is not None else None
+    unique = list(dict.fromkeys(items))
+    job = _ScoreJob(reward, scorers, batch_size, skip_bad, max_pixels)
+    if shard.distributed:
+        if out_path is None:
+            raise MMAlignError(
+                f"{shard.world} processes write part files beside the output; give --out FILE.jsonl (not stdout)"
+            )
+        return _run_sharded(job, items, unique, out_path, shard, progress)
+    summary = ScoreSummary()
+    if out_path is not None and parts_dir(out_path).exists():  # what a killed multi-process run left
+        merge_parts(out_path, reward.name, {item: index for index, item in enumerate(unique)})
     done = read_done(out_path, reward.name) if out_path is not None else set()
-    todo = [item for item in dict.fromkeys(items) if item not in done]
+    todo = [item for item in unique if item not in done]
     summary.already_done = len(items) - len(todo)
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     handle = out_path.open("a", encoding="utf-8") if out_path is not None else (stdout or sys.stdout)
-    dtype = DTYPE_NAMES.get(reward.dtype, str(reward.dtype))
-    unit = "img" if not scorers else "item"
-    bar = tqdm(total=len(todo), unit=unit, desc=f"scoring ({reward.name})", disable=not progress, file=sys.stderr)
     try:
-        for batch in _batches(todo, batch_size):
-            decoded: dict[str, list[Any]] = {}
-            kept: dict[str, list[ScoreItem]] = {}
-            for item in batch:
-                try:
-                    if item.modality == "image":
-                        value = open_image(item.path, max_pixels=max_pixels)
-                    else:
-                        value = scorers[item.modality].decode(item.path)
-                    decoded.setdefault(item.modality, []).append(value)
-                    kept.setdefault(item.modality, []).append(item)
-                except MediaError as error:
-                    if not skip_bad:
-                        raise
-                    summary.skipped.append((item.path, error.reason))
-            records: dict[ScoreItem, dict[str, Any]] = {}
-            for modality, group in kept.items():
-                prompts = [item.prompt for item in group]
-                if modality == "image":
-                    scores = reward.score_images(decoded[modality], prompts, batch_size=len(group))
-                    for item, value in zip(group, scores.tolist()):
+        job.score(todo, handle, summary, progress)
+    finally:
+        if out_path is not None:
+            handle.close()
+    return summary
+
+
+def _run_sharded(
+    job: _ScoreJob, items: list[ScoreItem], unique: list[ScoreItem], out: Path, shard: Shard, progress: bool
+) -> ScoreSummary:
+    """One process's share of a multi-process job: its batches of the item list (blocks of ``batch_size``, so a
+    fresh run's batches are one process's), less what ``out`` and any part file hold; then the merge."""
+    name = job.reward.name
+    with process_group(shard) as group:
+        group.check_same(fingerprint([[i.path, i.prompt, i.variant] for i in unique]), "the items to score")
+        done = read_done_anywhere(out, name)
+        mine = [item for _, item in shard.take(unique, block=job.batch_size)]
+        todo = [item for item in mine if item not in done]
+        summary = ScoreSummary(already_done=len(mine) - len(todo))
+        handle = open_part(out, shard)
+        try:
+            job.score(todo, handle, summary, progress and shard.is_main)
+        finally:
+            close_part(handle)
+        summaries = group.gather(summary)  # every slice is finished after this
+        if shard.is_main:
+            merge_parts(out, name, {item: index for index, item in enumerate(unique)})
+        group.gather(None)  # when any process returns, ``out`` holds the whole job
+    return ScoreSummary(
+        scored=sum(s.scored for s in summaries),
+        already_done=sum(s.already_done for s in summaries) + len(items) - len(unique),
+        skipped=[skip for s in summaries for skip in s.skipped],
+    )
+
+
+def read_done_anywhere(out: Path, reward: str) -> set[ScoreItem]:
+    """What ``reward`` scored in ``out`` or in a part file beside it (of any earlier process count), read
+    without changing either: the other processes read them at the same time."""
+    done = _scan_scores(out, reward)[0]
+    for part in part_rows(out):
+        row = part.row
+        if isinstance(row, dict) and row.get("reward") == reward and "path" in row and "prompt" in row:
+            done.add(ScoreItem(row["path"], row["prompt"], variant=row.get("variant")))
+    return done
+
+
+@dataclass
+class _ScoreJob:
+    """The scoring loop shared by one process and many: decode a batch, score it, write its records in order."""
+
+    reward: Reward
+    scorers: dict[str, Any]
+    batch_size: int
+    skip_bad: bool
+    max_pixels: int | None
+
+    def score(self, todo: list[ScoreItem], handle: IO[str], summary: ScoreSummary, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        reward, scorers = self.reward, self.scorers
+        dtype = DTYPE_NAMES.get(reward.dtype, str(reward.dtype))
+        unit = "img" if not scorers else "item"
+        bar = tqdm(total=len(todo), unit=unit, desc=f"scoring ({reward.name})", disable=not progress, file=sys.stderr)
+        try:
+            for batch in _batches(todo, self.batch_size):
+                decoded: dict[str, list[Any]] = {}
+                kept: dict[str, list[ScoreItem]] = {}
+                for item in batch:
+                    try:
+                        if item.modality == "image":
+                            value = open_image(item.path, max_pixels=self.max_pixels)
+                        else:
+                            value = scorers[item.modality].decode(item.path)
+                        decoded.setdefault(item.modality, []).append(value)
+                        kept.setdefault(item.modality, []).append(item)
+                    except MediaError as error:
+                        if not self.skip_bad:
+                            raise
+                        summary.skipped.append((item.path, error.reason))
+                records: dict[ScoreItem, dict[str, Any]] = {}
+                for modality, group in kept.items():
+                    prompts = [item.prompt for item in group]
+                    if modality == "image":
+                        scores = reward.score_images(decoded[modality], prompts, batch_size=len(group))
+                        for item, value in zip(group, scores.tolist()):
+                            records[item] = {
+                                "path": item.path,
+                                "prompt": item.prompt,
+                                "reward": reward.name,
+                                "score": value,
+                                "dtype": dtype,
+                            }
+                        continue
+                    scorer = scorers[modality]
+                    for item, result in zip(group, scorer.score_decoded(decoded[modality], prompts, self.batch_size)):
                         records[item] = {
                             "path": item.path,
                             "prompt": item.prompt,
                             "reward": reward.name,
-                            "score": value,
+                            "score": result.total,
                             "dtype": dtype,
+                            "modality": modality,
+                            "aggregate": scorer.aggregate,
+                            "variant": item.variant,
+                            **result.record(),
                         }
-                    continue
-                scorer = scorers[modality]
-                for item, result in zip(group, scorer.score_decoded(decoded[modality], prompts, batch_size)):
-                    records[item] = {
-                        "path": item.path,
-                        "prompt": item.prompt,
-                        "reward": reward.name,
-                        "score": result.total,
-                        "dtype": dtype,
-                        "modality": modality,
-                        "aggregate": scorer.aggregate,
-                        "variant": item.variant,
-                        **result.record(),
-                    }
-            for item in batch:
-                if item in records:
-                    handle.write(json.dumps(records[item], ensure_ascii=False) + "\n")
-            if records:
-                handle.flush()
-                summary.scored += len(records)
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        if out_path is not None:
-            handle.close()
-    return summary
+                for item in batch:
+                    if item in records:
+                        handle.write(json.dumps(records[item], ensure_ascii=False) + "\n")
+                if records:
+                    handle.flush()
+                    summary.scored += len(records)
+                bar.update(len(batch))
+        finally:
+            bar.close()
 
 
 def device_and_threads(device: str) -> torch.device:

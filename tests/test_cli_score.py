@@ -12,7 +12,11 @@ from mmalign.cli import main
 
 
 def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_text_rows(path.read_text())
+
+
+def read_text_rows(text):
+    return [json.loads(line) for line in text.splitlines()]
 
 
 @pytest.fixture()
@@ -72,6 +76,19 @@ def test_resume_after_torn_line_and_partial_run(folder, tmp_path):
     assert main(argv) == 0
     again = read(out)
     assert sorted(r["path"] for r in again) == sorted(r["path"] for r in full) and len(again) == 5
+
+
+def test_resume_keeps_a_whole_last_record_that_lost_its_newline(folder, tmp_path):
+    out = tmp_path / "s.jsonl"
+    argv = ["score", "--reward", "jpeg-incompressibility", "--out", str(out), "--no-progress", str(folder)]
+    assert main(argv) == 0
+    full = out.read_text()
+    lines = full.splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2].rstrip("\n"))  # a crash between the record and its newline
+    assert main(argv) == 0
+    again = read(out)  # would fail to parse if the next record were appended to the same line
+    assert sorted(r["path"] for r in again) == sorted(r["path"] for r in read_text_rows(full)) and len(again) == 5
+    assert main(argv) == 0 and len(read(out)) == 5
 
 
 def test_bad_image_stops_with_named_error_and_keeps_work(folder, tmp_path, capsys):

@@ -306,6 +306,7 @@ def run_generators(args: argparse.Namespace) -> int:
     if args.outputs:
         from ..rewards import load_reward
         from ..scoring import device_and_threads, run_scoring
+        from ..sharding import Shard
 
         items, generators = _read_outputs(Path(args.outputs))
         _label_duplicates(args.rewards)
@@ -322,7 +323,14 @@ def run_generators(args: argparse.Namespace) -> int:
                     dtype=args.dtype,
                 )
                 reward.name = spec.label or spec.name
-                run_scoring(reward, items, out=scores_file, batch_size=args.batch_size, progress=not args.no_progress)
+                run_scoring(  # not split across processes: each process of a launch benchmarks alone, as before
+                    reward,
+                    items,
+                    out=scores_file,
+                    batch_size=args.batch_size,
+                    progress=not args.no_progress,
+                    shard=Shard(),
+                )
             for reward, table in read_generator_scores(scores_file, generators).items():
                 scores.setdefault(reward, {}).update(table)
     votes += votes_from_scores(scores)

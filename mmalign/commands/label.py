@@ -17,6 +17,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import MMAlignError
+from ..sharding import (
+    Shard,
+    close_part,
+    current_shard,
+    fingerprint,
+    open_part,
+    part_rows,
+    parts_dir,
+    process_group,
+    remove_parts,
+    write_atomic,
+)
+
+RANKINGS_FILE, PAIRS_FILE = "rankings.jsonl", "pairs.jsonl"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -58,96 +74,193 @@ def label(
     seed: int = 0,
     trajectories: bool = False,
     model: str = "",
+    reward_id: str | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, int]:
-    """Sample, score and write; prompt ``i`` uses generator seed ``seed + i`` (re-runs are identical).
-    ``reward``: a :class:`~mmalign.trainers.online.WeightedReward` or Reward (``score_images``), or any
-    ``reward(images [K, 3, H, W] in [0, 1], prompts) -> [K]``. Returns counts of prompts, images and pairs.
-    ``trajectories``: the K chains of a prompt start from one x_T and are saved (:mod:`mmalign.data.feedback`)."""
-    import torch
+    """Sample, score and write; prompt ``i`` uses generator seed ``seed + i`` (re-runs are identical, and so is
+    prompt ``i`` whichever process samples it). ``reward``: a :class:`~mmalign.trainers.online.WeightedReward` or
+    Reward (``score_images``), or any ``reward(images [K, 3, H, W] in [0, 1], prompts) -> [K]``; ``reward_id``
+    names it in the job's identity (default: its name). Returns counts of prompts, images and pairs.
+    ``trajectories``: the K chains of a prompt start from one x_T and are saved (:mod:`mmalign.data.feedback`).
 
-    from ..data.feedback import LABEL_FILE, TRAJECTORY_DIR, save_trajectories
-    from ..modalities.image import tensor_to_pil
-    from ..models import sampling
+    Each process (``shard``, default from the environment: :func:`mmalign.sharding.current_shard`) labels prompts
+    ``i`` with ``i % processes == rank`` into its part file ``DIR/rankings.jsonl.parts/``; at the end process 0
+    writes ``rankings.jsonl`` and ``pairs.jsonl`` in prompt order. A prompt in a part file of a killed run with the
+    same settings, prompts and reward (any process count) is not sampled again; parts of other settings are dropped."""
+    from ..data.feedback import LABEL_FILE
 
     if k < 2:
         raise ValueError(f"k must be at least 2 to form pairs, got {k}")
+    shard = shard or current_shard()
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    if trajectories:
-        settings = dict(model=model, k=k, steps=steps, guidance=guidance, eta=eta, resolution=resolution, seed=seed)
-        (out / LABEL_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    rankings_file = out / RANKINGS_FILE
+    settings = dict(model=model, k=k, steps=steps, guidance=guidance, eta=eta, resolution=resolution, seed=seed)
+    job = fingerprint([settings, trajectories, reward_id or _reward_id(reward), prompts])
+    with process_group(shard) as group:
+        if shard.is_main:  # before the others pass check_same, so before any of them writes
+            for name in (RANKINGS_FILE, PAIRS_FILE):  # as a single run always did: no stale rankings beside new images
+                (out / name).unlink(missing_ok=True)
+            if any(not isinstance(part.row, dict) or part.row.get("job") != job for part in part_rows(rankings_file)):
+                remove_parts(rankings_file)  # a killed run with other settings may have overwritten this job's images
+        group.check_same(job, "the prompts and settings")
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        if trajectories and shard.is_main:
+            (out / LABEL_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        done = _labelled(out, job)
+        mine = shard.take(prompts)
+        n_pairs = sum(len(done[i]["pairs"]) for i, _ in mine if i in done)
+        handle = open_part(rankings_file, shard)
+        try:
+            for i, prompt in mine:
+                if i in done:
+                    continue
+                ranking, pairs = _label_prompt(
+                    policy, reward, prompt, i, k, out, steps, guidance, eta, resolution, seed, trajectories
+                )
+                handle.write(json.dumps({"job": job, "index": i, "ranking": ranking, "pairs": pairs}) + "\n")
+                handle.flush()
+                n_pairs += len(pairs)
+        finally:
+            close_part(handle)
+        n_pairs = sum(group.gather(n_pairs))  # every process has finished its prompts after this
+        if shard.is_main:
+            _merge(out, job, len(prompts))
+        group.gather(None)  # when any process returns, the two files are whole
+    return {"prompts": len(prompts), "images": len(prompts) * k, "pairs": n_pairs}
+
+
+def _reward_id(reward: Any) -> str:
+    """A reward's name for the job's identity: ``name:weight,...`` for a weighted sum."""
+    if hasattr(reward, "rewards") and hasattr(reward, "weights"):
+        return ",".join(f"{_reward_id(r)}:{w}" for r, w in zip(reward.rewards, reward.weights))
+    return str(getattr(reward, "name", type(reward).__qualname__))
+
+
+def _labelled(out: Path, job: str) -> dict[int, dict[str, Any]]:
+    """Prompts already labelled by this job in a part file (of any process count) whose files are all there."""
+    done: dict[int, dict[str, Any]] = {}
+    for part in part_rows(out / RANKINGS_FILE):
+        row = part.row
+        if not isinstance(row, dict) or row.get("job") != job:
+            continue
+        try:
+            ranking, index = row["ranking"], int(row["index"])
+            if not isinstance(row["pairs"], list):
+                raise TypeError("pairs")
+            files = [*ranking["images"], *([ranking["trajectory"]] if "trajectory" in ranking else [])]
+            if all((out / name).is_file() for name in files):
+                done.setdefault(index, row)
+        except (KeyError, TypeError, ValueError):
+            raise MMAlignError(f"{part.path}: line {part.line} is not a labelled prompt") from None
+    return done
+
+
+def _merge(out: Path, job: str, n_prompts: int) -> None:
+    """``rankings.jsonl`` and ``pairs.jsonl`` from the part files, in prompt order, each written at once; then
+    the part files go. A kill in between leaves the parts, and the re-run writes both files again from them."""
+    done = _labelled(out, job)
+    missing = [i for i in range(n_prompts) if i not in done]
+    if missing:
+        raise MMAlignError(
+            f"{parts_dir(out / RANKINGS_FILE)}: no result for prompt(s) {missing[:10]} although every process "
+            "finished; re-run the same command"
+        )
+    rows = [done[i] for i in range(n_prompts)]
+    write_atomic(out / RANKINGS_FILE, [(json.dumps(row["ranking"]) + "\n").encode() for row in rows])
+    write_atomic(out / PAIRS_FILE, [(json.dumps(pair) + "\n").encode() for row in rows for pair in row["pairs"]])
+    remove_parts(out / RANKINGS_FILE)
+
+
+def _label_prompt(
+    policy: Any,
+    reward: Any,
+    prompt: str,
+    i: int,
+    k: int,
+    out: Path,
+    steps: int,
+    guidance: float,
+    eta: float,
+    resolution: int,
+    seed: int,
+    trajectories: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Prompt ``i``'s K samples (generator seed ``seed + i``), saved and scored: its rankings row and pair rows."""
+    import torch
+
+    from ..data.feedback import TRAJECTORY_DIR, save_trajectories
+    from ..modalities.image import tensor_to_pil
+    from ..models import sampling
 
     def predict(noisy, timesteps, embeds, time_ids):
         return policy.predict(policy.unet, noisy, timesteps, embeds, time_ids)
 
-    n_pairs = 0
-    with (out / "rankings.jsonl").open("w") as rankings, (out / "pairs.jsonl").open("w") as pairs:
-        for i, prompt in enumerate(prompts):
-            embeds = policy.encode_prompt([prompt] * k)
-            uncond = policy.unconditional(policy.encode_prompt([""] * k)) if guidance != 1.0 else None
-            time_ids = None
-            if policy.is_sdxl:
-                sizes = torch.tensor([[resolution, resolution]] * k)
-                time_ids = policy.time_ids(sizes, torch.zeros_like(sizes), resolution)
-            generator = torch.Generator().manual_seed(seed + i)
-            trajectory = sampling.sample_trajectories(
-                policy,
-                predict,
-                embeds,
-                uncond,
-                generator,
-                steps,
-                guidance,
-                eta,
-                resolution,
-                time_ids,
-                shared_start=trajectories,
-            )
-            with torch.no_grad():
-                images = policy.decode(trajectory.final)
-            pictures = [tensor_to_pil(image.cpu()) for image in images]
-            names = [f"images/{i:05d}_{j:02d}.png" for j in range(k)]
-            for name, picture in zip(names, pictures):
-                picture.save(out / name)
-            with torch.no_grad():  # score what was saved, with each reward's reference preprocessing when it has one
-                if hasattr(reward, "score_images"):
-                    raw = reward.score_images(pictures, [prompt] * k)
-                else:
-                    raw = reward(images, [prompt] * k)
-            scores = [float(s) for s in raw]
-            order = sorted(range(k), key=lambda j: -scores[j])
-            row = {"prompt": prompt, "images": names, "scores": scores, "ranking": order}
-            if trajectories:
-                row["trajectory"] = f"{TRAJECTORY_DIR}/{i:05d}.safetensors"
-                save_trajectories(
-                    out / row["trajectory"],
-                    trajectory.latents,
-                    trajectory.log_probs,
-                    trajectory.schedule.timesteps,
-                    {"prompt": prompt},
-                )
-            rankings.write(json.dumps(row) + "\n")
-            for a, b in itertools.combinations(range(k), 2):
-                if scores[a] == scores[b]:
-                    continue
-                w, l = (a, b) if scores[a] > scores[b] else (b, a)
-                row = {
-                    "prompt": prompt,
-                    "chosen": names[w],
-                    "rejected": names[l],
-                    "score_chosen": scores[w],
-                    "score_rejected": scores[l],
-                }
-                pairs.write(json.dumps(row) + "\n")
-                n_pairs += 1
-    return {"prompts": len(prompts), "images": len(prompts) * k, "pairs": n_pairs}
+    embeds = policy.encode_prompt([prompt] * k)
+    uncond = policy.unconditional(policy.encode_prompt([""] * k)) if guidance != 1.0 else None
+    time_ids = None
+    if policy.is_sdxl:
+        sizes = torch.tensor([[resolution, resolution]] * k)
+        time_ids = policy.time_ids(sizes, torch.zeros_like(sizes), resolution)
+    generator = torch.Generator().manual_seed(seed + i)
+    trajectory = sampling.sample_trajectories(
+        policy,
+        predict,
+        embeds,
+        uncond,
+        generator,
+        steps,
+        guidance,
+        eta,
+        resolution,
+        time_ids,
+        shared_start=trajectories,
+    )
+    with torch.no_grad():
+        images = policy.decode(trajectory.final)
+    pictures = [tensor_to_pil(image.cpu()) for image in images]
+    names = [f"images/{i:05d}_{j:02d}.png" for j in range(k)]
+    for name, picture in zip(names, pictures):
+        picture.save(out / name)
+    with torch.no_grad():  # score what was saved, with each reward's reference preprocessing when it has one
+        if hasattr(reward, "score_images"):
+            raw = reward.score_images(pictures, [prompt] * k)
+        else:
+            raw = reward(images, [prompt] * k)
+    scores = [float(s) for s in raw]
+    order = sorted(range(k), key=lambda j: -scores[j])
+    ranking: dict[str, Any] = {"prompt": prompt, "images": names, "scores": scores, "ranking": order}
+    if trajectories:
+        ranking["trajectory"] = f"{TRAJECTORY_DIR}/{i:05d}.safetensors"
+        save_trajectories(
+            out / ranking["trajectory"],
+            trajectory.latents,
+            trajectory.log_probs,
+            trajectory.schedule.timesteps,
+            {"prompt": prompt},
+        )
+    pairs = []
+    for a, b in itertools.combinations(range(k), 2):
+        if scores[a] == scores[b]:
+            continue
+        w, l = (a, b) if scores[a] > scores[b] else (b, a)
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": names[w],
+                "rejected": names[l],
+                "score_chosen": scores[w],
+                "score_rejected": scores[l],
+            }
+        )
+    return ranking, pairs
 
 
 def run(args: argparse.Namespace) -> int:
     from ..models.policy import DiffusionPolicy
     from ..trainers.online import build_reward, read_prompts
 
-    policy = DiffusionPolicy.from_pretrained(args.model, device=args.device)
+    shard = current_shard()  # under torchrun / accelerate launch: this process's share of the prompts
+    policy = DiffusionPolicy.from_pretrained(args.model, device=shard.device(args.device))
     reward = build_reward(args.reward, args.reward_weights).to(policy.device)
     summary = label(
         policy,
@@ -162,6 +275,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         trajectories=args.trajectories,
         model=args.model,
+        reward_id=f"{args.reward}|{args.reward_weights or ''}",
+        shard=shard,
     )
+    if not shard.is_main:
+        return 0  # process 0 reports the whole job
     print(json.dumps({"out": args.out, **summary}), file=sys.stderr)
     return 0

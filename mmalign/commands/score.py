@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from ..modalities.multiview import parse_grid
     from ..rewards import load_reward
     from ..scoring import MediaOptions, device_and_threads, items_from_pairs, items_from_paths, run_scoring
+    from ..sharding import current_shard
 
     if args.batch_size < 1:
         raise MMAlignError("--batch-size must be at least 1")
@@ -90,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         raise MMAlignError("--sample-fps must be positive")
     if bool(args.paths) == bool(args.pairs):
         raise MMAlignError("give media PATHs or --pairs FILE.jsonl (one of the two)")
-    device = device_and_threads(args.device)
+    shard = current_shard()  # under torchrun / accelerate launch: this process's share of the items
+    if shard.distributed and not args.out:
+        raise MMAlignError(f"{shard.world} processes merge their results into one file: give --out FILE.jsonl")
+    device = device_and_threads(shard.device(args.device))
     reward = load_reward(
         args.reward,
         weights=args.weights,
@@ -125,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         progress=not args.no_progress,
         media=media,
+        shard=shard,
     )
+    if not shard.is_main:
+        return 0  # process 0 reports the whole job
     parts = [f"scored {summary.scored}"]
     if summary.already_done:
         parts.append(f"{summary.already_done} already in {args.out}")
