@@ -225,7 +225,8 @@ def create_app(rewards: Mapping[str, Reward], settings: ServeSettings | None = N
         target = known(name)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == SAFETENSORS:
-            media, prompts, options = decode_tensor_request(await _read_body(request), target.reward.modality)
+            body = await _read_body(request)  # parsed and checked in a thread: big batches take milliseconds
+            media, prompts, options = await asyncio.to_thread(decode_tensor_request, body, target.reward.modality)
             key, payload = ServedReward.tensor_key(media, options), media
         elif content_type == MULTIPART:
             payload, prompts = await _multipart(request, target)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, MediaError, MMAlignError
-from ..modalities.image import broadcast_prompts, to_rgb
+from ..modalities.image import broadcast_prompts, pil_to_tensor, to_rgb
 from ..rewards.base import DTYPES
 from .wire import SAFETENSORS, encode_tensor_request
 
@@ -225,6 +225,17 @@ class HTTPReward:
         if isinstance(media, (Image.Image, str, os.PathLike, bytes)):
             media = [media]
         return self.score_images(list(media), prompts, batch_size)
+
+    # what lifting (video frames, views: mmalign.rewards.lifted) calls on an image reward: the server does the
+    # preprocessing, so the "pixels" sent are the canonical frames themselves
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def preprocess_reference(self, image: Image.Image) -> torch.Tensor:
+        return pil_to_tensor(image)
+
+    def score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.score_tensor(pixels, prompts)
 
     def close(self) -> None:
         self._client.close()

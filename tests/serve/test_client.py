@@ -136,3 +136,17 @@ def test_wire_checks_name_the_item():
     with pytest.raises(RequestError, match="sample_rate: expected a positive int"):
         body = encode_tensor_request(audio, ["x", "y"], sample_rate=-3)
         decode_tensor_request(body, "audio")
+
+
+def test_a_served_image_reward_lifts_to_videos():
+    """A video generator's trainer lifts image rewards to its videos (the mean over up to 8 frames): the frames go
+    to the server as images and the scores are averaged here."""
+    from mmalign.rewards.lifted import lift
+
+    server = FakeServer()
+    video_reward = lift(client(server), "video")
+    videos = torch.rand(2, 4, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    scores = video_reward.score_tensor(videos, ["a", "b"])
+    ((sent, prompts, _),) = server.received
+    assert torch.equal(sent, videos.flatten(0, 1)) and prompts == ["a"] * 4 + ["b"] * 4
+    torch.testing.assert_close(scores, videos.mean(dim=(2, 3, 4)).mean(dim=1))
