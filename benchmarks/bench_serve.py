@@ -6,7 +6,8 @@ For each model (random weights in the PickScore format: ``clip-b32`` is CLIP ViT
 tests' 64 px CLIP, where the HTTP overhead shows alone) and for 1 and 8 concurrent clients, each client sends
 ``--requests`` requests of ``--items`` images (float ``[items, 3, 256, 256]`` in [0, 1], as a trainer sends them)
 one after the other. In process, the clients are threads calling ``score_tensor`` on one shared reward; over HTTP,
-threads each with its own HTTPReward against one server (`--max-batch 16 --max-wait-ms 5`, the defaults).
+threads each with its own HTTPReward against one server (`--max-batch 16`, `--max-wait-ms` 5 by default as the
+server's).
 Reported: per-request latency p50 and p99 and throughput (items/s), and their ratios HTTP / in process; the mean
 model batch the server formed; the CPU that other processes used meanwhile (the machine may be shared).
 
@@ -53,13 +54,16 @@ def build(model: str, folder: Path) -> Path:
     return tiny.make_clip_model(folder / model, **MODELS[model])
 
 
-def start_server(folder: Path, port: int, threads: int, log: Path) -> subprocess.Popen:
+def start_server(folder: Path, port: int, threads: int, log: Path, max_wait_ms: float) -> subprocess.Popen:
     import httpx
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "mmalign.cli", "serve", "--reward", "pickscore", "--weights", str(folder)]
     process = subprocess.Popen(
-        [*command, "--port", str(port)], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+        [*command, "--port", str(port), "--max-wait-ms", str(max_wait_ms)],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -142,7 +146,7 @@ def measure(model: str, folder: Path, args: argparse.Namespace, log: Path) -> li
     batches = [torch.rand(args.items, 3, 256, 256, generator=generator) for _ in range(16)]
     local = mmalign.load_reward("pickscore", weights=str(folder))
     port = free_port()
-    server = start_server(folder, port, args.threads, log)
+    server = start_server(folder, port, args.threads, log, args.max_wait_ms)
     url = f"http://127.0.0.1:{port}/pickscore"
 
     def in_process(media, prompts):
@@ -208,7 +212,8 @@ def markdown(report: dict) -> str:
         "",
         "Each client sends requests of "
         f"{report['items']} image(s) [{report['items']}, 3, 256, 256] one after the other ({report['requests']} per "
-        "client). Latencies are per request as the client sees them; x = HTTP / in process (latency: above 1 is "
+        f"client; the server's batching window {report.get('max_wait_ms', 5.0):g} ms). Latencies are per request as "
+        "the client sees them; x = HTTP / in process (latency: above 1 is "
         "slower; throughput: above 1 is more items/s). `other cores`: CPU that other processes used during the "
         "in-process / HTTP phase, in cores (the machine is shared).",
         "",
@@ -234,15 +239,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per client")
     parser.add_argument("--items", type=int, default=1, help="images per request")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the model, both sides")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's batching window")
     parser.add_argument("--out", default=str(RESULTS / "serve"), help="writes OUT.md and OUT.json")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report = {
-        "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]),
         "machine": machine(args.threads),
         "requests": args.requests,
         "items": args.items,
+        "max_wait_ms": args.max_wait_ms,
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
