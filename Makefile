@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate]'
+	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,7 +32,7 @@ SUDO ?=
 browser-deps: $(STAMP)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver)
-	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate,browser]'
+	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate,serve,browser]'
 
 test-browser: browser-deps
 	$(BIN)/python -m pytest -q tests/annotate/test_browser.py

@@ -44,8 +44,16 @@ def make_hps_checkpoint(folder: Path, seed: int = 0, filename: str = "HPS_v2.1_c
     return path
 
 
-def make_clip_model(folder: Path, seed: int = 0, image_size: int = 224, projection_dim: int = 32) -> Path:
-    """A tiny transformers CLIPModel + CLIPProcessor folder (``save_pretrained`` layout)."""
+def make_clip_model(
+    folder: Path,
+    seed: int = 0,
+    image_size: int = 224,
+    projection_dim: int = 32,
+    text: dict | None = None,
+    vision: dict | None = None,
+) -> Path:
+    """A tiny transformers CLIPModel + CLIPProcessor folder (``save_pretrained`` layout); ``text`` / ``vision``
+    override the towers' sizes (a benchmark builds ViT-B/32 so)."""
     from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip import CLIPImageProcessorPil
 
@@ -53,15 +61,12 @@ def make_clip_model(folder: Path, seed: int = 0, image_size: int = 224, projecti
 
     torch.manual_seed(seed)
     config = clip_config(
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        vision=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=32,
-        ),
+        text={**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2), **(text or {})},
+        vision={
+            **dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, patch_size=32),
+            "image_size": image_size,
+            **(vision or {}),
+        },
         projection_dim=projection_dim,
         logit_scale_init_value=4.6052,
     )

@@ -1,7 +1,7 @@
 """One module per ``mmalign`` subcommand; each exposes ``add_parser(subparsers)`` and sets ``func=run``.
 
 Add a command by writing a module here and naming it in :data:`COMMANDS` (imported when the CLI starts, so keep
-heavy imports inside ``run``).
+heavy imports inside ``run``). Modules whose names start with ``_`` are argument helpers that commands share.
 """
 
-COMMANDS = ["score", "list", "convert", "demo", "train", "bench", "label", "annotate", "accelerate_config"]
+COMMANDS = ["score", "list", "convert", "demo", "train", "bench", "label", "annotate", "serve", "accelerate_config"]

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import MMAlignError
+from ._reward_args import add_reward_file_options
 
 SUBCOMMANDS: dict[str, str] = {
     "rewards": "mmalign.commands.bench:add_rewards",
@@ -40,34 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- shared options
 
 
-class _RewardAction(argparse.Action):
-    """``--reward NAME`` starts a reward; the ``--weights/--processor/--backbone`` that follow belong to it."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        from ..bench.runner import RewardSpec
-
-        rewards = list(getattr(namespace, "rewards", None) or [])
-        rewards.append(RewardSpec(value))
-        namespace.rewards = rewards
-
-
-class _RewardOption(argparse.Action):
-    def __call__(self, parser, namespace, value, option_string=None):
-        rewards = getattr(namespace, "rewards", None) or []
-        if not rewards:
-            parser.error(f"{option_string} must follow the --reward it belongs to")
-        spec = rewards[-1]
-        if getattr(spec, self.dest) is not None:
-            parser.error(f"{option_string} given twice for --reward {spec.name}")
-        setattr(spec, self.dest, value)
-
-
 def _add_reward_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("reward models (each --reward may be followed by its own files)")
-    group.add_argument("--reward", action=_RewardAction, metavar="NAME", help="reward name (repeat to compare)")
-    group.add_argument("--weights", action=_RewardOption, metavar="PATH", help="weights of the preceding --reward")
-    group.add_argument("--processor", action=_RewardOption, metavar="PATH", help="processor of the preceding --reward")
-    group.add_argument("--backbone", action=_RewardOption, metavar="PATH", help="CLIP backbone (aesthetic)")
+    add_reward_file_options(group, "reward name or http://HOST:PORT/NAME (repeat to compare)")
     group.add_argument("--batch-size", type=int, default=32)
     group.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

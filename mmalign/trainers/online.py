@@ -6,7 +6,8 @@ of ``{"prompt": ...}`` rows. Every random draw of step ``s`` (prompt order, x_T,
 indices) comes from generators seeded by ``(seed, s)`` and drawn for the global batch, as in the offline loop.
 
 Rewards: ``reward`` is a registered name or a weighted list ``hpsv2.1:1.0,aesthetic:0.5`` (their weighted
-sum), ``reward_weights`` a checkpoint path (a comma list, one per reward, when several).
+sum), ``reward_weights`` a checkpoint path (a comma list, one per reward, when several). A name may be the address
+of a served reward (``http://127.0.0.1:8000/hpsv2.1``, :mod:`mmalign.serve`), which scores without gradients.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor
@@ -56,14 +58,20 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """``"hpsv2.1:1.0,aesthetic:0.5"`` -> ``[("hpsv2.1", 1.0), ("aesthetic", 0.5)]``; a bare name weighs 1."""
+    """``"hpsv2.1:1.0,aesthetic:0.5"`` -> ``[("hpsv2.1", 1.0), ("aesthetic", 0.5)]``; a bare name weighs 1.
+
+    A served reward's address is a name too: ``http://127.0.0.1:8000/hps`` weighs 1 and
+    ``http://127.0.0.1:8000/hps:0.5`` weighs 0.5 (the port's colon is followed by the reward's path, a weight's is
+    not)."""
+    from ..rewards import is_reward_url
+
     out = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         name, sep, weight = part.rpartition(":")
-        if not sep:
-            name, weight = part, "1"
+        if not sep or (is_reward_url(part) and ("/" in weight or urlsplit(name).path in ("", "/"))):
+            name, weight = part, "1"  # that colon is the URL's own (scheme or port)
         try:
             out.append((name.strip(), float(weight)))
         except ValueError:
