@@ -30,7 +30,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +143,12 @@ def machine(device: torch.device) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
-        info.update(cpu_flags=sorted(f for f in flags.split() if f.startswith(("avx", "amx"))), threads=torch.get_num_threads())
+        flags = (
+            Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
+        )
+        info.update(
+            cpu_flags=sorted(f for f in flags.split() if f.startswith(("avx", "amx"))), threads=torch.get_num_threads()
+        )
     return info
 
 
@@ -225,7 +228,7 @@ def bench_sd35(bench: Bench, tiny: bool) -> None:
     model.enable_gradient_checkpointing()
     bench.attempt(section, f"train_call_lora_{rows}rows_checkpointed", lambda: bench.time(train_call))
     model.disable_gradient_checkpointing()
-    del model
+    model = None  # free the LoRA model before the full fine-tuning one
 
     def full_step():
         with torch.device(dev):
@@ -341,7 +344,9 @@ def bench_xformers(bench: Bench, tiny: bool) -> None:
     def sd3_feed(batch: int) -> dict[str, torch.Tensor]:
         return dict(
             hidden_states=torch.randn(batch, 16, side, side, device=dev, dtype=torch.bfloat16),
-            encoder_hidden_states=torch.randn(batch, text, config["joint_attention_dim"], device=dev, dtype=torch.bfloat16),
+            encoder_hidden_states=torch.randn(
+                batch, text, config["joint_attention_dim"], device=dev, dtype=torch.bfloat16
+            ),
             pooled_projections=torch.randn(batch, config["pooled_projection_dim"], device=dev, dtype=torch.bfloat16),
             timestep=torch.full((batch,), 500.0, device=dev),
         )
@@ -362,7 +367,7 @@ def bench_xformers(bench: Bench, tiny: bool) -> None:
             bench.record(section, "sd35_switch", use_xformers(sd3))
         bench.attempt(section, f"sd35_sample_cfg_{2 * rows}rows_{attention}", lambda: bench.time(sd3_sample))
         bench.attempt(section, f"sd35_train_lora_{rows}rows_{attention}", lambda: bench.time(sd3_train))
-    del sd3, sample, train
+    sd3 = sample = train = None  # free the SD3.5 model before Wan's
     wan_config = dict(WAN_COMMON, **(TINY_WAN if tiny else WAN21["1.3B"]))
     if tiny:
         wan_config["text_dim"] = 16

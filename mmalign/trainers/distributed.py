@@ -124,9 +124,9 @@ def build_accelerator(engine: str, mixed_precision: str, log_with: str | None, p
     accelerator = Accelerator(
         mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu, **kwargs
     )
-    if accelerator.distributed_type == DistributedType.FSDP and getattr(accelerator.state, "fsdp_plugin", None):
-        if accelerator.state.fsdp_plugin.fsdp_version != 2:
-            raise ConfigError("mmalign trains with FSDP2 (fsdp_version: 2 in the accelerate config)")
+    launched_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type == DistributedType.FSDP and launched_plugin and launched_plugin.fsdp_version != 2:
+        raise ConfigError("mmalign trains with FSDP2 (fsdp_version: 2 in the accelerate config)")
     if plugin is not None and cpu and accelerator.num_processes > 1:
         if mixed_precision != "no":
             plugin.set_mixed_precision(mixed_precision)
@@ -181,7 +181,9 @@ def set_wrap_blocks(accelerator: Any, model: torch.nn.Module, policy: Any) -> No
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
 
 
-def full_state_dict(accelerator: Any, model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    accelerator: Any, model: torch.nn.Module, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """``model``'s parameters (only ``names`` when given) as whole CPU tensors. Under FSDP each is gathered from
     its shards, a collective that every process must call; elsewhere the local tensors."""
     wanted = None if names is None else set(names)

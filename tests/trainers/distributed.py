@@ -84,7 +84,9 @@ def run_train(
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes // nodes)]
         launcher += ["--nnodes", str(nodes), "--master_addr", "127.0.0.1", "--master_port", str(port)]
         commands = [[*launcher, "--node_rank", str(rank), *program] for rank in range(nodes)]
-    running = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    running = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
     try:
         finished = [(p.communicate(timeout=timeout), p.returncode) for p in running]
     finally:
