@@ -24,6 +24,8 @@ process writes (:func:`full_state_dict`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,6 +161,46 @@ def is_fsdp(accelerator: Any) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
+def deepspeed_stage(accelerator: Any) -> int:
+    """The ZeRO stage when DeepSpeed trains, else 0."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+@contextmanager
+def loading_context(accelerator: Any) -> Iterator[None]:
+    """Where the generator is loaded: under ZeRO-3 without transformers' DeepSpeed config, which would make every
+    ``from_pretrained`` partition its weights (the frozen text encoders then fail: seen on an H200 with
+    transformers 5.24, a CLIP text model whose position table had 0 rows); only the trained network, prepared
+    later, is partitioned."""
+    if deepspeed_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def configure_deepspeed(accelerator: Any, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
+    """DeepSpeed's batch keys from the training config (mmalign makes its own batches, so accelerate cannot infer
+    ``train_micro_batch_size_per_gpu`` from a dataloader): the micro-batch, the accumulation (DeepSpeed steps its
+    optimizer on the boundary and scales each backward by it) and the clipping norm."""
+    if not deepspeed_stage(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["train_batch_size"] = batch_size * grad_accum * accelerator.num_processes
+    config["gradient_clipping"] = max_grad_norm
+
+
 def wrap_blocks(model: torch.nn.Module, policy: Any) -> list[str]:
     """Class names of the blocks FSDP wraps one by one: ``model``'s ``_no_split_modules`` (diffusers declares
     them), else the generator family's ``block_class``."""
@@ -179,6 +221,22 @@ def set_wrap_blocks(accelerator: Any, model: torch.nn.Module, policy: Any) -> No
     if plugin.auto_wrap_policy is transformer_auto_wrap_policy or plugin.auto_wrap_policy is None:
         plugin.transformer_cls_names_to_wrap = wrap_blocks(model, policy)
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
+
+
+def shard_frozen(accelerator: Any, model: torch.nn.Module, policy: Any) -> torch.nn.Module:
+    """A frozen network (the full fine-tuning's reference copy) sharded like the trained one, so that FSDP does not
+    keep a whole replica of it on every process; its forwards gather the shards (every process calls them)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    blocks = set(wrap_blocks(model, policy))
+    for module in reversed(list(model.modules())):  # inner blocks first (the UNet's up-blocks hold ResNet blocks)
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def full_state_dict(

@@ -36,6 +36,8 @@ logger = logging.getLogger("mmalign.train")
 CHECKPOINT_PREFIX = "step-"
 #: the folder of a checkpoint holding FSDP's sharded weights and optimizer state (torch.distributed.checkpoint)
 SHARDED_DIR = "sharded"
+#: the folder of a checkpoint holding DeepSpeed's engine state (accelerate's save_state)
+DEEPSPEED_DIR = "deepspeed"
 
 
 @dataclass
@@ -116,6 +118,9 @@ class TrainConfig:
     attention: Literal["sdpa", "xformers"] = "sdpa"
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     progress: bool = True
+    # bit-exact reruns and resumes on GPUs: deterministic CUDA kernels (torch.use_deterministic_algorithms and a
+    # fixed cuBLAS workspace), slower; CPUs are deterministic without it
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "resolution", "checkpoint_every", "log_every")
@@ -258,15 +263,26 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         trackers = None if config.tracker == "none" else config.tracker
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         # Without a GPU the processes form a gloo group (accelerate's cpu=True); FSDP2 runs there too
         self.accelerator = build_accelerator(config.distributed, config.mixed_precision, trackers, str(self.output_dir))
+        from .distributed import is_fsdp
+
+        if is_fsdp(self.accelerator) and getattr(config, "eval_keep_best", False):
+            raise ConfigError("eval_keep_best is not available under FSDP (the kept weights would be shards)")
         set_seed(config.seed)
         from ..models.generator import load_generator, parametrisation_of
 
         kind = parametrisation_of(config.model) if policy is None else getattr(policy, "parametrisation", "diffusion")
         self.check_generator(kind, config.model if policy is None else type(policy).__name__)
         if policy is None:
-            policy = load_generator(config.model)
+            from .distributed import loading_context
+
+            with loading_context(self.accelerator):
+                policy = load_generator(config.model)
         self.policy = policy
         self._set_frames()
         self.policy.to(self.accelerator.device)
@@ -455,12 +471,17 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        from .distributed import set_wrap_blocks
+        from .distributed import configure_deepspeed, set_wrap_blocks
 
         set_wrap_blocks(self.accelerator, self.policy.trainable, self.policy)
+        configure_deepspeed(self.accelerator, config.batch_size, config.grad_accum, config.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(self.policy.trainable, self.optimizer)
         # the parameters the optimizer steps: FSDP2 swaps each for its sharded DTensor during prepare
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        from .distributed import is_fsdp, shard_frozen
+
+        if self.ref_model is not None and is_fsdp(self.accelerator):
+            self.ref_model = shard_frozen(self.accelerator, self.ref_model, self.policy)
         if config.ema_decay > 0:
             from diffusers.training_utils import EMAModel
 
@@ -770,12 +791,21 @@ class Trainer:
         early, after which the final weights are saved as usual."""
 
     def _train_step(self) -> dict[str, float]:
+        from .distributed import deepspeed_stage
+
         config, acc = self.config, self.accelerator
         skip = False
         totals: dict[str, float] = {}
+        deepspeed = bool(deepspeed_stage(acc))
+        scale = 1.0 if deepspeed else 1.0 / config.grad_accum  # DeepSpeed divides each backward by its accumulation
         for micro in range(config.grad_accum):
             batch = self.make_batch(self.step * config.grad_accum + micro)
             parts = self.loss_parts(batch)
+            if deepspeed and len(parts) > 1:
+                raise ConfigError(
+                    f"trainer={config.trainer} backpropagates each micro-batch in {len(parts)} parts, and DeepSpeed "
+                    "counts every backward as a micro-batch: use distributed=fsdp2 or ddp"
+                )
             for index, part in enumerate(parts):
                 sync = micro == config.grad_accum - 1 and index == len(parts) - 1  # all-reduce in the last backward
 
@@ -790,14 +820,21 @@ class Trainer:
                 if float(finite) < 1.0:
                     skip = True
                     break
+                if deepspeed:  # DeepSpeed steps its optimizer on the accumulation boundary: the last backward
+                    acc.gradient_state._set_sync_gradients(sync)
                 with context():
-                    acc.backward(out.loss / config.grad_accum)
+                    acc.backward(out.loss * scale)
                 for key, value in out.scalars().items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
         grad_norm = float("nan")
         if not skip and acc.sync_gradients:
-            grad_norm = float(acc.clip_grad_norm_(self.trainable, config.max_grad_norm))
-            skip = not math.isfinite(grad_norm)
+            norm = acc.clip_grad_norm_(self.trainable, config.max_grad_norm)
+            if norm is None:  # DeepSpeed clips inside its step (gradient_clipping of its config) and reports it there
+                norm = getattr(self.model, "get_global_grad_norm", lambda: None)()
+                grad_norm = float("nan") if norm is None else float(norm)
+            else:
+                grad_norm = float(norm)
+                skip = not math.isfinite(grad_norm)
         if skip:
             self.skipped_steps += 1
             logger.warning("step %d: non-finite loss or gradient; the step is skipped", self.step + 1)
@@ -839,7 +876,7 @@ class Trainer:
         """Write ``checkpoints/step-N`` atomically (a temporary folder renamed when complete)."""
         from safetensors.torch import save_file
 
-        from .distributed import is_fsdp, save_sharded
+        from .distributed import deepspeed_stage, is_fsdp, save_sharded
 
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
@@ -853,8 +890,11 @@ class Trainer:
         acc.wait_for_everyone()
         if sharded:  # every process writes its shards of the weights, optimizer state and EMA
             save_sharded(tmp / SHARDED_DIR, self.model, self.optimizer, self._sharded_extra())
+        zero = deepspeed_stage(acc)
+        if zero:  # DeepSpeed's own checkpoint of its engine (each process its partition of the optimizer)
+            acc.save_state(str(tmp / DEEPSPEED_DIR))
         if acc.is_main_process:
-            if not sharded:
+            if not sharded and not zero:
                 save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
@@ -909,7 +949,7 @@ class Trainer:
                 logger.info("resume=latest: no checkpoint yet in %s; starting from scratch", self.output_dir)
             return
         meta = json.loads((folder / "state.json").read_text())
-        if self._resume_sharded(folder):
+        if self._resume_engine(folder):
             self.load_extra_state(folder)
             self.step = int(meta["step"])
             self.skipped_steps = int(meta.get("skipped_steps", 0))
@@ -925,25 +965,25 @@ class Trainer:
             raise StateDictMismatchError(str(folder), missing, unexpected)
         load_into(unet, state, source=str(folder), allow_missing=["*"])
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-        if self.ema is not None:
-            ema_state = json.loads((folder / "ema.json").read_text())
-            shadow = load_file(str(folder / "ema.safetensors"))
-            ema_state["shadow_params"] = [shadow[str(i)] for i in range(len(shadow))]
-            self.ema.load_state_dict(ema_state)
+        self._restore_schedule_and_ema(folder)
         self.load_extra_state(folder)
         self.step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         logger.info("resumed from %s at step %d", folder, self.step)
 
-    def _resume_sharded(self, folder: Path) -> bool:
-        """Resume from an FSDP checkpoint (``folder/sharded``) on any process count and engine (DCP re-shards, or
-        loads whole tensors into one process); False for a checkpoint of one process or DDP (read by
-        :meth:`_maybe_resume`), which an FSDP run does not resume."""
-        from .distributed import is_fsdp, load_sharded
+    def _resume_engine(self, folder: Path) -> bool:
+        """Resume from a checkpoint of FSDP (``folder/sharded``: on any process count and engine, DCP re-sharding
+        or loading whole tensors into one process) or of DeepSpeed (``folder/deepspeed``, under DeepSpeed); False
+        for a checkpoint of one process or DDP (read by :meth:`_maybe_resume`), which an FSDP run refuses."""
+        from .distributed import deepspeed_stage, is_fsdp, load_sharded
 
-        sharded = (folder / SHARDED_DIR).is_dir()
-        if not sharded:
+        if (folder / DEEPSPEED_DIR).is_dir():
+            if not deepspeed_stage(self.accelerator):
+                raise MMAlignError(f"resume={folder}: a DeepSpeed checkpoint; resume it under DeepSpeed")
+            self.accelerator.load_state(str(folder / DEEPSPEED_DIR))
+            self._restore_schedule_and_ema(folder)
+            return True
+        if not (folder / SHARDED_DIR).is_dir():
             if is_fsdp(self.accelerator):
                 raise MMAlignError(
                     f"resume={folder}: the checkpoint was written by one process or DDP (no {SHARDED_DIR}/ folder); "
@@ -952,12 +992,23 @@ class Trainer:
             return False
         extra = self._sharded_extra()
         load_sharded(folder / SHARDED_DIR, self.model, self.optimizer, extra)
-        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-        if self.ema is not None:
-            ema_state = json.loads((folder / "ema.json").read_text())
-            ema_state["shadow_params"] = [extra["ema"][str(i)] for i in range(len(extra["ema"]))]
-            self.ema.load_state_dict(ema_state)
+        self._restore_schedule_and_ema(folder, [extra["ema"][str(i)] for i in range(len(extra.get("ema", {})))])
         return True
+
+    def _restore_schedule_and_ema(self, folder: Path, shadow: list[torch.Tensor] | None = None) -> None:
+        """The LR schedule and the EMA (its shadow tensors from ``ema.safetensors`` unless given) of a checkpoint."""
+        from safetensors.torch import load_file
+
+        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
+        if self.ema is None:
+            return
+        ema_state = json.loads((folder / "ema.json").read_text())
+        if not shadow:
+            tensors = load_file(str(folder / "ema.safetensors"))
+            shadow = [tensors[str(i)] for i in range(len(tensors))]
+        ema_state["shadow_params"] = shadow
+        self.ema.load_state_dict(ema_state)
+        self.ema.to(device=self.accelerator.device)  # read onto the CPU; the trained parameters may be on a GPU
 
     def _save_config(self) -> None:
         (self.output_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
@@ -965,7 +1016,7 @@ class Trainer:
     def save_final(self) -> Path:
         """LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(output_dir)``); full: a
         pipeline folder (``from_pretrained(output_dir)``). EMA weights are used when EMA is on."""
-        from .distributed import full_state_dict, is_fsdp
+        from .distributed import deepspeed_stage, full_state_dict, is_fsdp
 
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -975,11 +1026,15 @@ class Trainer:
             self.ema.store(self.trainable)
             self.ema.copy_to(self.trainable)
         gathered = None
+        lora = self.config.lora_rank > 0
         if sharded:  # every process takes part in gathering the shards; the main one writes
-            lora = self.config.lora_rank > 0
             gathered = full_state_dict(acc, unet, self.trainable_names if lora else None)
-            if not lora:
-                unet = self._plain_copy(unet, gathered) if acc.is_main_process else unet
+        elif deepspeed_stage(acc) == 3:  # ZeRO-3 partitions the weights: its 16-bit gather (zero3_save_16bit_model)
+            state = acc.get_state_dict(self.model)
+            names = set(self.trainable_names) if lora else set(dict(unet.named_parameters()))
+            gathered = {k: v for k, v in (state or {}).items() if k in names}
+        if gathered is not None and not lora and acc.is_main_process:
+            unet = self._plain_copy(unet, gathered)
         if acc.is_main_process:
             if self.config.lora_rank > 0:
                 from peft.utils import get_peft_model_state_dict

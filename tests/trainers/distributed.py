@@ -63,21 +63,26 @@ def run_train(
     nodes: int = 1,
     timeout: int = 300,
     accelerate_config: Path | None = None,
+    gpu: bool = False,
 ) -> None:
     """``mmalign train ARGS`` in 1 process or under torchrun in several, each with its share of
     ``global_batch``, asserting that every launcher succeeds (the assertion carries the end of stderr).
     ``entry``: a script to run instead of ``-m mmalign.cli``. ``nodes`` > 1: that many torchrun launchers, as on
     separate machines (``--nnodes``, ``--node_rank``, a rendezvous over loopback), with ``processes`` in all.
-    ``accelerate_config``: launched by ``accelerate launch --config_file`` instead of torchrun."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ``accelerate_config``: launched by ``accelerate launch --config_file`` instead of torchrun. The processes see
+    no GPU unless ``gpu``."""
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
+    if not gpu:  # CPU processes with gloo also on a machine with fewer GPUs than processes
+        env["CUDA_VISIBLE_DEVICES"] = ""
     program = list(entry) if entry else ["-m", "mmalign.cli"]
     program += ["train", *args, f"batch_size={global_batch // processes}", f"output_dir={out}"]
-    if processes == 1:
-        commands = [[sys.executable, *program]]
-    elif accelerate_config is not None:
+    if accelerate_config is not None:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
         launcher += ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
         commands = [[*launcher, *program]]
+    elif processes == 1:
+        commands = [[sys.executable, *program]]
     else:
         assert processes % nodes == 0
         port = free_port()
@@ -140,7 +145,7 @@ def initial_lora(trainer) -> dict[str, torch.Tensor]:
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     prefix = trainer.policy.lora_layers_key.split("_")[0]  # "unet" or "transformer", as diffusers saves them
-    return {f"{prefix}.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {f"{prefix}.{k}": v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def update_error(one: dict, two: dict, init: dict) -> float:
