@@ -104,22 +104,6 @@ RESULTS = REPO / "benchmarks" / "results"
 GIB = 1024**3
 CACHE_VERSION = 1
 
-# stabilityai/stable-diffusion-3.5-medium transformer/config.json (diffusers SD3Transformer2DModel)
-SD35_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
 TINY_VAE = dict(  # SD3's 16 latent channels and factors, factor 8 (four blocks), 16 wide
     in_channels=3,
     out_channels=3,
@@ -253,13 +237,14 @@ def task_build(spec: dict) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from safetensors.torch import save_file
 
+    from mmalign.models.builders import SD35_MEDIUM_TRANSFORMER
     from mmalign.trainers.flow import _FLOW_SAMPLE_STREAM
     from mmalign.trainers.loop import _generator
 
     folder, layers = Path(spec["folder"]), int(spec["layers"])
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    config = dict(SD35_MEDIUM, num_layers=layers, dual_attention_layers=tuple(range(min(13, layers))))
+    config = dict(SD35_MEDIUM_TRANSFORMER, num_layers=layers, dual_attention_layers=tuple(range(min(13, layers))))
     transformer = SD3Transformer2DModel(**config)
     transformer.save_pretrained(str(folder / "transformer"), safe_serialization=True)
     AutoencoderKL(**TINY_VAE).save_pretrained(str(folder / "vae"), safe_serialization=True)

@@ -35,36 +35,9 @@ from typing import Any
 
 import torch
 
-SD35_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
-WAN21 = {
-    "1.3B": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
-    "14B": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-}
-WAN_COMMON = dict(
-    patch_size=(1, 2, 2),
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
+from mmalign.models.builders import SD35_MEDIUM_TRANSFORMER, WAN21_TRANSFORMER
+
+SD35_MEDIUM = SD35_MEDIUM_TRANSFORMER
 VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14)
 
 TINY_SD3 = dict(SD35_MEDIUM, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
@@ -253,7 +226,7 @@ def bench_wan(bench: Bench, size: str, tiny: bool, warmup: int, reps: int) -> No
     from mmalign.models.wan import WAN_LORA_TARGETS
 
     section, dev = f"wan21_{size}_flow_dpo", bench.device
-    config = dict(WAN_COMMON, **(TINY_WAN if tiny else WAN21[size]))
+    config = dict(WAN21_TRANSFORMER["1.3B"], **TINY_WAN) if tiny else dict(WAN21_TRANSFORMER[size])
     if tiny:
         config["text_dim"] = 16
     frames, height, width, text = (2, 8, 8, 6) if tiny else (21, 60, 104, 512)  # 81 frames at 480x832
@@ -368,7 +341,7 @@ def bench_xformers(bench: Bench, tiny: bool) -> None:
         bench.attempt(section, f"sd35_sample_cfg_{2 * rows}rows_{attention}", lambda: bench.time(sd3_sample))
         bench.attempt(section, f"sd35_train_lora_{rows}rows_{attention}", lambda: bench.time(sd3_train))
     sd3 = sample = train = None  # free the SD3.5 model before Wan's
-    wan_config = dict(WAN_COMMON, **(TINY_WAN if tiny else WAN21["1.3B"]))
+    wan_config = dict(WAN21_TRANSFORMER["1.3B"], **(TINY_WAN if tiny else {}))
     if tiny:
         wan_config["text_dim"] = 16
     frames, height, width, words = (2, 8, 8, 6) if tiny else (21, 60, 104, 512)

@@ -68,23 +68,11 @@ from harness import (
     versions,
 )
 
+from mmalign.models.builders import WAN21_TRANSFORMER
+
 BUILD_VERSION = 1
 WAN_13B = {
-    "transformer": dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=12,
-        attention_head_dim=128,
-        in_channels=16,
-        out_channels=16,
-        text_dim=4096,
-        freq_dim=256,
-        ffn_dim=8960,
-        num_layers=30,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        rope_max_seq_len=1024,
-    ),
+    "transformer": WAN21_TRANSFORMER["1.3B"],
     "vae": dict(
         base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
     ),

@@ -42,6 +42,40 @@ SD15: dict[str, dict[str, Any]] = dict(
     text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
 )
 # a tiny pipeline of the same architecture (as diffusers' own tests build): seconds per training step on a CPU
+# The published transformers at full size (random weights in benchmarks; nothing is downloaded):
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json (SD3Transformer2DModel, 2.24B parameters) and
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers / -14B-Diffusers transformer/config.json (WanTransformer3DModel)
+SD35_MEDIUM_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+_WAN21_COMMON: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+WAN21_TRANSFORMER: dict[str, dict[str, Any]] = {
+    "1.3B": dict(_WAN21_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "14B": dict(_WAN21_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+}
+
 TINY_SD: dict[str, dict[str, Any]] = dict(
     unet=dict(
         sample_size=8,
