@@ -119,7 +119,7 @@ class TrainConfig:
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     progress: bool = True
     # bit-exact reruns and resumes on GPUs: deterministic CUDA kernels (torch.use_deterministic_algorithms and a
-    # fixed cuBLAS workspace), slower; CPUs are deterministic without it
+    # fixed cuBLAS workspace) in full fp32 (no TF32), slower; CPUs are deterministic without it
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -267,6 +267,10 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+            # and full fp32: cuDNN convolutions run in TF32 by default, whose 10-bit mantissa makes two runs that
+            # pick different kernels differ far beyond fp32 rounding
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         # Without a GPU the processes form a gloo group (accelerate's cpu=True); FSDP2 runs there too
         self.accelerator = build_accelerator(config.distributed, config.mixed_precision, trackers, str(self.output_dir))
         from .distributed import is_fsdp
