@@ -148,6 +148,19 @@ for _dim in ("VQ", "MQ", "TA"):
         dimension=_dim,
     )
 
+REWARDS.register(
+    "vqascore",
+    "mmalign.rewards.vqascore:VQAScoreReward.from_pretrained",
+    'VQAScore (t2v_metrics): P("Yes") of Qwen2.5-VL-7B asked \'Does this figure show "{prompt}"?\', images, [0, 1]',
+    modality="image",
+)
+REWARDS.register(
+    "vqascore-video",
+    "mmalign.rewards.vqascore:VQAScoreReward.from_pretrained",
+    'VQAScore (t2v_metrics) on whole videos: P("Yes") of Qwen2.5-VL-7B, frames at 8 fps, [0, 1]',
+    modality="video",
+)
+
 TRAINERS = Registry("trainer")
 
 TRAINERS.register("dpo", "mmalign.trainers.dpo:DiffusionDPOTrainer", "Diffusion-DPO (sigmoid, hinge, ipo)")

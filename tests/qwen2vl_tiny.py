@@ -142,3 +142,68 @@ def reference_keys_from_module(state_dict: dict) -> dict:
             key = "visual." + key[len("backbone.visual.") :]
         out[key] = value.detach().clone().contiguous()
     return out
+
+
+# -- a tiny Qwen2.5-VL / Qwen2-VL CHAT model folder (VQAScore): the published Hub layout ----------------------
+VQA_CORPUS = (
+    'Does this figure show "a red circle"? Please answer Yes or No. Does this figure show "two blue squares"? '
+    "Please answer Yes or No.\nYes\nYes\nYes\nNo\nNo\n"
+)
+
+
+def write_chat_model_folder(folder: Path, model_type: str = "qwen2_5_vl", repetition_penalty: float = 1.05) -> Path:
+    """config.json in the flat layout of the Qwen2.5-VL / Qwen2-VL Instruct releases (transformers 4.49), tokenizer,
+    chat template, preprocessor and generation configs. The weights are written by the caller
+    (:func:`published_chat_keys` gives the release's key names)."""
+    folder = Path(folder)
+    backbone = write_backbone_folder(folder, layers=2, corpus=VQA_CORPUS * 4)
+    config = json.loads((backbone / "config.json").read_text())
+    if model_type == "qwen2_5_vl":
+        config["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+        config["model_type"] = "qwen2_5_vl"
+        config["vision_config"] = {
+            "depth": 2,
+            "hidden_size": HIDDEN,
+            "hidden_act": "silu",
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "in_chans": 3,
+            "out_hidden_size": HIDDEN,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+        }
+    elif model_type != "qwen2_vl":
+        raise ValueError(model_type)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    preprocessor["processor_class"] = "Qwen2_5_VLProcessor" if model_type == "qwen2_5_vl" else "Qwen2VLProcessor"
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    generation = {
+        "bos_token_id": config["bos_token_id"],
+        "pad_token_id": config["bos_token_id"],
+        "do_sample": True,
+        "eos_token_id": [config["eos_token_id"], config["bos_token_id"]],
+        "repetition_penalty": repetition_penalty,
+        "temperature": 0.1,
+        "top_p": 0.001,
+        "top_k": 1,
+    }
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return folder
+
+
+def published_chat_keys(state_dict: dict) -> dict:
+    """transformers 5 ``*ForConditionalGeneration`` keys -> the releases' (``model.*``, ``visual.*``, ``lm_head.*``)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model.") :]
+        elif key.startswith("model.visual."):
+            key = "visual." + key[len("model.visual.") :]
+        out[key] = value.detach().clone().contiguous()
+    return out
