@@ -207,3 +207,23 @@ def published_chat_keys(state_dict: dict) -> dict:
             key = "visual." + key[len("model.visual.") :]
         out[key] = value.detach().clone().contiguous()
     return out
+
+
+def write_chat_model(folder: Path, model_type: str = "qwen2_5_vl", seed: int = 0) -> Path:
+    """:func:`write_chat_model_folder` plus seeded random weights in ``model.safetensors`` (the releases' keys).
+    Needs transformers 5 (the classes are built from the folder's config)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    write_chat_model_folder(folder, model_type)
+    config = AutoConfig.from_pretrained(str(folder))
+    cls = Qwen2_5_VLForConditionalGeneration if model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = cls(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator) / max(1, parameter.shape[-1]) ** 0.5
+            parameter.copy_(noise + (1.0 if "norm" in name and parameter.ndim == 1 else 0.0))
+    save_file(published_chat_keys(model.state_dict()), str(Path(folder) / "model.safetensors"))
+    return Path(folder)

@@ -25,8 +25,13 @@ Read from t2v_metrics (GitHub ``main``, v3.1: ``t2v_metrics/models/vqascore_mode
   frames resized (torchvision bicubic, antialias, on uint8) to ``smart_resize`` with ``min_pixels = 128*28*28``
   and ``max_pixels = min(360*420, max(min(768*28*28, 0.9*128000*28*28 / n * 2), 1.05*min_pixels))``; for
   Qwen2.5-VL the temporal M-RoPE step is ``second_per_grid_ts = 2 / sample_fps`` with
-  ``sample_fps = n / total * video_fps`` (qwen-vl-utils' ``video_kwargs``);
-* the decoder runs with the model's own 3-D M-RoPE positions (``get_rope_index``), as ``generate`` does.
+  ``sample_fps = n / total * video_fps`` (qwen-vl-utils' ``video_kwargs``, passed to the processor by
+  t2v_metrics main; the 3.0 wheel does not pass it, so its processor uses its default 2 fps, i.e.
+  ``second_per_grid_ts = 1``: ``video_position_fps=2.0`` reproduces that);
+* the decoder runs with 3-D M-RoPE positions computed as the releases' (transformers 4.x) ``get_rope_index``
+  does (:func:`mrope_positions`): transformers 5.24's own version starts the text after a video at a different
+  position when the video's temporal extent passes its spatial one (long videos, or the 3.0 wheel's 2 fps step),
+  which the parity run showed (up to 1.5e-3 in P(Yes) on a tiny model).
 
 Scale: a probability in [0, 1], higher is better. Batches are right-padded and read at each item's last real
 token, so a batch scores as its items one by one (t2v_metrics scores one at a time).
@@ -183,6 +188,7 @@ class VQAScoreReward(Reward):
         temperature: float = 1.0,
         video_fps: float = VIDEO_FPS,
         video_max_pixels: int = VIDEO_MAX_PIXELS,
+        video_position_fps: float | None = None,
         image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
         image_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
     ):
@@ -202,6 +208,7 @@ class VQAScoreReward(Reward):
         self.temperature = float(temperature)
         self.video_fps = float(video_fps)
         self.video_max_pixels = int(video_max_pixels)
+        self.video_position_fps = None if video_position_fps is None else float(video_position_fps)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         config = model.config
         self.model_type = config.model_type
@@ -239,7 +246,8 @@ class VQAScoreReward(Reward):
         ``processor`` overrides where the tokenizer / chat template / pixel statistics come from.
         ``repetition_penalty``: ``None`` reads ``generation_config.json`` (what ``generate`` applies).
         Other keywords (``question_template``, ``answer_template``, ``temperature``, ``video_fps``,
-        ``video_max_pixels``) go to the constructor; ``backbone`` is ignored (the weights folder is the model)."""
+        ``video_max_pixels``, ``video_position_fps``) go to the constructor; ``backbone`` is ignored (the
+        weights folder is the model)."""
         from transformers import (
             AutoConfig,
             AutoTokenizer,
@@ -385,18 +393,20 @@ class VQAScoreReward(Reward):
         types[input_ids == self.image_token_id] = 1
         types[input_ids == self.video_token_id] = 2
         backbone = self.model.model
-        rope: dict[str, Any] = {"attention_mask": attention_mask, "mm_token_type_ids": types}
         vision: dict[str, Any]
         if kind == "image":
-            rope["image_grid_thw"] = grids
             vision = {"pixel_values": patches, "image_grid_thw": grids}
+            seconds = None
         else:
-            rope["video_grid_thw"] = grids
             vision = {"pixel_values_videos": patches, "video_grid_thw": grids}
+            seconds = None
             if self.model_type == "qwen2_5_vl":
-                seconds = torch.tensor([self.temporal_patch_size / item.sample_fps for item in inputs], device=device)
-                rope["second_per_grid_ts"] = seconds
-        positions, _ = backbone.get_rope_index(input_ids, **rope)
+                rates = [self.video_position_fps or item.sample_fps for item in inputs]
+                seconds = [self.temporal_patch_size / rate for rate in rates]
+        tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", 1)
+        positions = mrope_positions(
+            input_ids, attention_mask, grids, types, self.merge_size, seconds, tokens_per_second
+        )
         output = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -520,6 +530,50 @@ class VQAScoreReward(Reward):
         if self.modality == "video":
             return self.score_videos(media, prompts, batch_size)
         return self.score_images(media, prompts, batch_size)
+
+
+def mrope_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    grids: torch.Tensor,
+    types: torch.Tensor,
+    merge_size: int,
+    second_per_grid: Sequence[float] | None = None,
+    tokens_per_second: float = 1,
+) -> torch.Tensor:
+    """Qwen2-VL / Qwen2.5-VL 3-D M-RoPE positions ``[3, B, L]`` of sequences holding ONE image or video each, as
+    the releases' code computes them (transformers 4.x ``get_rope_index``, the environment of t2v_metrics):
+    text tokens count on from the largest position so far plus one on all three axes; the vision block starts
+    at ``s`` (the text before it) with temporal index ``floor(t * second_per_grid[b] * tokens_per_second) + s``
+    (Qwen2.5-VL videos, in float32 as 4.x; ``t + s`` otherwise) and row / column ``+ s``; the text after it starts
+    at the block's largest position plus one. transformers 5.24 instead restarts that text at
+    ``s + max(h, w) / merge``, which differs once a video's temporal extent passes its spatial one.
+    Padding positions are 1 (as 4.x)."""
+    batch, length = input_ids.shape
+    positions = torch.ones(3, batch, length, dtype=torch.long, device=input_ids.device)
+    for row in range(batch):
+        keep = attention_mask[row].bool()
+        vision = (types[row][keep] != 0).nonzero().flatten()
+        real = int(keep.sum())
+        start, stop = int(vision[0]), int(vision[-1]) + 1
+        grid_t, grid_h, grid_w = (int(v) for v in grids[row])
+        grid_h, grid_w = grid_h // merge_size, grid_w // merge_size
+        if stop - start != grid_t * grid_h * grid_w:
+            raise ValueError(f"item {row}: {stop - start} vision tokens for a grid of {grid_t * grid_h * grid_w}")
+        device = input_ids.device
+        t = torch.arange(grid_t, device=device)
+        if second_per_grid is not None:
+            seconds = torch.tensor(second_per_grid[row], dtype=torch.float32, device=device)
+            t = (t * seconds * tokens_per_second).long()
+        t = t.view(-1, 1, 1).expand(-1, grid_h, grid_w).flatten()
+        h = torch.arange(grid_h, device=device).view(1, -1, 1).expand(grid_t, -1, grid_w).flatten()
+        w = torch.arange(grid_w, device=device).view(1, 1, -1).expand(grid_t, grid_h, -1).flatten()
+        block = torch.stack([t, h, w]) + start
+        after = torch.arange(real - stop, device=device) + int(block.max()) + 1
+        pieces = [torch.arange(start, device=device).expand(3, -1), block, after.expand(3, -1)]
+        where = keep.nonzero().flatten()
+        positions[:, row, where] = torch.cat(pieces, dim=1)
+    return positions
 
 
 def read_repetition_penalty(folder: Path) -> float:

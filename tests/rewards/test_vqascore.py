@@ -19,22 +19,6 @@ from tests import qwen2vl_tiny
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-def _build(folder, model_type):
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    qwen2vl_tiny.write_chat_model_folder(folder, model_type)
-    config = AutoConfig.from_pretrained(str(folder))
-    cls = Qwen2_5_VLForConditionalGeneration if model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-    model = cls(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator) / max(1, parameter.shape[-1]) ** 0.5
-            parameter.copy_(noise + (1.0 if "norm" in name and parameter.ndim == 1 else 0.0))
-    save_file(qwen2vl_tiny.published_chat_keys(model.state_dict()), str(folder / "model.safetensors"))
-    return folder
-
-
 def _write_video(path, frames, rate):
     """Lossless RGB (ffv1, bgr0) so the decoded frames equal ``frames``."""
     import av
@@ -52,7 +36,7 @@ def _write_video(path, frames, rate):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("vqascore")
-    folders = {kind: _build(root / kind, kind) for kind in ("qwen2_5_vl", "qwen2_vl")}
+    folders = {kind: qwen2vl_tiny.write_chat_model(root / kind, kind) for kind in ("qwen2_5_vl", "qwen2_vl")}
     rng = np.random.default_rng(0)
     images = []
     for index, (height, width) in enumerate([(60, 80), (90, 50)]):
@@ -240,3 +224,22 @@ def test_mmalign_score_command(files, tmp_path, name):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     reward = mmalign.load_reward(name, weights=str(folders["qwen2_5_vl"]))
     assert rows[0]["reward"] == name and rows[0]["score"] == pytest.approx(reward.score(media, "cat").item(), abs=1e-6)
+
+
+def test_mrope_positions_follow_the_releases_rule():
+    """Text after a video restarts at the block's largest position + 1 (transformers 4.x, the releases' code), also
+    when the temporal extent passes the spatial one (where transformers 5.24's own get_rope_index differs)."""
+    from mmalign.rewards.vqascore import mrope_positions
+
+    # [text x2][video: t=3 grids of 2x2 merged tokens][text x2][pad]; Qwen2.5-VL step 1 s/grid * 2 tokens/s
+    ids = torch.tensor([[5, 5, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 5, 5, 0]])
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    types = (ids == 9).int() * 2
+    grids = torch.tensor([[3, 4, 4]])
+    positions = mrope_positions(ids, mask, grids, types, 2, second_per_grid=[1.0], tokens_per_second=2)
+    assert positions[0, 0].tolist() == [0, 1] + [2] * 4 + [4] * 4 + [6] * 4 + [7, 8, 1]
+    assert positions[1, 0].tolist() == [0, 1] + [2, 2, 3, 3] * 3 + [7, 8, 1]
+    assert positions[2, 0].tolist() == [0, 1] + [2, 3, 2, 3] * 3 + [7, 8, 1]
+    plain = mrope_positions(ids, mask, grids, types, 2)  # Qwen2-VL: t, no scaling
+    assert plain[0, 0].tolist() == [0, 1] + [2] * 4 + [3] * 4 + [4] * 4 + [5, 6, 1]
