@@ -163,9 +163,9 @@ def test_tensor_paths_differentiable(vqa, files):
     assert scores.shape == (2,) and images.grad.abs().sum() > 0
     video_reward = mmalign.load_reward("vqascore-video", weights=str(files[0]["qwen2_5_vl"]))
     video = torch.rand(1, 12, 3, 40, 60, requires_grad=True)
-    score = video_reward(video, "cat", video_fps=12.0)
+    score = video_reward(video, "cat", video_fps=48.0)  # 0.25 s: 4 frames, indices 0, 4, 7, 11
     score.sum().backward()
-    assert video.grad[0, 1].abs().sum() == 0 and video.grad[0, 2].abs().sum() > 0  # frame 1 is not sampled
+    assert video.grad[0, 1].abs().sum() == 0 and video.grad[0, 4].abs().sum() > 0  # frame 1 is not sampled
     # the tensor path resizes in float without uint8 rounding: close to the file path, not equal
     path, frames, _ = files[2][0]
     as_tensor = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255).unsqueeze(0)
@@ -243,3 +243,16 @@ def test_mrope_positions_follow_the_releases_rule():
     assert positions[2, 0].tolist() == [0, 1] + [2, 3, 2, 3] * 3 + [7, 8, 1]
     plain = mrope_positions(ids, mask, grids, types, 2)  # Qwen2-VL: t, no scaling
     assert plain[0, 0].tolist() == [0, 1] + [2] * 4 + [3] * 4 + [4] * 4 + [5, 6, 1]
+
+
+def test_trainer_reward_spec(files):
+    """The trainers' reward spec loads it; images of an image generator and videos of a video one are scored."""
+    from mmalign.trainers.online import build_reward, for_modality
+
+    folder = str(files[0]["qwen2_5_vl"])
+    images = torch.rand(2, 3, 48, 48, requires_grad=True)
+    scores = build_reward("vqascore", weights=folder)(images, ["a", "b"])
+    scores.sum().backward()
+    assert scores.shape == (2,) and images.grad.abs().sum() > 0
+    video = for_modality(build_reward("vqascore-video", weights=folder), "video")
+    assert video(torch.rand(1, 4, 3, 40, 60), ["cat"]).shape == (1,)
