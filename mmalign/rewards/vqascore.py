@@ -42,9 +42,14 @@ model: gradients reach the pixels. ``score`` on files / Pillow images is the ref
 Videos as tensors are used as given (all ``T`` frames) unless ``video_fps`` is passed, when they are sampled as
 files are; with all frames the Qwen2.5-VL temporal step uses qwen-vl-utils' default 2 fps for frame lists.
 
+Verified (benchmarks/parity_vqascore.py, results/parity_vqascore.json): on tiny random Qwen2.5-VL and Qwen2-VL
+releases, images and lossless videos, equal to t2v_metrics' own class to 4e-8 (GitHub main 6ecb74f; the 3.0
+wheel with ``video_position_fps=2.0``), each run in its environment (transformers 4.49, qwen-vl-utils 0.0.14,
+decord). Not verified: real weights (no download here), and compressed videos, which t2v_metrics decodes with
+decord or torchcodec and this module with PyAV (the same indices; YUV -> RGB conversion may differ).
+
 Not done: Qwen3-VL (t2v_metrics' ``qwen3vl_model.py``; transformers 5.24 has the classes, but its 16-px patches
-and timestamps need their own processor path); decoding by decord / torchcodec (PyAV here: the same frames,
-indices as above).
+and timestamps need their own processor path).
 """
 
 from __future__ import annotations
@@ -279,7 +284,9 @@ class VQAScoreReward(Reward):
         mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
         if missing or unexpected or mismatched:
             raise StateDictMismatchError(str(folder), sorted(missing), sorted(unexpected), mismatched)
-        text_folder = folder if processor is None else resolve_dir(processor, default_repo=VQASCORE_REPO, what="")
+        text_folder = (
+            folder if processor is None else resolve_dir(processor, default_repo=VQASCORE_REPO, what="tokenizer folder")
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(text_folder), padding_side="right")
         except Exception as error:  # noqa: BLE001 - name the folder
