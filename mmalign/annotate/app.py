@@ -92,6 +92,17 @@ class SecurityHeaders:
         return wrapped
 
 
+class BlindFileResponse(FileResponse):
+    """A media file without ``Last-Modified`` and ``ETag`` (blind judging: a file's modification time could tell
+    one generator's outputs from another's); ranges still work, an ``If-Range`` never matches (full file)."""
+
+    def set_stat_headers(self, stat_result: os.stat_result) -> None:
+        self.headers.setdefault("content-length", str(stat_result.st_size))
+
+    def _should_use_range(self, http_if_range: str) -> bool:
+        return False
+
+
 class JudgementIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     assignment: int = Field(ge=1)
@@ -345,14 +356,14 @@ def create_app(db: Database) -> FastAPI:
     @app.get("/media/{task_id}/{item_id}/{option}/{view}")
     def media(request: Request, task_id: int, item_id: int, option: int, view: int) -> Response:
         """A task's media by numbers only; on every request the file must resolve inside the task's folder (a
-        symlink put there later that points out is refused)."""
+        symlink put there later that points out is refused). No file name, time or ETag in the answer."""
         require(request)
         root, rel = media_file(task_id, item_id, option, view)
         full = os.path.realpath(os.path.join(root, rel))
         if os.path.commonpath([full, root]) != root or not os.path.isfile(full):
             raise AnnotateError("not found", 404)
         mime = MIME.get(Path(full).suffix.lower(), "application/octet-stream")
-        return FileResponse(full, media_type=mime)
+        return BlindFileResponse(full, media_type=mime)
 
     # ------------------------------------------------------------ JSON API
 
