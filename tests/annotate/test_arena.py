@@ -361,3 +361,5 @@ def test_kwise_battle_by_form(tmp_path):
         item = s.get(Item, s.get(Assignment, assignment).item_id)
         ranks = s.scalar(select(Judgement)).answer["ranks"]
     assert {item.options[i]["model"]: r for i, r in enumerate(ranks)} == dict(zip(shown, [2, 1, 2]))
+    done = client.get("/tasks/1").text  # one battle, one judgement: nothing left but the leaderboard
+    assert 'id="done"' in done and "/tasks/1/leaderboard" in done
