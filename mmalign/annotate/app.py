@@ -29,11 +29,11 @@ from jinja2 import Environment, FileSystemLoader
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
-from . import assign
+from . import arena, assign
 from .db import AnnotateError, Annotator, Database, Item, Judgement, Task
 from .people import authenticate
 from .stats import all_stats, fmt, task_stats
-from .tasks import MIME
+from .tasks import MIME, option_root
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "mmalign_session"
@@ -90,6 +90,17 @@ class SecurityHeaders:
             await send(message)
 
         return wrapped
+
+
+class BlindFileResponse(FileResponse):
+    """A media file without ``Last-Modified`` and ``ETag`` (blind judging: a file's modification time could tell
+    one generator's outputs from another's); ranges still work, an ``If-Range`` never matches (full file)."""
+
+    def set_stat_headers(self, stat_result: os.stat_result) -> None:
+        self.headers.setdefault("content-length", str(stat_result.st_size))
+
+    def _should_use_range(self, http_if_range: str) -> bool:
+        return False
 
 
 class JudgementIn(BaseModel):
@@ -233,7 +244,13 @@ def create_app(db: Database) -> FastAPI:
             counts = dict(s.execute(select(Item.task_id, func.count(Item.id)).group_by(Item.task_id)).all())
             return [
                 dict(
-                    id=t.id, name=t.name, kind=t.kind, media=t.media, mine=mine.get(t.id, 0), items=counts.get(t.id, 0)
+                    id=t.id,
+                    name=t.name,
+                    kind=t.kind,
+                    media=t.media,
+                    mine=mine.get(t.id, 0),
+                    items=counts.get(t.id, 0),
+                    arena=t.mode == "arena",
                 )
                 for t in tasks
             ]
@@ -256,6 +273,8 @@ def create_app(db: Database) -> FastAPI:
         current = assign.next_assignment(db, task_id, user.id)
         if current is None:
             return page(request, "done.html", task=task_or_404(task_id))
+        if current["arena"]:
+            return page(request, "arena.html", a=current)
         return page(request, "task.html", a=current, message=request.query_params.get("saved"))
 
     @app.post("/tasks/{task_id}/submit")
@@ -264,9 +283,48 @@ def create_app(db: Database) -> FastAPI:
         user = require(request, write=True, form_csrf=str(form.get("csrf") or ""))
         task = task_or_404(task_id)
         assignment_id = assign_int(form.get("assignment"))
+        if task.mode == "arena":  # the form names display positions; the assignment's recorded order maps them
+            of_task, order = assign.display_order(db, assignment_id, user.id)
+            if of_task != task_id:
+                raise AnnotateError(f"no assignment {assignment_id} of yours in task {task_id}", 404)
+            answer = assign.from_display(task.kind, answer_from_form(task, form, len(order)), order)
+            assign.record(db, assignment_id, user.id, answer)
+            return RedirectResponse(f"/tasks/{task_id}/reveal/{assignment_id}", status_code=303)
         answer = answer_from_form(task, form, assign.options_count(db, assignment_id, user.id))
         assign.record(db, assignment_id, user.id, answer)
         return RedirectResponse(f"/tasks/{task_id}?saved=1", status_code=303)
+
+    @app.get("/tasks/{task_id}/reveal/{assignment_id}", response_class=HTMLResponse)
+    def reveal_page(request: Request, task_id: int, assignment_id: int) -> Response:
+        user = require(request)
+        shown = assign.reveal(db, assignment_id, user.id)
+        if shown["task"] != task_id:
+            raise AnnotateError("not found", 404)
+        return page(request, "reveal.html", r=shown)
+
+    def leaderboard_of(request: Request, task_id: int, user: Annotator) -> dict:
+        task = task_or_404(task_id)
+        if task.mode != "arena" and not user.is_admin:  # a blind task's generators stay hidden from annotators
+            raise AnnotateError(
+                "leaderboards of arena tasks only (admins: any task whose options name generators)", 403
+            )
+        resamples = request.query_params.get("bootstrap", str(arena.DEFAULTS["n_resamples"]))
+        if not resamples.isdigit():
+            raise AnnotateError(f"bootstrap must be a whole number 0..{arena.MAX_RESAMPLES}, got {resamples!r}")
+        return arena.leaderboard(db, task_id, n_resamples=int(resamples))
+
+    @app.get("/tasks/{task_id}/leaderboard", response_class=HTMLResponse)
+    def leaderboard_page(request: Request, task_id: int) -> Response:
+        user = require(request)
+        result = leaderboard_of(request, task_id, user)
+        return page(request, "leaderboard.html", lb=result, t=arena.table(result))
+
+    @app.get("/api/tasks/{task_id}/leaderboard")
+    def api_leaderboard(request: Request, task_id: int) -> Response:
+        from ..bench.runner import json_safe
+
+        user = require(request)
+        return JSONResponse(json_safe(leaderboard_of(request, task_id, user)))
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin(request: Request) -> Response:
@@ -289,7 +347,7 @@ def create_app(db: Database) -> FastAPI:
             views = entry["views"] if "views" in entry else [entry["path"]]
             if not 0 <= view < len(views):
                 raise AnnotateError("not found", 404)
-            found = (os.path.realpath(task.roots[0]), views[view])
+            found = (os.path.realpath(option_root(task, entry)), views[view])
         with media_lock:
             if len(media_cache) < 100_000:
                 media_cache[key] = found
@@ -298,14 +356,14 @@ def create_app(db: Database) -> FastAPI:
     @app.get("/media/{task_id}/{item_id}/{option}/{view}")
     def media(request: Request, task_id: int, item_id: int, option: int, view: int) -> Response:
         """A task's media by numbers only; on every request the file must resolve inside the task's folder (a
-        symlink put there later that points out is refused)."""
+        symlink put there later that points out is refused). No file name, time or ETag in the answer."""
         require(request)
         root, rel = media_file(task_id, item_id, option, view)
         full = os.path.realpath(os.path.join(root, rel))
         if os.path.commonpath([full, root]) != root or not os.path.isfile(full):
             raise AnnotateError("not found", 404)
         mime = MIME.get(Path(full).suffix.lower(), "application/octet-stream")
-        return FileResponse(full, media_type=mime)
+        return BlindFileResponse(full, media_type=mime)
 
     # ------------------------------------------------------------ JSON API
 

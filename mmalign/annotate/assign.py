@@ -9,6 +9,10 @@
   returns the same open assignment (reloading the page does not take a second item).
 - Recording is idempotent: a judgement is unique per assignment and per (item, annotator), so a retried or
   replayed submission is answered "duplicate" and never counted twice.
+- Arena tasks (``Task.mode == "arena"``): the next battle is drawn at random among the items still open to the
+  annotator (so the generators and the prompt are random); the page shows the options by display position
+  only, a form's answer is mapped back to the item's order through the assignment's recorded ``order``
+  (:func:`from_display`), and :func:`reveal` names the generators of an assignment only once it is answered.
 - Both run in one write transaction each (``BEGIN IMMEDIATE`` on SQLite, the task row locked on PostgreSQL).
 """
 
@@ -71,7 +75,7 @@ def _pick(s: Session, task: Task, annotator_id: int, now: float) -> Item | None:
         )
         .group_by(Item.id, Item.position)
         .having(active < task.judgements)
-        .order_by(active.desc(), Item.position)
+        .order_by(*((func.random(),) if task.mode == "arena" else (active.desc(), Item.position)))
         .limit(1)
     ).first()
     return None if row is None else s.get(Item, row[0])
@@ -135,7 +139,79 @@ def _describe(task: Task, item: Item, assignment: Assignment) -> dict[str, Any]:
         "k": len(item.options),
         "options": options,
         "expires_at": assignment.expires_at,
+        "arena": task.mode == "arena",
     }
+
+
+def display_order(db: Database, assignment_id: int, annotator_id: int) -> tuple[int, list[int]]:
+    """The task of one of the annotator's assignments and its item indices in the order its page showed them
+    (404 when it is not theirs)."""
+    with db.read() as s:
+        assignment = s.get(Assignment, assignment_id)
+        if assignment is None or assignment.annotator_id != annotator_id:
+            raise AnnotateError(f"no assignment {assignment_id} of yours", 404)
+        return assignment.task_id, list(assignment.order)
+
+
+def from_display(kind: str, answer: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    """An answer given by display positions (``choice`` 0 = the first shown; ``ranks[p]`` of the p-th shown) in
+    the item's option order, as :func:`record` stores it."""
+    k = len(order)
+    if kind == "pairwise":
+        choice = answer.get("choice")
+        if choice == "tie":
+            return {"choice": "tie"}
+        position = answers._int(choice, '"choice"')
+        if not 0 <= position < k:
+            raise AnnotateError(f'"choice" must be 0..{k - 1} or "tie", got {choice!r}')
+        return {"choice": order[position]}
+    if kind == "kwise":
+        ranks = answer.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != k:
+            raise AnnotateError(f'a K-wise answer needs "ranks": a list of {k} integers (1 = best)')
+        stored: list[Any] = [None] * k
+        for position, rank in enumerate(ranks):
+            stored[order[position]] = rank
+        return {"ranks": stored}
+    raise AnnotateError(f"arena tasks are pairwise or kwise, not {kind!r}")
+
+
+def reveal(db: Database, assignment_id: int, annotator_id: int) -> dict[str, Any]:
+    """An answered arena battle of the annotator, generators named, in the order its page showed them: ``{"task",
+    "task_name", "prompt", "kind", "media", "options": [{"model", "media", "won", "rank"}], "tie"}``. Refused
+    before the vote (409), for another's assignment (404) and for tasks that are not arenas (403)."""
+    with db.read() as s:
+        assignment = s.get(Assignment, assignment_id)
+        if assignment is None or assignment.annotator_id != annotator_id:
+            raise AnnotateError(f"no assignment {assignment_id} of yours", 404)
+        task = s.get(Task, assignment.task_id)
+        if task.mode != "arena":
+            raise AnnotateError("generators are revealed in arena tasks only", 403)
+        judgement = s.scalar(select(Judgement).where(Judgement.assignment_id == assignment_id))
+        if judgement is None:
+            raise AnnotateError("vote first: the generators are revealed after the vote", 409)
+        item = s.get(Item, assignment.item_id)
+        k = len(item.options)
+        ranks = answers.ranks_of(task.kind, judgement.answer, k)
+        shown = _describe(task, item, assignment)["options"]
+        options = [
+            {
+                "model": item.options[o["index"]]["model"],
+                "media": o["media"],
+                "rank": int(ranks[o["index"]]),
+                "won": ranks[o["index"]] == 1.0 and len(set(ranks)) > 1,
+            }
+            for o in shown
+        ]
+        return {
+            "task": task.id,
+            "task_name": task.name,
+            "prompt": item.prompt,
+            "kind": task.kind,
+            "media": task.media,
+            "options": options,
+            "tie": len(set(ranks)) == 1,
+        }
 
 
 def options_count(db: Database, assignment_id: int, annotator_id: int) -> int:

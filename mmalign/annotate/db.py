@@ -85,7 +85,9 @@ class Annotator(Base):
 class Task(Base):
     """A set of items to judge: ``kind`` is pairwise, kwise or rating; ``media`` image, video, audio, multiview.
 
-    ``roots``: the folders its media may be served from (nothing outside them is ever read)."""
+    ``roots``: the folders its media may be served from (nothing outside them is ever read); an option's
+    ``"root"`` (default 0) says which. ``mode``: ``None``, or ``"arena"`` (schema v3): items are generator
+    battles, handed out at random, the generators revealed after the vote, and a live leaderboard."""
 
     __tablename__ = "tasks"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -100,6 +102,7 @@ class Task(Base):
     gold_every: Mapped[int] = mapped_column(Integer, default=5)
     lease_seconds: Mapped[float] = mapped_column(Float, default=1800.0)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    mode: Mapped[str | None] = mapped_column(String(16), nullable=True)  # "arena" (schema v3)
 
 
 class Item(Base):
@@ -178,9 +181,16 @@ def _v2(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE items ADD COLUMN routed VARCHAR(8)"))
 
 
+def _v3(conn: Connection) -> None:
+    columns = {c["name"] for c in inspect(conn).get_columns("tasks")}
+    if "mode" not in columns:  # a database made by version 1 or 2
+        conn.execute(text("ALTER TABLE tasks ADD COLUMN mode VARCHAR(16)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "annotators, tasks, items, assignments, judgements, settings", _v1),
     (2, "items.routed: items labelled by a reward are not handed to people (hybrid routing)", _v2),
+    (3, "tasks.mode: arena tasks (anonymous generator battles, live leaderboard)", _v3),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

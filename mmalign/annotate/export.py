@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from . import answers
 from .db import AnnotateError, Annotator, Database, Item, Judgement, Task
+from .tasks import option_root
 
 FORMATS = ("pairs", "d3po", "votes")
 SOURCES = ("human", "ai", "all")
@@ -56,7 +57,7 @@ def _rows(db: Database, task_name: str, source: str) -> tuple[Task, list[tuple[J
 
 
 def _path(task: Task, option: dict) -> str:
-    root = Path(task.roots[0])
+    root = Path(option_root(task, option))
     if "views" in option:
         return str(root / option["views"][0])
     return str(root / option["path"])
@@ -106,30 +107,34 @@ def export_pairs(
     return _write_jsonl(out, pairs())
 
 
+def vote_rows(db: Database, task_name: str, source: str = "all", dimension: str | None = None) -> list[dict]:
+    """The ``votes`` export's rows in judgement order (what ``mmalign bench generators --votes`` reads; the arena
+    leaderboard ranks the same rows)."""
+    task, rows = _rows(db, task_name, source)
+    votes = []
+    for judgement, item, name in rows:
+        models = [option.get("model") for option in item.options]
+        if any(m is None for m in models):
+            raise AnnotateError(
+                f"task {task.name!r} item {item.position}: options do not name their generators (give "
+                '"models" in the manifest, or one folder per model)'
+            )
+        judge = "human" if judgement.source == "human" else f"ai:{name}"
+        common = {"judge": judge, "prompt": item.prompt, "source": judgement.source, "annotator": name}
+        if task.kind == "pairwise":
+            choice = judgement.answer["choice"]
+            winner = "tie" if choice == "tie" else ("model_a" if choice == 0 else "model_b")
+            votes.append({"model_a": models[0], "model_b": models[1], "winner": winner, **common})
+        else:
+            ranks = answers.ranks_of(task.kind, judgement.answer, len(models), dimension)
+            votes.append({"models": models, "ranks": ranks, **common})
+    return votes
+
+
 def export_votes(
     db: Database, task_name: str, out: str | Path, source: str = "all", dimension: str | None = None
 ) -> int:
-    task, rows = _rows(db, task_name, source)
-
-    def votes() -> Iterator[dict]:
-        for judgement, item, name in rows:
-            models = [option.get("model") for option in item.options]
-            if any(m is None for m in models):
-                raise AnnotateError(
-                    f"task {task.name!r} item {item.position}: options do not name their generators (give "
-                    '"models" in the manifest, or one folder per model)'
-                )
-            judge = "human" if judgement.source == "human" else f"ai:{name}"
-            common = {"judge": judge, "prompt": item.prompt, "source": judgement.source, "annotator": name}
-            if task.kind == "pairwise":
-                choice = judgement.answer["choice"]
-                winner = "tie" if choice == "tie" else ("model_a" if choice == 0 else "model_b")
-                yield {"model_a": models[0], "model_b": models[1], "winner": winner, **common}
-            else:
-                ranks = answers.ranks_of(task.kind, judgement.answer, len(models), dimension)
-                yield {"models": models, "ranks": ranks, **common}
-
-    return _write_jsonl(out, votes())
+    return _write_jsonl(out, vote_rows(db, task_name, source, dimension))
 
 
 def export_d3po(

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from .assign import record_direct
 from .db import AnnotateError, Database, Item, Task
 from .people import ai_annotator
+from .tasks import option_root
 
 Scorer = Callable[[Sequence[str], str], Sequence[float]]
 """``scorer(media_paths, prompt) -> one score per option`` (higher is better)."""
@@ -49,11 +50,16 @@ def route(db: Database, task_name: str, scorer: Scorer, budget: int, reward_name
             .where(Item.task_id == task.id, Item.gold.is_(None), Item.routed.is_(None))
             .order_by(Item.position)
         ).all()
-        root = Path(task.roots[0])
+        paths_of = {
+            item.id: [
+                str(Path(option_root(task, o)) / (o["views"][0] if "views" in o else o["path"])) for o in item.options
+            ]
+            for item in items
+        }
         kind = task.kind
     scored = []
     for item in items:
-        paths = [str(root / (o["views"][0] if "views" in o else o["path"])) for o in item.options]
+        paths = paths_of[item.id]
         scores = [float(v) for v in scorer(paths, item.prompt)]
         if len(scores) != len(paths):
             raise AnnotateError(f"the reward gave {len(scores)} scores for {len(paths)} options")

@@ -14,6 +14,13 @@ becomes the task's only media root):
 
 ``gold``: a JSONL of ``{"item": position, "answer": {...}}`` (position = 0-based order of the items created)
 marks gold questions; a manifest can carry them inline.
+
+Arena tasks (``add_arena_task``): generator outputs from one folder per generator, each ``DIR/<id>.<ext>`` (or
+``DIR/<id>/`` views; prompts from ``DIR/prompts.jsonl`` or a shared ``prompts`` file, else the id) or a
+``mmalign label`` folder (``rankings.jsonl``: its ``j``-th image of a prompt is sample ``(prompt, j)``); the
+outputs of one sample across generators are matched by id (or prompt and ``j``). One item per sample and pair
+of generators (pairwise) or K-subset (K-wise), its options in a random order; every generator folder is one of
+the task's media roots (an option's ``"root"``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +89,14 @@ def _relative(root: Path, path: str | Path, where: str) -> str:
     if not real.is_file():
         raise AnnotateError(f"{where}: {path} is not a file")
     return real.relative_to(root).as_posix()
+
+
+def option_root(task: Task, option: Mapping[str, Any]) -> str:
+    """The task folder an option's media lie in (``option["root"]`` indexes ``task.roots``; 0 by default)."""
+    index = option.get("root", 0)
+    if not isinstance(index, int) or not 0 <= index < len(task.roots):
+        raise AnnotateError(f"task {task.name!r}: an option names media root {index!r} it does not have", 500)
+    return task.roots[index]
 
 
 def _option(root: Path, media: Any, where: str, model: str | None = None) -> tuple[dict, str]:
@@ -303,3 +319,173 @@ def media_paths(task: Task, items: Sequence[Item]) -> set[str]:
             paths.update(option.get("views", [option.get("path")]))
     paths.discard(None)
     return paths
+
+
+# ---------------------------------------------------------------- arena tasks
+
+MAX_ARENA_ITEMS = 1_000_000
+
+
+def _read_prompts(path: Path) -> dict[str, str]:
+    prompts: dict[str, str] = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                prompts[str(row["id"])] = str(row["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise AnnotateError(f'{path}:{line_no}: want {{"id", "prompt"}} ({error})') from None
+    return prompts
+
+
+def _generator_outputs(
+    name: str, folder: Path, shared_prompts: Mapping[str, str]
+) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """``{sample key: (prompt, media relative to the folder)}`` of one generator's folder."""
+    root = Path(os.path.realpath(folder))
+    out: dict[tuple[str, ...], tuple[str, Any]] = {}
+    if (root / "rankings.jsonl").is_file():
+        for row in _from_label(root, "kwise"):
+            for j, option in enumerate(row["options"]):
+                out[("label", row["prompt"], str(j))] = (row["prompt"], option.get("views", option.get("path")))
+        return out
+    prompts = dict(shared_prompts)
+    if (root / "prompts.jsonl").is_file():
+        prompts.update(_read_prompts(root / "prompts.jsonl"))
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.name == "prompts.jsonl":
+            continue
+        if entry.is_dir():
+            views = sorted(v for v in entry.iterdir() if v.suffix.lower() in IMAGE)
+            if views:
+                where = f"{root}/{entry.name}"
+                out[("id", entry.name)] = (
+                    prompts.get(entry.name, entry.name),
+                    [_relative(root, v, where) for v in views],
+                )
+        elif entry.suffix.lower() in IMAGE | VIDEO | AUDIO:
+            rel = _relative(root, entry, f"generator {name}")
+            out[("id", entry.stem)] = (prompts.get(entry.stem, entry.stem), rel)
+    if not out:
+        raise AnnotateError(f"generator {name}: no media files or rankings.jsonl in {root}")
+    return out
+
+
+def parse_generators(specs: Sequence[str]) -> dict[str, str]:
+    """``["NAME=DIR", ...]`` as ``{name: dir}`` (names unique, no ``=`` in a name)."""
+    generators: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not folder:
+            raise AnnotateError(f"--arena wants NAME=DIR, got {spec!r}")
+        if name in generators:
+            raise AnnotateError(f"generator {name!r} given twice")
+        generators[name] = folder
+    return generators
+
+
+def add_arena_task(
+    db: Database,
+    name: str,
+    generators: Mapping[str, str | Path] | None = None,
+    *,
+    source: str | Path | None = None,
+    kind: str = "pairwise",
+    k: int | None = None,
+    prompts: str | Path | None = None,
+    judgements: int = 3,
+    instructions: str = "",
+    lease_seconds: float = 1800.0,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """An arena task: anonymous battles between generators (module docstring). ``generators``: ``{name:
+    folder}``; or ``source``: a folder with one sub-folder per generator (and ``prompts.jsonl``). ``kind``:
+    pairwise (2 generators per vote) or kwise (``k`` per vote, default all of them). ``seed`` fixes the option
+    orders (tests); by default they come from the system's random source."""
+    if kind not in ("pairwise", "kwise"):
+        raise AnnotateError(f"an arena task is pairwise or kwise, got {kind!r}")
+    if not name or len(name) > 128:
+        raise AnnotateError("a task needs a name of 1-128 characters")
+    if judgements < 1:
+        raise AnnotateError(f"judgements per item must be at least 1, got {judgements}")
+    generators = dict(generators or {})
+    shared: dict[str, str] = {}
+    if source is not None:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise AnnotateError(f"{folder}: not a folder of generator folders")
+        for sub in sorted(folder.iterdir()):
+            if sub.is_dir() and not sub.name.startswith(".") and sub.name not in generators:
+                generators[sub.name] = sub
+        if (folder / "prompts.jsonl").is_file():
+            shared = _read_prompts(folder / "prompts.jsonl")
+    if prompts is not None:
+        shared.update(_read_prompts(Path(prompts)))
+    for gen, folder in generators.items():
+        if not Path(folder).expanduser().is_dir():
+            raise AnnotateError(f"generator {gen}: {folder} is not a folder")
+    names = sorted(generators)
+    if len(names) < 2:
+        raise AnnotateError("an arena needs two or more generators (NAME=DIR each, or a folder of model folders)")
+    k = 2 if kind == "pairwise" else (len(names) if k is None else k)
+    if not 2 <= k <= len(names) or (kind == "pairwise" and k != 2):
+        raise AnnotateError(f"K must be 2..{len(names)} (2 for pairwise), got {k}")
+    roots = [os.path.realpath(Path(generators[g]).expanduser()) for g in names]
+    outputs = {g: _generator_outputs(g, Path(r), shared) for g, r in zip(names, roots)}
+    keys = sorted({key for table in outputs.values() for key in table})
+    rng = random.Random(seed) if seed is not None else random.SystemRandom()
+    rows = []
+    media = None
+    for key in keys:
+        have = [g for g in names if key in outputs[g]]
+        prompt = outputs[have[0]][key][0] if have else ""
+        for group in itertools.combinations(have, k):
+            options = []
+            for g in group:
+                rel = outputs[g][key][1]
+                option = {"views": rel} if isinstance(rel, list) else {"path": rel}
+                options.append({**option, "model": g, "root": names.index(g)})
+            rng.shuffle(options)
+            item_media = _media_of(options)
+            if media not in (None, item_media):
+                raise AnnotateError(f"sample {key[-1]!r} is {item_media} but others are {media}: one media type")
+            media = item_media
+            rows.append(dict(prompt=prompt, options=options, meta={"sample": list(key[1:])}))
+            if len(rows) > MAX_ARENA_ITEMS:
+                raise AnnotateError(f"over {MAX_ARENA_ITEMS} battles: use fewer generators or a smaller K")
+    if not rows:
+        raise AnnotateError(f"no sample has outputs from {k} generators (outputs are matched by file name or prompt)")
+    with db.session() as s:
+        if s.scalar(select(func.count()).select_from(Task).where(Task.name == name)):
+            raise AnnotateError(f"a task named {name!r} exists already")
+        task = Task(
+            name=name,
+            kind=kind,
+            media=media,
+            judgements=judgements,
+            dimensions=[],
+            instructions=instructions,
+            roots=roots,
+            source={"generators": dict(zip(names, roots)), "k": k},
+            gold_every=1_000_000,
+            lease_seconds=lease_seconds,
+            mode="arena",
+        )
+        s.add(task)
+        s.flush()
+        for position, row in enumerate(rows):
+            s.add(
+                Item(task_id=task.id, position=position, prompt=row["prompt"], options=row["options"], meta=row["meta"])
+            )
+        task_id = task.id
+    return {
+        "task": task_id,
+        "name": name,
+        "mode": "arena",
+        "generators": names,
+        "k": k,
+        "items": len(rows),
+        "media": media,
+        "roots": roots,
+    }

@@ -4,6 +4,8 @@
     mmalign annotate users add alice [--admin]             # prints alice's token (shown once)
     mmalign annotate users list | revoke NAME | token NAME
     mmalign annotate add-task NAME --kind pairwise --from DIR [--judgements 3] [--dimensions a,b] [--gold F]
+    mmalign annotate add-task NAME --arena GEN_A=DIR GEN_B=DIR ... [--kind pairwise|kwise] [--k K]
+    mmalign annotate add-task NAME --arena --from DIR      # DIR/<generator>/<id>.<ext> (+ DIR/prompts.jsonl)
     mmalign annotate serve [--host 127.0.0.1 --port 8000]
     mmalign annotate route --task NAME --reward R --budget N   # the reward labels all but the N least sure items
     mmalign annotate stats [--task NAME]                   # progress, gold accuracy, agreement (JSON)
@@ -53,8 +55,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = acts.add_parser("add-task", help="a task from a media folder, a manifest or `mmalign label` output")
     _db_arg(q)
     q.add_argument("name")
-    q.add_argument("--kind", required=True, choices=["pairwise", "kwise", "rating"])
-    q.add_argument("--from", dest="source", required=True, metavar="DIR", help="folder or manifest.jsonl")
+    q.add_argument("--kind", choices=["pairwise", "kwise", "rating"], help="required; arena: default pairwise")
+    q.add_argument("--from", dest="source", metavar="DIR", help="folder or manifest.jsonl (required unless --arena)")
+    q.add_argument(
+        "--arena",
+        nargs="*",
+        metavar="GEN=DIR",
+        help="an arena task: anonymous battles between generators, one output folder (or `mmalign label` "
+        "folder) per generator; without GEN=DIR, the model folders of --from",
+    )
+    q.add_argument("--k", type=int, help="arena K-wise: generators per vote (default: all)")
+    q.add_argument("--prompts", help='arena: JSONL of {"id", "prompt"} for the outputs\' ids')
     q.add_argument("--judgements", type=int, default=3, help="independent judgements per item")
     q.add_argument("--dimensions", default="", help="rating dimensions, comma separated (default: overall)")
     q.add_argument("--instructions", default="")
@@ -129,8 +140,30 @@ def run(args: argparse.Namespace) -> int:
             people.set_active(db, args.name, args.op == "restore")
         return 0
     if args.action == "add-task":
-        from ..annotate.tasks import add_task
+        from ..annotate.tasks import add_arena_task, add_task, parse_generators
 
+        if args.arena is not None:
+            if args.kind == "rating" or args.dimensions or args.gold:
+                raise AnnotateError("an arena task is pairwise or kwise, without dimensions or gold questions")
+            if not args.arena and not args.source:
+                raise AnnotateError("--arena needs GEN=DIR arguments, or --from DIR with one folder per generator")
+            out(
+                add_arena_task(
+                    db,
+                    args.name,
+                    parse_generators(args.arena),
+                    source=args.source,
+                    kind=args.kind or "pairwise",
+                    k=args.k,
+                    prompts=args.prompts,
+                    judgements=args.judgements,
+                    instructions=args.instructions,
+                    lease_seconds=args.lease,
+                )
+            )
+            return 0
+        if args.kind is None or args.source is None or args.k is not None or args.prompts:
+            raise AnnotateError("add-task needs --kind and --from (--k and --prompts are for --arena tasks)")
         out(
             add_task(
                 db,

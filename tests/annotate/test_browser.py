@@ -80,3 +80,55 @@ def test_login_see_media_and_vote_with_the_keyboard(tmp_path, browser):
         assert answers[1] == {"choice": "tie"} and answers[0]["choice"] in (0, 1)
     finally:
         server.stop()
+
+
+def test_arena_vote_reveal_and_leaderboard(tmp_path, browser):
+    """An arena battle in the browser: blind (no generator name in the page), a keyboard vote, the generators
+    revealed, a second battle tied by click, then the live leaderboard (a screenshot of it is checked)."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from mmalign.annotate.tasks import add_arena_task
+    from tests.annotate.test_arena import GENERATORS, generator_folders
+
+    db = init_database(tmp_path / "a.db")[0]
+    token = add_user(db, "alice")
+    add_arena_task(db, "duel", generator_folders(tmp_path, prompts=2), judgements=1)
+    server = Server(Path(db.url[len("sqlite:///") :]), tmp_path / "server.log")
+    try:
+        wait = WebDriverWait(browser, 20)
+        browser.get(server.url + "/login")
+        wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(token)
+        browser.find_element(By.ID, "login").click()
+        wait.until(ec.presence_of_element_located((By.CLASS_NAME, "task-link"))).click()
+        wait.until(ec.presence_of_element_located((By.ID, "prompt")))
+        assert not any(name in browser.page_source for name in GENERATORS)
+        assert wait.until(
+            lambda d: d.execute_script(
+                "const imgs = [...document.images];"
+                "return imgs.length == 2 && imgs.every(i => i.complete && i.naturalWidth > 0);"
+            )
+        )
+        browser.find_element(By.TAG_NAME, "body").send_keys("1")  # app.js: "1" votes for the first shown
+        wait.until(ec.presence_of_element_located((By.ID, "saved")))
+        revealed = [browser.find_element(By.ID, f"model-{i}").text for i in range(2)]
+        assert set(revealed) <= set(GENERATORS) and len(set(revealed)) == 2
+        browser.find_element(By.ID, "next").click()
+        wait.until(ec.presence_of_element_located((By.ID, "choice-tie"))).click()
+        wait.until(ec.presence_of_element_located((By.ID, "saved")))
+        browser.find_element(By.ID, "leaderboard-link").click()
+        table = wait.until(ec.presence_of_element_located((By.ID, "leaderboard")))
+        rows = table.find_elements(By.CSS_SELECTOR, "td.model")
+        assert 2 <= len(rows) <= 3 and {r.text for r in rows} <= set(GENERATORS)
+        with db.session() as s:
+            answers = [j.answer for j in s.scalars(select(Judgement).order_by(Judgement.id))]
+        assert len(answers) == 2 and answers[1] == {"choice": "tie"}
+        browser.set_window_size(1000, 700)
+        shot = tmp_path / "leaderboard.png"
+        assert browser.save_screenshot(str(shot))
+        image = Image.open(shot).convert("L")
+        assert image.size[0] >= 800 and image.getextrema()[0] < 100  # text drawn on the page, not blank
+    finally:
+        server.stop()
