@@ -244,6 +244,8 @@ class VideoAlignReward(Qwen2VLRewardModel):
     modality: ClassVar[str] = "video"
     reward_tokens = REWARD_TOKENS
     unit: ClassVar[str] = "frame"
+    #: how a clip's score is formed, as ``mmalign score`` records it: by the model over the sampled frames at once
+    aggregate: ClassVar[str] = "native"
 
     def __init__(
         self,

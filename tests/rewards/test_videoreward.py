@@ -212,3 +212,30 @@ def test_lora_scaling_math():
     )
     torch.testing.assert_close(out["backbone.language_model.x.weight"], base + 2.0 * b @ a)
     assert math.isclose(8 / 4, 2.0)
+
+
+def test_mmalign_score_writes_a_native_video_record(release, tmp_path):
+    """``mmalign score --reward videoreward CLIP``: the reward scores the file natively (no lifting), and the JSONL
+    record says so (``aggregate`` "native") with the score the reward gives the same file."""
+    import av
+
+    from mmalign.cli import main
+
+    path = tmp_path / "clip.mkv"
+    frames = (np.random.default_rng(2).random((6, 60, 90, 3)) * 255).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 90, 60, "bgr0"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    out = tmp_path / "scores.jsonl"
+    code = main(["score", "--reward", "videoreward", "--weights", str(release[0]), "--prompt", "cat"]
+                + ["--out", str(out), "--no-progress", str(path)])  # fmt: skip
+    assert code == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["modality"] == "video" and record["aggregate"] == "native"
+    expected = mmalign.load_reward("videoreward", weights=str(release[0])).score([path], "cat").item()
+    assert abs(record["score"] - expected) < 1e-5
