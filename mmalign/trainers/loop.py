@@ -80,6 +80,10 @@ class TrainConfig:
     # audio generators (Stable Audio): seconds of audio sampled (the seconds_end conditioning and the decoded length);
     # 0: the generator's own (its folder's mmalign_generator.json, else the model's maximum)
     duration: float = 0.0
+    # multi-view generation as one image grid ("RxC", e.g. "3x2" as Zero123++, "2x2" as Instant3D): an image
+    # generator whose images are read as views (:mod:`mmalign.models.view_grid`); image rewards are lifted to
+    # multi-view (per view, with cross-view consistency); empty: images
+    views_grid: str = ""
     # the scripts' --random_crop (off: a centre crop after resizing the shorter side) and --no_hflip (off: flips)
     random_crop: bool = False
     hflip: bool = True
@@ -289,6 +293,13 @@ class Trainer:
                 policy = load_generator(config.model)
         self.policy = policy
         self._set_frames()
+        if config.views_grid:
+            from ..models.view_grid import ViewGridGenerator
+
+            try:
+                self.policy = ViewGridGenerator(self.policy, config.views_grid)
+            except ValueError as error:
+                raise ConfigError(f"views_grid={config.views_grid}: {error}") from None
         self.policy.to(self.accelerator.device)
         self._setup_model()
         self._setup_data()
