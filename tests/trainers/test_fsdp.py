@@ -123,3 +123,27 @@ def test_flow_grpo_under_fsdp2_equals_one_process(sd3_folder, tmp_path):
     assert (tmp_path / "fsdp" / "log.jsonl").read_text().count("\n") == 2
     init = distributed.initial_lora(make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "init"))
     distributed.assert_two_processes_equal_one({"one": one, "two": fsdp}, init)
+
+
+def test_fsdp_wraps_each_familys_blocks(sd_folder, sd3_folder):
+    """The blocks FSDP shards one by one: diffusers' ``_no_split_modules`` where the model declares them (present in
+    the model), else the family's ``block_class``."""
+    from mmalign.models.generator import load_generator
+    from mmalign.trainers.distributed import wrap_blocks
+
+    unet = load_generator(sd_folder)
+    assert set(wrap_blocks(unet.trainable, unet)) <= {
+        "BasicTransformerBlock",
+        "ResnetBlock2D",
+        "CrossAttnUpBlock2D",
+        "UpBlock2D",
+    }
+    assert {"BasicTransformerBlock", "ResnetBlock2D"} <= set(wrap_blocks(unet.trainable, unet))
+    sd3 = load_generator(sd3_folder)
+    assert wrap_blocks(sd3.trainable, sd3) == ["JointTransformerBlock"]
+
+    class Block(torch.nn.Linear):
+        pass
+
+    network = torch.nn.Sequential(Block(2, 2), Block(2, 2))  # no _no_split_modules: the family's block class
+    assert wrap_blocks(network, type("Family", (), {"block_class": "Block"})) == ["Block"]
