@@ -23,7 +23,9 @@ only) and keeps the best of all images. Writes
 
 Resumable like ``mmalign label`` (:mod:`mmalign.sharding`): each process appends finished prompts to its part file
 ``DIR/scores.jsonl.parts/``; a re-run with the same settings, prompts and reward skips the prompts whose files are
-all there; process 0 merges the parts into ``scores.jsonl`` at the end; under ``torchrun`` / ``accelerate launch``
+all there, whether a killed run left them in part files or a finished run in ``scores.jsonl`` (whose job, the
+settings and the reward, ``DIR/generate.json`` records); process 0 merges the parts into ``scores.jsonl`` at the
+end; under ``torchrun`` / ``accelerate launch``
 the prompts are split across processes.
 """
 
@@ -51,7 +53,7 @@ from ..sharding import (
 )
 from .label import _reward_id
 
-SCORES_FILE = "scores.jsonl"
+SCORES_FILE, JOB_FILE = "scores.jsonl", "generate.json"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -154,7 +156,9 @@ def generate(
     counts = {"forward": 0, "backward": 0}
     with process_group(shard) as group:
         if shard.is_main:  # before the others pass check_same, so before any of them writes
-            scores_file.unlink(missing_ok=True)
+            if _job_of(out) != job:  # a finished output of other settings: not this job's
+                scores_file.unlink(missing_ok=True)
+                (out / JOB_FILE).unlink(missing_ok=True)
             if any(not isinstance(part.row, dict) or part.row.get("job") != job for part in part_rows(scores_file)):
                 remove_parts(scores_file)  # a killed run with other settings may have overwritten this job's images
         group.check_same(job, "the prompts and settings")
@@ -175,7 +179,7 @@ def generate(
             close_part(handle)
         totals = group.gather(counts)  # every process has finished its prompts after this
         if shard.is_main:
-            _merge(out, job, len(prompts))
+            _merge(out, job, len(prompts), {**settings, "reward": reward_id or _reward_id(reward)})
         group.gather(None)  # when any process returns, scores.jsonl is whole
     images = len(prompts) * (n + noise_opt_steps)
     return {"prompts": len(prompts), "images": images, **{k: sum(t[k] for t in totals) for k in counts}}
@@ -261,9 +265,23 @@ def _generate_prompt(
     }
 
 
+def _job_of(out: Path) -> str | None:
+    """The job whose ``scores.jsonl`` the folder holds (``DIR/generate.json``), or None."""
+    try:
+        return json.loads((out / JOB_FILE).read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _finished(out: Path, job: str) -> dict[int, dict[str, Any]]:
-    """Prompts already done by this job in a part file (of any process count) whose files are all there."""
+    """Prompts already done by this job, in ``scores.jsonl`` (a finished run of the same job) or in a part file
+    (of any process count), whose files are all there."""
     done: dict[int, dict[str, Any]] = {}
+    if _job_of(out) == job and (out / SCORES_FILE).is_file():
+        for index, line in enumerate((out / SCORES_FILE).read_text().splitlines()):
+            result = json.loads(line)
+            if all((out / name).is_file() for name in [*result["images"], result["best"]]):
+                done[index] = result
     for part in part_rows(out / SCORES_FILE):
         row = part.row
         if not isinstance(row, dict) or row.get("job") != job:
@@ -278,7 +296,7 @@ def _finished(out: Path, job: str) -> dict[int, dict[str, Any]]:
     return done
 
 
-def _merge(out: Path, job: str, n_prompts: int) -> None:
+def _merge(out: Path, job: str, n_prompts: int, settings: dict[str, Any]) -> None:
     """``scores.jsonl`` from the part files, in prompt order, written at once; then the part files go."""
     done = _finished(out, job)
     missing = [i for i in range(n_prompts) if i not in done]
@@ -287,6 +305,9 @@ def _merge(out: Path, job: str, n_prompts: int) -> None:
             f"{parts_dir(out / SCORES_FILE)}: no result for prompt(s) {missing[:10]} although every process "
             "finished; re-run the same command"
         )
+    # the job first: a kill before scores.jsonl is whole leaves an older scores.jsonl of this same job (the start
+    # of a job deletes any other job's), never another job's under this one's name
+    write_atomic(out / JOB_FILE, [json.dumps({"job": job, **settings}, indent=2).encode() + b"\n"])
     write_atomic(out / SCORES_FILE, [(json.dumps(done[i]) + "\n").encode() for i in range(n_prompts)])
     remove_parts(out / SCORES_FILE)
 
