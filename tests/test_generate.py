@@ -92,6 +92,10 @@ def test_best_of_n_picks_the_argmax_and_writes_every_score(unet, tmp_path):
         assert (tmp_path / row["best"]).read_bytes() == (tmp_path / row["images"][row["chosen"]]).read_bytes()
         assert row["generator_calls"] == {"forward": 3, "backward": 0, "total": 3, "steps": 3}
     assert len({(tmp_path / n).read_bytes() for r in rows(tmp_path) for n in r["images"]}) == 6  # distinct noises
+    # candidate j has the same seed whatever N: N = 2's candidates are the first two of N = 3's
+    generate(unet, reward, PROMPTS[:2], 2, tmp_path / "n2", steps=3, guidance=1.0, resolution=32, seed=5)
+    for row, fewer in zip(rows(tmp_path), rows(tmp_path / "n2")):
+        assert fewer["scores"] == row["scores"][:2] and fewer["seeds"] == row["seeds"][:2]
 
 
 @needs_pipeline
