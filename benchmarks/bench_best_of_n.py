@@ -118,6 +118,7 @@ def bench_pipeline(kind: str, prompts: list[str], guidance: float, ks: list[int]
                 out = work / f"{kind}-n{n}-k{k}-lr{lr}"
                 rows, timing = run_generate(generator, reward, prompts, out, n, steps, guidance, k=k, lr=lr)
                 chosen = [row["judge"][row["chosen"]] for row in rows]
+                objective = [row["noise_opt"]["objective_rewards"] for row in rows]
                 final = [row["judge"][-1] for row in rows]  # the last iterate z_K, whatever its reward
                 start = [row["judge"][row["noise_opt"]["from"]] for row in rows]
                 results.append(
@@ -132,8 +133,8 @@ def bench_pipeline(kind: str, prompts: list[str], guidance: float, ks: list[int]
                         "adherence": float(np.mean(chosen)),
                         "adherence_start": float(np.mean(start)),
                         "adherence_last_iterate": float(np.mean(final)),
-                        "objective_reward_start": float(np.mean([r["noise_opt"]["objective_rewards"][0] for r in rows])),
-                        "objective_reward_best": float(np.mean([max(r["noise_opt"]["objective_rewards"]) for r in rows])),
+                        "objective_reward_start": float(np.mean([o[0] for o in objective])),
+                        "objective_reward_best": float(np.mean([max(o) for o in objective])),
                         "chosen_is_an_iterate": float(np.mean([row["chosen"] >= n for row in rows])),
                     }
                 )  # fmt: skip
@@ -203,7 +204,7 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         "",
         f"Machine: {m['cpu']} ({', '.join(m['simd']) or 'no AVX flags'}), {m['cores']} cores shared with other "
         f"jobs, {m['threads']} torch thread; load before: `{m['uptime_before']}`; after: `{m['uptime_after']}`; "
-        f"{report['wall_s']:.0f} s in all. CPU seconds are this process's (``time.process_time``), so other jobs' "
+        f"{report['wall_s']:.0f} s in all. CPU seconds are this process's (`time.process_time`), so other jobs' "
         "load slows the wall clock more than them.",
         "",
         f"{report['prompts']} held-out prompts, guidance {report['guidance']}, seed 0. Adherence: the exact judge's "
