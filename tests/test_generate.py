@@ -310,6 +310,7 @@ def test_the_command_line_contract(tmp_path, capsys):
     assert [r["prompt"] for r in rows(out)] == PROMPTS[:2]
     assert sorted(p.name for p in (out / "best").iterdir()) == ["00000.png", "00001.png"]
     assert len(list((out / "images").iterdir())) == 6
-    assert json.loads((out / "generate.json").read_text())["reward"] == "toyworld|"
+    job = json.loads((out / "generate.json").read_text())
+    assert job["reward"] == "toyworld|" and job["opt"] == {"steps": 1, "lr": 5.0, "reg": 0.01, "clip": 0.1}  # ReNO's
     assert main(argv) == 0  # a re-run: nothing left to do
     assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["forward"] == 0

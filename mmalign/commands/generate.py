@@ -57,8 +57,6 @@ SCORES_FILE, JOB_FILE = "scores.jsonl", "generate.json"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..models.noise_opt import RENO_CLIP, RENO_LR, RENO_REG
-
     p = sub.add_parser(
         "generate",
         help="best-of-N sampling by a reward, optionally with reward-guided noise optimisation (ReNO)",
@@ -88,9 +86,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="ReNO gradient steps on the best candidate's initial noise (0: off; needs a differentiable reward)",
     )
-    p.add_argument("--noise-opt-lr", type=float, default=RENO_LR, help=f"SGD learning rate (ReNO: {RENO_LR})")
-    p.add_argument("--noise-opt-reg", type=float, default=RENO_REG, help=f"noise-norm regulariser weight ({RENO_REG})")
-    p.add_argument("--noise-opt-clip", type=float, default=RENO_CLIP, help=f"gradient-norm clip ({RENO_CLIP})")
+    # defaults (None): ReNO's, mmalign.models.noise_opt.RENO_LR / RENO_REG / RENO_CLIP (torch is not imported here)
+    p.add_argument("--noise-opt-lr", type=float, help="SGD learning rate (default: ReNO's 5)")
+    p.add_argument("--noise-opt-reg", type=float, help="weight of ReNO's noise-norm regulariser (default 0.01)")
+    p.add_argument("--noise-opt-clip", type=float, help="gradient-norm clip on the noise (default: ReNO's 0.1)")
     p.set_defaults(func=run)
 
 
