@@ -314,3 +314,28 @@ def test_the_command_line_contract(tmp_path, capsys):
     assert job["reward"] == "toyworld|" and job["opt"] == {"steps": 1, "lr": 5.0, "reg": 0.01, "clip": 0.1}  # ReNO's
     assert main(argv) == 0  # a re-run: nothing left to do
     assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["forward"] == 0
+
+
+@needs_pipeline
+@pytest.mark.kernels
+def test_two_processes_write_what_one_writes(tmp_path):
+    """Under ``torchrun`` the prompts are split across processes (``mmalign.sharding``, as ``mmalign label``); each
+    candidate's noise depends only on its prompt's index, so the folder is one process's, byte for byte."""
+    from tests import processes
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+
+    def args(out):
+        return ["generate", "--model", str(ASSETS / "pipeline"), "--reward", "toyworld", "--prompts", str(prompts),
+                "--num-candidates", "2", "--out", str(out), "--steps", "2", "--resolution", "32"]  # fmt: skip
+
+    assert main(args(tmp_path / "one")) == 0
+    processes.run(args(tmp_path / "two"), 2)
+
+    def files(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    one, two = files(tmp_path / "one"), files(tmp_path / "two")
+    assert sorted(one) == sorted(two) and "scores.jsonl" in one
+    assert [k for k in one if one[k] != two[k]] == []

@@ -72,7 +72,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--reward-weights", help="reward checkpoint path (comma list, one per reward)")
     p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl with 'prompt'")
-    p.add_argument("--n", type=int, default=4, help="candidates per prompt (at least 1)")
+    p.add_argument(
+        "--n",
+        "--num-candidates",
+        dest="n",
+        type=int,
+        default=4,
+        help="candidates per prompt (at least 1); under torchrun write --num-candidates (its parser reads --n as an "
+        "abbreviation of its own options)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (DDIM η=0 for UNets, Euler ODE for flow)")
     p.add_argument("--guidance", type=float, default=7.5)
