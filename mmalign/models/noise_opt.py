@@ -25,8 +25,13 @@ Optimization"; code ExplainableML/ReNO at commit bd6f6acfe369ee9c90e2c97c536113b
   rate 5 (``--lr``), gradient norm clipped to 0.1 on the latent (``clip_grad_norm_(latents, 0.1)``);
 * iterations: each runs the whole sampler on the current noise with gradients, scores the image, and (but the
   last) steps the noise; the image kept is the one of the best reward over all iterates, the initial one included
-  (ReNO keeps the lowest reward loss, the regulariser excluded). ``steps`` gradient steps here = ReNO's
-  ``n_iters = steps + 1`` (``steps + 1`` images: ``steps + 1`` forward chains, ``steps`` backward chains).
+  (ReNO keeps the lowest reward loss, the regulariser excluded; ``mmalign generate`` compares the iterates by the
+  scores it writes for every image, the reward of the saved PNG, see :mod:`mmalign.commands.generate`).
+  ``steps`` gradient steps here = ReNO's ``n_iters = steps + 1`` (``steps + 1`` images: ``steps + 1`` forward
+  chains, ``steps`` backward chains).
+
+ReNO takes the norm of its whole ``[1, C, h, w]`` latent; here each row's own (the same for its batch of one).
+ReNO re-seeds its sampler's generator every iteration; the samplers here are deterministic (DDIM η = 0, Euler ODE).
 
 Not matched: ReNO optimises one-step (or few-step) distilled models (SD-Turbo, SDXL-Turbo, PixArt-α DMD, FLUX
 schnell) where a chain is one network call; here the chain is whatever ``steps`` the sampler is given, and its
