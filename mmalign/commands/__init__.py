@@ -4,4 +4,16 @@ Add a command by writing a module here and naming it in :data:`COMMANDS` (import
 heavy imports inside ``run``). Modules whose names start with ``_`` are argument helpers that commands share.
 """
 
-COMMANDS = ["score", "list", "convert", "demo", "train", "bench", "label", "annotate", "serve", "accelerate_config"]
+COMMANDS = [
+    "score",
+    "list",
+    "convert",
+    "demo",
+    "train",
+    "bench",
+    "label",
+    "generate",
+    "annotate",
+    "serve",
+    "accelerate_config",
+]
