@@ -43,11 +43,13 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..hub import load_state_dict, resolve_file
+from ..memory import auto_dtype
 from ..modalities.image import broadcast_prompts, check_image_batch
 from .base import ImageLike, resolve_dtype
 from .qwen2vl import (
     Qwen2VLRewardModel,
     build_backbone,
+    check_fits,
     checkpoint_vocab_size,
     convert_reference_state_dict,
     image_to_tensor,
@@ -162,12 +164,14 @@ class HPSv3Reward(Qwen2VLRewardModel):
         default ``Qwen/Qwen2-VL-7B-Instruct``, whose weights are NOT downloaded). ``processor`` overrides
         where the tokenizer / chat template / preprocessor config come from (default: ``backbone``)."""
         path = resolve_file(weights, default_repo=HPSV3_REPO, filename=HPSV3_FILE, what="HPSv3 checkpoint")
+        folder = resolve_backbone_dir(backbone, HPSV3_BACKBONE)
+        torch_dtype = resolve_dtype(auto_dtype(dtype, device))
+        architecture = load_backbone_config(folder)
+        check_fits(f"HPSv3 ({path})", lambda: build_backbone(architecture, torch_dtype), torch_dtype, device, path)
         raw = load_state_dict(path, unwrap=("model", "state_dict"))
         state_dict = convert_reference_state_dict(raw, source=str(path))
-        folder = resolve_backbone_dir(backbone, HPSV3_BACKBONE)
         text_folder = resolve_backbone_dir(processor, HPSV3_BACKBONE) if processor is not None else folder
         config = load_backbone_config(folder, checkpoint_vocab_size(state_dict, str(path)))
-        torch_dtype = resolve_dtype(dtype)
         model = build_backbone(config, torch_dtype)
         head = build_hpsv3_head(state_dict, config.text_config.hidden_size, str(path))
         tokenizer = load_tokenizer(text_folder, (REWARD_TOKEN,))

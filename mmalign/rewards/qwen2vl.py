@@ -383,6 +383,22 @@ def build_backbone(config: Any, dtype: torch.dtype) -> nn.Module:
     return Qwen2VLModel._from_config(config, dtype=dtype)
 
 
+def check_fits(
+    what: str, build: Any, dtype: torch.dtype, device: str | torch.device, checkpoint: Path | None = None
+) -> int:
+    """Before a 2B-7B VLM reward is loaded: its parameters, counted on the meta device from ``build()``, must fit
+    in ``dtype`` on ``device``, and on the CPU together with the ``checkpoint`` file read whole before it is copied
+    in (the HPSv3 / VideoReward formats); a :class:`WeightsError` with the figures otherwise. Returns the count."""
+    from ..memory import ensure_fits, meta_parameter_count
+
+    parameters = meta_parameter_count(build)
+    extra = checkpoint.stat().st_size if checkpoint is not None else 0
+    ensure_fits(what, parameters, dtype, "cpu", extra=extra)  # built (and the checkpoint read) on the CPU first
+    if torch.device(device).type != "cpu":
+        ensure_fits(what, parameters, dtype, device)
+    return parameters
+
+
 def load_reward_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict load (``lm_head`` allowed unexpected); every other mismatch raises, naming the checkpoint."""
     try:

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..hub import load_state_dict, resolve_dir
+from ..memory import auto_dtype
 from ..modalities.image import broadcast_prompts
 from ..modalities.video import check_video, probe_video, read_frames
 from .base import resolve_dtype
@@ -59,6 +60,7 @@ from .lifted import MediaScore
 from .qwen2vl import (
     Qwen2VLRewardModel,
     build_backbone,
+    check_fits,
     checkpoint_vocab_size,
     convert_reference_state_dict,
     load_backbone_config,
@@ -322,6 +324,13 @@ class VideoAlignReward(Qwen2VLRewardModel):
                 else ""
             )
             raise WeightsError(f"{checkpoint}: no model.pth or model.safetensors{hint}")
+        base_name = settings.get("model_config", {}).get("model_name_or_path") or VIDEOREWARD_BACKBONE
+        backbone_folder = resolve_backbone_dir(backbone if backbone is not None else base_name, VIDEOREWARD_BACKBONE)
+        torch_dtype = resolve_dtype(auto_dtype(dtype, device))
+        architecture = load_backbone_config(backbone_folder)
+        check_fits(
+            f"VideoReward ({path})", lambda: build_backbone(architecture, torch_dtype), torch_dtype, device, path
+        )
         raw = load_state_dict(path)
         lora = settings.get("peft_lora_config", {})
         scaling = None
@@ -329,8 +338,6 @@ class VideoAlignReward(Qwen2VLRewardModel):
             r, alpha = float(lora.get("lora_r", 16)), float(lora.get("lora_alpha", 32))
             scaling = alpha / math.sqrt(r) if lora.get("use_rslora") else alpha / r
         state_dict = convert_reference_state_dict(raw, lora_scaling=scaling, source=str(path))
-        base_name = settings.get("model_config", {}).get("model_name_or_path") or VIDEOREWARD_BACKBONE
-        backbone_folder = resolve_backbone_dir(backbone if backbone is not None else base_name, VIDEOREWARD_BACKBONE)
         if processor is not None:
             text_folder = resolve_backbone_dir(processor, VIDEOREWARD_BACKBONE)
         elif (checkpoint / "tokenizer").is_dir():
@@ -340,7 +347,7 @@ class VideoAlignReward(Qwen2VLRewardModel):
         special = settings.get("model_config", {}).get("use_special_tokens", True)
         tokenizer = load_tokenizer(text_folder, REWARD_TOKENS if special else ())
         config = load_backbone_config(backbone_folder, checkpoint_vocab_size(state_dict, str(path)))
-        model = build_backbone(config, resolve_dtype(dtype))
+        model = build_backbone(config, torch_dtype)
         if "rm_head.weight" not in state_dict:
             raise WeightsError(f"{path}: no rm_head.weight (VideoReward's Linear head)")
         head = nn.Linear(config.text_config.hidden_size, state_dict["rm_head.weight"].shape[0], bias=False)

@@ -68,11 +68,20 @@ from PIL import Image
 from torch import nn
 
 from ..errors import MediaError, StateDictMismatchError, WeightsError
+from ..memory import auto_dtype
 from ..modalities.image import broadcast_prompts, open_image
 from ..modalities.video import check_video, probe_video, read_frames
 from .base import ImageLike, Reward, resolve_dtype
 from .lifted import MediaScore
-from .qwen2vl import image_to_tensor, load_chat_template, normalize, patchify, read_pixel_stats, resize_tensor
+from .qwen2vl import (
+    check_fits,
+    image_to_tensor,
+    load_chat_template,
+    normalize,
+    patchify,
+    read_pixel_stats,
+    resize_tensor,
+)
 
 VQASCORE_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"  # t2v_metrics' default 'qwen2.5-vl-7b'
 QUESTION_TEMPLATE = 'Does this figure show "{}"? Please answer Yes or No.'
@@ -275,8 +284,11 @@ class VQAScoreReward(Reward):
             )
         if not any(folder.glob("*.safetensors")):
             raise WeightsError(f"{folder}: no *.safetensors weights (torch pickles are not loaded)")
-        model, info = classes[config.model_type].from_pretrained(
-            str(folder), dtype=resolve_dtype(dtype), attn_implementation="sdpa", output_loading_info=True
+        torch_dtype = resolve_dtype(auto_dtype(dtype, device))
+        model_class = classes[config.model_type]
+        check_fits(f"VQAScore ({folder})", lambda: model_class._from_config(config), torch_dtype, device)
+        model, info = model_class.from_pretrained(
+            str(folder), dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
         )
         tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
         missing = [k for k in info.get("missing_keys", []) if k not in tied]

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..errors import ConfigError, MMAlignError
+from ..memory import free_device_memory
 from .losses import LossOutput
 
 logger = logging.getLogger("mmalign.train")
@@ -174,20 +175,6 @@ def timestep_bounds(fractions: list[float], num_train_timesteps: int) -> tuple[i
 #: for a pair; ×4 at 512 px is about the 3.4 GB of fp32 weights). Weights, gradients and two Adam moments of a full
 #: fine-tuning add 4 units.
 AUTO_ACTIVATION_FACTOR = 1.0
-
-
-def free_device_memory(device: torch.device) -> int | None:
-    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of ``/proc/meminfo`` on
-    the CPU; None when unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def resolve_gradient_checkpointing(

@@ -147,3 +147,23 @@ def test_bad_checkpoints_named_in_error(hpsv3_files, tmp_path):
         mmalign.load_reward("hpsv3", weights=str(tmp_path / "headless.safetensors"), backbone=str(folder))
     with pytest.raises(WeightsError, match="no config.json"):
         mmalign.load_reward("hpsv3", weights=str(root / "HPSv3.safetensors"), backbone=str(tmp_path))
+
+
+def test_memory_aware_loading(hpsv3_files, monkeypatch):
+    """``dtype="auto"`` is bf16 where the CPU computes bf16 natively, fp32 elsewhere; a model that cannot fit is
+    refused before its checkpoint is read, with the figures (parameters, GiB needed, GiB free)."""
+    from mmalign import memory
+    from mmalign.errors import WeightsError
+
+    root, folder, _ = hpsv3_files
+    weights = str(root / "HPSv3.safetensors")
+    monkeypatch.setattr(memory, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert mmalign.load_reward("hpsv3", weights=weights, backbone=str(folder), dtype="auto").dtype == torch.bfloat16
+    monkeypatch.setattr(memory, "cpu_flags", lambda: {"avx2"})
+    assert mmalign.load_reward("hpsv3", weights=weights, backbone=str(folder), dtype="auto").dtype == torch.float32
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1024)
+    read = []
+    monkeypatch.setattr("mmalign.rewards.hpsv3.load_state_dict", lambda *a, **k: read.append(a) or {})
+    with pytest.raises(WeightsError, match=r"HPSv3 .*B parameters in float32 need .* GiB to load on cpu.*bf16"):
+        mmalign.load_reward("hpsv3", weights=weights, backbone=str(folder))
+    assert not read  # refused before the checkpoint was read
