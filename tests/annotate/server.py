@@ -22,9 +22,10 @@ def free_port() -> int:
 
 
 class Server:
-    """`mmalign annotate serve` on 127.0.0.1:port, waited for until /api/health answers; stop() ends it."""
+    """`mmalign annotate serve --db DB` (a SQLite path or a URL) on 127.0.0.1:port, waited for until /api/health
+    answers; stop() ends it."""
 
-    def __init__(self, db_path: Path, log: Path):
+    def __init__(self, db_path: Path | str, log: Path):
         self.db_path, self.log = db_path, log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

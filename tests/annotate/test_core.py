@@ -17,17 +17,17 @@ from tests.annotate import media
 
 
 @pytest.fixture
-def db(tmp_path):
-    database, applied = init_database(tmp_path / "a.db")
+def db(new_db):
+    database, applied = init_database(new_db("a"))
     assert applied == list(range(1, SCHEMA_VERSION + 1))
     return database
 
 
-def test_migrations_are_idempotent_and_checked(tmp_path, db):
-    _, again = init_database(tmp_path / "a.db")
+def test_migrations_are_idempotent_and_checked(new_db, db):
+    _, again = init_database(new_db("a"))
     assert again == [] and applied_versions(db.engine) == list(range(1, SCHEMA_VERSION + 1))
     with pytest.raises(AnnotateError, match="annotate init"):
-        Database(tmp_path / "other.db")
+        Database(new_db("other"))
 
 
 def test_tokens(db):
@@ -160,7 +160,7 @@ def test_gold_questions_and_accuracy(tmp_path, db):
 
 
 def test_concurrent_hand_out_and_recording(tmp_path, db):
-    """8 threads × their own annotator against one SQLite file: every item exactly `judgements` times."""
+    """8 threads × their own annotator against one database: every item exactly `judgements` times."""
     add_task(db, "t", "pairwise", media.manifest_folder(tmp_path / "m", items=10), judgements=4)
     ids = [authenticate(db, add_user(db, f"u{i}")).id for i in range(8)]
     errors = []
@@ -223,19 +223,19 @@ def test_agreement_of_a_task(tmp_path, db):
     assert list(combinations(range(2), 2))
 
 
-def test_upgrade_from_schema_1(tmp_path):
+def test_upgrade_from_schema_1(new_db):
     """A database as version 1 made it (no items.routed): refused until migrated, then like a fresh one."""
     from sqlalchemy import inspect, text
 
     from mmalign.annotate.db import make_engine, migrate
 
-    init_database(tmp_path / "old.db")
-    engine = make_engine(tmp_path / "old.db")
+    init_database(new_db("old"))
+    engine = make_engine(new_db("old"))
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE items DROP COLUMN routed"))
         conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
     with pytest.raises(AnnotateError, match="annotate migrate"):
-        Database(tmp_path / "old.db")
+        Database(new_db("old"))
     assert migrate(engine) == list(range(2, SCHEMA_VERSION + 1))
     assert "routed" in {c["name"] for c in inspect(engine).get_columns("items")}
-    Database(tmp_path / "old.db")
+    Database(new_db("old"))
