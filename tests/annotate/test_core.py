@@ -239,3 +239,60 @@ def test_upgrade_from_schema_1(new_db):
     assert migrate(engine) == list(range(2, SCHEMA_VERSION + 1))
     assert "routed" in {c["name"] for c in inspect(engine).get_columns("items")}
     Database(new_db("old"))
+
+
+def _at_once(n, target):
+    """``target(i)`` in n threads released together; returns (results, errors)."""
+    barrier, results, errors = threading.Barrier(n), [None] * n, []
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = target(i)
+        except Exception as error:  # noqa: BLE001 - returned to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_one_assignment_answered_at_once_counts_once(tmp_path, db):
+    """8 submissions of one assignment at the same moment, two different answers: one recorded, the same answer
+    "duplicate", the other refused (409), whichever wins."""
+    add_task(db, "t", "pairwise", media.manifest_folder(tmp_path / "m", items=1), judgements=1)
+    alice = authenticate(db, add_user(db, "alice")).id
+    a = assign.next_assignment(db, 1, alice)["assignment"]
+    results, errors = _at_once(8, lambda i: assign.record(db, a, alice, {"choice": i % 2}))
+    assert [r["status"] for r in results if r is not None].count("recorded") == 1
+    assert all(isinstance(e, AnnotateError) and e.status == 409 and "differently" in str(e) for e in errors)
+    with db.read() as s:
+        stored = s.scalars(select(Judgement)).all()
+    assert len(stored) == 1 and len(errors) == 4  # the 4 submissions of the other answer
+    assert all(r["judgement"] == stored[0].id for r in results if r is not None)
+
+
+def test_last_slot_handed_out_once(tmp_path, db):
+    """One item needing one judgement, 8 annotators asking at the same moment: one gets it, the rest nothing."""
+    add_task(db, "t", "pairwise", media.manifest_folder(tmp_path / "m", items=1), judgements=1)
+    ids = [authenticate(db, add_user(db, f"u{i}")).id for i in range(8)]
+    results, errors = _at_once(8, lambda i: assign.next_assignment(db, 1, ids[i]))
+    assert not errors and sum(r is not None for r in results) == 1
+
+
+def test_concurrent_migrations_and_labellers(new_db):
+    """`init` run 4 times at once on a fresh database: every migration applied exactly once; an AI labeller
+    created by 4 at once: one annotator."""
+    from mmalign.annotate.people import ai_annotator
+
+    url = new_db("fresh")
+    results, errors = _at_once(4, lambda i: init_database(url)[1])
+    assert not errors, errors
+    assert sorted(v for r in results for v in r) == list(range(1, SCHEMA_VERSION + 1))
+    db = Database(url)
+    assert applied_versions(db.engine) == list(range(1, SCHEMA_VERSION + 1))
+    results, errors = _at_once(4, lambda i: ai_annotator(db, "reward:toy"))
+    assert not errors and len(set(results)) == 1
