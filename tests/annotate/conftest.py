@@ -3,9 +3,10 @@
 ``new_db``: the database of a test, on each backend: ``new_db("a")`` is a SQLite file in the test's folder, or a
 fresh database of a throwaway PostgreSQL cluster (tests/annotate/postgres.py; one per session, started on first
 use); the same name gives the same database within a test. The PostgreSQL variants (marked ``postgres``) skip,
-saying why, unless ``MMALIGN_POSTGRES=1`` (``make test-postgres``)."""
+saying why, unless ``MMALIGN_POSTGRES=1`` (``make test-postgres``), which fails them when PostgreSQL is missing."""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -20,6 +21,8 @@ def postgres_cluster():
     from tests.annotate import postgres
 
     reason = postgres.unavailable()
+    if reason is not None and os.environ.get(postgres.WANTED) == "1":
+        pytest.fail(f"{postgres.WANTED}=1 but {reason}")  # asked for: a missing server must not pass as a skip
     if reason is not None:
         pytest.skip(reason)
     cluster = postgres.Cluster().start()
