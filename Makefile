@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-kernels browser-deps test-browser lint format demo demo-flow demo-video bench clean
+.PHONY: install test test-kernels browser-deps test-browser postgres-deps test-postgres lint format demo demo-flow demo-video bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ browser-deps: $(STAMP)
 
 test-browser: browser-deps
 	$(BIN)/python -m pytest -q tests/annotate/test_browser.py
+
+# The annotation app on a real PostgreSQL: Debian's postgresql server and psycopg 3, then the PostgreSQL variant of
+# every database test in tests/annotate (`-m postgres`; plain `make test` skips them, saying why). The tests start
+# their own throwaway cluster (tests/annotate/postgres.py: initdb into a temporary folder, 127.0.0.1 and a free port
+# only, as the postgres user when run as root) and stop and remove it; no system cluster is used or started.
+# SUDO=sudo when not root.
+postgres-deps: $(STAMP)
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql)
+	$(BIN)/python -m pip install -q -e '.[dev,audio,annotate,serve,postgres]'
+
+test-postgres: postgres-deps
+	MMALIGN_POSTGRES=1 $(BIN)/python -m pytest -q -m postgres tests/annotate
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmalign tests benchmarks

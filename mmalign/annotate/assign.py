@@ -13,7 +13,11 @@
   annotator (so the generators and the prompt are random); the page shows the options by display position
   only, a form's answer is mapped back to the item's order through the assignment's recorded ``order``
   (:func:`from_display`), and :func:`reveal` names the generators of an assignment only once it is answered.
-- Both run in one write transaction each (``BEGIN IMMEDIATE`` on SQLite, the task row locked on PostgreSQL).
+- Both run in one write transaction each, serialised per task: ``BEGIN IMMEDIATE`` on SQLite (one writer at a
+  time), ``SELECT ... FOR UPDATE`` of the task row on PostgreSQL (its READ COMMITTED transactions would otherwise
+  count the open assignments of an item side by side and both hand out its last slot); each statement after the
+  lock sees every hand-out and answer committed before it. The unique constraints stay the last word on
+  duplicates (a unique violation is answered "duplicate").
 """
 
 from __future__ import annotations
@@ -240,8 +244,15 @@ def record(
             assignment = s.get(Assignment, assignment_id)
             if assignment is None or assignment.annotator_id != annotator_id:
                 raise AnnotateError(f"no assignment {assignment_id} of yours", 404)
-            existing = s.scalar(select(Judgement).where(Judgement.assignment_id == assignment_id))
             task = _lock_task(s, assignment.task_id)
+            # read again under the task's lock: on PostgreSQL (READ COMMITTED, no database-wide write lock) a
+            # concurrent request may have answered it, or handed its expired slot on and deleted it, meanwhile
+            assignment = s.scalar(
+                select(Assignment).where(Assignment.id == assignment_id).execution_options(populate_existing=True)
+            )
+            if assignment is None:
+                raise AnnotateError(f"assignment {assignment_id} expired and the item has its judgements now", 409)
+            existing = s.scalar(select(Judgement).where(Judgement.assignment_id == assignment_id))
             item = s.get(Item, assignment.item_id)
             stored = answers.validate(task.kind, answer, len(item.options), task.dimensions or [])
             if existing is not None:

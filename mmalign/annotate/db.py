@@ -1,7 +1,9 @@
 """The annotation database: SQLAlchemy 2 models, engine set-up and a minimal migration mechanism.
 
-SQLite (one file) by default, any SQLAlchemy URL otherwise (``postgresql+psycopg://user@host/db``; the code
-path is the same, nothing here is SQLite-only except the connection pragmas).
+SQLite (one file) by default, any SQLAlchemy URL otherwise. PostgreSQL (``postgresql+psycopg://user@host/db``,
+the ``postgres`` extra) runs the whole test suite of the app (``make test-postgres``); the code path is the same
+except the SQLite connection pragmas below, the migrations' advisory lock and the assignment paths' row lock
+(mmalign/annotate/assign.py).
 
 Migrations: not Alembic (an ``alembic.ini`` + ``env.py`` + script folder shipped as package data, for a schema
 this small), but the same idea in a few lines: :data:`MIGRATIONS` is an ordered list of ``(version,
@@ -202,15 +204,32 @@ def applied_versions(engine: Engine) -> list[int]:
         return [row[0] for row in conn.execute(select(SchemaVersion.version).order_by(SchemaVersion.version))]
 
 
+MIGRATION_LOCK = 0x6D6D616C69676E  # "mmalign": the PostgreSQL advisory lock key of migrations
+
+
+def _serialise_migrations(conn: Connection) -> None:
+    """Make concurrent migrators (``init`` run twice at once, a ``serve`` starting beside ``migrate``) take turns:
+    on SQLite the transaction's ``BEGIN IMMEDIATE`` does it; on PostgreSQL (transactional DDL, but no
+    database-wide write lock) a transaction-scoped advisory lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+
+
 def migrate(engine: Engine) -> list[int]:
-    """Apply the missing migrations in order; returns the versions applied now."""
-    SchemaVersion.__table__.create(engine, checkfirst=True)
+    """Apply the missing migrations in order, each in its own transaction; returns the versions applied now (by
+    this call: a version that a concurrent migrator applied meanwhile is skipped)."""
+    with engine.begin() as conn:
+        _serialise_migrations(conn)
+        SchemaVersion.__table__.create(conn, checkfirst=True)
     done = set(applied_versions(engine))
     applied = []
     for version, description, function in MIGRATIONS:
         if version in done:
             continue
         with engine.begin() as conn:
+            _serialise_migrations(conn)
+            if conn.scalar(select(SchemaVersion.version).where(SchemaVersion.version == version)) is not None:
+                continue  # applied by a concurrent migrator while this one waited for the lock
             function(conn)
             conn.execute(
                 SchemaVersion.__table__.insert().values(

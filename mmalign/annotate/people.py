@@ -7,6 +7,7 @@ import re
 import secrets
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from .db import AnnotateError, Annotator, Database
 
@@ -36,10 +37,14 @@ def add_user(db: Database, name: str, *, admin: bool = False, kind: str = "human
     if kind not in ("human", "ai"):
         raise AnnotateError(f"annotator kind must be human or ai, got {kind!r}")
     token = new_token() if kind == "human" else ""
-    with db.session() as s:
-        if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
-            raise AnnotateError(f"annotator {name!r} exists already (use `users token {name}` for a new token)")
-        s.add(Annotator(name=name, token_hash=hash_token(token) if token else None, kind=kind, is_admin=admin))
+    exists = AnnotateError(f"annotator {name!r} exists already (use `users token {name}` for a new token)")
+    try:
+        with db.session() as s:
+            if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
+                raise exists
+            s.add(Annotator(name=name, token_hash=hash_token(token) if token else None, kind=kind, is_admin=admin))
+    except IntegrityError:  # the same name added concurrently (PostgreSQL checks the unique name at the insert)
+        raise exists from None
     return token
 
 
@@ -51,7 +56,12 @@ def ai_annotator(db: Database, name: str) -> int:
             if row.kind != "ai":
                 raise AnnotateError(f"{name!r} is a human annotator, not an AI labeller")
             return row.id
-    add_user(db, name, kind="ai")
+    try:
+        add_user(db, name, kind="ai")
+    except AnnotateError:  # a bad name, or a concurrent labeller of the same name made it meanwhile
+        with db.read() as s:
+            if s.scalar(select(Annotator.id).where(Annotator.name == name)) is None:
+                raise
     return ai_annotator(db, name)
 
 

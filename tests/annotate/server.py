@@ -22,14 +22,16 @@ def free_port() -> int:
 
 
 class Server:
-    """`mmalign annotate serve` on 127.0.0.1:port, waited for until /api/health answers; stop() ends it."""
+    """`mmalign annotate serve --db DB` (a SQLite path or a URL) on 127.0.0.1:port, waited for until /api/health
+    answers; stop() ends it."""
 
-    def __init__(self, db_path: Path, log: Path):
+    def __init__(self, db_path: Path | str, log: Path):
         self.db_path, self.log = db_path, log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "mmalign.cli", "annotate", "serve", "--db", str(db_path)]
+        # the database by $MMALIGN_ANNOTATE_DB, not --db: a PostgreSQL URL's password stays out of the process list
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MMALIGN_ANNOTATE_DB": str(db_path)}
+        command = [sys.executable, "-m", "mmalign.cli", "annotate", "serve"]
         command += ["--port", str(self.port), "--log-level", "warning"]
         self.process = subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

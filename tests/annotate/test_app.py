@@ -18,8 +18,8 @@ from tests.annotate import media
 
 
 @pytest.fixture
-def site(tmp_path):
-    db = init_database(tmp_path / "a.db")[0]
+def site(tmp_path, new_db):
+    db = init_database(new_db("a"))[0]
     tokens = {"admin": add_user(db, "admin", admin=True), "alice": add_user(db, "alice")}
     add_task(db, "pairs", "pairwise", media.manifest_folder(tmp_path / "p", items=2), judgements=2)
     add_task(db, "rank", "kwise", media.label_folder(tmp_path / "l", prompts=1, k=3), judgements=1)

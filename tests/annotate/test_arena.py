@@ -42,8 +42,8 @@ def generator_folders(root: Path, prompts: int = 4, names=GENERATORS) -> dict[st
 
 
 @pytest.fixture
-def site(tmp_path):
-    db = init_database(tmp_path / "a.db")[0]
+def site(tmp_path, new_db):
+    db = init_database(new_db("a"))[0]
     tokens = {name: add_user(db, name) for name in ("alice", "bob")}
     folders = generator_folders(tmp_path)
     add_arena_task(db, "battle", folders, judgements=2, seed=0)
@@ -76,8 +76,8 @@ def models_shown(db, assignment_id):
         return [item.options[i]["model"] for i in a.order]
 
 
-def test_arena_tasks_from_the_command_line(tmp_path, capsys):
-    db_path = str(tmp_path / "a.db")
+def test_arena_tasks_from_the_command_line(tmp_path, capsys, new_db):
+    db_path = new_db("a")
     assert main(["annotate", "init", "--db", db_path]) == 0
     capsys.readouterr()
     folders = generator_folders(tmp_path, prompts=3)
@@ -185,12 +185,12 @@ def test_forged_votes_are_refused(site):
     assert alice.get("/tasks/3/leaderboard").status_code == 403  # a blind task's generators stay hidden
 
 
-def test_concurrent_voters_are_counted_once(tmp_path):
+def test_concurrent_voters_are_counted_once(tmp_path, new_db):
     """A real server; 6 annotators vote at once, each vote sent twice at the same moment (a double click)."""
-    db = init_database(tmp_path / "a.db")[0]
+    db = init_database(new_db("a"))[0]
     add_arena_task(db, "battle", generator_folders(tmp_path, prompts=4), judgements=3, seed=0)
     tokens = [add_user(db, f"u{i}") for i in range(6)]
-    server = Server(Path(db.url[len("sqlite:///") :]), tmp_path / "server.log")
+    server = Server(db.url, tmp_path / "server.log")
     acknowledged, errors = [], []
 
     def send(token, body, answers):
@@ -241,8 +241,8 @@ def test_concurrent_voters_are_counted_once(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["pairwise", "kwise"])
-def test_leaderboard_equals_bench_generators_on_the_export(tmp_path, kind):
-    db = init_database(tmp_path / "a.db")[0]
+def test_leaderboard_equals_bench_generators_on_the_export(tmp_path, kind, new_db):
+    db = init_database(new_db("a"))[0]
     add_arena_task(db, "battle", generator_folders(tmp_path, prompts=6), kind=kind, judgements=3, seed=0)
     people = [authenticate(db, add_user(db, f"u{i}")).id for i in range(3)]
     token = add_user(db, "viewer")
@@ -296,29 +296,29 @@ def test_empty_leaderboard(site):
     assert TestClient(create_app(db)).get("/api/tasks/1/leaderboard").status_code == 401
 
 
-def test_upgrade_from_schema_2(tmp_path):
+def test_upgrade_from_schema_2(tmp_path, new_db):
     """A database as version 2 made it (no tasks.mode), with a task and a vote: refused until migrated, then its
     task and vote are as before and arena tasks can be added."""
     from sqlalchemy import inspect, text
 
     from mmalign.annotate.db import SCHEMA_VERSION, make_engine, migrate
 
-    db = init_database(tmp_path / "old.db")[0]
+    db = init_database(new_db("old"))[0]
     add_task(db, "old", "pairwise", media.manifest_folder(tmp_path / "m", items=1), judgements=1)
     person = authenticate(db, add_user(db, "alice")).id
     battle = assign.next_assignment(db, 1, person)
     assign.record(db, battle["assignment"], person, {"choice": 1})
     db.dispose()
-    engine = make_engine(tmp_path / "old.db")
+    engine = make_engine(new_db("old"))
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE tasks DROP COLUMN mode"))
         conn.execute(text("DELETE FROM schema_version WHERE version > 2"))
     assert "mode" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
     with pytest.raises(AnnotateError, match="annotate migrate"):
-        Database(tmp_path / "old.db")
+        Database(new_db("old"))
     assert migrate(engine) == [3] == list(range(3, SCHEMA_VERSION + 1))
     engine.dispose()
-    db = Database(tmp_path / "old.db")
+    db = Database(new_db("old"))
     with db.read() as s:
         task = s.scalar(select(Task))
         assert task.mode is None and s.scalar(select(Judgement)).answer == {"choice": 1}
@@ -340,8 +340,8 @@ def test_media_carry_no_file_time(site):
     assert client.get(url, headers={"Range": "bytes=0-3"}).content == response.content[:4]
 
 
-def test_kwise_battle_by_form(tmp_path):
-    db = init_database(tmp_path / "a.db")[0]
+def test_kwise_battle_by_form(tmp_path, new_db):
+    db = init_database(new_db("a"))[0]
     token = add_user(db, "alice")
     add_arena_task(db, "three", generator_folders(tmp_path, prompts=1), kind="kwise", judgements=1, seed=0)
     client = TestClient(create_app(db))

@@ -12,8 +12,8 @@ from mmalign.data import load_preferences
 from tests.annotate import media
 
 
-def test_cli_round_trip(tmp_path, capsys):
-    db_path = str(tmp_path / "a.db")
+def test_cli_round_trip(tmp_path, capsys, new_db):
+    db_path = new_db("a")
     assert main(["annotate", "init", "--db", db_path]) == 0
     admin_token = capsys.readouterr().out.strip().split()[-1]
     assert main(["annotate", "init", "--db", db_path]) == 0  # again: nothing to do, no second admin
@@ -57,5 +57,5 @@ def test_cli_round_trip(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["complete_items"] == 2
     assert main(["annotate", "users", "revoke", "alice", "--db", db_path]) == 0
     assert authenticate(db, token) is None
-    assert main(["annotate", "stats", "--db", str(tmp_path / "none.db")]) == 2
+    assert main(["annotate", "stats", "--db", new_db("none")]) == 2
     assert "annotate init" in capsys.readouterr().err

@@ -17,17 +17,17 @@ from tests.annotate import media
 
 
 @pytest.fixture
-def db(tmp_path):
-    database, applied = init_database(tmp_path / "a.db")
+def db(new_db):
+    database, applied = init_database(new_db("a"))
     assert applied == list(range(1, SCHEMA_VERSION + 1))
     return database
 
 
-def test_migrations_are_idempotent_and_checked(tmp_path, db):
-    _, again = init_database(tmp_path / "a.db")
+def test_migrations_are_idempotent_and_checked(new_db, db):
+    _, again = init_database(new_db("a"))
     assert again == [] and applied_versions(db.engine) == list(range(1, SCHEMA_VERSION + 1))
     with pytest.raises(AnnotateError, match="annotate init"):
-        Database(tmp_path / "other.db")
+        Database(new_db("other"))
 
 
 def test_tokens(db):
@@ -160,7 +160,7 @@ def test_gold_questions_and_accuracy(tmp_path, db):
 
 
 def test_concurrent_hand_out_and_recording(tmp_path, db):
-    """8 threads × their own annotator against one SQLite file: every item exactly `judgements` times."""
+    """8 threads × their own annotator against one database: every item exactly `judgements` times."""
     add_task(db, "t", "pairwise", media.manifest_folder(tmp_path / "m", items=10), judgements=4)
     ids = [authenticate(db, add_user(db, f"u{i}")).id for i in range(8)]
     errors = []
@@ -223,19 +223,76 @@ def test_agreement_of_a_task(tmp_path, db):
     assert list(combinations(range(2), 2))
 
 
-def test_upgrade_from_schema_1(tmp_path):
+def test_upgrade_from_schema_1(new_db):
     """A database as version 1 made it (no items.routed): refused until migrated, then like a fresh one."""
     from sqlalchemy import inspect, text
 
     from mmalign.annotate.db import make_engine, migrate
 
-    init_database(tmp_path / "old.db")
-    engine = make_engine(tmp_path / "old.db")
+    init_database(new_db("old"))
+    engine = make_engine(new_db("old"))
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE items DROP COLUMN routed"))
         conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
     with pytest.raises(AnnotateError, match="annotate migrate"):
-        Database(tmp_path / "old.db")
+        Database(new_db("old"))
     assert migrate(engine) == list(range(2, SCHEMA_VERSION + 1))
     assert "routed" in {c["name"] for c in inspect(engine).get_columns("items")}
-    Database(tmp_path / "old.db")
+    Database(new_db("old"))
+
+
+def _at_once(n, target):
+    """``target(i)`` in n threads released together; returns (results, errors)."""
+    barrier, results, errors = threading.Barrier(n), [None] * n, []
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = target(i)
+        except Exception as error:  # noqa: BLE001 - returned to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_one_assignment_answered_at_once_counts_once(tmp_path, db):
+    """8 submissions of one assignment at the same moment, two different answers: one recorded, the same answer
+    "duplicate", the other refused (409), whichever wins."""
+    add_task(db, "t", "pairwise", media.manifest_folder(tmp_path / "m", items=1), judgements=1)
+    alice = authenticate(db, add_user(db, "alice")).id
+    a = assign.next_assignment(db, 1, alice)["assignment"]
+    results, errors = _at_once(8, lambda i: assign.record(db, a, alice, {"choice": i % 2}))
+    assert [r["status"] for r in results if r is not None].count("recorded") == 1
+    assert all(isinstance(e, AnnotateError) and e.status == 409 and "differently" in str(e) for e in errors)
+    with db.read() as s:
+        stored = s.scalars(select(Judgement)).all()
+    assert len(stored) == 1 and len(errors) == 4  # the 4 submissions of the other answer
+    assert all(r["judgement"] == stored[0].id for r in results if r is not None)
+
+
+def test_last_slot_handed_out_once(tmp_path, db):
+    """One item needing one judgement, 8 annotators asking at the same moment: one gets it, the rest nothing."""
+    add_task(db, "t", "pairwise", media.manifest_folder(tmp_path / "m", items=1), judgements=1)
+    ids = [authenticate(db, add_user(db, f"u{i}")).id for i in range(8)]
+    results, errors = _at_once(8, lambda i: assign.next_assignment(db, 1, ids[i]))
+    assert not errors and sum(r is not None for r in results) == 1
+
+
+def test_concurrent_migrations_and_labellers(new_db):
+    """`init` run 4 times at once on a fresh database: every migration applied exactly once; an AI labeller
+    created by 4 at once: one annotator."""
+    from mmalign.annotate.people import ai_annotator
+
+    url = new_db("fresh")
+    results, errors = _at_once(4, lambda i: init_database(url)[1])
+    assert not errors, errors
+    assert sorted(v for r in results for v in r) == list(range(1, SCHEMA_VERSION + 1))
+    db = Database(url)
+    assert applied_versions(db.engine) == list(range(1, SCHEMA_VERSION + 1))
+    results, errors = _at_once(4, lambda i: ai_annotator(db, "reward:toy"))
+    assert not errors and len(set(results)) == 1

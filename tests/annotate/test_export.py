@@ -20,8 +20,8 @@ from tests.annotate import media
 
 
 @pytest.fixture
-def db(tmp_path):
-    return init_database(tmp_path / "a.db")[0]
+def db(new_db):
+    return init_database(new_db("a"))[0]
 
 
 def _answer_all(db, task_id, person, answer):

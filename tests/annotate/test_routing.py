@@ -16,8 +16,8 @@ from mmalign.data import load_preferences
 from tests.annotate import media
 
 
-def test_route_keeps_the_least_confident_for_people(tmp_path):
-    db = init_database(tmp_path / "a.db")[0]
+def test_route_keeps_the_least_confident_for_people(tmp_path, new_db):
+    db = init_database(new_db("a"))[0]
     add_task(db, "t", "pairwise", media.manifest_folder(tmp_path / "m", items=6), judgements=1)
     margins = {f"prompt <b>{i}</b>": 0.1 * (i + 1) for i in range(6)}  # items 0 and 1 are the least sure
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -24,11 +23,11 @@ from tests.annotate.server import ROOT, Server
 
 
 @pytest.fixture
-def arena(tmp_path):
+def arena(tmp_path, new_db):
     """A pairwise task of 200 items (every item the same two files) and 20 annotators."""
 
     def make(items: int, annotators: int, judgements: int):
-        db = init_database(tmp_path / "a.db")[0]
+        db = init_database(new_db("a"))[0]
         folder = tmp_path / "m"
         media.png(folder / "a.png", 0)
         media.png(folder / "b.png", 1)
@@ -41,7 +40,7 @@ def arena(tmp_path):
     servers = []
 
     def start(db):
-        server = Server(Path(db.url[len("sqlite:///") :]), tmp_path / "server.log")
+        server = Server(db.url, tmp_path / "server.log")
         servers.append(server)
         return server
 
