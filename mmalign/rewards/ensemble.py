@@ -202,6 +202,13 @@ class EnsembleReward(nn.Module):
             labels=[m.label or m.name for m in spec.members],
         )
 
+    def with_members(self, adapt: Any) -> EnsembleReward:
+        """The same calibration over ``adapt(member)`` for each member (e.g. image members lifted to video by
+        :func:`mmalign.rewards.lifted.lift`: the standardisation stays the one fitted on the members' scores)."""
+        return EnsembleReward(
+            [adapt(r) for r in self.rewards], self.means, self.stds, self.weights, name=self.name, labels=self.labels
+        )
+
     # -- the reward surface -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -206,6 +206,8 @@ def for_modality(reward: WeightedReward, modality: str, sample_rate: int | None 
             adapted.append(item if isinstance(item, AtSampleRate) else AtSampleRate(item, sample_rate))
         elif own == modality:
             adapted.append(item)
+        elif own == "image" and modality in ("video", "multiview") and hasattr(item, "with_members"):
+            adapted.append(item.with_members(lambda member: lift(member, modality)))  # an ensemble: lift each member
         elif own == "image" and modality in ("video", "multiview"):
             adapted.append(lift(item, modality))
         elif modality == "audio":

@@ -112,7 +112,7 @@ def test_fit_weights_refuses_no_pairs():
 
 @pytest.fixture(scope="module")
 def clip_folder_b(tmp_path_factory):
-    return tiny.make_clip_model(tmp_path_factory.mktemp("clip_b"), seed=1)
+    return tiny.make_clip_model(tmp_path_factory.mktemp("clip_b"), seed=1, image_size=64)
 
 
 def specs(clip_folder, clip_folder_b):
@@ -178,6 +178,16 @@ def test_reward_spec_parsing_and_trainer_reward(clip_folder, clip_folder_b, imag
     images = torch.rand(2, 3, 32, 32)
     direct = mmalign.load_reward(f"ensemble:{path}").score_tensor(images, ["x", "y"])
     assert torch.allclose(reward(images, ["x", "y"]), 0.5 * direct, atol=1e-6)
+    # on a video generator each image member is lifted (mean over frames), the calibration kept
+    from mmalign.rewards.lifted import lift
+    from mmalign.trainers.online import for_modality
+
+    video_reward = for_modality(reward, "video")
+    assert video_reward.rewards[0].modality == "video"
+    videos = torch.rand(2, 3, 3, 32, 32)
+    members = [lift(m, "video").score_tensor(videos, ["x", "y"]) for m in reward.rewards[0].rewards]
+    by_hand = 0.5 * (1.0 * members[0] / 1.0 + 0.5 * members[1] / 2.0)
+    assert torch.allclose(video_reward(videos, ["x", "y"]), by_hand, atol=1e-5)
 
 
 class _Fake:
@@ -225,7 +235,7 @@ def test_cli_fit_ensemble_end_to_end(clip_folder, clip_folder_b, tmp_path, capsy
     root = tmp_path / "data"
     root.mkdir()
     lines = []
-    for p in range(12):
+    for p in range(8):
         for i in range(2):
             names = [f"{p}_{i}_{j}.png" for j in range(2)]
             for j, name in enumerate(names):
@@ -247,7 +257,7 @@ def test_cli_fit_ensemble_end_to_end(clip_folder, clip_folder_b, tmp_path, capsy
     file = json.loads((out / "ensemble.json").read_text())
     weights = [m["weight"] for m in file["members"]]
     assert min(weights) >= 0 and results["ensemble"]["settings"]["ensemble"]["weights"] == pytest.approx(weights)
-    assert file["fit"]["pairs"] == 12 and results["ensemble"]["counts"]["pairs"] == 12  # 6 prompts x 2 each way
+    assert file["fit"]["pairs"] == 8 and results["ensemble"]["counts"]["pairs"] == 8  # 4 prompts x 2 each way
     for r in results.values():
         low, value, high = (r["metrics"]["accuracy"][k] for k in ("low", "value", "high"))
         assert low <= value <= high
@@ -288,3 +298,29 @@ def test_cli_fit_ensemble_refusals(clip_folder, tmp_path, capsys):
     assert "not --scores" in capsys.readouterr().err
     assert main([*base, *one, "--ensemble-out", str(tmp_path / "e.json")]) == 2
     assert "goes with --fit-ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # about 25 s: builds and samples a tiny Stable Diffusion pipeline
+def test_label_with_an_ensemble_reward(tmp_path):
+    """`mmalign label --reward ensemble:FILE` ranks a tiny generator's samples by the ensemble's score."""
+    from mmalign.rewards.ensemble import EnsembleSpec, Member
+
+    members = [
+        Member("jpeg-compressibility", mean=-2.0, std=0.5, weight=0.3),
+        Member("jpeg-incompressibility", mean=1.0, std=2.0, weight=1.0),
+    ]
+    path = EnsembleSpec(members).save(tmp_path / "jpeg.json")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    sd = tiny.make_sd_pipeline(tmp_path / "sd")
+    out = tmp_path / "labels"
+    argv = ["label", "--model", str(sd), "--reward", f"ensemble:{path}", "--prompts", str(prompts), "--k", "2"]
+    assert main([*argv, "--out", str(out), "--steps", "2", "--resolution", "32"]) == 0
+    rows = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    ensemble = mmalign.load_reward(f"ensemble:{path}")
+    for row in rows:
+        images = [str(out / name) for name in row["images"]]
+        expected = ensemble.score(images, row["prompt"]).tolist()
+        assert row["scores"] == pytest.approx(expected, abs=1e-5)
+        assert row["ranking"] == sorted(range(2), key=lambda i: -row["scores"][i])
