@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .base import DTYPE_NAMES
 
 PREFIX = "ensemble:"
 FORMAT = "mmalign-ensemble"
@@ -231,7 +232,7 @@ class EnsembleReward(nn.Module):
             "higher_is_better": True,
             "is_differentiable": self.is_differentiable,
             "scale": self.score_scale,
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
             "members": [
                 {"label": label, "weight": w, "mean": m, "std": s}
                 for label, w, m, s in zip(self.labels, self.weights, self.means, self.stds)

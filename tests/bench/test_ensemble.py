@@ -132,6 +132,7 @@ def test_ensemble_file_round_trips_and_scores_sum_w_z(clip_folder, clip_folder_b
     ensemble = mmalign.load_reward(f"ensemble:{path}")
     assert isinstance(ensemble, EnsembleReward) and ensemble.modality == "image" and ensemble.is_differentiable
     assert ensemble.info()["members"][0] == {"label": "pickscore", "weight": 0.7, "mean": 3.0, "std": 0.5}
+    assert ensemble.info()["dtype"] == "fp32" and ensemble.uses_prompt
     prompts = ["a red cube", "a cat", "two spheres", "a red cube", "a dog"]
     members = [
         mmalign.load_reward("pickscore", weights=str(clip_folder), processor=str(clip_folder)),
@@ -300,7 +301,6 @@ def test_cli_fit_ensemble_refusals(clip_folder, tmp_path, capsys):
     assert "goes with --fit-ensemble" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # about 25 s: builds and samples a tiny Stable Diffusion pipeline
 def test_label_with_an_ensemble_reward(tmp_path):
     """`mmalign label --reward ensemble:FILE` ranks a tiny generator's samples by the ensemble's score."""
     from mmalign.rewards.ensemble import EnsembleSpec, Member
