@@ -152,6 +152,12 @@ def test_ensemble_file_round_trips_and_scores_sum_w_z(clip_folder, clip_folder_b
     scores.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
 
+    from mmalign.scoring import media_scorers
+
+    assert media_scorers(ensemble, ["image"]) == {}
+    with pytest.raises(mmalign.errors.MMAlignError, match="ensemble of image rewards"):
+        media_scorers(ensemble, ["video"])  # files of another modality: refused with a reason, not lifted
+
     # a relative member path is resolved against the file's folder
     moved = json.loads(path.read_text())
     (tmp_path / "models").mkdir()
