@@ -330,3 +330,15 @@ def test_label_with_an_ensemble_reward(tmp_path):
         expected = ensemble.score(images, row["prompt"]).tolist()
         assert row["scores"] == pytest.approx(expected, abs=1e-5)
         assert row["ranking"] == sorted(range(2), key=lambda i: -row["scores"][i])
+
+
+def test_smpo_refuses_an_ensemble_with_a_reason(tmp_path):
+    from types import SimpleNamespace
+
+    from mmalign.rewards.ensemble import EnsembleSpec, Member
+    from mmalign.trainers import dpo
+
+    path = EnsembleSpec([Member("jpeg-compressibility", mean=0.0, std=1.0, weight=1.0)]).save(tmp_path / "e.json")
+    config = SimpleNamespace(smpo_reward=f"ensemble:{path}", smpo_reward_weights=None, smpo_reward_processor=None)
+    with pytest.raises(ConfigError, match="ensembles are not accepted"):
+        dpo.SmPOTrainer._score_pairs_with_reward(SimpleNamespace(config=config, pairs=[]))
