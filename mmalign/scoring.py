@@ -281,6 +281,12 @@ def media_scorers(reward: Reward, modalities: Iterable[str], options: MediaOptio
             if reward.modality != "image":
                 raise MMAlignError(f"{reward.name} scores {reward.modality}, not images; use an image reward")
             continue
+        if hasattr(reward, "with_members") and reward.modality != modality:  # an ensemble (rewards/ensemble.py)
+            raise MMAlignError(
+                f"{reward.name} is an ensemble of {reward.modality} rewards: it scores {reward.modality} files and, "
+                f"in the trainers, {modality} tensors (lifted member by member); score {modality} files with each "
+                "member and combine them"
+            )
         if reward.modality == modality == "video":  # a native video reward (VideoReward) scores files itself
             scorers[modality] = reward
             continue

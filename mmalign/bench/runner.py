@@ -492,6 +492,32 @@ class RewardSpec:
     label: str | None = None
 
 
+def score_spec(
+    spec: RewardSpec,
+    groups: Sequence[Group],
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    progress: bool = False,
+) -> ScoreTable:
+    """Load the reward of ``spec``, score each distinct image of ``groups`` once, and let the model go."""
+    from ..rewards import load_reward
+
+    reward = load_reward(
+        spec.name,
+        weights=spec.weights,
+        processor=spec.processor,
+        backbone=spec.backbone,
+        device=device,
+        dtype=dtype,
+    )
+    table = score_groups(reward, groups, batch_size=batch_size, progress=progress)
+    table.name, table.reward = spec.label or spec.name, spec.name
+    del reward
+    return table
+
+
 def run_rewards(
     benchmark: Benchmark,
     *,
@@ -508,20 +534,8 @@ def run_rewards(
     results = []
     groups = [*benchmark.validation, *benchmark.test]
     for spec in rewards:
-        from ..rewards import load_reward
-
-        reward = load_reward(
-            spec.name,
-            weights=spec.weights,
-            processor=spec.processor,
-            backbone=spec.backbone,
-            device=device,
-            dtype=dtype,
-        )
-        table = score_groups(reward, groups, batch_size=batch_size, progress=progress)
-        table.name, table.reward = spec.label or spec.name, spec.name
+        table = score_spec(spec, groups, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
         results.append(evaluate(benchmark, table, **options))
-        del reward
     if scores is not None:
         for table in read_scores(scores).values():
             results.append(evaluate(benchmark, table, **options))

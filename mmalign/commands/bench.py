@@ -103,6 +103,23 @@ def add_rewards(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--predicted-ties", choices=["index", "half"], default="index", help="HPDv2 equal scores")
     p.add_argument("--out", metavar="DIR", help="write one JSON per reward and results.md here")
+    ens = p.add_argument_group("calibrated ensemble (MetaMetrics-style; needs two or more --reward)")
+    ens.add_argument(
+        "--fit-ensemble",
+        action="store_true",
+        help="fit non-negative weights over the rewards' standardised scores (Bradley-Terry likelihood) on the "
+        "validation split (--val-data, Pick-a-Pic's) or on --fit-fraction of the prompts (seeded by --seed), and "
+        "report every reward and the ensemble on the held-out rest",
+    )
+    ens.add_argument(
+        "--ensemble-out",
+        metavar="FILE.json",
+        help="save the ensemble here (default OUT/ensemble.json with --out); use it as reward=ensemble:FILE.json",
+    )
+    ens.add_argument(
+        "--fit-fraction", type=float, default=0.5, help="prompts to fit on when there is no validation split"
+    )
+    ens.add_argument("--ensemble-l2", type=float, default=1e-3, help="lambda of the (lambda/2)||w||^2 term")
     _add_bootstrap_options(p)
     p.set_defaults(func=run_rewards)
 
@@ -130,6 +147,15 @@ def run_rewards(args: argparse.Namespace) -> int:
     _check_common(args)
     if not args.rewards and not args.scores:
         raise MMAlignError("give --reward NAME (repeatable) or --scores FILE.jsonl")
+    if not args.fit_ensemble and args.ensemble_out:
+        raise MMAlignError("--ensemble-out goes with --fit-ensemble")
+    if args.fit_ensemble:
+        if args.scores:
+            raise MMAlignError("--fit-ensemble fits rewards it can save and reload: give --reward, not --scores")
+        if len(args.rewards) < 2:
+            raise MMAlignError("--fit-ensemble needs at least two --reward")
+        if args.ensemble_l2 < 0:
+            raise MMAlignError("--ensemble-l2 must be 0 or more")
     _label_duplicates(args.rewards)
     if args.device.startswith("cuda"):
         from ..scoring import device_and_threads
@@ -145,14 +171,7 @@ def run_rewards(args: argparse.Namespace) -> int:
         name=args.name,
         check_files=bool(args.rewards),  # scores files need only the paths
     )
-    results = run(
-        benchmark,
-        rewards=args.rewards,
-        scores=args.scores,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.no_progress,
+    options = dict(
         logit_scale=args.logit_scale,
         thresholds=_thresholds(args.thresholds),
         predicted_ties=args.predicted_ties,
@@ -160,6 +179,10 @@ def run_rewards(args: argparse.Namespace) -> int:
         seed=args.seed,
         level=args.level,
     )
+    common = dict(batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    if args.fit_ensemble:
+        return _run_ensemble(args, benchmark, common, options)
+    results = run(benchmark, rewards=args.rewards, scores=args.scores, **common, **options)
     sys.stdout.write(results_markdown(results))
     if benchmark.skipped:
         print(
@@ -169,6 +192,32 @@ def run_rewards(args: argparse.Namespace) -> int:
     if args.out:
         paths = write_results(results, args.out)
         print(f"mmalign bench rewards: wrote {len(paths)} result file(s) and results.md to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _run_ensemble(args: argparse.Namespace, benchmark, common: dict, options: dict) -> int:
+    from ..bench.ensemble import ensemble_markdown, run_ensemble, save_ensemble
+    from ..bench.runner import results_markdown, write_results
+
+    settings = dict(fit_fraction=args.fit_fraction, l2=args.ensemble_l2, split_seed=args.seed)
+    results, fit = run_ensemble(benchmark, args.rewards, **settings, **common, **options)
+    sys.stdout.write(results_markdown(results))
+    sys.stdout.write("\n" + ensemble_markdown(fit))
+    print(
+        f"mmalign bench rewards: ensemble fitted on {fit.info['fitting_split']} ({fit.info['pairs']} pairs); "
+        f"the table above is held out",
+        file=sys.stderr,
+    )
+    if args.out:
+        paths = write_results(results, args.out)
+        print(f"mmalign bench rewards: wrote {len(paths)} result file(s) and results.md to {args.out}", file=sys.stderr)
+    target = args.ensemble_out or (Path(args.out) / "ensemble.json" if args.out else None)
+    if target is None:
+        print("mmalign bench rewards: ensemble not saved (give --ensemble-out FILE.json or --out DIR)", file=sys.stderr)
+    else:
+        extra = {"protocol": benchmark.protocol, "dataset": benchmark.name, "data": benchmark.data, "seed": args.seed}
+        save_ensemble(target, args.rewards, fit, extra)
+        print(f"mmalign bench rewards: saved the ensemble to {target} (reward=ensemble:{target})", file=sys.stderr)
     return 0
 
 

@@ -143,6 +143,13 @@ class SmPOTrainer(DiffusionDPOTrainer):
         reward = load_reward(
             config.smpo_reward, weights=config.smpo_reward_weights, processor=config.smpo_reward_processor
         )
+        if not hasattr(reward, "preprocess_reference"):  # a served reward or an ensemble (ensemble:FILE)
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"smpo_reward={config.smpo_reward}: SmPO orders pairs by one local image reward's raw score "
+                "(PickScore's cosine); served rewards and ensembles are not accepted here"
+            )
         scored = []
         for pair in self.pairs:
             images = [decode_image(pair.chosen, pair.source), decode_image(pair.rejected, pair.source)]

@@ -62,12 +62,22 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 
     A served reward's address is a name too: ``http://127.0.0.1:8000/hps`` weighs 1 and
     ``http://127.0.0.1:8000/hps:0.5`` weighs 0.5 (the port's colon is followed by the reward's path, a weight's is
-    not)."""
+    not). So is a fitted ensemble: ``ensemble:runs/ens.json`` weighs 1 and ``ensemble:runs/ens.json:0.5`` weighs
+    0.5 (the colon after ``ensemble`` is the prefix's; a last ``:NUMBER`` is the weight)."""
     from ..rewards import is_reward_url
+    from ..rewards.ensemble import PREFIX, is_ensemble_spec
 
     out = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
+            continue
+        if is_ensemble_spec(part):
+            path, sep, weight = part[len(PREFIX) :].rpartition(":")
+            if not (sep and path and _is_number(weight)):
+                path, weight = part[len(PREFIX) :], "1"
+            if not path.strip():
+                raise ConfigError(f"reward={spec!r}: {part!r} names no ensemble file (ensemble:FILE)")
+            out.append((PREFIX + path.strip(), float(weight)))
             continue
         name, sep, weight = part.rpartition(":")
         if not sep or (is_reward_url(part) and ("/" in weight or urlsplit(name).path in ("", "/"))):
@@ -79,6 +89,14 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     if not out:
         raise ConfigError("reward is empty: give a reward name or a list like 'hpsv2.1:1.0,aesthetic:0.5'")
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class WeightedReward:
@@ -188,6 +206,8 @@ def for_modality(reward: WeightedReward, modality: str, sample_rate: int | None 
             adapted.append(item if isinstance(item, AtSampleRate) else AtSampleRate(item, sample_rate))
         elif own == modality:
             adapted.append(item)
+        elif own == "image" and modality in ("video", "multiview") and hasattr(item, "with_members"):
+            adapted.append(item.with_members(lambda member: lift(member, modality)))  # an ensemble: lift each member
         elif own == "image" and modality in ("video", "multiview"):
             adapted.append(lift(item, modality))
         elif modality == "audio":
