@@ -216,6 +216,19 @@ def remove_parts(out: str | os.PathLike) -> None:
     shutil.rmtree(parts_dir(out), ignore_errors=True)
 
 
+def job_rows(out: str | os.PathLike, job: str) -> list[PartRow]:
+    """The part-file rows of ``out`` written by ``job`` (rows ``{"job": ..., ...}``, as label and generate write
+    them), with their file and line for error messages."""
+    return [part for part in part_rows(out) if isinstance(part.row, dict) and part.row.get("job") == job]
+
+
+def drop_other_jobs(out: str | os.PathLike, job: str) -> None:
+    """Delete ``out``'s part files when any row is not ``job``'s: a killed run with other settings may have
+    overwritten the files this job's rows point to, so none of them can be trusted."""
+    if any(not isinstance(part.row, dict) or part.row.get("job") != job for part in part_rows(out)):
+        remove_parts(out)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The processes of one launch
 # ----------------------------------------------------------------------------------------------------------

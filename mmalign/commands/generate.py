@@ -43,9 +43,10 @@ from ..sharding import (
     Shard,
     close_part,
     current_shard,
+    drop_other_jobs,
     fingerprint,
+    job_rows,
     open_part,
-    part_rows,
     parts_dir,
     process_group,
     remove_parts,
@@ -166,8 +167,7 @@ def generate(
             if _job_of(out) != job:  # a finished output of other settings: not this job's
                 scores_file.unlink(missing_ok=True)
                 (out / JOB_FILE).unlink(missing_ok=True)
-            if any(not isinstance(part.row, dict) or part.row.get("job") != job for part in part_rows(scores_file)):
-                remove_parts(scores_file)  # a killed run with other settings may have overwritten this job's images
+            drop_other_jobs(scores_file, job)
         group.check_same(job, "the prompts and settings")
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "best").mkdir(parents=True, exist_ok=True)
@@ -289,10 +289,8 @@ def _finished(out: Path, job: str) -> dict[int, dict[str, Any]]:
             result = json.loads(line)
             if all((out / name).is_file() for name in [*result["images"], result["best"]]):
                 done[index] = result
-    for part in part_rows(out / SCORES_FILE):
+    for part in job_rows(out / SCORES_FILE, job):
         row = part.row
-        if not isinstance(row, dict) or row.get("job") != job:
-            continue
         try:
             result, index = row["row"], int(row["index"])
             files = [*result["images"], result["best"]]

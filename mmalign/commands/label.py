@@ -22,9 +22,10 @@ from ..sharding import (
     Shard,
     close_part,
     current_shard,
+    drop_other_jobs,
     fingerprint,
+    job_rows,
     open_part,
-    part_rows,
     parts_dir,
     process_group,
     remove_parts,
@@ -100,8 +101,7 @@ def label(
         if shard.is_main:  # before the others pass check_same, so before any of them writes
             for name in (RANKINGS_FILE, PAIRS_FILE):  # as a single run always did: no stale rankings beside new images
                 (out / name).unlink(missing_ok=True)
-            if any(not isinstance(part.row, dict) or part.row.get("job") != job for part in part_rows(rankings_file)):
-                remove_parts(rankings_file)  # a killed run with other settings may have overwritten this job's images
+            drop_other_jobs(rankings_file, job)
         group.check_same(job, "the prompts and settings")
         (out / "images").mkdir(parents=True, exist_ok=True)
         if trajectories and shard.is_main:
@@ -139,10 +139,8 @@ def _reward_id(reward: Any) -> str:
 def _labelled(out: Path, job: str) -> dict[int, dict[str, Any]]:
     """Prompts already labelled by this job in a part file (of any process count) whose files are all there."""
     done: dict[int, dict[str, Any]] = {}
-    for part in part_rows(out / RANKINGS_FILE):
+    for part in job_rows(out / RANKINGS_FILE, job):
         row = part.row
-        if not isinstance(row, dict) or row.get("job") != job:
-            continue
         try:
             ranking, index = row["ranking"], int(row["index"])
             if not isinstance(row["pairs"], list):
