@@ -132,3 +132,71 @@ def test_arena_vote_reveal_and_leaderboard(tmp_path, browser):
         assert image.size[0] >= 800 and image.getextrema()[0] < 100  # text drawn on the page, not blank
     finally:
         server.stop()
+
+
+def test_a_whole_annotation_run_ends_in_a_trained_lora(tmp_path, browser):
+    """The issue's whole run in the browser: log in, judge pairs of images, a video pair and an audio pair (each
+    player on the page), see the progress on the admin page, export the image votes as pairs and train a toyworld
+    LoRA on them. A screenshot of every page goes to the test's folder."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from mmalign.annotate.export import export
+    from mmalign.commands.train import resolve_trainer_config
+
+    db = init_database(tmp_path / "a.db")[0]
+    token = add_user(db, "alice", admin=True)
+    images = media.manifest_folder(tmp_path / "images", items=2)
+    for i in range(2):  # toyworld-sized images, brighter for the first model, for a visible preference
+        for j, model in enumerate(("sd15", "sdxl")):
+            Image.new("RGB", (32, 32), (220 - 150 * j, 200 - 120 * j, 40)).save(images / model / f"{i}.png")
+    add_task(db, "images", "pairwise", images, judgements=1)
+    add_task(db, "videos", "pairwise", media.manifest_folder(tmp_path / "videos", items=1, kind="video"), judgements=1)
+    add_task(db, "sounds", "pairwise", media.manifest_folder(tmp_path / "sounds", items=1, kind="audio"), judgements=1)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    server = Server(Path(db.url[len("sqlite:///") :]), tmp_path / "server.log")
+    try:
+        wait = WebDriverWait(browser, 20)
+        browser.set_window_size(1000, 800)
+        browser.get(server.url + "/login")
+        wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(token)
+        browser.save_screenshot(str(shots / "login.png"))
+        browser.find_element(By.ID, "login").click()
+        index = wait.until(ec.presence_of_element_located((By.TAG_NAME, "table"))).text
+        assert "images pairwise image 2" in index and "built-in" not in index, index  # item counts, not dict.items
+        players = {"images": "img", "videos": "video", "sounds": "audio"}
+        for name, tag in players.items():
+            wait.until(ec.presence_of_element_located((By.CLASS_NAME, "task-link")))
+            browser.find_element(By.LINK_TEXT, name).click()
+            while True:
+                wait.until(lambda d: d.find_elements(By.ID, "prompt") or d.find_elements(By.ID, "done"))
+                if browser.find_elements(By.ID, "done"):
+                    break
+                assert len(browser.find_elements(By.TAG_NAME, tag)) == 2, browser.page_source[:2000]
+                browser.save_screenshot(str(shots / f"{name}.png"))
+                body = browser.find_element(By.TAG_NAME, "body")
+                body.send_keys("1")  # the first option; the answer page (the next item, or done) replaces this one
+                wait.until(ec.staleness_of(body))
+            browser.get(server.url + "/")
+        browser.get(server.url + "/admin")
+        progress = wait.until(ec.presence_of_element_located((By.TAG_NAME, "main"))).text
+        browser.save_screenshot(str(shots / "admin.png"))
+        assert progress.count("items complete") == 3 and "2 of 2 items complete" in progress, progress
+        with db.session() as s:
+            assert s.scalar(select(func.count(Judgement.id))) == 4
+    finally:
+        server.stop()
+    assert all(Image.open(shot).getextrema() for shot in shots.iterdir()) and len(list(shots.iterdir())) >= 5
+
+    pairs = tmp_path / "pairs.jsonl"
+    assert export(db, "images", "pairs", pairs) == 2
+    toy = Path(__file__).resolve().parents[2] / "assets" / "toyworld" / "pipeline"
+    args = [f"model={toy}", f"data={pairs}", f"output_dir={tmp_path / 'lora'}", "resolution=32", "batch_size=2"]
+    args += ["max_steps=2", "lora_rank=4", "lr=1e-3", "tracker=none", "progress=false", "log_every=1"]
+    cls, config = resolve_trainer_config(None, args)
+    summary = cls(config).train()
+    assert summary["steps"] == 2 and summary["pairs"] == 2
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
