@@ -176,6 +176,17 @@ def test_a_whole_annotation_run_ends_in_a_trained_lora(tmp_path, browser):
                 if browser.find_elements(By.ID, "done"):
                     break
                 assert len(browser.find_elements(By.TAG_NAME, tag)) == 2, browser.page_source[:2000]
+                if tag == "audio":  # app.js draws each clip's waveform under its player
+                    drawn = wait.until(
+                        lambda d: d.execute_script(
+                            "const c = [...document.querySelectorAll('canvas.waveform')];"
+                            "return c.length == 2 && c.every(x => x.dataset.drawn) && c.map(x => x.dataset.drawn);"
+                        )
+                    )
+                    assert drawn == ["1", "1"]
+                    inked = "const x = document.querySelector('canvas.waveform').getContext('2d');"
+                    inked += "return x.getImageData(0, 0, 400, 60).data.some((v, i) => i % 4 == 3 && v > 0);"
+                    assert browser.execute_script(inked)  # something was drawn
                 browser.save_screenshot(str(shots / f"{name}.png"))
                 body = browser.find_element(By.TAG_NAME, "body")
                 body.send_keys("1")  # the first option; the answer page (the next item, or done) replaces this one
