@@ -162,7 +162,6 @@ def test_dimensions_registered(release):
 
 
 def test_tensor_path_differentiable_and_files(videoreward, tmp_path):
-    import av
 
     torch.manual_seed(1)
     video = torch.rand(1, 6, 3, 60, 90, requires_grad=True)
@@ -171,14 +170,7 @@ def test_tensor_path_differentiable_and_files(videoreward, tmp_path):
     assert score.shape == (1,) and video.grad.abs().sum() > 0
     path = tmp_path / "clip.mkv"
     frames = (np.random.default_rng(0).random((10, 60, 90, 3)) * 255).astype(np.uint8)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=5)
-        stream.width, stream.height, stream.pix_fmt = 90, 60, "bgr0"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_clip(path, frames, rate=5)
     decoded = videoreward.decode(path)
     assert decoded.indices == [0, 3, 6, 9]  # 2 s at 2 fps = 4 frames
     by_file = videoreward.score([path], "cat")
@@ -217,20 +209,10 @@ def test_lora_scaling_math():
 def test_mmalign_score_writes_a_native_video_record(release, tmp_path):
     """``mmalign score --reward videoreward CLIP``: the reward scores the file natively (no lifting), and the JSONL
     record says so (``aggregate`` "native") with the score the reward gives the same file."""
-    import av
 
     from mmalign.cli import main
 
-    path = tmp_path / "clip.mkv"
-    frames = (np.random.default_rng(2).random((6, 60, 90, 3)) * 255).astype(np.uint8)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 90, 60, "bgr0"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = write_clip(tmp_path / "clip.mkv", (np.random.default_rng(2).random((6, 60, 90, 3)) * 255).astype(np.uint8))
     out = tmp_path / "scores.jsonl"
     code = main(["score", "--reward", "videoreward", "--weights", str(release[0]), "--prompt", "cat"]
                 + ["--out", str(out), "--no-progress", str(path)])  # fmt: skip
@@ -239,3 +221,19 @@ def test_mmalign_score_writes_a_native_video_record(release, tmp_path):
     assert record["modality"] == "video" and record["aggregate"] == "native"
     expected = mmalign.load_reward("videoreward", weights=str(release[0])).score([path], "cat").item()
     assert abs(record["score"] - expected) < 1e-5
+
+
+def write_clip(path, frames, rate: int = 4):
+    """A lossless FFV1 clip of ``frames`` (uint8 ``[T, H, W, 3]``)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=rate)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "bgr0"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
