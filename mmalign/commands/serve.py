@@ -55,6 +55,14 @@ def read_token(token_file: str | None) -> str | None:
     return token
 
 
+def served_name(spec: str) -> str:
+    """The name a reward is served under (``/NAME/score``): its registry name, or for ``ensemble:FILE`` the
+    file's stem as ``ensemble-STEM`` (a path cannot be one URL segment)."""
+    if spec.startswith("ensemble:"):
+        return "ensemble-" + Path(spec[len("ensemble:") :]).stem
+    return spec
+
+
 def run(args: argparse.Namespace) -> int:
     from ..rewards import is_reward_url, load_reward
     from ..scoring import device_and_threads
@@ -62,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.rewards:
         raise ConfigError("name at least one --reward to serve")
-    names = [spec.name for spec in args.rewards]
+    names = [served_name(spec.name) for spec in args.rewards]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"--reward {', '.join(duplicates)} given twice: a server serves each name once")
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {args.port}: must be in 1-65535")
     device = device_and_threads(args.device)
     rewards = {
-        spec.name: load_reward(
+        served_name(spec.name): load_reward(
             spec.name,
             weights=spec.weights,
             processor=spec.processor,

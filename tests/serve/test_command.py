@@ -44,3 +44,10 @@ def test_weights_must_follow_their_reward(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--weights", "w.pt", "--reward", "pickscore"])
     assert "--weights must follow the --reward it belongs to" in capsys.readouterr().err
+
+
+def test_an_ensemble_is_served_under_its_file_stem():
+    from mmalign.commands.serve import served_name
+
+    assert served_name("ensemble:runs/fit/hpdv2.json") == "ensemble-hpdv2"
+    assert served_name("pickscore") == "pickscore"
