@@ -34,6 +34,7 @@ from ..models.flow_rollout import FlowTrajectory, flow_step_log_prob, sample_flo
 from ..models.flow_sampling import FlowStep
 from ..models.generator import Conditions
 from . import losses
+from .distributed import is_fsdp
 from .loop import Schedule, TrainConfig, _generator, adapters_disabled, logger, tile_rows
 from .online import OnlineConfig, OnlineTrainer, read_prompts
 
@@ -289,7 +290,6 @@ class FlowOnlineTrainer(OnlineTrainer):
         ``samples/step-N.png`` (videos: a row of frames each), from the cached conditions (so it works with
         ``free_text_encoders``). Under FSDP every process samples (the network's forward gathers its shards)."""
         from ..modalities.image import tensor_to_pil
-        from .distributed import is_fsdp
 
         if not self.accelerator.is_main_process and not is_fsdp(self.accelerator):
             return None

@@ -30,6 +30,18 @@ import torch
 
 from ..errors import ConfigError, MMAlignError
 from ..memory import free_device_memory
+from .distributed import (
+    build_accelerator,
+    configure_deepspeed,
+    deepspeed_stage,
+    full_state_dict,
+    is_fsdp,
+    load_sharded,
+    loading_context,
+    save_sharded,
+    set_wrap_blocks,
+    shard_frozen,
+)
 from .losses import LossOutput
 
 logger = logging.getLogger("mmalign.train")
@@ -249,8 +261,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, policy: Any = None):
         from accelerate.utils import set_seed
 
-        from .distributed import build_accelerator
-
         self.config = config
         self.output_dir = Path(config.output_dir)
         trackers = None if config.tracker == "none" else config.tracker
@@ -264,8 +274,6 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = False
         # Without a GPU the processes form a gloo group (accelerate's cpu=True); FSDP2 runs there too
         self.accelerator = build_accelerator(config.distributed, config.mixed_precision, trackers, str(self.output_dir))
-        from .distributed import is_fsdp
-
         if is_fsdp(self.accelerator) and getattr(config, "eval_keep_best", False):
             raise ConfigError("eval_keep_best is not available under FSDP (the kept weights would be shards)")
         set_seed(config.seed)
@@ -274,8 +282,6 @@ class Trainer:
         kind = parametrisation_of(config.model) if policy is None else getattr(policy, "parametrisation", "diffusion")
         self.check_generator(kind, config.model if policy is None else type(policy).__name__)
         if policy is None:
-            from .distributed import loading_context
-
             with loading_context(self.accelerator):
                 policy = load_generator(config.model)
         self.policy = policy
@@ -473,15 +479,11 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        from .distributed import configure_deepspeed, set_wrap_blocks
-
         set_wrap_blocks(self.accelerator, self.policy.trainable, self.policy)
         configure_deepspeed(self.accelerator, config.batch_size, config.grad_accum, config.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(self.policy.trainable, self.optimizer)
         # the parameters the optimizer steps: FSDP2 swaps each for its sharded DTensor during prepare
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        from .distributed import is_fsdp, shard_frozen
-
         if self.ref_model is not None and is_fsdp(self.accelerator):
             self.ref_model = shard_frozen(self.accelerator, self.ref_model, self.policy)
         if config.ema_decay > 0:
@@ -793,8 +795,6 @@ class Trainer:
         early, after which the final weights are saved as usual."""
 
     def _train_step(self) -> dict[str, float]:
-        from .distributed import deepspeed_stage
-
         config, acc = self.config, self.accelerator
         skip = False
         totals: dict[str, float] = {}
@@ -878,8 +878,6 @@ class Trainer:
         """Write ``checkpoints/step-N`` atomically (a temporary folder renamed when complete)."""
         from safetensors.torch import save_file
 
-        from .distributed import deepspeed_stage, is_fsdp, save_sharded
-
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:07d}"
@@ -955,7 +953,7 @@ class Trainer:
             self.load_extra_state(folder)
             self.step = int(meta["step"])
             self.skipped_steps = int(meta.get("skipped_steps", 0))
-            logger.info("resumed from %s (sharded) at step %d", folder, self.step)
+            logger.info("resumed from %s (FSDP or DeepSpeed checkpoint) at step %d", folder, self.step)
             return
         unet = self.accelerator.unwrap_model(self.model)
         state = load_file(str(folder / "trainable.safetensors"))
@@ -977,8 +975,6 @@ class Trainer:
         """Resume from a checkpoint of FSDP (``folder/sharded``: on any process count and engine, DCP re-sharding
         or loading whole tensors into one process) or of DeepSpeed (``folder/deepspeed``, under DeepSpeed); False
         for a checkpoint of one process or DDP (read by :meth:`_maybe_resume`), which an FSDP run refuses."""
-        from .distributed import deepspeed_stage, is_fsdp, load_sharded
-
         if (folder / DEEPSPEED_DIR).is_dir():
             if not deepspeed_stage(self.accelerator):
                 raise MMAlignError(f"resume={folder}: a DeepSpeed checkpoint; resume it under DeepSpeed")
@@ -1018,8 +1014,6 @@ class Trainer:
     def save_final(self) -> Path:
         """LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(output_dir)``); full: a
         pipeline folder (``from_pretrained(output_dir)``). EMA weights are used when EMA is on."""
-        from .distributed import deepspeed_stage, full_state_dict, is_fsdp
-
         acc = self.accelerator
         acc.wait_for_everyone()
         sharded = is_fsdp(acc)
@@ -1079,8 +1073,6 @@ class Trainer:
         """Images of the validation prompts with a fixed seed, tiled into ``samples/step-N.png`` (audio generators:
         one ``samples/step-N/prompt-i.wav`` per prompt, :meth:`sample_audio`). Under FSDP every process runs the
         network (its forward gathers the shards) and the main one writes."""
-        from .distributed import is_fsdp
-
         main = self.accelerator.is_main_process
         if not main and not is_fsdp(self.accelerator):
             return None

@@ -92,11 +92,11 @@ def test_fsdp2_full_finetuning_saves_the_pipeline_one_process_saves(sd_folder, p
 
 def test_an_fsdp_run_refuses_a_one_process_checkpoint(sd_folder, pairs_file, one_process, tmp_path, monkeypatch):
     from mmalign.errors import MMAlignError
-    from mmalign.trainers import distributed as engines
+    from mmalign.trainers import loop
 
     checkpoint = one_process["out"] / "checkpoints" / "step-0000002"
     trainer = make_trainer(sd_folder, pairs_file, tmp_path / "f", f"resume={checkpoint}")
-    monkeypatch.setattr(engines, "is_fsdp", lambda accelerator: True)
+    monkeypatch.setattr(loop, "is_fsdp", lambda accelerator: True)
     with pytest.raises(MMAlignError, match="no sharded/ folder.*resume it without FSDP"):
         trainer.train()
     assert load_file(str(checkpoint / "trainable.safetensors"))
