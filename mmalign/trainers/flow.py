@@ -504,7 +504,9 @@ class FlowOnlineTrainer(OnlineTrainer):
             result.update({f"eval/train_{k}": v for k, v in metrics.items() if k in ("reward", "kl_loss", "kl_div")})
         if config.eval_keep_best and (self._eval_best is None or result["eval/reward"] > self._eval_best):
             kept = self.ema.shadow_params if self.ema is not None else self.trainable
-            self._best = (self.step, [tensor.detach().clone() for tensor in kept])
+            # whole tensors on every process (under FSDP gathered from the shards: every process evaluates), so
+            # that they save as they are and load into any engine
+            self._best = (self.step, [_whole(tensor) for tensor in kept])
         self._eval_best = max(result["eval/reward"], self._eval_best or float("-inf"))
         if config.eval_stop_drop and self._eval_best - result["eval/reward"] > config.eval_stop_drop:
             self.stop_reason = (
@@ -543,7 +545,7 @@ class FlowOnlineTrainer(OnlineTrainer):
             target = self.ema.shadow_params if self.ema is not None else self.trainable
             with torch.no_grad():
                 for tensor, value in zip(target, kept):
-                    tensor.copy_(value)
+                    tensor.copy_(_like(value, tensor))
             logger.info("eval_keep_best: saving the weights of step %d (held-out reward %.4g)", step, self._eval_best)
             self.best_step = step
         return super().save_final()
@@ -908,3 +910,20 @@ __all__ = [
     "FlowOnlineConfig",
     "FlowOnlineTrainer",
 ]
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """A detached copy of ``tensor`` on the CPU, gathered whole when it is an FSDP shard (a collective)."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.cpu().clone()
+
+
+def _like(value: Tensor, target: Tensor) -> Tensor:
+    """``value`` (whole) laid out as ``target``: sharded like an FSDP parameter, or on its device."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
+    return value.to(device=target.device, dtype=target.dtype)

@@ -274,8 +274,6 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = False
         # Without a GPU the processes form a gloo group (accelerate's cpu=True); FSDP2 runs there too
         self.accelerator = build_accelerator(config.distributed, config.mixed_precision, trackers, str(self.output_dir))
-        if is_fsdp(self.accelerator) and getattr(config, "eval_keep_best", False):
-            raise ConfigError("eval_keep_best is not available under FSDP (the kept weights would be shards)")
         set_seed(config.seed)
         from ..models.generator import load_generator, parametrisation_of
 

@@ -126,7 +126,7 @@ def read_run(out: Path) -> dict:
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return {
         "logs": logs,
-        "grad_norm": [row["grad_norm"] for row in logs],
+        "grad_norm": [row["grad_norm"] for row in logs if "grad_norm" in row],  # training rows (not eval/*)
         "weights": load_file(str(out / "pytorch_lora_weights.safetensors")),
     }
 

@@ -115,14 +115,20 @@ def test_flow_grpo_under_fsdp2_equals_one_process(sd3_folder, tmp_path):
     args += ["progress=false", "max_steps=2", "lr=1e-2", "optimizer=sgd", "sample_steps=3", "log_every=1"]
     args += ["reward=jpeg-compressibility", "group_size=2", "lora_rank=4", "lora_alpha=8", "beta=0.04"]
     args += ["sample_batches=1", "checkpoint_every=1"]
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a yellow bird\n")  # the best held-out evaluation's weights are the ones saved
+    args += [f"eval_prompts={held_out}", "eval_every=1", "eval_keep_best=true"]
     one = distributed.train(args, tmp_path / "one", 0)
     config = accelerate_config("fsdp2")  # the shipped file, through accelerate's own launcher (distributed=auto)
     distributed.run_train(args, tmp_path / "fsdp", 2, accelerate_config=config)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-0000001" / "sharded").is_dir()  # FSDP did shard
     fsdp = distributed.read_run(tmp_path / "fsdp")
-    assert (tmp_path / "fsdp" / "log.jsonl").read_text().count("\n") == 2
+    assert len(fsdp["grad_norm"]) == 2
     init = distributed.initial_lora(make_flow("flow-grpo", sd3_folder, prompts, tmp_path / "init"))
     distributed.assert_two_processes_equal_one({"one": one, "two": fsdp}, init)
+    evals = [[row["eval/reward"] for row in run["logs"] if "eval/reward" in row] for run in (one, fsdp)]
+    assert len(evals[0]) == len(evals[1]) == 2  # held out after each step, on every process under FSDP
+    assert all(abs(a - b) <= 1e-3 * abs(a) for a, b in zip(*evals)), evals
 
 
 def test_fsdp_wraps_each_familys_blocks(sd_folder, sd3_folder):
