@@ -815,6 +815,25 @@ def results_markdown(results: Sequence[Mapping[str, Any]]) -> str:
             f"{format_estimate(m.get('kendall'), False)} | {format_estimate(m.get('ece'), False)} | "
             f"{r['counts']['pairs']} | {published} |"
         )
+    return "\n".join(lines) + "\n" + videogen_markdown(results)
+
+
+def videogen_markdown(results: Sequence[Mapping[str, Any]]) -> str:
+    """VideoGen-RewardBench's table (accuracy w/o and w/ ties per dimension, %) for the results that have it;
+    empty when none does."""
+    rows = [r for r in results if "accuracy_with_ties" in r["metrics"]]
+    if not rows:
+        return ""
+    names = [("" if d == "Overall" else f"{d}_", d) for d in P.VIDEOGEN_DIMENSIONS]
+    header = " | ".join(f"{d} w/o ties % | {d} w/ ties %" for _, d in names)
+    lines = ["", f"| reward | dataset | {header} |", "|---|---|" + "---|" * (2 * len(names))]
+    for r in rows:
+        m = r["metrics"]
+        cells = " | ".join(
+            f"{format_estimate(m.get(f'{p}accuracy'))} | {format_estimate(m.get(f'{p}accuracy_with_ties'))}"
+            for p, _ in names
+        )
+        lines.append(f"| {r['reward']} | {r['dataset']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -215,3 +215,21 @@ def hpdv3_result(tmp_path):
     path.parent.mkdir()
     path.write_text(json.dumps(result))
     return path
+
+
+def test_example_media_files_feed_the_readme_commands(tmp_path, monkeypatch, capsys):
+    from mmalign.bench.examples import write_examples
+
+    monkeypatch.chdir(tmp_path)
+    paths = write_examples("examples", n_prompts=30)
+    for protocol in ("videogen", "hpdv3"):
+        argv = ["bench", "rewards", "--protocol", protocol, "--data", paths[protocol], "--scores"]
+        assert run([*argv, paths["media_scores"], "--out", f"runs/{protocol}", "--bootstrap", 10, "--no-progress"]) == 0
+    assert "| VQ w/o ties % | VQ w/ ties % |" in capsys.readouterr().out
+    assert run(["bench", "leaderboard", "runs/videogen", "runs/hpdv3", "--out", "runs/board"]) == 0
+    board = json.loads((tmp_path / "runs/board/leaderboard.json").read_text())
+    expected = {("videogen-rewardbench", "video"), ("hpdv3_test", "image")}
+    assert {(r["dataset"], r["modality"]) for r in board} == expected
+    sharp = {r["dataset"]: r["metrics"]["accuracy"]["value"] for r in board if r["reward"] == "sharp"}
+    randoms = {r["dataset"]: r["metrics"]["accuracy"]["value"] for r in board if r["reward"] == "random"}
+    assert all(sharp[d] > randoms[d] for d in sharp)
