@@ -11,11 +11,12 @@ Each protocol follows its reference evaluation code exactly, ties included:
 * ImageRewardDB (Xu et al. 2023, THUDM/ImageReward ``test.py`` ``acc``): pairs pooled over all prompts,
   ground-truth ties skipped, predicted ties wrong. (HPSv2's ``evaluate_IR`` applies the same pair rule but
   averages per-prompt ratios; mmalign follows ImageReward's pooled figure.)
-* VideoGen-RewardBench (Liu et al. 2025, KlingAIResearch/VideoAlign ``calc_accuracy.py`` and
-  ``eval_videogen_rewardbench.py`` at commit 219ab9db64c0): per dimension (VQ, MQ, TA, Overall) the human label
-  ``h`` (A -> 1, B -> -1, same -> 0) against ``m = score(A) - score(B)``. "w/o ties": ``C / (C + D)`` over the
-  pairs humans did not tie, an exact predicted tie counted discordant; "w/ ties": the tie-calibrated accuracy of
-  Deutsch et al. 2023 (``(C + Thm) / N`` over all pairs, maximised over a tie threshold on ``|m|``).
+* VideoGen-RewardBench (Liu et al. 2025, KlingAIResearch/VideoAlign, formerly KwaiVGI/VideoAlign:
+  ``calc_accuracy.py`` and ``eval_videogen_rewardbench.py`` at commit 219ab9db64c0): per dimension (VQ, MQ, TA,
+  Overall) the human label ``h`` (A -> 1, B -> -1, same -> 0) against ``m = score(A) - score(B)``. "w/o ties":
+  ``C / (C + D)`` over the pairs humans did not tie, an exact predicted tie counted discordant; "w/ ties": the
+  tie-calibrated accuracy of Deutsch et al. 2023 (``(C + Thm) / N`` over all pairs, maximised over a tie
+  threshold on ``|m|``).
 * HPDv3 (Ma et al. 2025, HPSv3 ``evaluate/evaluate.py``, PyPI ``hpsv3`` 1.0.0): pairs ``{prompt, path1, path2}``
   with ``path1`` the preferred image; accuracy = pairs with ``score(path1) > score(path2)`` over all pairs (an
   exact tie is wrong); its ``ranking`` mode is ImageRewardDB's pooled rule (:func:`imagereward_accuracy`).
