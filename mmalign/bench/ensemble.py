@@ -153,7 +153,7 @@ def fitting_split(benchmark: Benchmark, fraction: float, seed: int) -> tuple[lis
         raise MMAlignError("--fit-fraction must be in (0, 1)")
     fit, held_out = split_by_prompt(benchmark.test, fraction, seed)
     name = f"{benchmark.name}:held-out"
-    rest = Benchmark(benchmark.protocol, name, benchmark.data, held_out, [], "", benchmark.skipped)
+    rest = Benchmark(benchmark.protocol, name, benchmark.data, held_out, [], "", benchmark.skipped, benchmark.modality)
     return fit, rest, f"{fraction:g} of the prompts (seed {seed}); the other prompts are held out"
 
 
@@ -179,10 +179,8 @@ def run_ensemble(
     if len(rewards) < 2:
         raise MMAlignError("--fit-ensemble needs at least two --reward")
     groups = [*benchmark.validation, *benchmark.test]
-    tables = [
-        score_spec(spec, groups, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
-        for spec in rewards
-    ]
+    common = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress, modality=benchmark.modality)
+    tables = [score_spec(spec, groups, **common) for spec in rewards]
     fit_groups, held_out, described = fitting_split(benchmark, fit_fraction, split_seed)
     fit = fit_ensemble(tables, fit_groups, l2)
     fit.info["fitting_split"] = described

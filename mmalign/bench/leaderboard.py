@@ -71,15 +71,27 @@ def _cell(result: Result | None, metric: str) -> str:
 SECONDARY = ("pairwise_accuracy", "spearman", "kendall", "ece")
 
 
+def modality(result: Result) -> str:
+    """The modality a result was measured on (``image`` for results written before the field existed)."""
+    return str(result.get("modality") or "image")
+
+
+def reward_modalities(results: Sequence[Result], reward: str) -> str:
+    """The modalities of one reward's results, comma-separated in first-seen order."""
+    return ", ".join(dict.fromkeys(modality(r) for r in results if r["reward"] == reward))
+
+
 def leaderboard_markdown(results: Sequence[Result], metric: str = "accuracy") -> str:
-    """Rewards (rows, best mean first) x datasets (columns): the protocol's figure in %, 95% CI in brackets."""
+    """Rewards (rows, best mean first) x datasets (columns): the protocol's figure in %, 95% CI in brackets; the
+    last column is the modality (or modalities) the reward was measured on."""
     rewards, datasets, cells = _grid(results, metric)
     lines = [
-        "| reward | " + " | ".join(datasets) + " |",
-        "|---|" + "---|" * len(datasets),
+        "| reward | " + " | ".join(datasets) + " | modality |",
+        "|---|" + "---|" * (len(datasets) + 1),
     ]
     for reward in rewards:
-        lines.append(f"| {reward} | " + " | ".join(_cell(cells.get((reward, d)), metric) for d in datasets) + " |")
+        row = " | ".join(_cell(cells.get((reward, d)), metric) for d in datasets)
+        lines.append(f"| {reward} | {row} | {reward_modalities(results, reward)} |")
     protocols = {r["dataset"]: r.get("main_metric", r["protocol"]) for r in results}
     lines += ["", "Columns: " + "; ".join(f"`{d}`: {protocols[d]}" for d in datasets) + "."]
     boot = next(iter(results))["settings"].get("bootstrap", {})
@@ -87,12 +99,17 @@ def leaderboard_markdown(results: Sequence[Result], metric: str = "accuracy") ->
         f"Brackets: {100 * boot.get('level', 0.95):.0f}% percentile bootstrap CI "
         f"({boot.get('n_resamples', '?')} resamples, seed {boot.get('seed', '?')})."
     )
-    lines += ["", "| reward | dataset | pairwise % | Spearman | Kendall | ECE (BT) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| reward | dataset | pairwise % | Spearman | Kendall | ECE (BT) | modality |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for reward in rewards:
         for d in datasets:
             r = cells.get((reward, d))
             if r is not None:
-                lines.append(f"| {reward} | {d} | " + " | ".join(_cell(r, m) for m in SECONDARY) + " |")
+                cells_text = " | ".join(_cell(r, m) for m in SECONDARY)
+                lines.append(f"| {reward} | {d} | {cells_text} | {modality(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,9 +118,14 @@ def leaderboard_html(results: Sequence[Result], metric: str = "accuracy", title:
     from ..templates import render
 
     rewards, datasets, cells = _grid(results, metric)
-    main = [(w, [_cell(cells.get((w, d)), metric) for d in datasets]) for w in rewards]
+    main = [
+        (w, [_cell(cells.get((w, d)), metric) for d in datasets] + [reward_modalities(results, w)]) for w in rewards
+    ]
     secondary = [
-        (w, d, [_cell(cells[(w, d)], m) for m in SECONDARY]) for w in rewards for d in datasets if (w, d) in cells
+        (w, d, [_cell(cells[(w, d)], m) for m in SECONDARY] + [modality(cells[(w, d)])])
+        for w in rewards
+        for d in datasets
+        if (w, d) in cells
     ]
     return render("leaderboard.html.j2", title=title, datasets=datasets, main=main, secondary=secondary)
 

@@ -11,6 +11,15 @@ Each protocol follows its reference evaluation code exactly, ties included:
 * ImageRewardDB (Xu et al. 2023, THUDM/ImageReward ``test.py`` ``acc``): pairs pooled over all prompts,
   ground-truth ties skipped, predicted ties wrong. (HPSv2's ``evaluate_IR`` applies the same pair rule but
   averages per-prompt ratios; mmalign follows ImageReward's pooled figure.)
+* VideoGen-RewardBench (Liu et al. 2025, KlingAIResearch/VideoAlign, formerly KwaiVGI/VideoAlign:
+  ``calc_accuracy.py`` and ``eval_videogen_rewardbench.py`` at commit 219ab9db64c0): per dimension (VQ, MQ, TA,
+  Overall) the human label ``h`` (A -> 1, B -> -1, same -> 0) against ``m = score(A) - score(B)``. "w/o ties":
+  ``C / (C + D)`` over the pairs humans did not tie, an exact predicted tie counted discordant; "w/ ties": the
+  tie-calibrated accuracy of Deutsch et al. 2023 (``(C + Thm) / N`` over all pairs, maximised over a tie
+  threshold on ``|m|``).
+* HPDv3 (Ma et al. 2025, HPSv3 ``evaluate/evaluate.py``, PyPI ``hpsv3`` 1.0.0): pairs ``{prompt, path1, path2}``
+  with ``path1`` the preferred image; accuracy = pairs with ``score(path1) > score(path2)`` over all pairs (an
+  exact tie is wrong); its ``ranking`` mode is ImageRewardDB's pooled rule (:func:`imagereward_accuracy`).
 * Plain pairwise accuracy, Spearman / Kendall (tau-b) rank correlations, and the expected calibration error
   (Guo et al. 2017) of Bradley-Terry probabilities ``sigma(a * (s_a - s_b))``.
 
@@ -40,6 +49,7 @@ METRICS: dict[str, dict[str, object]] = {
     "spearman": {"higher_is_better": True, "range": (-1.0, 1.0)},
     "kendall": {"higher_is_better": True, "range": (-1.0, 1.0)},
     "ece": {"higher_is_better": False, "range": (0.0, 0.5)},
+    "accuracy_with_ties": {"higher_is_better": True, "range": (0.0, 1.0)},
 }
 """What each reported figure means (torchmetrics' ``higher_is_better`` convention)."""
 
@@ -207,6 +217,106 @@ def imagereward_accuracy(scores: Sequence[ArrayLike], ranks: Sequence[ArrayLike]
     counts = np.array([imagereward_counts(s, r) for s, r in zip(scores, ranks)], dtype=np.float64).reshape(-1, 2)
     total = counts[:, 1].sum()
     return float(counts[:, 0].sum() / total) if total else math.nan
+
+
+# ---------------------------------------------------------------- VideoGen-RewardBench
+
+VIDEOGEN_DIMENSIONS: tuple[str, ...] = ("VQ", "MQ", "TA", "Overall")
+"""The label columns of ``videogen-rewardbench.csv``: visual quality, motion quality, text alignment, overall."""
+
+VIDEOGEN_LABELS: dict[str, int] = {"A": 1, "B": -1, "same": 0}
+"""Label text -> ``h`` as ``eval_videogen_rewardbench.py`` maps it."""
+
+
+def _videogen_inputs(h: ArrayLike, m: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    h, m = _array(h, "h"), _array(m, "m")
+    _same_length(h, m)
+    if not np.isin(h, (-1.0, 0.0, 1.0)).all():
+        raise ValueError("human labels h must be 1 (A preferred), -1 (B preferred) or 0 (tie)")
+    return h, m
+
+
+def videogen_counts(h: ArrayLike, m: ArrayLike, epsilon: float = -1.0) -> dict[str, int]:
+    """The sufficient statistics of VideoAlign's ``suff_stats``: ``C`` consistent, ``D`` discordant, ``Th`` human
+    tie only, ``Tm`` model tie only (``|m| <= epsilon``), ``Thm`` both. ``epsilon = -1`` (the default, as the
+    reference's "w/o ties") predicts no ties, so an exact ``m == 0`` against a human preference is discordant."""
+    h, m = _videogen_inputs(h, m)
+    model_tie = np.abs(m) <= epsilon
+    human_tie = h == 0
+    strict = ~human_tie & ~model_tie
+    return {
+        "C": int((strict & (h * m > 0)).sum()),
+        "D": int((strict & ~(h * m > 0)).sum()),
+        "Th": int((human_tie & ~model_tie).sum()),
+        "Tm": int((~human_tie & model_tie).sum()),
+        "Thm": int((human_tie & model_tie).sum()),
+    }
+
+
+def videogen_accuracy_without_ties(h: ArrayLike, m: ArrayLike) -> float:
+    """VideoGen-RewardBench accuracy "w/o ties": ``C / (C + D + Tm)`` at ``epsilon = -1``, i.e. the fraction of
+    the pairs with a human preference whose score difference has its sign (``m == 0`` counts wrong); human ties
+    are left out."""
+    c = videogen_counts(h, m)
+    counted = c["C"] + c["D"] + c["Tm"]
+    return c["C"] / counted if counted else math.nan
+
+
+VideogenThresholds = Literal["reference", "distinct"]
+
+
+def videogen_tie_calibration(
+    h: ArrayLike, m: ArrayLike, thresholds: VideogenThresholds = "reference"
+) -> tuple[float, float]:
+    """(accuracy w/ ties, its threshold ``epsilon``): Deutsch et al. 2023's tie calibration as VideoAlign's
+    ``calc_accuracy_with_ties``.
+
+    The pairs are sorted by ``|m|`` (a stable sort, so equal gaps keep their input order); after the k-th pair
+    (k = 1..N) the first k are predicted ties and the rest are not, and the accuracy is
+    ``(C + Thm) / N = (#human ties among the first k + #sign matches among the rest) / N``; the result is the
+    first maximum. ``thresholds="reference"`` evaluates every k as the reference does, also between pairs of equal
+    ``|m|`` (a split no threshold can make); ``"distinct"`` evaluates only where ``|m|`` changes, so every figure
+    belongs to a real threshold ``|m| <= epsilon``. Neither evaluates k = 0 (no predicted tie).
+    """
+    h, m = _videogen_inputs(h, m)
+    n = len(h)
+    if n == 0:
+        return math.nan, math.nan
+    order = np.argsort(np.abs(m), kind="stable")
+    gaps = np.abs(m[order])
+    human_tie = (h[order] == 0).astype(np.float64)
+    match = (h[order] * m[order] > 0).astype(np.float64)
+    accuracy = (np.cumsum(human_tie) + match.sum() - np.cumsum(match)) / n
+    if thresholds == "distinct":
+        last = np.append(gaps[1:] != gaps[:-1], True)  # the last pair of each equal-|m| run
+        candidates = np.flatnonzero(last)
+    elif thresholds == "reference":
+        candidates = np.arange(n)
+    else:
+        raise ValueError(f"thresholds must be 'reference' or 'distinct', got {thresholds!r}")
+    best = candidates[int(np.argmax(accuracy[candidates]))]
+    return float(accuracy[best]), float(gaps[best])
+
+
+def videogen_accuracy_with_ties(h: ArrayLike, m: ArrayLike, thresholds: VideogenThresholds = "reference") -> float:
+    """VideoGen-RewardBench accuracy "w/ ties" (see :func:`videogen_tie_calibration`)."""
+    return videogen_tie_calibration(h, m, thresholds)[0]
+
+
+# ---------------------------------------------------------------- HPDv3
+
+
+def hpdv3_outcomes(s_preferred: ArrayLike, s_other: ArrayLike) -> np.ndarray:
+    """Per pair 1 when the preferred image (``path1``) scores strictly higher, else 0 (a tie is wrong)."""
+    s_preferred, s_other = _array(s_preferred, "s_preferred"), _array(s_other, "s_other")
+    _same_length(s_preferred, s_other)
+    return (s_preferred > s_other).astype(np.float64)
+
+
+def hpdv3_accuracy(s_preferred: ArrayLike, s_other: ArrayLike) -> float:
+    """HPDv3 pair accuracy as HPSv3's ``evaluate.py`` (mode ``pair``): ``total_correct / total_items``."""
+    outcomes = hpdv3_outcomes(s_preferred, s_other)
+    return float(outcomes.mean()) if outcomes.size else math.nan
 
 
 # ---------------------------------------------------------------- pairs and rankings

@@ -31,13 +31,15 @@ import numpy as np
 from ..errors import MMAlignError
 from . import protocols as P
 
-PROTOCOLS = ("pickapic", "hpdv2", "imagereward", "pairs")
+PROTOCOLS = ("pickapic", "hpdv2", "imagereward", "pairs", "videogen", "hpdv3")
 
 MAIN_METRIC = {
     "pickapic": "Pick-a-Pic 3-way accuracy (ties 0.5), threshold chosen on validation",
     "hpdv2": "HPDv2 accuracy: mean over prompts of 1 - discordant/C(n,2), human ties correct",
     "imagereward": "ImageRewardDB accuracy: pooled pairs, human ties skipped, predicted ties wrong",
     "pairs": "pairwise accuracy (predicted ties 0.5, human ties skipped)",
+    "videogen": "VideoGen-RewardBench Overall accuracy w/o ties (human ties skipped, predicted ties wrong)",
+    "hpdv3": "HPDv3 pair accuracy: preferred scores strictly higher (ties wrong)",
 }
 
 DEFAULT_LOGIT_SCALES: dict[str, float] = {
@@ -77,6 +79,7 @@ class Group:
     ranks: list[float]
     label: float | None = None
     source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Benchmark:
     validation: list[Group] = field(default_factory=list)
     validation_source: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    modality: str = "image"
 
 
 # ---------------------------------------------------------------- keys
@@ -175,6 +179,113 @@ def _split_names(spec: str | os.PathLike) -> set[str]:
     return {split for split in PICKAPIC_SPLITS for p in path.rglob(f"{split}-*.parquet")}
 
 
+def _resolve(path: Any, root: Path) -> str:
+    item = Path(str(path)).expanduser()
+    return str(item if item.is_absolute() else root / item)
+
+
+def _absent(paths: Sequence[str], check_files: bool) -> str | None:
+    return next((p for p in paths if check_files and not os.path.exists(p)), None)
+
+
+def read_videogen(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_files: bool = True
+) -> tuple[list[Group], list[tuple[str, str]]]:
+    """VideoGen-RewardBench's released ``videogen-rewardbench.csv`` (HF dataset ``KlingTeam/VideoGen-RewardBench``,
+    read as ``eval_videogen_rewardbench.py`` does): one row per pair with ``path_A``, ``path_B`` (relative to the
+    folder ``videos.zip`` was unpacked in: ``image_root``, default the CSV's folder), ``prompt``, ``A_model``,
+    ``B_model``, ``fps_*``, ``num_frames_*`` and the labels ``VQ``, ``MQ``, ``TA``, ``Overall`` in A / B / same.
+    Ranks follow ``Overall``; every dimension's label is kept in ``meta["labels"]`` (1, -1, 0). Rows with an
+    unknown label, or (``check_files``) a missing video, are skipped and reported."""
+    import csv
+
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    groups: list[Group] = []
+    skipped: list[tuple[str, str]] = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"path_A", "path_B", "prompt", *P.VIDEOGEN_DIMENSIONS} - set(reader.fieldnames or ())
+        if missing:
+            raise MMAlignError(f"{path}: not a VideoGen-RewardBench CSV (no column {', '.join(sorted(missing))})")
+        for number, row in enumerate(reader, 2):
+            where = f"{path}:{number}"
+            texts = {d: str(row.get(d) or "").strip() for d in P.VIDEOGEN_DIMENSIONS}
+            bad = [f"{d}={t!r}" for d, t in texts.items() if t not in P.VIDEOGEN_LABELS]
+            if bad:
+                skipped.append((where, f"label {bad[0]} is not A, B or same"))
+                continue
+            videos = [_resolve(row["path_A"], root), _resolve(row["path_B"], root)]
+            absent = _absent(videos, check_files)
+            if absent:
+                skipped.append((where, f"no such file {absent}"))
+                continue
+            labels = {d: P.VIDEOGEN_LABELS[t] for d, t in texts.items()}
+            overall = labels["Overall"]
+            ranks = [1.0, 1.0] if overall == 0 else ([1.0, 2.0] if overall > 0 else [2.0, 1.0])
+            label = {1: 1.0, 0: 0.5, -1: 0.0}[overall]
+            meta = {"labels": labels, "models": [row.get("A_model", ""), row.get("B_model", "")]}
+            groups.append(Group(str(row["prompt"]), videos, [image_key(v) for v in videos], ranks, label, where, meta))
+    return groups, skipped
+
+
+def read_hpdv3(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_files: bool = True
+) -> tuple[list[Group], list[tuple[str, str]]]:
+    """HPDv3's test file as HPSv3's ``evaluate/evaluate.py`` (mode ``pair``) reads it: a JSON list of
+    ``{"prompt", "path1", "path2", ...}`` with ``path1`` the preferred image (paths relative to ``image_root``,
+    default the JSON's folder; ``confidence``, ``choice_dist``, ``model1``, ``model2`` kept in ``meta``)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MMAlignError(f"{path}: not a JSON file ({error})") from None
+    if not isinstance(rows, list):
+        raise MMAlignError(f"{path}: expected a JSON list of {{prompt, path1, path2}} objects")
+    groups: list[Group] = []
+    skipped: list[tuple[str, str]] = []
+    for index, row in enumerate(rows):
+        where = f"{path}[{index}]"
+        if isinstance(row, dict) and {"generations", "ranking"} <= set(row):
+            raise MMAlignError(
+                f"{where}: a ranking row (HPSv3 evaluate.py mode 'ranking'); that mode is ImageRewardDB's pooled "
+                "rule: use --protocol imagereward"
+            )
+        if not isinstance(row, dict) or not {"prompt", "path1", "path2"} <= set(row):
+            skipped.append((where, "expected an object with prompt, path1, path2"))
+            continue
+        images = [_resolve(row["path1"], root), _resolve(row["path2"], root)]
+        absent = _absent(images, check_files)
+        if absent:
+            skipped.append((where, f"no such file {absent}"))
+            continue
+        meta = {k: row[k] for k in ("confidence", "choice_dist", "model1", "model2") if k in row}
+        keys = [image_key(i) for i in images]
+        groups.append(Group(str(row["prompt"]), images, keys, [1.0, 2.0], 1.0, where, meta))
+    return groups, skipped
+
+
+def media_modality(groups: Iterable[Group]) -> str:
+    """The one modality of the groups' files (by extension: image, video, audio; a folder of views is multiview);
+    images held in memory (Pick-a-Pic bytes) are images."""
+    kinds: set[str] = set()
+    for group in groups:
+        for item in group.images:
+            if not isinstance(item, (str, os.PathLike)) or Path(item).suffix.lower() in _IMAGE_SUFFIXES:
+                kinds.add("image")
+                continue
+            from ..scoring import detect_modality
+
+            kinds.add(detect_modality(item))
+    if len(kinds) > 1:
+        raise MMAlignError(f"a benchmark holds one modality; these files mix {', '.join(sorted(kinds))}")
+    return kinds.pop() if kinds else "image"
+
+
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+
+
 def split_by_prompt(groups: Sequence[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:
     """(validation, test): a seeded random ``fraction`` of the distinct prompts goes to validation."""
     prompts = sorted({g.prompt for g in groups})
@@ -203,12 +314,39 @@ def load_benchmark(
     ``test_unique`` splits of a parquet folder or ``save_to_disk`` folder (as PickScore's evaluation), else a
     seeded ``val_fraction`` of the prompts of ``data`` (said in the result). Other protocols use a validation
     split only to fit the Bradley-Terry temperature, and only when ``val_data`` is given. ``check_files=False``
-    keeps rows whose image files are absent (scoring from a scores file needs only the paths).
+    keeps rows whose image files are absent (scoring from a scores file needs only the paths). ``videogen`` reads
+    :func:`read_videogen`'s CSV, ``hpdv3`` :func:`read_hpdv3`'s JSON; the benchmark's ``modality`` comes from its
+    files (:func:`media_modality`), so ``pairs`` takes JSONL pairs of videos or audio as well as images.
     """
     if protocol not in PROTOCOLS:
         raise MMAlignError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     stem = Path(data).stem or Path(data).name
     label = name or (stem if stem.lower().startswith(protocol) else f"{protocol}:{stem}")
+    if protocol in ("videogen", "hpdv3"):
+        read = read_videogen if protocol == "videogen" else read_hpdv3
+        test, skipped = read(data, image_root, check_files)
+        validation: list[Group] = []
+        source = ""
+        if val_data is not None:
+            validation, skipped_val = read(val_data, image_root, check_files)
+            skipped, source = skipped + skipped_val, f"file {val_data}"
+        modality = media_modality([*test, *validation])
+        return Benchmark(protocol, label, str(data), test, validation, source, skipped, modality)
+    benchmark = _load_image_protocol(protocol, data, label, val_data, image_root, val_fraction, seed, check_files)
+    benchmark.modality = media_modality([*benchmark.test, *benchmark.validation])
+    return benchmark
+
+
+def _load_image_protocol(
+    protocol: str,
+    data: str | os.PathLike,
+    label: str,
+    val_data: str | os.PathLike | None,
+    image_root: str | None,
+    val_fraction: float,
+    seed: int,
+    check_files: bool,
+) -> Benchmark:
     if val_data is not None:
         test, skipped = _read_groups(protocol, data, image_root, None, check_files)
         validation, skipped_val = _read_groups(protocol, val_data, image_root, None, check_files)
@@ -239,11 +377,31 @@ class ScoreTable:
         self.reward = reward or name
         self._scores: dict[tuple[str, str], float] = dict(scores or {})
         self._by_key: dict[str, list[float]] = {}
+        self._dimensions: dict[tuple[str, str], dict[str, float]] = {}
 
-    def add(self, key: str, prompt: str, score: float, aliases: Iterable[str] = ()) -> None:
+    def add(
+        self,
+        key: str,
+        prompt: str,
+        score: float,
+        aliases: Iterable[str] = (),
+        dimensions: Mapping[str, float] | None = None,
+    ) -> None:
+        """``dimensions``: per-dimension scores of a multi-dimensional reward (VideoReward's VQ, MQ, TA, Overall)."""
         for k in dict.fromkeys([key, *aliases]):
             self._scores[(k, prompt)] = float(score)
             self._by_key.setdefault(k, []).append(float(score))
+            if dimensions:
+                self._dimensions[(k, prompt)] = {d: float(v) for d, v in dimensions.items()}
+
+    def dimension(self, key: str, prompt: str, name: str) -> float | None:
+        """The score of one dimension when the reward gave it, else the item's score (:meth:`get`)."""
+        value = self._dimensions.get((key, prompt), {}).get(name)
+        return value if value is not None else self.get(key, prompt)
+
+    @property
+    def has_dimensions(self) -> bool:
+        return bool(self._dimensions)
 
     def get(self, key: str, prompt: str) -> float | None:
         value = self._scores.get((key, prompt))
@@ -280,7 +438,8 @@ def read_scores(path: str | os.PathLike) -> dict[str, ScoreTable]:
             reward = str(row.get("reward") or path.stem)
             table = tables.setdefault(reward, ScoreTable(reward))
             aliases = [os.path.normpath(os.path.abspath(item)), os.path.normpath(str(path.parent.resolve() / item))]
-            table.add(item, prompt, score, aliases)
+            dimensions = row.get("dimensions") if isinstance(row.get("dimensions"), dict) else None
+            table.add(item, prompt, score, aliases, dimensions)
     if not tables:
         raise MMAlignError(f"{path}: no score records")
     return tables
@@ -295,12 +454,17 @@ def distinct_items(groups: Iterable[Group], uses_prompt: bool = True) -> dict[tu
     return items
 
 
-def score_groups(reward: Any, groups: Iterable[Group], batch_size: int = 32, progress: bool = False) -> ScoreTable:
-    """Score each distinct image of ``groups`` once with ``reward`` (sorted by prompt, ``batch_size`` at a time)."""
+def score_groups(
+    reward: Any, groups: Iterable[Group], batch_size: int = 32, progress: bool = False, modality: str = "image"
+) -> ScoreTable:
+    """Score each distinct image of ``groups`` once with ``reward`` (sorted by prompt, ``batch_size`` at a time).
+    Other modalities go through :func:`score_media`."""
     from tqdm.auto import tqdm
 
     from ..data import decode_image
 
+    if modality != "image":
+        return score_media(reward, groups, modality, batch_size=batch_size, progress=progress)
     uses_prompt = bool(getattr(reward, "uses_prompt", True))
     items = sorted(distinct_items(groups, uses_prompt).items(), key=lambda kv: (kv[0][1], kv[0][0]))
     table = ScoreTable(getattr(reward, "name", "reward"))
@@ -316,6 +480,30 @@ def score_groups(reward: Any, groups: Iterable[Group], batch_size: int = 32, pro
             bar.update(len(chunk))
     finally:
         bar.close()
+    return table
+
+
+def score_media(
+    reward: Any, groups: Iterable[Group], modality: str, batch_size: int = 32, progress: bool = False, media: Any = None
+) -> ScoreTable:
+    """Score each distinct video / audio / view-set file of ``groups`` once, as ``mmalign score`` does
+    (:func:`mmalign.scoring.run_scoring`: a native video reward scores videos itself, image rewards are lifted
+    frame by frame, audio needs an audio reward such as CLAP; ``media`` is a
+    :class:`~mmalign.scoring.MediaOptions`). VideoReward's per-dimension scores are kept."""
+    import tempfile
+
+    from ..scoring import ScoreItem, run_scoring
+    from ..sharding import Shard
+
+    uses_prompt = bool(getattr(reward, "uses_prompt", True))
+    items = sorted(distinct_items(groups, uses_prompt).items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    score_items = [ScoreItem(str(image), prompt, modality) for (_, prompt), image in items]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "scores.jsonl"
+        run_scoring(reward, score_items, out=out, batch_size=batch_size, progress=progress, media=media, shard=Shard())
+        tables = read_scores(out) if out.is_file() and out.stat().st_size else {}
+    table = next(iter(tables.values()), ScoreTable())
+    table.name = table.reward = getattr(reward, "name", "reward")
     return table
 
 
@@ -404,6 +592,7 @@ def evaluate(
     logit_scale: float | None = None,
     thresholds: Sequence[float] | str = P.PICKAPIC_THRESHOLDS,
     predicted_ties: P.PredictedTies = "index",
+    videogen_thresholds: P.VideogenThresholds = "reference",
     n_bootstrap: int = 1000,
     seed: int = 0,
     level: float = 0.95,
@@ -413,6 +602,8 @@ def evaluate(
     ``thresholds``: the Pick-a-Pic tie-threshold grid (PickScore's by default) or ``"exhaustive"`` (every
     distinct validation gap). The main figure is ``metrics["accuracy"]``; ``pairwise_accuracy``, ``ece`` (and
     ``ece_fitted`` with a validation split) and, for rankings, ``spearman`` and ``kendall`` come with it.
+    VideoGen-RewardBench adds ``accuracy_with_ties`` and ``{VQ,MQ,TA}_accuracy[_with_ties]``
+    (``videogen_thresholds``: :func:`~mmalign.bench.protocols.videogen_tie_calibration`'s ``thresholds``).
     """
     from .. import __version__
 
@@ -441,6 +632,17 @@ def evaluate(
         per_prompt = P.hpdv2_per_prompt(test_scores, [g.ranks for g in groups], predicted_ties)
         metrics["accuracy"] = P.bootstrap_ratio(per_prompt, **boot)
         settings.update(predicted_ties=predicted_ties, bootstrap_unit="prompt")
+    elif protocol == "videogen":
+        metrics.update(_videogen_metrics(groups, table, videogen_thresholds, boot))
+        settings.update(
+            bootstrap_unit="pair",
+            tie_thresholds=videogen_thresholds,
+            dimension_scores="per dimension" if table.has_dimensions else "the reward's one score for every dimension",
+        )
+    elif protocol == "hpdv3":
+        outcomes = P.hpdv3_outcomes([s[0] for s in test_scores], [s[1] for s in test_scores])
+        metrics["accuracy"] = P.bootstrap_ratio(outcomes, **boot)
+        settings.update(bootstrap_unit="pair", predicted_ties="wrong")
     elif protocol == "imagereward":
         counts = np.array([P.imagereward_counts(s, g.ranks) for g, s in zip(groups, test_scores)], dtype=np.float64)
         counts = counts.reshape(-1, 2)
@@ -465,6 +667,7 @@ def evaluate(
         "dataset": benchmark.name,
         "data": benchmark.data,
         "reward": reward,
+        "modality": benchmark.modality,
         "main_metric": MAIN_METRIC[protocol],
         "metrics": {name: estimate.as_dict() for name, estimate in metrics.items()},
         "counts": {
@@ -479,6 +682,28 @@ def evaluate(
         "published": PUBLISHED.get(table.reward, {}).get(protocol),
         "mmalign": __version__,
     }
+
+
+def _videogen_metrics(
+    groups: Sequence[Group], table: ScoreTable, thresholds: P.VideogenThresholds, boot: dict[str, Any]
+) -> dict[str, P.Estimate]:
+    """Per dimension, VideoAlign's accuracy w/o ties (``accuracy`` for Overall, ``VQ_accuracy``, ...) and w/ ties
+    (``accuracy_with_ties``, ``VQ_accuracy_with_ties``, ...), bootstrapped over pairs. ``m = s(A) - s(B)`` with the
+    reward's score of that dimension when it gives one (VideoReward), else its single score."""
+    metrics: dict[str, P.Estimate] = {}
+    for dim in P.VIDEOGEN_DIMENSIONS:
+        h = np.array([g.meta["labels"][dim] for g in groups], dtype=np.float64)
+        m = np.array(
+            [table.dimension(g.keys[0], g.prompt, dim) - table.dimension(g.keys[1], g.prompt, dim) for g in groups],
+            dtype=np.float64,
+        )
+        prefix = "" if dim == "Overall" else f"{dim}_"
+        counted = h != 0
+        metrics[f"{prefix}accuracy"] = P.bootstrap_ratio(((h * m > 0) & counted).astype(np.float64), counted, **boot)
+        metrics[f"{prefix}accuracy_with_ties"] = P.bootstrap_statistic(
+            lambda idx, h=h, m=m: P.videogen_accuracy_with_ties(h[idx], m[idx], thresholds), len(h), **boot
+        )
+    return metrics
 
 
 @dataclass
@@ -500,8 +725,10 @@ def score_spec(
     device: str = "cpu",
     dtype: str = "fp32",
     progress: bool = False,
+    modality: str = "image",
 ) -> ScoreTable:
-    """Load the reward of ``spec``, score each distinct image of ``groups`` once, and let the model go."""
+    """Load the reward of ``spec``, score each distinct image (or video, audio: ``modality``) of ``groups`` once,
+    and let the model go."""
     from ..rewards import load_reward
 
     reward = load_reward(
@@ -512,7 +739,7 @@ def score_spec(
         device=device,
         dtype=dtype,
     )
-    table = score_groups(reward, groups, batch_size=batch_size, progress=progress)
+    table = score_groups(reward, groups, batch_size=batch_size, progress=progress, modality=modality)
     table.name, table.reward = spec.label or spec.name, spec.name
     del reward
     return table
@@ -534,7 +761,8 @@ def run_rewards(
     results = []
     groups = [*benchmark.validation, *benchmark.test]
     for spec in rewards:
-        table = score_spec(spec, groups, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+        common = dict(batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+        table = score_spec(spec, groups, **common, modality=benchmark.modality)
         results.append(evaluate(benchmark, table, **options))
     if scores is not None:
         for table in read_scores(scores).values():
@@ -587,6 +815,25 @@ def results_markdown(results: Sequence[Mapping[str, Any]]) -> str:
             f"{format_estimate(m.get('kendall'), False)} | {format_estimate(m.get('ece'), False)} | "
             f"{r['counts']['pairs']} | {published} |"
         )
+    return "\n".join(lines) + "\n" + videogen_markdown(results)
+
+
+def videogen_markdown(results: Sequence[Mapping[str, Any]]) -> str:
+    """VideoGen-RewardBench's table (accuracy w/o and w/ ties per dimension, %) for the results that have it;
+    empty when none does."""
+    rows = [r for r in results if "accuracy_with_ties" in r["metrics"]]
+    if not rows:
+        return ""
+    names = [("" if d == "Overall" else f"{d}_", d) for d in P.VIDEOGEN_DIMENSIONS]
+    header = " | ".join(f"{d} w/o ties % | {d} w/ ties %" for _, d in names)
+    lines = ["", f"| reward | dataset | {header} |", "|---|---|" + "---|" * (2 * len(names))]
+    for r in rows:
+        m = r["metrics"]
+        cells = " | ".join(
+            f"{format_estimate(m.get(f'{p}accuracy'))} | {format_estimate(m.get(f'{p}accuracy_with_ties'))}"
+            for p, _ in names
+        )
+        lines.append(f"| {r['reward']} | {r['dataset']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

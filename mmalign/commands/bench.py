@@ -85,13 +85,21 @@ def add_rewards(sub: argparse._SubParsersAction) -> None:
         description="Score a dataset with reward models (--reward, repeatable) or take precomputed scores "
         "(--scores, the JSONL of `mmalign score`), and report the protocol's accuracy with bootstrap CIs.",
     )
-    p.add_argument("--protocol", required=True, choices=["pickapic", "hpdv2", "imagereward", "pairs"])
-    p.add_argument("--data", required=True, metavar="PATH", help="test data (parquet, JSON, JSONL or dataset folder)")
+    p.add_argument(
+        "--protocol",
+        required=True,
+        choices=["pickapic", "hpdv2", "imagereward", "pairs", "videogen", "hpdv3"],
+        help="videogen: VideoGen-RewardBench's videogen-rewardbench.csv; hpdv3: HPDv3's {prompt, path1, path2} test "
+        "JSON; pairs: JSONL {prompt, chosen, rejected} of images, videos or audio",
+    )
+    p.add_argument(
+        "--data", required=True, metavar="PATH", help="test data (parquet, JSON, JSONL, CSV or dataset folder)"
+    )
     p.add_argument("--val-data", metavar="PATH", help="validation data (Pick-a-Pic threshold, temperature fit)")
     p.add_argument(
         "--val-fraction", type=float, default=0.5, help="Pick-a-Pic without validation data: prompts held out"
     )
-    p.add_argument("--image-root", metavar="DIR", help="folder the dataset's image paths are relative to")
+    p.add_argument("--image-root", metavar="DIR", help="folder the dataset's image / video paths are relative to")
     p.add_argument("--name", help="dataset label in results and leaderboards (default protocol:file-stem)")
     p.add_argument("--scores", metavar="FILE.jsonl", help="precomputed scores {path, prompt, reward, score}")
     _add_reward_options(p)
@@ -102,6 +110,13 @@ def add_rewards(sub: argparse._SubParsersAction) -> None:
         help="Pick-a-Pic tie thresholds: 'reference' (0, 0.1, ..., 1), 'exhaustive', or a comma list",
     )
     p.add_argument("--predicted-ties", choices=["index", "half"], default="index", help="HPDv2 equal scores")
+    p.add_argument(
+        "--videogen-thresholds",
+        choices=["reference", "distinct"],
+        default="reference",
+        help="VideoGen-RewardBench w/ ties: every split of the |m|-sorted pairs (VideoAlign's) or only real "
+        "thresholds (where |m| changes)",
+    )
     p.add_argument("--out", metavar="DIR", help="write one JSON per reward and results.md here")
     ens = p.add_argument_group("calibrated ensemble (MetaMetrics-style; needs two or more --reward)")
     ens.add_argument(
@@ -175,6 +190,7 @@ def run_rewards(args: argparse.Namespace) -> int:
         logit_scale=args.logit_scale,
         thresholds=_thresholds(args.thresholds),
         predicted_ties=args.predicted_ties,
+        videogen_thresholds=args.videogen_thresholds,
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         level=args.level,
