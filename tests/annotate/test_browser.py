@@ -17,6 +17,8 @@ from tests.annotate import media
 from tests.annotate.server import Server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (make browser-deps)")
+# a page that set window.voted has been replaced by the answer's page once the flag is gone
+REPLACED = "return window.voted === undefined && document.readyState === 'complete'"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -139,6 +141,7 @@ def test_a_whole_annotation_run_ends_in_a_trained_lora(tmp_path, browser):
     player on the page), see the progress on the admin page, export the image votes as pairs and train a toyworld
     LoRA on them. A screenshot of every page goes to the test's folder."""
     from PIL import Image
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -188,9 +191,12 @@ def test_a_whole_annotation_run_ends_in_a_trained_lora(tmp_path, browser):
                     inked += "return x.getImageData(0, 0, 400, 60).data.some((v, i) => i % 4 == 3 && v > 0);"
                     assert browser.execute_script(inked)  # something was drawn
                 browser.save_screenshot(str(shots / f"{name}.png"))
-                body = browser.find_element(By.TAG_NAME, "body")
-                body.send_keys("1")  # the first option; the answer page (the next item, or done) replaces this one
-                wait.until(ec.staleness_of(body))
+                browser.execute_script("window.voted = true;")  # gone once the answer page replaces this one
+                browser.find_element(By.TAG_NAME, "body").send_keys("1")  # the first option
+                # the next item or the done page; while the page changes, chromium can answer with inspector errors
+                WebDriverWait(browser, 20, ignored_exceptions=(WebDriverException,)).until(
+                    lambda d: d.execute_script(REPLACED)
+                )
             browser.get(server.url + "/")
         browser.get(server.url + "/admin")
         progress = wait.until(ec.presence_of_element_located((By.TAG_NAME, "main"))).text
