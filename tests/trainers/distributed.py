@@ -132,9 +132,10 @@ def read_run(out: Path) -> dict:
 
 
 def train_one_and_two(args: list[str], tmp_path: Path, global_batch: int = 2) -> dict[str, dict]:
-    """The same global batch in one process and in two: ``{"one": run, "two": run}`` (see :func:`train`)."""
+    """The same global batch in one process (this one: no interpreter to start) and in two: ``{"one": run,
+    "two": run}`` (see :func:`train`)."""
     return {
-        "one": train(args, tmp_path / "one", 1, global_batch),
+        "one": train(args, tmp_path / "one", 0, global_batch),
         "two": train(args, tmp_path / "two", 2, global_batch),
     }
 
