@@ -213,6 +213,34 @@ class TokenCache:
         return torch.tensor([self.cache[t] for t in texts])
 
 
+def save_training_state(path: Path, stateful: dict[str, Any], rng: Any, gen: torch.Generator, **extra: Any) -> None:
+    """An exact-resume checkpoint, written atomically: the ``state_dict`` of each of ``stateful`` (modules, EMA,
+    optimizer, schedule), both random streams, and ``extra`` (the step, a loss curve)."""
+    state = {name: obj.state_dict() for name, obj in stateful.items()}
+    state.update(rng=rng.getstate(), gen=gen.get_state(), **extra)
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_training_state(path: Path, stateful: dict[str, Any], rng: Any, gen: torch.Generator) -> dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote into ``stateful``, ``rng`` and ``gen``; returns the whole
+    state (for its step and extras)."""
+    state = torch.load(path, weights_only=True)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    rng.setstate(_tuples(state["rng"]))
+    gen.set_state(state["gen"])
+    return state
+
+
+def adopt_ema(modules: torch.nn.Module, ema: torch.nn.Module) -> None:
+    """The trained modules take their EMA's weights (what is shipped), in eval mode."""
+    with torch.no_grad():
+        for p, e in zip(modules.parameters(), ema.parameters()):
+            p.copy_(e)
+    modules.eval()
+
+
 def train_unet(
     parts: dict[str, Any],
     tokens: TokenCache,
@@ -238,15 +266,10 @@ def train_unet(
     # epsilon: min-SNR-gamma weighting (Hang et al. 2023); v-prediction: the plain v loss (x0 loss weighted by
     # SNR + 1), which also trains the zero-SNR step
     weights = torch.clamp(snr, max=recipe.min_snr) / snr if recipe.prediction == "epsilon" else torch.ones_like(snr)
+    stateful = {"modules": modules, "ema": ema, "optimizer": optimizer, "schedule": schedule}
     start = 0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        modules.load_state_dict(state["modules"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        rng.setstate(_tuples(state["rng"]))
-        gen.set_state(state["gen"])
+        state = load_training_state(checkpoint, stateful, rng, gen)
         start = int(state["step"])
         log(f"resumed from {checkpoint} at step {start}")
     modules.train()
@@ -270,21 +293,8 @@ def train_unet(
         if evaluate is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0:
             evaluate(ema, step + 1)
         if checkpoint is not None and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.unet_steps:
-            state = {
-                "modules": modules.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": rng.getstate(),
-                "gen": gen.get_state(),
-                "step": step + 1,
-            }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
-    with torch.no_grad():
-        for p, e in zip(modules.parameters(), ema.parameters()):
-            p.copy_(e)
-    modules.eval()
+            save_training_state(checkpoint, stateful, rng, gen, step=step + 1)
+    adopt_ema(modules, ema)
 
 
 def train_rectified_flow(
@@ -308,15 +318,10 @@ def train_rectified_flow(
     params = [p for p in modules.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, recipe.steps)
+    stateful = {"modules": modules, "ema": ema, "optimizer": optimizer, "schedule": schedule}
     start, curve, window = 0, [], []
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        modules.load_state_dict(state["modules"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        rng.setstate(_tuples(state["rng"]))
-        gen.set_state(state["gen"])
+        state = load_training_state(checkpoint, stateful, rng, gen)
         start, curve = int(state["step"]), list(state["curve"])
         log(f"resumed from {checkpoint} at step {start}")
     modules.train()
@@ -332,22 +337,8 @@ def train_rectified_flow(
             evaluate(ema, step + 1)
             modules.train()
         if checkpoint is not None and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.steps:
-            state = {
-                "modules": modules.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": rng.getstate(),
-                "gen": gen.get_state(),
-                "step": step + 1,
-                "curve": curve,
-            }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
-    with torch.no_grad():
-        for p, e in zip(modules.parameters(), ema.parameters()):
-            p.copy_(e)
-    modules.eval()
+            save_training_state(checkpoint, stateful, rng, gen, step=step + 1, curve=curve)
+    adopt_ema(modules, ema)
     return curve
 
 
