@@ -118,34 +118,35 @@ def run(args: argparse.Namespace) -> int:
 
         config = video_config(args)
         report = run_video_demo(config, log=log)
-        b, a = report["before"], report["after"]
-        print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")
-        for name in ("overall", "exact", "color", "shape", "count", "direction"):
-            print(f"{name:<16} {b[name]:>8.3f} {a[name]:>8.3f} {a[name] - b[name]:>+8.3f}")
-        t = report["training"]
-        print(f"\ntraining {t['train_cpu_seconds']:.0f} CPU s, total {report['timing']['total_s']:.0f} s")
-        print(f"wrote {config.out}/report.md and report.json")
+        print_flow_report(report, ("overall", "exact", "color", "shape", "count", "direction"), config.out)
         return 0
     if getattr(args, "generator", "unet") == "flow":
         from ..toyworld.flow_demo import run_flow_demo
 
         config = flow_config(args)
         report = run_flow_demo(config, log=log)
-        b, a = report["before"], report["after"]
-        print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")
-        for name in ("overall", "exact", "color", "shape", "count", "position"):
-            print(f"{name:<16} {b[name]:>8.3f} {a[name]:>8.3f} {a[name] - b[name]:>+8.3f}")
-        t = report["training"]
-        print(f"\ntraining {t['train_cpu_seconds']:.0f} CPU s, total {report['timing']['total_s']:.0f} s")
-        print(f"wrote {config.out}/report.md and report.json")
+        print_flow_report(report, ("overall", "exact", "color", "shape", "count", "position"), config.out)
         return 0
     config = config_from_args(args)
     report = run_demo(config, log=log)
-    b, a = report["before"], report["after"]
-    print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")
-    for name in ("overall", "exact", "color", "shape", "count", "position", "reward"):
-        print(f"{name:<16} {b[name]:>8.3f} {a[name]:>8.3f} {a[name] - b[name]:>+8.3f}")
+    print_scores(report, ("overall", "exact", "color", "shape", "count", "position", "reward"))
     t = report["timing"]
     print(f"\ntraining {t['train_s']:.0f} s, total {t['total_s']:.0f} s")
     print(f"wrote {args.out}/report.html, report.md and report.json")
     return 0
+
+
+def print_scores(report: dict, names: tuple[str, ...]) -> None:
+    """The held-out judge scores before and after training, and the gain, one line per score."""
+    b, a = report["before"], report["after"]
+    print(f"{'held-out score':<16} {'before':>8} {'after':>8} {'gain':>8}")
+    for name in names:
+        print(f"{name:<16} {b[name]:>8.3f} {a[name]:>8.3f} {a[name] - b[name]:>+8.3f}")
+
+
+def print_flow_report(report: dict, names: tuple[str, ...], out: object) -> None:
+    """The flow and video demos' summary: the scores, the training CPU time and where the report is."""
+    print_scores(report, names)
+    t = report["training"]
+    print(f"\ntraining {t['train_cpu_seconds']:.0f} CPU s, total {report['timing']['total_s']:.0f} s")
+    print(f"wrote {out}/report.md and report.json")
