@@ -203,7 +203,7 @@ class _FakeSampler:
         self.generator.trainable = _Tiny()
         self.device = torch.device("cpu")
 
-    def images(self, z, prompt):
+    def media(self, z, prompt):
         return torch.sigmoid(z.flatten(1) @ self.generator.trainable.weight.T).view(-1, 3, 4, 4)
 
 
@@ -245,12 +245,12 @@ def test_the_gradient_through_the_sampler_chain_is_its_derivative(unet, guidance
     the reward through the DDIM steps and the VAE equals a central finite difference of the no-grad chain."""
     sampler, reward = NoiseSampler(unet, 3, guidance, 32), Redness()
     z = torch.randn(1, *sampler.latent_shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    (grad,) = torch.autograd.grad(reward(sampler.images(z, PROMPTS[0]), None).sum(), z)
+    (grad,) = torch.autograd.grad(reward(sampler.media(z, PROMPTS[0]), None).sum(), z)
     direction = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     eps = 1e-2
     with torch.no_grad():
-        plus = reward(sampler.images(z + eps * direction, PROMPTS[0]), None)
-        minus = reward(sampler.images(z - eps * direction, PROMPTS[0]), None)
+        plus = reward(sampler.media(z + eps * direction, PROMPTS[0]), None)
+        minus = reward(sampler.media(z - eps * direction, PROMPTS[0]), None)
     numeric = float((plus - minus) / (2 * eps))
     assert float((grad * direction).sum()) == pytest.approx(numeric, rel=0.05, abs=1e-4)
 
@@ -291,8 +291,8 @@ def test_noise_optimisation_refuses_a_non_differentiable_reward_before_loading_a
 def test_bad_arguments_are_refused_with_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="--n must be at least 1"):
         generate(None, Redness(), ["p"], 0, tmp_path)
-    with pytest.raises(ConfigError, match="image generators"):
-        NoiseSampler(type("Audio", (), {"parametrisation": "v-diffusion", "modality": "audio"})(), 4, 1.0, 32)
+    with pytest.raises(ConfigError, match="parametrisation 'edm'"):
+        NoiseSampler(type("Other", (), {"parametrisation": "edm", "modality": "image"})(), 4, 1.0, 32)
 
 
 @needs_pipeline

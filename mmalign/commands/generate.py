@@ -1,16 +1,21 @@
 """``mmalign generate``: best-of-N sampling and reward-guided noise optimisation at inference.
 
 ``mmalign generate --model PIPELINE --reward SPEC --prompts FILE --n 4 --out DIR`` samples N candidates per prompt
-from any image generator of the project (:func:`mmalign.models.generator.load_generator`: SD/SDXL UNets by DDIM
-with η = 0, flow-matching transformers by the Euler ODE; :class:`mmalign.models.noise_opt.NoiseSampler`), scores
+from any generator of the project (:func:`mmalign.models.generator.load_generator`: SD/SDXL UNets and AnimateDiff
+by DDIM with η = 0, flow-matching transformers and Wan by the Euler ODE, Stable Audio by its DPM-Solver++ without
+step noise; ``--frames``, ``--duration`` and ``--views-grid RxC`` as the trainers' keys;
+:class:`mmalign.models.noise_opt.NoiseSampler`), scores
 them with the reward (a name, a weighted list ``hpsv2.1:1.0,aesthetic:0.5`` or a served ``http://HOST:PORT/NAME``,
 as ``mmalign label`` reads it) and keeps the best. ``--noise-opt-steps K`` then optimises the best candidate's
 initial noise by K gradient steps of ReNO (:func:`mmalign.models.noise_opt.optimise_noise`; differentiable rewards
 only) and keeps the best of all images. Writes
 
 * ``DIR/images/IIIII_JJ.png``: every candidate (``JJ`` < N), and ``DIR/images/IIIII_optKK.png`` the noise
-  optimisation's iterates (``KK`` = 1 … K);
-* ``DIR/best/IIIII.png``: the chosen image of prompt ``IIIII``;
+  optimisation's iterates (``KK`` = 1 … K); videos go to ``DIR/videos/…mkv`` (lossless FFV1, ``--fps``), audio to
+  ``DIR/audio/…wav`` (32-bit float), view sets to ``DIR/images/`` as their grid PNG
+  (:mod:`mmalign.modalities.writers`); image rewards are lifted to videos and view sets, audio rewards told the
+  sample rate (:func:`~mmalign.trainers.online.for_modality`), and other media are scored on what the files hold;
+* ``DIR/best/IIIII.png`` (``.mkv``, ``.wav``): the chosen candidate of prompt ``IIIII``;
 * ``DIR/scores.jsonl``: one line per prompt, in prompt order: ``{"prompt", "images", "scores", "seeds",
   "chosen", "best", "n", "noise_opt", "generator_calls"}``. ``images`` / ``scores`` list the N candidates then
   the K iterates (all scored the same way: the reward's reference preprocessing of the saved PNG, as ``mmalign
@@ -52,6 +57,7 @@ from ..sharding import (
     remove_parts,
     write_atomic,
 )
+from ._generator_args import add_generator_args, load_generator_from_args
 from .label import _reward_id
 
 SCORES_FILE, JOB_FILE = "scores.jsonl", "generate.json"
@@ -65,14 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per prompt, all scored; the best in DIR/best/, every score in DIR/scores.jsonl. Re-running skips finished "
         "prompts.",
     )
-    p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (SD/SDXL UNet or flow matching)")
-    p.add_argument(
-        "--reward",
-        required=True,
-        help="reward name, weighted list 'hpsv2.1:1.0,aesthetic:0.5' or http://HOST:PORT/NAME",
-    )
-    p.add_argument("--reward-weights", help="reward checkpoint path (comma list, one per reward)")
-    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl with 'prompt'")
+    add_generator_args(p, "sampler steps (DDIM η=0 for UNets, Euler ODE for flow, DPM-Solver++ for Stable Audio)")
     p.add_argument(
         "--n",
         "--num-candidates",
@@ -82,12 +81,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="candidates per prompt (at least 1); under torchrun write --num-candidates (its parser reads --n as an "
         "abbreviation of its own options)",
     )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (DDIM η=0 for UNets, Euler ODE for flow)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled in one batch")
     p.add_argument(
         "--noise-opt-steps",
@@ -128,6 +121,7 @@ def generate(
     noise_opt_reg: float | None = None,
     noise_opt_clip: float | None = None,
     batch_size: int = 16,
+    fps: int = 8,
     model: str = "",
     reward_id: str | None = None,
     shard: Shard | None = None,
@@ -155,12 +149,19 @@ def generate(
         "reg": float(RENO_REG if noise_opt_reg is None else noise_opt_reg),
         "clip": float(RENO_CLIP if noise_opt_clip is None else noise_opt_clip),
     }
+    from ..modalities.writers import MediaFiles, media_folder
+
     sampler = NoiseSampler(generator, steps, guidance, resolution)
+    files = MediaFiles.of(generator, fps)
+    reward_id = reward_id or _reward_id(reward)
+    reward = for_generator(reward, files)
     shard = shard or current_shard()
     out = Path(out)
     scores_file = out / SCORES_FILE
     settings = dict(model=model, n=n, steps=steps, guidance=guidance, resolution=resolution, seed=seed, opt=opt)
-    job = fingerprint([settings, reward_id or _reward_id(reward), prompts])
+    if files.modality != "image":  # (image jobs keep the identity they had before other modalities)
+        settings["media"] = files.settings(generator)
+    job = fingerprint([settings, reward_id, prompts])
     counts = {"forward": 0, "backward": 0}
     with process_group(shard) as group:
         if shard.is_main:  # before the others pass check_same, so before any of them writes
@@ -169,7 +170,7 @@ def generate(
                 (out / JOB_FILE).unlink(missing_ok=True)
             drop_other_jobs(scores_file, job)
         group.check_same(job, "the prompts and settings")
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / media_folder(files.modality)).mkdir(parents=True, exist_ok=True)
         (out / "best").mkdir(parents=True, exist_ok=True)
         done = _finished(out, job)
         handle = open_part(scores_file, shard)
@@ -177,7 +178,7 @@ def generate(
             for i, prompt in shard.take(prompts):
                 if i in done:
                     continue
-                row = _generate_prompt(sampler, reward, prompt, i, n, out, seed, opt, batch_size)
+                row = _generate_prompt(sampler, reward, prompt, i, n, out, seed, opt, batch_size, files)
                 for key in counts:
                     counts[key] += row["generator_calls"][key]
                 handle.write(json.dumps({"job": job, "index": i, "row": row}) + "\n")
@@ -186,36 +187,62 @@ def generate(
             close_part(handle)
         totals = group.gather(counts)  # every process has finished its prompts after this
         if shard.is_main:
-            _merge(out, job, len(prompts), {**settings, "reward": reward_id or _reward_id(reward)})
+            _merge(out, job, len(prompts), {**settings, "reward": reward_id})
         group.gather(None)  # when any process returns, scores.jsonl is whole
     images = len(prompts) * (n + noise_opt_steps)
     return {"prompts": len(prompts), "images": images, **{k: sum(t[k] for t in totals) for k in counts}}
 
 
-def _score(reward: Any, images: Any, pictures: list[Any], prompt: str) -> list[float]:
-    """Scores of saved images: the reward's reference preprocessing of the pictures when it has one (as ``mmalign
-    label``), else its tensor path on ``images``."""
-    import torch
+def for_generator(reward: Any, files: Any) -> Any:
+    """A weighted reward spec made to score what the generator makes (:func:`~mmalign.trainers.online.for_modality`:
+    image rewards lifted to videos and view sets, audio rewards told the sample rate); images and plain callables
+    as they are."""
+    if files.modality == "image" or not (hasattr(reward, "rewards") and hasattr(reward, "weights")):
+        return reward
+    from ..trainers.online import for_modality
 
-    with torch.no_grad():
-        if hasattr(reward, "score_images"):
-            raw = reward.score_images(pictures, [prompt] * len(pictures))
-        else:
-            raw = reward(images, [prompt] * len(pictures))
-    return [float(s) for s in raw]
+    return for_modality(reward, files.modality, files.sample_rate)
 
 
-def _save(images: Any, names: list[str], out: Path) -> list[Any]:
+def save_media(media: Any, names: list[str], out: Path, files: Any = None) -> Any:
+    """Write the media (``files``: a :class:`~mmalign.modalities.writers.MediaFiles`; None: images); returns what
+    scores them: the saved Pillow images for images (so a reward scores them with its reference preprocessing),
+    else the tensor the files hold."""
+    if files is not None and files.modality != "image":
+        return files.write(out, names, media)
     from ..modalities.image import tensor_to_pil
 
-    pictures = [tensor_to_pil(image.cpu()) for image in images]
+    pictures = [tensor_to_pil(image.cpu()) for image in media]
     for name, picture in zip(names, pictures):
         picture.save(out / name)
     return pictures
 
 
+def score_saved(reward: Any, media: Any, saved: Any, prompt: str) -> list[float]:
+    """Scores of saved media: the reward's reference preprocessing of the saved pictures when it has one (images),
+    else its tensor path on what the files hold (``saved``, or ``media`` for pictures without it)."""
+    import torch
+
+    count = len(saved)
+    with torch.no_grad():
+        if isinstance(saved, list) and hasattr(reward, "score_images"):
+            raw = reward.score_images(saved, [prompt] * count)
+        else:
+            raw = reward(media if isinstance(saved, list) else saved, [prompt] * count)
+    return [float(s) for s in raw]
+
+
 def _generate_prompt(
-    sampler: Any, reward: Any, prompt: str, i: int, n: int, out: Path, seed: int, opt: dict[str, Any], batch_size: int
+    sampler: Any,
+    reward: Any,
+    prompt: str,
+    i: int,
+    n: int,
+    out: Path,
+    seed: int,
+    opt: dict[str, Any],
+    batch_size: int,
+    files: Any,
 ) -> dict[str, Any]:
     """Prompt ``i``: its N candidates (and the noise optimisation's iterates), saved, scored, the best copied."""
     import torch
@@ -224,7 +251,7 @@ def _generate_prompt(
 
     seeds = [candidate_seed(seed, i, j) for j in range(n)]
     noise = initial_noise(sampler.latent_shape, seeds)
-    names = [f"images/{i:05d}_{j:02d}.png" for j in range(n)]
+    names = [files.name(f"{i:05d}_{j:02d}") for j in range(n)]
     forward = backward = 0
     result = None
     if opt["steps"] and n == 1:  # the optimisation's first forward chain is the candidate: not run twice
@@ -234,10 +261,10 @@ def _generate_prompt(
         parts = []
         with torch.no_grad():
             for start in range(0, n, batch_size):
-                parts.append(sampler.images(noise[start : start + batch_size], prompt).cpu())
+                parts.append(sampler.media(noise[start : start + batch_size], prompt).cpu())
         candidates = torch.cat(parts)
         forward += n
-    scores = _score(reward, candidates, _save(candidates, names, out), prompt)
+    scores = score_saved(reward, candidates, save_media(candidates, names, out, files), prompt)
     start = max(range(n), key=lambda j: scores[j])
     noise_opt = None
     if opt["steps"]:
@@ -246,13 +273,13 @@ def _generate_prompt(
                 sampler, reward, prompt, noise[start : start + 1], opt["steps"], opt["lr"], opt["reg"], opt["clip"]
             )
         forward, backward = forward + result.forward_chains, backward + result.backward_chains
-        iterate_names = [f"images/{i:05d}_opt{k:02d}.png" for k in range(1, opt["steps"] + 1)]
+        iterate_names = [files.name(f"{i:05d}_opt{k:02d}") for k in range(1, opt["steps"] + 1)]
         iterates = result.images[1:]
-        scores += _score(reward, iterates, _save(iterates, iterate_names, out), prompt)
+        scores += score_saved(reward, iterates, save_media(iterates, iterate_names, out, files), prompt)
         names += iterate_names
         noise_opt = {**opt, "from": start, "objective_rewards": result.rewards, "losses": result.losses}
     chosen = max(range(len(scores)), key=lambda j: scores[j])
-    best = f"best/{i:05d}.png"
+    best = files.name(f"{i:05d}", "best")
     shutil.copyfile(out / names[chosen], out / best)
     return {
         "prompt": prompt,
@@ -318,14 +345,13 @@ def _merge(out: Path, job: str, n_prompts: int, settings: dict[str, Any]) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.generator import load_generator
     from ..trainers.online import build_reward, read_prompts
 
     shard = current_shard()  # under torchrun / accelerate launch: this process's share of the prompts
     prompts = read_prompts(args.prompts)
     reward = build_reward(args.reward, args.reward_weights)
     check_reward(reward, args.noise_opt_steps, args.reward)  # before the generator loads
-    generator = load_generator(args.model, device=shard.device(args.device))
+    generator = load_generator_from_args(args, shard.device(args.device))
     reward.to(generator.device)
     summary = generate(
         generator,
@@ -342,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
         noise_opt_reg=args.noise_opt_reg,
         noise_opt_clip=args.noise_opt_clip,
         batch_size=args.batch_size,
+        fps=args.fps,
         model=args.model,
         reward_id=f"{args.reward}|{args.reward_weights or ''}",
         shard=shard,

@@ -6,7 +6,16 @@ the images, ``rankings.jsonl`` (one line per prompt) and ``pairs.jsonl`` (every 
 With ``--trajectories`` the K samples of a prompt share x_T (D3PO's sampling protocol) and each prompt's DDIM
 chains are kept in ``DIR/trajectories/`` with the sampler settings in ``DIR/label.json``: ``mmalign train
 trainer=d3po feedback=DIR [human=SCORES]`` then trains D3PO on them from human scores (or from the reward's);
-formats in :mod:`mmalign.data.feedback`."""
+formats in :mod:`mmalign.data.feedback`.
+
+Every generator labels (:func:`mmalign.models.generator.load_generator`; ``--frames``, ``--duration``,
+``--views-grid RxC`` as the trainers' keys): UNet image generators by stochastic DDIM (``--eta``) as above, the
+others (flow matching, Wan and AnimateDiff videos, Stable Audio, view grids) by their deterministic sampler from K
+noise seeds (sample ``j`` of prompt ``i``: seed ``seed + i + j·1000003``, as ``mmalign generate``'s candidates).
+Videos are written to ``DIR/videos/`` (lossless FFV1 ``.mkv``), audio to ``DIR/audio/`` (float ``.wav``), view sets
+as grid PNGs; image rewards are lifted to videos and view sets, audio rewards told the sample rate, and each file
+is scored as it was saved. The pairs are the video / audio pairs ``mmalign train`` reads (Flow-DPO on Wan,
+Diffusion-DPO on Stable Audio)."""
 
 from __future__ import annotations
 
@@ -14,10 +23,11 @@ import argparse
 import itertools
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..errors import MMAlignError
+from ..errors import ConfigError, MMAlignError
 from ..sharding import (
     Shard,
     close_part,
@@ -31,6 +41,7 @@ from ..sharding import (
     remove_parts,
     write_atomic,
 )
+from ._generator_args import add_generator_args, load_generator_from_args
 
 RANKINGS_FILE, PAIRS_FILE = "rankings.jsonl", "pairs.jsonl"
 
@@ -42,18 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="AI feedback: `mmalign label --model PIPELINE --reward NAME --prompts FILE --k 4 --out DIR`, "
         "then `mmalign train data=DIR/pairs.jsonl`.",
     )
-    p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
-    p.add_argument("--reward", required=True, help="reward name or weighted list 'hpsv2.1:1.0,aesthetic:0.5'")
-    p.add_argument("--reward-weights", help="reward checkpoint path (comma list, one per reward)")
-    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl with 'prompt'")
+    add_generator_args(
+        p, "sampler steps (DDIM for UNet image generators; the deterministic sampler of the others, from K seeds)"
+    )
     p.add_argument("--k", type=int, default=4, help="samples per prompt (at least 2)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM η of UNet image generators")
     p.add_argument(
         "--trajectories",
         action="store_true",
@@ -77,6 +81,7 @@ def label(
     model: str = "",
     reward_id: str | None = None,
     shard: Shard | None = None,
+    fps: int = 8,
 ) -> dict[str, int]:
     """Sample, score and write; prompt ``i`` uses generator seed ``seed + i`` (re-runs are identical, and so is
     prompt ``i`` whichever process samples it). ``reward``: a :class:`~mmalign.trainers.online.WeightedReward` or
@@ -89,21 +94,63 @@ def label(
     writes ``rankings.jsonl`` and ``pairs.jsonl`` in prompt order. A prompt in a part file of a killed run with the
     same settings, prompts and reward (any process count) is not sampled again; parts of other settings are dropped."""
     from ..data.feedback import LABEL_FILE
+    from ..modalities.writers import MediaFiles, media_folder
 
     if k < 2:
         raise ValueError(f"k must be at least 2 to form pairs, got {k}")
+    files = MediaFiles.of(policy, fps)
+    unet_images = is_unet_image_generator(policy)
+    if trajectories and not unet_images:
+        raise ConfigError(
+            f"--trajectories keeps DDIM chains for D3PO, which trains UNet image generators; "
+            f"{type(policy).__name__} makes {files.modality} by parametrisation "
+            f"{getattr(policy, 'parametrisation', 'diffusion')!r}"
+        )
     shard = shard or current_shard()
     out = Path(out)
     rankings_file = out / RANKINGS_FILE
-    settings = dict(model=model, k=k, steps=steps, guidance=guidance, eta=eta, resolution=resolution, seed=seed)
-    job = fingerprint([settings, trajectories, reward_id or _reward_id(reward), prompts])
+    settings: dict[str, Any] = dict(
+        model=model, k=k, steps=steps, guidance=guidance, eta=eta, resolution=resolution, seed=seed
+    )
+    if not unet_images:  # (the UNet image jobs keep the identity they had before other generators)
+        settings.update(eta=None, sampler=getattr(policy, "parametrisation", "diffusion"))
+        settings["media"] = files.settings(policy)
+    reward_id = reward_id or _reward_id(reward)
+    job = fingerprint([settings, trajectories, reward_id, prompts])
+    if unet_images:
+        label_prompt = partial(
+            _label_prompt,
+            policy,
+            reward,
+            k=k,
+            out=out,
+            steps=steps,
+            guidance=guidance,
+            eta=eta,
+            resolution=resolution,
+            seed=seed,
+            trajectories=trajectories,
+        )
+    else:
+        from ..models.noise_opt import NoiseSampler
+        from .generate import for_generator
+
+        label_prompt = partial(
+            _label_media_prompt,
+            NoiseSampler(policy, steps, guidance, resolution),
+            for_generator(reward, files),
+            k=k,
+            out=out,
+            seed=seed,
+            files=files,
+        )
     with process_group(shard) as group:
         if shard.is_main:  # before the others pass check_same, so before any of them writes
             for name in (RANKINGS_FILE, PAIRS_FILE):  # as a single run always did: no stale rankings beside new images
                 (out / name).unlink(missing_ok=True)
             drop_other_jobs(rankings_file, job)
         group.check_same(job, "the prompts and settings")
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / media_folder(files.modality)).mkdir(parents=True, exist_ok=True)
         if trajectories and shard.is_main:
             (out / LABEL_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         done = _labelled(out, job)
@@ -114,9 +161,7 @@ def label(
             for i, prompt in mine:
                 if i in done:
                     continue
-                ranking, pairs = _label_prompt(
-                    policy, reward, prompt, i, k, out, steps, guidance, eta, resolution, seed, trajectories
-                )
+                ranking, pairs = label_prompt(prompt, i)
                 handle.write(json.dumps({"job": job, "index": i, "ranking": ranking, "pairs": pairs}) + "\n")
                 handle.flush()
                 n_pairs += len(pairs)
@@ -169,6 +214,17 @@ def _merge(out: Path, job: str, n_prompts: int) -> None:
     remove_parts(out / RANKINGS_FILE)
 
 
+def is_unet_image_generator(policy: Any) -> bool:
+    """Whether ``policy`` is a UNet image generator (SD 1.x/2.x, SDXL): those label by stochastic DDIM (``eta``)
+    and can keep their chains for D3PO; every other generator labels by :class:`~mmalign.models.noise_opt.
+    NoiseSampler`'s deterministic sampler from K seeds."""
+    return (
+        getattr(policy, "parametrisation", "diffusion") == "diffusion"
+        and getattr(policy, "modality", "image") == "image"
+        and hasattr(policy, "unet")
+    )
+
+
 def _label_prompt(
     policy: Any,
     reward: Any,
@@ -183,12 +239,13 @@ def _label_prompt(
     seed: int,
     trajectories: bool,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Prompt ``i``'s K samples (generator seed ``seed + i``), saved and scored: its rankings row and pair rows."""
+    """Prompt ``i``'s K samples of a UNet image generator (generator seed ``seed + i``), saved and scored: its
+    rankings row and pair rows."""
     import torch
 
     from ..data.feedback import TRAJECTORY_DIR, save_trajectories
-    from ..modalities.image import tensor_to_pil
     from ..models import sampling
+    from .generate import save_media, score_saved
 
     def predict(noisy, timesteps, embeds, time_ids):
         return policy.predict(policy.unet, noisy, timesteps, embeds, time_ids)
@@ -215,18 +272,10 @@ def _label_prompt(
     )
     with torch.no_grad():
         images = policy.decode(trajectory.final)
-    pictures = [tensor_to_pil(image.cpu()) for image in images]
     names = [f"images/{i:05d}_{j:02d}.png" for j in range(k)]
-    for name, picture in zip(names, pictures):
-        picture.save(out / name)
-    with torch.no_grad():  # score what was saved, with each reward's reference preprocessing when it has one
-        if hasattr(reward, "score_images"):
-            raw = reward.score_images(pictures, [prompt] * k)
-        else:
-            raw = reward(images, [prompt] * k)
-    scores = [float(s) for s in raw]
-    order = sorted(range(k), key=lambda j: -scores[j])
-    ranking: dict[str, Any] = {"prompt": prompt, "images": names, "scores": scores, "ranking": order}
+    # score what was saved, with each reward's reference preprocessing when it has one
+    scores = score_saved(reward, images, save_media(images, names, out), prompt)
+    ranking, pairs = rank(prompt, names, scores)
     if trajectories:
         ranking["trajectory"] = f"{TRAJECTORY_DIR}/{i:05d}.safetensors"
         save_trajectories(
@@ -236,6 +285,33 @@ def _label_prompt(
             trajectory.schedule.timesteps,
             {"prompt": prompt},
         )
+    return ranking, pairs
+
+
+def _label_media_prompt(
+    sampler: Any, reward: Any, prompt: str, i: int, k: int, out: Path, seed: int, files: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Prompt ``i``'s K samples of any other generator: the deterministic sampler from the noise of candidate seeds
+    ``seed + i + j·1000003`` (sample 0 is plain sampling with seed ``seed + i``, as ``mmalign generate``'s
+    candidates), saved in the modality's format and scored on what the files hold."""
+    import torch
+
+    from ..models.noise_opt import candidate_seed, initial_noise
+    from .generate import save_media, score_saved
+
+    noise = initial_noise(sampler.latent_shape, [candidate_seed(seed, i, j) for j in range(k)])
+    with torch.no_grad():
+        media = sampler.media(noise, prompt).cpu()
+    names = [files.name(f"{i:05d}_{j:02d}") for j in range(k)]
+    return rank(prompt, names, score_saved(reward, media, save_media(media, names, out, files), prompt))
+
+
+def rank(prompt: str, names: list[str], scores: list[float]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A prompt's rankings row (best first) and its pairs: every two samples of different scores, the higher
+    chosen."""
+    k = len(names)
+    order = sorted(range(k), key=lambda j: -scores[j])
+    ranking: dict[str, Any] = {"prompt": prompt, "images": names, "scores": scores, "ranking": order}
     pairs = []
     for a, b in itertools.combinations(range(k), 2):
         if scores[a] == scores[b]:
@@ -254,11 +330,10 @@ def _label_prompt(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.policy import DiffusionPolicy
     from ..trainers.online import build_reward, read_prompts
 
     shard = current_shard()  # under torchrun / accelerate launch: this process's share of the prompts
-    policy = DiffusionPolicy.from_pretrained(args.model, device=shard.device(args.device))
+    policy = load_generator_from_args(args, shard.device(args.device))
     reward = build_reward(args.reward, args.reward_weights).to(policy.device)
     summary = label(
         policy,
@@ -275,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         reward_id=f"{args.reward}|{args.reward_weights or ''}",
         shard=shard,
+        fps=args.fps,
     )
     if not shard.is_main:
         return 0  # process 0 reports the whole job

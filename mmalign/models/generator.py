@@ -391,3 +391,39 @@ def load_generator(model: str | Path, device: str | torch.device = "cpu", **kwar
     index: Mapping[str, Any] = read_model_index(folder)
     cls = generator_class(index.get("_class_name"), source=str(folder))
     return cls.from_pretrained(folder, device=device, **kwargs)
+
+
+def configure_output(
+    generator: Any, frames: int = 0, duration: float = 0.0, views_grid: str = "", where: str = "model"
+) -> Any:
+    """What a generator makes, set as the trainers' ``frames`` / ``duration`` / ``views_grid`` keys (and ``mmalign
+    label`` / ``generate``'s flags) say: ``frames`` (0: the generator's own) onto a video generator's
+    ``num_frames``, ``duration`` seconds (0: its own) onto an audio generator's ``audio_end_in_s``, and an image
+    generator read as a ``views_grid`` ``"RxC"`` grid of views (:class:`~mmalign.models.view_grid.ViewGridGenerator`,
+    returned in its place). A setting the generator cannot take raises :class:`~mmalign.errors.ConfigError` naming
+    the setting and ``where`` (the model)."""
+    from ..errors import ConfigError
+
+    modality = getattr(generator, "modality", "image")
+    if duration:
+        if modality != "audio":
+            raise ConfigError(f"duration={duration}: {where} generates {modality}s")
+        try:
+            generator.audio_end_in_s = duration
+        except ValueError as error:
+            raise ConfigError(f"duration={duration}: {error}") from None
+    if frames:
+        if modality != "video":
+            raise ConfigError(f"frames={frames}: {where} generates {modality}s, not videos")
+        try:
+            generator.num_frames = frames
+        except ValueError as error:
+            raise ConfigError(f"frames={frames}: {error}") from None
+    if views_grid:
+        from .view_grid import ViewGridGenerator
+
+        try:
+            return ViewGridGenerator(generator, views_grid)
+        except ValueError as error:
+            raise ConfigError(f"views_grid={views_grid}: {error}") from None
+    return generator

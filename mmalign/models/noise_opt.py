@@ -1,12 +1,13 @@
-"""Inference-time alignment on any image generator: deterministic chains from given initial noise (for best-of-N
-sampling) and reward-guided optimisation of that noise (ReNO).
+"""Inference-time alignment on any generator (images, videos, audio, view grids): deterministic chains from given
+initial noise (for best-of-N sampling) and reward-guided optimisation of that noise (ReNO).
 
 :class:`NoiseSampler` runs a generator's deterministic sampler from a given ``x_T``, with or without gradients:
 DDIM with η = 0 for the UNet families (:class:`~mmalign.models.policy.DiffusionPolicy`: the DDIM step of
 :mod:`mmalign.models.sampling`, classifier-free guidance by :func:`~mmalign.models.sampling.guided_eps`; what
 diffusers' ``StableDiffusionPipeline`` with a ``DDIMScheduler`` and its default ``eta=0`` does) and the Euler ODE
 for the flow-matching families (:func:`~mmalign.models.flow_rollout.guided_velocity` and
-:func:`~mmalign.models.flow_sampling.flow_ode_step`, as :func:`mmalign.toyworld.sampling.sample_flow`). The
+:func:`~mmalign.models.flow_sampling.flow_ode_step`, as :func:`mmalign.toyworld.sampling.sample_flow`; Wan's videos
+too), and Stable Audio's DPM-Solver++ without step noise for its v-diffusion (the pipeline's chain, the ODE). The
 initial noise of candidate ``j`` of prompt ``i`` is ``torch.randn(latent_shape)`` of a CPU generator seeded with
 :func:`candidate_seed` (``seed + i + j·SEED_STRIDE``): candidate 0 is plain sampling with seed ``seed + i``, and the
 N candidates of a prompt are the first N of any larger N (best-of-16 contains best-of-4's candidates).
@@ -102,24 +103,27 @@ def noise_objective(rewards: Tensor, z: Tensor, weight: float = RENO_REG) -> Ten
 class NoiseSampler:
     """A generator's deterministic sampler for given prompts, from given initial noise, with or without gradients.
 
-    ``generator``: a :class:`~mmalign.models.policy.DiffusionPolicy` (parametrisation "diffusion": DDIM η = 0) or
-    a flow-matching generator (parametrisation "flow": Euler ODE). Image generators only; other modalities and
-    parametrisations (video, audio, Stable Audio's v-diffusion) are refused with a :class:`ConfigError`."""
+    ``generator``: any generator of :mod:`mmalign.models.generator`, of every modality (images, videos, audio, view
+    grids): parametrisation "diffusion" (:class:`~mmalign.models.policy.DiffusionPolicy` and the AnimateDiff video
+    policy: DDIM with η = 0), "flow" (the flow-matching transformers, Wan: the Euler ODE) or "v-diffusion"
+    (Stable Audio: its pipeline's DPM-Solver++ without step noise, :meth:`~mmalign.models.stable_audio.
+    StableAudioGenerator.chain_step`; x_T is scaled by ``init_noise_sigma`` as the pipeline scales it).
+    :meth:`media` decodes to the generator's canonical tensor (:attr:`modality`)."""
 
     def __init__(self, generator: Any, steps: int, guidance: float, resolution: int):
         kind = getattr(generator, "parametrisation", "diffusion")
-        modality = getattr(generator, "modality", "image")
-        if kind not in ("diffusion", "flow") or modality != "image":
+        if kind not in ("diffusion", "flow", "v-diffusion"):
             raise ConfigError(
-                f"best-of-N / noise optimisation samples image generators (UNet or flow matching); "
-                f"{type(generator).__name__} is a {modality} generator of parametrisation {kind!r}"
+                f"best-of-N / noise optimisation samples diffusion, flow-matching and v-diffusion generators; "
+                f"{type(generator).__name__} is of parametrisation {kind!r}"
             )
         if steps < 1:
             raise ConfigError(f"steps must be at least 1, got {steps}")
         self.generator, self.steps, self.guidance, self.resolution = generator, int(steps), float(guidance), resolution
-        self.flow = kind == "flow"
+        self.modality: str = getattr(generator, "modality", "image")
+        self.flow, self.v_diffusion = kind == "flow", kind == "v-diffusion"
         self.latent_shape = tuple(generator.latent_shape(resolution, resolution))
-        if self.flow:
+        if self.flow or self.v_diffusion:
             self.schedule = generator.sampling_schedule(self.steps, latent_shape=self.latent_shape)
         else:
             from .sampling import ddim_schedule
@@ -131,23 +135,28 @@ class NoiseSampler:
     def device(self) -> torch.device:
         return self.generator.device
 
+    @property
+    def guided(self) -> bool:
+        """Whether an unconditional branch is run (Stable Audio's pipeline guides when g > 1, the others when g ≠ 1)."""
+        return self.guidance > 1.0 if self.v_diffusion else self.guidance != 1.0
+
     def conditioning(self, prompt: str, count: int) -> tuple[Any, Any, Tensor | None]:
         """(conditions, unconditional branch or None, SDXL time ids or None) for ``count`` samples of ``prompt``."""
         if prompt not in self._cache:
             self._cache = {}  # one prompt at a time: keep only its encoding
             gen = self.generator
             with torch.no_grad():
-                if self.flow:
+                if self.flow or self.v_diffusion:
                     cond = gen.encode_conditions([prompt])
-                    uncond = None if self.guidance == 1.0 else gen.unconditional(1)
+                    uncond = gen.unconditional(1) if self.guided else None
                 else:
                     cond = gen.encode_prompt([prompt])
-                    uncond = None if self.guidance == 1.0 else gen.unconditional(gen.encode_prompt([""]))
+                    uncond = gen.unconditional(gen.encode_prompt([""])) if self.guided else None
             self._cache[prompt] = (cond, uncond)
         cond, uncond = self._cache[prompt]
-        if self.flow:
-            return cond.repeat(count), None if uncond is None else uncond.repeat(count), None
         cond, uncond = cond.repeat(count), None if uncond is None else uncond.repeat(count)
+        if self.flow or self.v_diffusion:
+            return cond.to(self.device), None if uncond is None else uncond.to(self.device), None
         time_ids = None
         if getattr(self.generator, "is_sdxl", False):
             sizes = torch.tensor([[self.resolution, self.resolution]] * count)
@@ -169,6 +178,14 @@ class NoiseSampler:
                 v = guided_velocity(gen, gen.trainable, x, t, cond, uncond, self.guidance)
                 x = flow_ode_step(x, v, sigmas[j], sigmas[j + 1])
             return x
+        if self.v_diffusion:
+            x = x * gen.init_noise_sigma
+            state: dict[str, Any] = {}
+            for j, t in enumerate(self.schedule.timesteps):
+                net_input = gen.model_input(x, self.schedule.sigmas[j])
+                output = gen.guided_velocity(gen.trainable, net_input, t, cond, uncond, self.guidance)
+                x = gen.chain_step(x, output.to(x.dtype), self.schedule, j, state, None)
+            return x
         from .sampling import ddim_mean_std, guided_eps
 
         def predict(noisy, timesteps, embeds, ids):
@@ -181,9 +198,12 @@ class NoiseSampler:
             x, _ = ddim_mean_std(x, eps, a_t, a_prev, 0.0)
         return x
 
-    def images(self, x_T: Tensor, prompt: str) -> Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] of the chains from ``x_T``, keeping the graph when gradients are on."""
+    def media(self, x_T: Tensor, prompt: str) -> Tensor:
+        """The decoded media of the chains from ``x_T``: images ``[B, 3, H, W]`` / views ``[B, V, 3, h, w]`` /
+        videos ``[B, T, 3, H, W]`` in [0, 1], audio ``[B, C, S]`` in [-1, 1]; the graph kept when gradients are on."""
         return self.generator.decode(self.latents(x_T, prompt), grad=torch.is_grad_enabled())
+
+    images = media  # the name of the image-only sampler this was
 
 
 @dataclass
@@ -230,7 +250,7 @@ def optimise_noise(
             noises.append(z.detach().cpu().clone())
             last = iteration == steps
             with torch.set_grad_enabled(not last):
-                image = sampler.images(z, prompt)
+                image = sampler.media(z, prompt)
                 score = reward(image, [prompt]).float()
                 loss = noise_objective(score, z, reg)
             images.append(image.detach().cpu())

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import ConfigError, MMAlignError
 from ..memory import free_device_memory
+from ..modalities.writers import write_wav
 from .distributed import (
     build_accelerator,
     configure_deepspeed,
@@ -275,22 +276,16 @@ class Trainer:
         # Without a GPU the processes form a gloo group (accelerate's cpu=True); FSDP2 runs there too
         self.accelerator = build_accelerator(config.distributed, config.mixed_precision, trackers, str(self.output_dir))
         set_seed(config.seed)
-        from ..models.generator import load_generator, parametrisation_of
+        from ..models.generator import configure_output, load_generator, parametrisation_of
 
         kind = parametrisation_of(config.model) if policy is None else getattr(policy, "parametrisation", "diffusion")
         self.check_generator(kind, config.model if policy is None else type(policy).__name__)
         if policy is None:
             with loading_context(self.accelerator):
                 policy = load_generator(config.model)
-        self.policy = policy
-        self._set_frames()
-        if config.views_grid:
-            from ..models.view_grid import ViewGridGenerator
-
-            try:
-                self.policy = ViewGridGenerator(self.policy, config.views_grid)
-            except ValueError as error:
-                raise ConfigError(f"views_grid={config.views_grid}: {error}") from None
+        self.policy = configure_output(
+            policy, config.frames, config.duration, config.views_grid, where=f"model={config.model}"
+        )
         self.policy.to(self.accelerator.device)
         self._setup_model()
         self._setup_data()
@@ -315,27 +310,6 @@ class Trainer:
                 f"timestep_density={self.config.timestep_density} is a flow-matching training density; model={model} "
                 "is a DDPM-schedule UNet (use timestep_range)"
             )
-
-    def _set_frames(self) -> None:
-        """``frames`` (when given) onto a video generator's ``num_frames``; refused for other generators and for
-        counts the generator cannot make."""
-        modality = getattr(self.policy, "modality", "image")
-        if self.config.duration:
-            if modality != "audio":
-                raise ConfigError(f"duration={self.config.duration}: model={self.config.model} generates {modality}s")
-            try:
-                self.policy.audio_end_in_s = self.config.duration
-            except ValueError as error:
-                raise ConfigError(f"duration={self.config.duration}: {error}") from None
-        frames = self.config.frames
-        if not frames:
-            return
-        if modality != "video":
-            raise ConfigError(f"frames={frames}: model={self.config.model} generates {modality}s, not videos")
-        try:
-            self.policy.num_frames = frames
-        except ValueError as error:
-            raise ConfigError(f"frames={frames}: {error}") from None
 
     # the trainable network under its former, UNet-only names (kept for scripts and tests written against them)
     @property
@@ -1128,18 +1102,9 @@ class Trainer:
                 model=unet,
             )
             if self.accelerator.is_main_process:
-                write_wav(folder / f"prompt-{i}.wav", self.policy.decode(latents)[0], self.policy.sample_rate)
+                write_wav(folder / f"prompt-{i}.wav", self.policy.decode(latents)[0], self.policy.sample_rate, "PCM_16")
         unet.train(was_training)
         return folder
-
-
-def write_wav(path: Path, audio: torch.Tensor, sample_rate: int) -> Path:
-    """A canonical waveform ``[C, S]`` in [-1, 1] written as a 16-bit PCM ``.wav`` (soundfile)."""
-    import soundfile as sf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio.detach().float().clamp(-1, 1).cpu().numpy().T, int(sample_rate), subtype="PCM_16")
-    return path
 
 
 def tile_rows(rows: list[list[Any]]) -> Any:
