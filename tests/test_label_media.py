@@ -14,9 +14,9 @@ import torch
 from mmalign.cli import main
 from mmalign.commands.label import label
 from mmalign.data import load_preferences
+from mmalign.modalities.writers import MediaFiles, join_views, quantise
 from mmalign.models.generator import configure_output, load_generator
 from mmalign.models.noise_opt import NoiseSampler, candidate_seed, initial_noise
-from mmalign.modalities.writers import MediaFiles, join_views, quantise
 from mmalign.toyworld.sampling import ASSETS
 from tests import tiny
 
