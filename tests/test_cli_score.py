@@ -156,3 +156,11 @@ def test_unknown_reward_and_stdout(image_files, capsys):
 def test_missing_weights_offline_message(image_files, capsys):
     assert main(["score", "--reward", "pickscore", "--prompt", "x", str(image_files[0])]) == 2
     assert "local path" in capsys.readouterr().err
+
+
+def test_device_map_is_refused_for_rewards_loaded_whole(image_files, capsys):
+    argv = ["score", str(image_files[0]), "--reward", "jpeg-compressibility"]
+    assert main([*argv, "--device-map", "auto"]) == 2
+    assert "--device-map: jpeg-compressibility is loaded whole" in capsys.readouterr().err
+    assert main([*argv, "--offload-folder", "x"]) == 2
+    assert "go with --device-map" in capsys.readouterr().err

@@ -36,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "e.g. avx512_bf16 alone, bf16 matmuls run at about 0.5-0.7x fp32: benchmarks/results/pickscore_bf16.md)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device-map",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="spread a large (VLM) reward over the GPUs, the CPU and disk (accelerate's device map); --device is "
+        "then unused",
+    )
+    p.add_argument("--max-memory", metavar="DEV=SIZE,...", help="with --device-map: e.g. '0=20GiB,1=20GiB,cpu=60GiB'")
+    p.add_argument("--offload-folder", metavar="DIR", help="with --device-map: where modules sent to disk go")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable media files, report them at the end")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (and video frames)")
     p.add_argument("--out", metavar="FILE.jsonl", help="append results here (re-running resumes); default stdout")
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         device=device,
         dtype=args.dtype,
+        **placement_options(args),
     )
     if args.pairs:
         items = items_from_pairs(args.pairs, args.modality, args.grid)
@@ -142,3 +151,27 @@ def run(args: argparse.Namespace) -> int:
     for path, reason in summary.skipped:
         print(f"  skipped {path}: {reason}", file=sys.stderr)
     return 0
+
+
+def placement_options(args: argparse.Namespace) -> dict[str, str]:
+    """``--device-map`` / ``--max-memory`` / ``--offload-folder`` as reward keyword arguments, refused for a reward
+    whose loader does not place itself across devices (the VLM rewards do)."""
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise MMAlignError("--max-memory and --offload-folder go with --device-map")
+        return {}
+    import inspect
+
+    from ..registry import REWARDS
+
+    if args.reward in REWARDS and "device_map" not in inspect.signature(REWARDS.entry(args.reward).load()).parameters:
+        raise MMAlignError(
+            f"--device-map: {args.reward} is loaded whole on --device (device maps are for the large VLM rewards: "
+            "vqascore, hpsv3, videoreward)"
+        )
+    options = {"device_map": args.device_map}
+    if args.max_memory:
+        options["max_memory"] = args.max_memory
+    if args.offload_folder:
+        options["offload_folder"] = args.offload_folder
+    return options

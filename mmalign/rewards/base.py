@@ -48,6 +48,9 @@ class Reward(nn.Module):
     is_differentiable: ClassVar[bool] = True
     uses_prompt: ClassVar[bool] = True
     score_scale: ClassVar[str] = ""
+    #: the device map of a model spread over devices at load (``device_map=``, :func:`mmalign.memory.place_module`):
+    #: inputs go to its :func:`~mmalign.memory.execution_device`, and ``.to()`` keeps the placement
+    placement: dict | None = None
 
     # -- to implement -------------------------------------------------------------------------------------
     def preprocess_reference(self, image: Image.Image) -> torch.Tensor:
@@ -70,9 +73,19 @@ class Reward(nn.Module):
     # -- shared -----------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        if self.placement is not None:
+            from ..memory import execution_device
+
+            return execution_device(self.placement)
         for tensor in self.parameters():
             return tensor.device
         return torch.device("cpu")
+
+    def to(self, *args, **kwargs):
+        """``nn.Module.to``, except for a model placed across devices at load, which stays where it was placed."""
+        if self.placement is not None:
+            return self
+        return super().to(*args, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

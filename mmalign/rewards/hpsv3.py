@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..hub import load_state_dict, resolve_file
-from ..memory import auto_dtype
+from ..memory import auto_dtype, placed_device
 from ..modalities.image import broadcast_prompts, check_image_batch
 from .base import ImageLike, resolve_dtype
 from .qwen2vl import (
@@ -157,17 +157,29 @@ class HPSv3Reward(Qwen2VLRewardModel):
         processor: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "fp32",
+        device_map: str | dict | None = None,
+        max_memory: str | dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
         **_: Any,
     ) -> HPSv3Reward:
         """Load ``HPSv3.safetensors`` (path, folder or hub id; default ``MizzenAI/HPSv3``) onto the Qwen2-VL
         architecture of ``backbone`` (a folder or hub id with config.json, tokenizer and processor files;
         default ``Qwen/Qwen2-VL-7B-Instruct``, whose weights are NOT downloaded). ``processor`` overrides
-        where the tokenizer / chat template / preprocessor config come from (default: ``backbone``)."""
+        where the tokenizer / chat template / preprocessor config come from (default: ``backbone``).
+        ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict; ``max_memory`` per device,
+        ``offload_folder`` for modules sent to disk) spreads the loaded backbone over the GPUs, the CPU and disk
+        (:meth:`~mmalign.rewards.qwen2vl.Qwen2VLRewardModel.place`); ``device`` is then unused."""
         path = resolve_file(weights, default_repo=HPSV3_REPO, filename=HPSV3_FILE, what="HPSv3 checkpoint")
         folder = resolve_backbone_dir(backbone, HPSV3_BACKBONE)
-        torch_dtype = resolve_dtype(auto_dtype(dtype, device))
+        torch_dtype = resolve_dtype(auto_dtype(dtype, placed_device(device, device_map)))
         architecture = load_backbone_config(folder)
-        check_fits(f"HPSv3 ({path})", lambda: build_backbone(architecture, torch_dtype), torch_dtype, device, path)
+        check_fits(
+            f"HPSv3 ({path})",
+            lambda: build_backbone(architecture, torch_dtype),
+            torch_dtype,
+            device if device_map is None else "cpu",
+            path,
+        )
         raw = load_state_dict(path, unwrap=("model", "state_dict"))
         state_dict = convert_reference_state_dict(raw, source=str(path))
         text_folder = resolve_backbone_dir(processor, HPSV3_BACKBONE) if processor is not None else folder
@@ -179,6 +191,8 @@ class HPSv3Reward(Qwen2VLRewardModel):
         reward = cls(model, head, tokenizer, load_chat_template(text_folder, tokenizer), mean, std)
         load_reward_weights(reward, state_dict, str(path))
         reward.rm_head.float()
+        if device_map is not None:
+            return reward.place(device_map, max_memory, offload_folder)
         return reward.to(device=device)
 
     def _apply(self, fn, recurse=True):  # keep the head in float32 (the reference's rm_head.to(float32))

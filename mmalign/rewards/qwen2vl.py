@@ -296,6 +296,21 @@ class Qwen2VLRewardModel(Reward):
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    def place(
+        self,
+        device_map: str | dict,
+        max_memory: str | dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
+    ) -> Qwen2VLRewardModel:
+        """Spread the loaded backbone over the GPUs, the CPU and disk (:func:`mmalign.memory.place_module`:
+        ``device_map`` a strategy or a dict, ``max_memory`` per device, ``offload_folder`` for modules sent to
+        disk); the head goes to the execution device, where the inputs go too."""
+        from ..memory import execution_device, place_module
+
+        self.placement = place_module(self.backbone, device_map, max_memory, offload_folder, self.dtype)
+        nn.Module.to(self.rm_head, execution_device(self.placement))
+        return self
+
     # text ------------------------------------------------------------------------------------------------
     def chat_text(self, text: str, kind: str) -> str:
         """One user turn holding one image or video and ``text``, with the generation prompt (the references'
@@ -344,7 +359,7 @@ class Qwen2VLRewardModel(Reward):
         output = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False, **vision
         )
-        return output.last_hidden_state
+        return output.last_hidden_state.to(device)  # (from the last block's device when placed over several)
 
     def head_outputs(self, texts: Sequence[str], frames: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
         """Head outputs at the reward tokens, ``[B, K, out]`` (K reward tokens per sequence), float32.

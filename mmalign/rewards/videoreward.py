@@ -52,7 +52,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..hub import load_state_dict, resolve_dir
-from ..memory import auto_dtype
+from ..memory import auto_dtype, placed_device
 from ..modalities.image import broadcast_prompts
 from ..modalities.video import check_video, probe_video, read_frames
 from .base import resolve_dtype
@@ -296,6 +296,9 @@ class VideoAlignReward(Qwen2VLRewardModel):
         processor: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "fp32",
+        device_map: str | dict | None = None,
+        max_memory: str | dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
         dimension: str = "Overall",
         step: int | None = None,
         use_norm: bool = True,
@@ -305,7 +308,10 @@ class VideoAlignReward(Qwen2VLRewardModel):
         checkpoint-<step>/model.pth + tokenizer). ``backbone``: the Qwen2-VL folder or hub id whose config /
         processor files give the architecture (default: ``model_config.model_name_or_path``,
         ``Qwen/Qwen2-VL-2B-Instruct``; its weights are not needed). ``processor``: a tokenizer folder overriding
-        the checkpoint's ``tokenizer/``."""
+        the checkpoint's ``tokenizer/``.
+        ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict; ``max_memory`` per device,
+        ``offload_folder`` for modules sent to disk) spreads the loaded backbone over the GPUs, the CPU and disk
+        (:meth:`~mmalign.rewards.qwen2vl.Qwen2VLRewardModel.place`); ``device`` is then unused."""
         folder = resolve_dir(
             weights, default_repo=VIDEOREWARD_REPO, what="VideoReward checkpoint", allow_patterns=CHECKPOINT_FILES
         )
@@ -326,7 +332,7 @@ class VideoAlignReward(Qwen2VLRewardModel):
             raise WeightsError(f"{checkpoint}: no model.pth or model.safetensors{hint}")
         base_name = settings.get("model_config", {}).get("model_name_or_path") or VIDEOREWARD_BACKBONE
         backbone_folder = resolve_backbone_dir(backbone if backbone is not None else base_name, VIDEOREWARD_BACKBONE)
-        torch_dtype = resolve_dtype(auto_dtype(dtype, device))
+        torch_dtype = resolve_dtype(auto_dtype(dtype, placed_device(device, device_map)))
         architecture = load_backbone_config(backbone_folder)
         check_fits(
             f"VideoReward ({path})", lambda: build_backbone(architecture, torch_dtype), torch_dtype, device, path
@@ -360,6 +366,8 @@ class VideoAlignReward(Qwen2VLRewardModel):
             model, head, tokenizer, template, mean, std, settings=settings, dimension=dimension, use_norm=use_norm
         )
         load_reward_weights(reward, state_dict, str(path))
+        if device_map is not None:
+            return reward.place(device_map, max_memory, offload_folder)
         return reward.to(device=device)
 
     # -- heads ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import MediaError, StateDictMismatchError, WeightsError
-from ..memory import auto_dtype
+from ..memory import auto_dtype, check_offload, infer_device_map, placed_device
 from ..modalities.image import broadcast_prompts, open_image
 from ..modalities.video import check_video, probe_video, read_frames
 from .base import ImageLike, Reward, resolve_dtype
@@ -253,6 +253,9 @@ class VQAScoreReward(Reward):
         dtype: str | torch.dtype = "fp32",
         modality: str = "image",
         repetition_penalty: float | None = None,
+        device_map: str | dict | None = None,
+        max_memory: str | dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
         **options: Any,
     ) -> VQAScoreReward:
         """Load a Qwen2.5-VL / Qwen2-VL chat model folder or hub id (default ``Qwen/Qwen2.5-VL-7B-Instruct``):
@@ -261,7 +264,11 @@ class VQAScoreReward(Reward):
         ``repetition_penalty``: ``None`` reads ``generation_config.json`` (what ``generate`` applies).
         Other keywords (``question_template``, ``answer_template``, ``temperature``, ``video_fps``,
         ``video_max_pixels``, ``video_position_fps``) go to the constructor; ``backbone`` is ignored (the
-        weights folder is the model)."""
+        weights folder is the model).
+
+        ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict) spreads the model over the GPUs, the
+        CPU and disk as transformers loads it (:func:`mmalign.memory.infer_device_map`, ``max_memory`` per device,
+        e.g. ``"0=20GiB,cpu=60GiB"``; modules sent to disk go to ``offload_folder``); ``device`` is then unused."""
         from transformers import (
             AutoConfig,
             AutoTokenizer,
@@ -284,11 +291,22 @@ class VQAScoreReward(Reward):
             )
         if not any(folder.glob("*.safetensors")):
             raise WeightsError(f"{folder}: no *.safetensors weights (torch pickles are not loaded)")
-        torch_dtype = resolve_dtype(auto_dtype(dtype, device))
+        torch_dtype = resolve_dtype(auto_dtype(dtype, placed_device(device, device_map)))
         model_class = classes[config.model_type]
-        check_fits(f"VQAScore ({folder})", lambda: model_class._from_config(config), torch_dtype, device)
+        placing: dict[str, Any] = {}
+        if device_map is None:
+            check_fits(f"VQAScore ({folder})", lambda: model_class._from_config(config), torch_dtype, device)
+        else:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                empty = model_class._from_config(config, dtype=torch_dtype)
+            placing["device_map"] = infer_device_map(empty, device_map, max_memory, torch_dtype)
+            check_offload(placing["device_map"], offload_folder)
+            if offload_folder is not None:
+                placing["offload_folder"] = str(offload_folder)
         model, info = model_class.from_pretrained(
-            str(folder), dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
+            str(folder), dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True, **placing
         )
         tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
         missing = [k for k in info.get("missing_keys", []) if k not in tied]
@@ -316,6 +334,9 @@ class VQAScoreReward(Reward):
             image_std=std,
             **options,
         )
+        if placing:
+            reward.placement = dict(getattr(model, "hf_device_map", None) or placing["device_map"])
+            return reward
         return reward.to(device=device)
 
     # -- text -----------------------------------------------------------------------------------------------
@@ -435,8 +456,9 @@ class VQAScoreReward(Reward):
             **vision,
         )
         last = attention_mask.sum(dim=1) - 1
-        hidden = output.last_hidden_state[torch.arange(len(texts), device=device), last]
-        logits = self.model.lm_head(hidden).float()
+        states = output.last_hidden_state  # (on the last block's device when the model is spread over several)
+        hidden = states[torch.arange(len(texts), device=states.device), last.to(states.device)]
+        logits = self.model.lm_head(hidden).float().to(device)
         if self.repetition_penalty != 1.0:  # generate's RepetitionPenaltyLogitsProcessor over the prompt ids
             ids = input_ids.masked_fill(attention_mask == 0, self.vocab_size)
             seen = torch.zeros(logits.shape[0], self.vocab_size + 1, dtype=torch.bool, device=device)

@@ -167,3 +167,25 @@ def test_memory_aware_loading(hpsv3_files, monkeypatch):
     with pytest.raises(WeightsError, match=r"HPSv3 .*B parameters in float32 need .* GiB to load on cpu.*bf16"):
         mmalign.load_reward("hpsv3", weights=weights, backbone=str(folder))
     assert not read  # refused before the checkpoint was read
+
+
+def test_placed_over_cpu_and_disk_scores_as_loaded_whole(hpsv3, hpsv3_files, tmp_path):
+    """``device_map`` (accelerate's placement; on a GPU machine the GPUs first): the backbone's blocks beyond the
+    CPU budget offloaded to disk and read back per forward give the same scores."""
+    root, folder, images = hpsv3_files
+    size = sum(p.numel() * 4 for p in hpsv3.backbone.parameters())
+    placed = mmalign.load_reward(
+        "hpsv3",
+        weights=str(root / "HPSv3.safetensors"),
+        backbone=str(folder),
+        device_map="sequential",
+        max_memory={"cpu": size},  # less the largest block accelerate keeps free: some decoder layers go to disk
+        offload_folder=tmp_path,
+    )
+    assert {str(v) for v in placed.placement.values()} == {"cpu", "disk"} and placed.device == torch.device("cpu")
+    assert placed.to("cpu") is placed  # the placement stays
+    prompts = ["a red circle", "two blue squares", "camera"]
+    expected = hpsv3.score_detailed(images, prompts)
+    scores = placed.score_detailed(images, prompts)
+    torch.testing.assert_close(scores.mu, expected.mu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores.sigma, expected.sigma, atol=1e-5, rtol=1e-5)

@@ -256,3 +256,19 @@ def test_trainer_reward_spec(files):
     assert scores.shape == (2,) and images.grad.abs().sum() > 0
     video = for_modality(build_reward("vqascore-video", weights=folder), "video")
     assert video(torch.rand(1, 4, 3, 40, 60), ["cat"]).shape == (1,)
+
+
+def test_placed_over_cpu_and_disk_scores_as_loaded_whole(vqa, files, tmp_path):
+    """``device_map`` through transformers' loader (the map inferred per block, not merged): the blocks beyond the
+    CPU budget on disk give the same P("Yes"), and the reward stays placed."""
+    size = sum(p.numel() * 4 for p in vqa.parameters())
+    placed = mmalign.load_reward(
+        "vqascore",
+        weights=str(files[0]["qwen2_5_vl"]),
+        device_map="sequential",
+        max_memory=f"cpu={size // 2}",
+        offload_folder=tmp_path,
+    )
+    assert {str(v) for v in placed.placement.values()} == {"cpu", "disk"} and placed.to("cpu") is placed
+    images = torch.rand(2, 3, 56, 84, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(placed(images, PROMPTS), vqa(images, PROMPTS), atol=1e-6, rtol=1e-5)
