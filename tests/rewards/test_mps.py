@@ -18,27 +18,46 @@ import mmalign
 from mmalign.commands import convert as convert_command
 from mmalign.errors import MMAlignError, StateDictMismatchError, UnsafeCheckpointError
 from mmalign.hub import convert_pickle_to_safetensors
-from mmalign.rewards.mps import CONDITIONS, OVERALL_CONDITION, POSITION_ID_KEYS
+from mmalign.registry import REWARDS
+from mmalign.rewards.mps import (
+    CONDITIONS,
+    OVERALL_CONDITION,
+    POSITION_ID_KEYS,
+    MPSReward,
+    condition_keep,
+    load_mps_state_dict,
+)
 from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGE_SIZE = 64
+PROJECTION = 128  # wide enough that unrelated tokens fall under the 0.3 mask threshold
 PROMPTS = ["a red circle on the left", "two blue squares with hands", "a", "light and color of a face at night"]
+
+
+def without_common_direction(clip, tok) -> torch.Tensor:
+    ids = tok(PROMPTS + list(CONDITIONS.values()), padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = clip.text_model(input_ids=ids).last_hidden_state.flatten(0, 1)
+        weight = clip.text_projection.weight
+        u = F.normalize(F.normalize(hidden @ weight.T, dim=-1).mean(0), dim=0)
+        return weight - torch.outer(u, u @ weight)
 
 
 def tiny_state_dict(folder) -> dict[str, torch.Tensor]:
     """The published module's state dict: ``model.*`` (a CLIPModel saved by transformers 4.27, with its
     ``position_ids`` buffers) and ``cross_model.layers.{i}.{0,1}.fn.*`` with random weights."""
-    from transformers import CLIPModel
-
-    clip = CLIPModel.from_pretrained(str(folder))
-    state = {f"model.{k}": v for k, v in clip.state_dict().items()}
-    state["model.text_model.embeddings.position_ids"] = torch.arange(77).expand(1, -1).clone()
+    clip, tok = _towers(str(folder))
+    state = {f"model.{k}": v.clone() for k, v in clip.state_dict().items()}
+    # A random text tower gives every token nearly the same feature direction, so every prompt token would be
+    # close to some condition token and the mask would keep all 77. Projecting the common direction out of
+    # ``text_projection`` (a weight edit of a random model) leaves token-specific features, as a trained tower.
+    state["model.text_projection.weight"] = without_common_direction(clip, tok)
     n_vision = (IMAGE_SIZE // 16) ** 2 + 1
     state["model.vision_model.embeddings.position_ids"] = torch.arange(n_vision).expand(1, -1).clone()
     g = torch.Generator().manual_seed(1)
-    dim, dim_head, heads, ff = 32, 8, 4, 64
+    dim, dim_head, heads, ff = PROJECTION, 8, 4, 2 * PROJECTION
 
     def rand(*shape, scale=0.2):
         return torch.randn(*shape, generator=g) * scale
@@ -68,7 +87,9 @@ def tiny_state_dict(folder) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def mps_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("mps")
-    folder = tiny.make_clip_model(root / "clip", image_size=IMAGE_SIZE, vision=dict(patch_size=16))
+    folder = tiny.make_clip_model(
+        root / "clip", image_size=IMAGE_SIZE, projection_dim=PROJECTION, vision=dict(patch_size=16)
+    )
     state = tiny_state_dict(folder)
     save_file(state, str(root / "MPS_overall_checkpoint.safetensors"))
     return root, folder, state
@@ -90,6 +111,12 @@ def swiglu(x):
     return F.silu(b) * a
 
 
+def rot(t, pos):
+    """Rotary: the first and second halves of the head dimension rotated by the position angles."""
+    half = t.shape[-1] // 2
+    return t * pos.cos() + torch.cat([-t[..., half:], t[..., :half]], -1) * pos.sin()
+
+
 def fusion(state, image, text, mask, layers=2, heads=4, dim_head=8):
     """``cross_modeling.Cross_model`` on one batch, written out with einsum."""
     x = image
@@ -109,12 +136,8 @@ def fusion(state, image, text, mask, layers=2, heads=4, dim_head=8):
         freqs = torch.arange(n).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, dim_head, 2).float() / dim_head))
         pos = torch.cat([freqs, freqs], -1)
 
-        def rot(t):
-            t1, t2 = t[..., : dim_head // 2], t[..., dim_head // 2 :]
-            return t * pos.cos() + torch.cat([-t2, t1], -1) * pos.sin()
-
-        q = rot(q.unflatten(-1, (heads, dim_head)).permute(0, 2, 1, 3)) * dim_head**-0.5
-        attn = torch.einsum("bhid,bjd->bhij", q, rot(k)).softmax(-1)
+        q = rot(q.unflatten(-1, (heads, dim_head)).permute(0, 2, 1, 3), pos) * dim_head**-0.5
+        attn = torch.einsum("bhid,bjd->bhij", q, rot(k, pos)).softmax(-1)
         out = torch.einsum("bhij,bjd->bhid", attn, v).permute(0, 2, 1, 3).flatten(2)
         x = x + out @ p["1.fn.attn_out.weight"].T + swiglu(ff) @ p["1.fn.ff_out.1.weight"].T
     return x
@@ -131,6 +154,8 @@ def reference_score(folder, state, pixels, prompt, condition=OVERALL_CONDITION):
     """``eval_overall_mps_on_hpdv2.infer_one_sample`` on one image: all 77 text tokens, image tokens before the
     post-LayerNorm, mask = max over condition tokens / max, > 0.3; logit_scale.exp() * cos."""
     clip, tok = _towers(str(folder))
+    own = clip.state_dict()
+    clip.load_state_dict({k: state[f"model.{k}"] for k in own})  # the checkpoint's towers
 
     def text(s):
         ids = tok(s, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -182,15 +207,22 @@ def test_tensor_path_is_differentiable_and_close(mps, image_files):
     assert abs(score.item() - float(mps.score([pil], PROMPTS[0]))) < 0.5  # resampling noise only (scale 100)
 
 
-def test_dimensions_and_registry(mps, mps_files, image_files):
-    root, folder, _ = mps_files
-    detailed = mps.score_detailed(image_files[:2], PROMPTS[:2])
+def test_dimensions_and_registry(mps, image_files):
+    detailed = mps.score_detailed(image_files[:2], PROMPTS[2:])
     assert set(detailed) == {"overall", "aesthetics", "detail", "semantic"}
-    torch.testing.assert_close(detailed["overall"], mps.score(image_files[:2], PROMPTS[:2]))
-    for dim in ("aesthetics", "detail", "semantic"):
-        reward = mmalign.load_reward(f"mps-{dim}", weights=str(root), processor=str(folder))
+    torch.testing.assert_close(detailed["overall"], mps.score(image_files[:2], PROMPTS[2:]))
+    # PROMPTS[3] opens with "light", as the overall and aesthetics conditions: their masks keep more tokens
+    assert abs(detailed["aesthetics"][1] - detailed["detail"][1]) > 1e-3
+    tokens, _ = mps.encode_text([PROMPTS[3]])
+    keep = condition_keep(tokens, mps.encode_text([CONDITIONS["aesthetics"]])[0])
+    assert 1 < int(keep.sum()) < 77
+    for dim in ("aesthetics", "detail", "semantic"):  # built by the registry's defaults (one full load is enough:
+        entry = REWARDS.entry(f"mps-{dim}")  # test_scores_equal_the_formula loads mps-aesthetics by name)
+        assert entry.target == REWARDS.entry("mps").target and entry.defaults == {"dimension": dim}
+        reward = MPSReward(mps.mps, mps.tokenizer, mps.image_processor, **entry.defaults)
         assert reward.condition == CONDITIONS[dim] and reward.info()["dimension"] == dim
         assert reward.name == f"mps-{dim}"
+        torch.testing.assert_close(reward.score(image_files[:2], PROMPTS[2:]), detailed[dim])
     info = mps.info()
     assert info["reward"] == "mps" and info["modality"] == "image" and info["higher_is_better"] and info["scale"]
 
@@ -245,5 +277,5 @@ def test_pickled_module_refused_then_converted(mps, mps_files, tmp_path, image_f
     converted = mmalign.load_reward("mps", weights=str(out), processor=str(folder))
     torch.testing.assert_close(converted.score(image_files[:1], PROMPTS[0]), mps.score(image_files[:1], PROMPTS[0]))
     torch.save(state, tmp_path / "plain.pth")  # a plain state dict loads with weights_only=True
-    plain = mmalign.load_reward("mps", weights=str(tmp_path / "plain.pth"), processor=str(folder))
-    torch.testing.assert_close(plain.score(image_files[:1], PROMPTS[0]), mps.score(image_files[:1], PROMPTS[0]))
+    plain = load_mps_state_dict(tmp_path / "plain.pth")
+    assert plain.keys() == state.keys() and all(torch.equal(plain[k], state[k]) for k in state)
