@@ -5,8 +5,9 @@ Writes a tiny CLIP folder (transformers 4.27 ``CLIPModel`` with random weights, 
 reference's hard-coded ``Cross_model(dim=1024, layer_num=4, heads=16)`` fits; a ``CLIPImageProcessor`` at
 64 px; the CLIP BPE tokenizer files from WORKDIR/tokenizer), builds the reference ``trainer.models.clip_model.
 CLIPModel`` on it (its own constructor), randomises the fusion network's LayerNorm gains, projects the
-common direction of random text features out of ``text_projection`` (so that the condition masks select), pickles the whole
-module with ``torch.save(model)`` as the release does (``MPS_overall_checkpoint.pth``), loads it back with
+common direction of random text features out of ``text_projection`` (so that the condition masks select),
+pickles the whole module with ``torch.save(model)`` as the release does (``MPS_overall_checkpoint.pth``),
+loads it back with
 ``torch.load`` and scores every image with ``eval_overall_mps_on_hpdv2.infer_one_sample`` (one image at a time,
 threshold 0.3) for each condition. Two precisions:
 

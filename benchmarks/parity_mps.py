@@ -5,13 +5,15 @@
     /work/ref-mps/bin/pip install transformers==4.27.3 tokenizers==0.13.3 einops "huggingface_hub<0.30"
     # the repository, e.g. from a clone: git -C MPS archive HEAD | tar -x -C /work/ref-mps/MPS
     PYTHONPATH=. .venv/bin/python benchmarks/parity_mps.py --reference-python /work/ref-mps/bin/python \
-        --reference-repo /work/ref-mps/MPS
+        --reference-repo /work/ref-mps/MPS --reference-commit COMMIT
 
 The reference pins transformers 4.27.3 (requirements.txt) and its model code needs it (``CLIPModel.forward`` of
 4.27's ``get_text_features`` layout), so it runs as a subprocess (``benchmarks/_mps_reference_side.py``) with its
 own transformers and the main environment's torch. There the reference's own constructor builds the model on a
 tiny random CLIP (text width 32, vision width 48, patch 16 at 64 px, projection 1024) with the published fusion
-network (``Cross_model(dim=1024, layer_num=4, heads=16)``), pickles the whole module as the release does, and
+network (``Cross_model(dim=1024, layer_num=4, heads=16)``), with the common direction of the random text features
+projected out of ``text_projection`` (else the 0.3 mask keeps every token and the conditions cannot differ),
+pickles the whole module as the release does, and
 scores four images x four prompts with ``eval_overall_mps_on_hpdv2.infer_one_sample`` under the four conditions.
 mmalign then converts that pickle as a user would (``mmalign convert --trust-pickle``: read structurally, the
 reference package not importable here), loads the safetensors through ``load_reward("mps")`` and scores the same
@@ -63,6 +65,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-python", default="/work/ref-mps/bin/python")
     parser.add_argument("--reference-repo", default="/work/ref-mps/MPS")
+    parser.add_argument("--reference-commit", default="", help="the repository's commit when it is not a git checkout")
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/parity_mps.json"))
     args = parser.parse_args()
@@ -74,9 +77,12 @@ def main() -> int:
     from mmalign.rewards.mps import CONDITIONS
     from mmalign.tokenizers import write_clip_tokenizer
 
-    commit = subprocess.run(
-        ["git", "-C", args.reference_repo, "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        subprocess.run(
+            ["git", "-C", args.reference_repo, "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or args.reference_commit
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         items = make_images(work)
