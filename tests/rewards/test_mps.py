@@ -4,7 +4,6 @@ re-derived here in plain torch (one image at a time, as the reference's inferenc
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import types
 
@@ -45,10 +44,39 @@ def without_common_direction(clip, tok) -> torch.Tensor:
         return weight - torch.outer(u, u @ weight)
 
 
-def tiny_state_dict(folder) -> dict[str, torch.Tensor]:
+def make_clip_folder(folder):
+    """config.json, the CLIP tokenizer files and a 64 px PIL image processor: what the MPS loader reads from
+    ``processor``; returns the CLIPModel (random weights) and its tokenizer."""
+    from transformers import AutoTokenizer, CLIPModel
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from mmalign.models.builders import clip_config
+    from mmalign.tokenizers import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    config = clip_config(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vision=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=16,
+            image_size=IMAGE_SIZE,
+        ),
+        projection_dim=PROJECTION,
+        logit_scale_init_value=4.6052,
+    )
+    config.save_pretrained(folder)
+    write_clip_tokenizer(folder)
+    size = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    CLIPImageProcessorPil(size=size[0], crop_size=size[1]).save_pretrained(folder)
+    return CLIPModel(config).eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def tiny_state_dict(clip, tok) -> dict[str, torch.Tensor]:
     """The published module's state dict: ``model.*`` (a CLIPModel saved by transformers 4.27, with its
     ``position_ids`` buffers) and ``cross_model.layers.{i}.{0,1}.fn.*`` with random weights."""
-    clip, tok = _towers(str(folder))
     state = {f"model.{k}": v.clone() for k, v in clip.state_dict().items()}
     # A random text tower gives every token nearly the same feature direction, so every prompt token would be
     # close to some condition token and the mask would keep all 77. Projecting the common direction out of
@@ -87,17 +115,16 @@ def tiny_state_dict(folder) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def mps_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("mps")
-    folder = tiny.make_clip_model(
-        root / "clip", image_size=IMAGE_SIZE, projection_dim=PROJECTION, vision=dict(patch_size=16)
-    )
-    state = tiny_state_dict(folder)
+    folder = root / "clip"
+    towers = make_clip_folder(folder)
+    state = tiny_state_dict(*towers)
     save_file(state, str(root / "MPS_overall_checkpoint.safetensors"))
-    return root, folder, state
+    return root, folder, state, towers
 
 
 @pytest.fixture(scope="module")
 def mps(mps_files):
-    root, folder, _ = mps_files
+    root, folder, *_ = mps_files
     return mmalign.load_reward("mps", weights=str(root), processor=str(folder))
 
 
@@ -143,19 +170,11 @@ def fusion(state, image, text, mask, layers=2, heads=4, dim_head=8):
     return x
 
 
-@functools.lru_cache(maxsize=1)
-def _towers(folder: str):
-    from transformers import AutoTokenizer, CLIPModel
-
-    return CLIPModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def reference_score(folder, state, pixels, prompt, condition=OVERALL_CONDITION):
+def reference_score(towers, state, pixels, prompt, condition=OVERALL_CONDITION):
     """``eval_overall_mps_on_hpdv2.infer_one_sample`` on one image: all 77 text tokens, image tokens before the
     post-LayerNorm, mask = max over condition tokens / max, > 0.3; logit_scale.exp() * cos."""
-    clip, tok = _towers(str(folder))
-    own = clip.state_dict()
-    clip.load_state_dict({k: state[f"model.{k}"] for k in own})  # the checkpoint's towers
+    clip, tok = towers
+    clip.load_state_dict({k: state[f"model.{k}"] for k in clip.state_dict()})  # the checkpoint's towers
 
     def text(s):
         ids = tok(s, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -174,16 +193,16 @@ def reference_score(folder, state, pixels, prompt, condition=OVERALL_CONDITION):
 
 
 def test_scores_equal_the_formula(mps, mps_files, image_files):
-    _, folder, state = mps_files
+    _, folder, state, towers = mps_files
     files = image_files[:3]
     ours = mps.score(files, PROMPTS[:3])
     pixels = mps.preprocess_reference_batch([mmalign.rewards.base.Reward._decode(f) for f in files])
-    ref = torch.stack([reference_score(folder, state, px, p) for px, p in zip(pixels, PROMPTS[:3])])
+    ref = torch.stack([reference_score(towers, state, px, p) for px, p in zip(pixels, PROMPTS[:3])])
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     aesthetics = mmalign.load_reward("mps-aesthetics", weights=str(mps_files[0]), processor=str(folder))
     torch.testing.assert_close(
         aesthetics.score(files[:1], PROMPTS[3]),
-        reference_score(folder, state, pixels[0], PROMPTS[3], CONDITIONS["aesthetics"])[None],
+        reference_score(towers, state, pixels[0], PROMPTS[3], CONDITIONS["aesthetics"])[None],
         atol=1e-5,
         rtol=1e-5,
     )
@@ -193,6 +212,11 @@ def test_per_sample_normalisation_batch_equals_one_by_one(mps, image_files):
     batched = mps.score(image_files[:4], PROMPTS, batch_size=4)
     single = torch.cat([mps.score([f], [p]) for f, p in zip(image_files[:4], PROMPTS)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    # the reference's division by the batch's maximum would give these prompts other masks in a batch
+    tokens, _ = mps.encode_text(PROMPTS)
+    condition = mps.encode_text([OVERALL_CONDITION])[0].expand(len(PROMPTS), -1, -1)
+    sim = torch.einsum("bld,bcd->blc", tokens, condition).amax(-1)
+    assert not torch.equal(sim / sim.max() > 0.3, condition_keep(tokens, condition))
 
 
 def test_tensor_path_is_differentiable_and_close(mps, image_files):
@@ -228,7 +252,7 @@ def test_dimensions_and_registry(mps, image_files):
 
 
 def test_key_mismatch_names_the_keys(mps_files, tmp_path):
-    _, folder, state = mps_files
+    _, folder, state, *_ = mps_files
     bad = dict(state)
     del bad["cross_model.layers.1.0.fn.to_out.weight"]
     bad["cross_model.extra.weight"] = torch.zeros(1)
@@ -243,7 +267,7 @@ def test_key_mismatch_names_the_keys(mps_files, tmp_path):
 def test_pickled_module_refused_then_converted(mps, mps_files, tmp_path, image_files):
     """The release pickles a whole module of the reference's ``trainer`` package: refused without the trust
     flag; converted (without that package importable) it scores like the safetensors."""
-    _, folder, state = mps_files
+    _, folder, state, *_ = mps_files
     fake = types.ModuleType("trainer_mps_fake")
 
     class CLIPModel(nn.Module):  # stands for trainer.models.clip_model.CLIPModel, with its key layout
