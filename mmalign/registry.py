@@ -144,7 +144,7 @@ for _dim in ("aesthetics", "detail", "semantic"):
     REWARDS.register(
         f"mps-{_dim}",
         "mmalign.rewards.mps:MPSReward.from_pretrained",
-        f"MPS with the {_dim} words of the overall condition only (the per-dimension checkpoint is unreleased)",
+        f"MPS, overall checkpoint under the {_dim} word group of the overall condition (no per-dimension release)",
         dimension=_dim,
     )
 REWARDS.register(

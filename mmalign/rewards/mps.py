@@ -25,11 +25,12 @@ they differ from the reference's batched ``forward`` only when several prompts s
 
 **Dimensions.** The repository publishes one condition string, for the overall preference (22 aspect words,
 below, verbatim) and one checkpoint, ``MPS_overall_checkpoint.pth`` (the multi-dimensional checkpoint was not
-released). The paper groups the words by dimension: aesthetics (light ... artistry, 7 words), detail quality
-(shape ... texture, 8) and semantic alignment (quantity ... location, 5). ``dimension="aesthetics" | "detail" |
-"semantic"`` scores with the condition made of that group only, in the same punctuation; with the released
-overall checkpoint this is the overall model focused on that group's prompt tokens, not the paper's
-per-dimension model (unreleased). Any other condition string may be passed as ``condition=``.
+released, nor any per-dimension condition string). ``dimension="aesthetics" | "detail" | "semantic"`` scores with
+one word group of the overall condition (light ... artistry, 7 words; shape ... texture, 8; quantity ... location,
+5; in the same punctuation). The grouping is mmalign's reading of the paper's dimensions (a third-party
+multi-condition variant groups the words the same way), not a published string; with the released overall
+checkpoint it is the overall model focused on that group's prompt tokens, not the paper's per-dimension model.
+Any other condition string may be passed as ``condition=``.
 
 **Checkpoint.** The release is a pickled whole module (``torch.load`` needs ``weights_only=False`` and the
 reference's ``trainer`` package). mmalign never unpickles it: convert once with
