@@ -132,11 +132,97 @@ def load_state_dict(path: str | os.PathLike, *, unwrap: Iterable[str] = ("state_
     return dict(obj)
 
 
+class _Placeholder:
+    """Stands for a class of a pickle that is not imported: keeps whatever state the pickle gives it."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "_pickled_state", state)
+
+
+# What a structural load lets the pickle build for real: tensors, parameters, containers, dtypes.
+_STRUCTURAL_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "Size"),
+    ("copyreg", "_reconstructor"),
+    ("copyreg", "__newobj__"),
+    ("builtins", "object"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class _StructuralUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol-2 names
+        if (module, name) in _STRUCTURAL_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (_Placeholder,), {"_pickled_from": f"{module}.{name}"})
+
+
+class _StructuralPickle:
+    """A ``pickle_module`` for ``torch.load`` that imports no class of the pickle (see :func:`module_tensors`)."""
+
+    Unpickler = _StructuralUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "mmalign.hub._StructuralPickle"
+
+
+def _object_state(obj: object) -> Mapping | None:
+    state = getattr(obj, "_pickled_state", None) if isinstance(obj, _Placeholder) else getattr(obj, "__dict__", None)
+    if isinstance(state, tuple) and state and isinstance(state[0], Mapping):
+        state = state[0]
+    return state if isinstance(state, Mapping) else None
+
+
+def module_tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a (structurally loaded) module tree: parameters and persistent buffers, named by
+    the ``_modules`` path, read from each module's pickled ``__dict__``."""
+    state = _object_state(obj)
+    if state is None or "_parameters" not in state:
+        return {}
+    skip = set(state.get("_non_persistent_buffers_set", ()) or ())
+    out = {prefix + k: v for k, v in (state.get("_parameters") or {}).items() if isinstance(v, torch.Tensor)}
+    buffers = state.get("_buffers") or {}
+    out.update({prefix + k: v for k, v in buffers.items() if isinstance(v, torch.Tensor) and k not in skip})
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(module_tensors(child, f"{prefix}{name}."))
+    return out
+
+
+def load_pickled_module_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled whole ``nn.Module`` without importing its classes (the MPS release pickles
+    modules of the reference's ``trainer`` package). Only torch's tensor rebuilders and plain containers are
+    real; every other class becomes an inert placeholder holding its pickled state. Still a pickle: only for
+    files you trust (``mmalign convert --trust-pickle``)."""
+    obj = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_StructuralPickle)
+    tensors = module_tensors(obj)
+    if not tensors:
+        raise WeightsError(f"{path}: no module state found in the pickle")
+    return tensors
+
+
 def convert_pickle_to_safetensors(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Convert a trusted full pickle to safetensors. This executes the pickle: only for files you trust."""
+    """Convert a trusted full pickle to safetensors. This executes the pickle: only for files you trust.
+    A pickled module whose classes cannot be imported here (MPS's ``trainer.*``) is read structurally
+    (:func:`load_pickled_module_tensors`)."""
     from safetensors.torch import save_file
 
-    obj = torch.load(str(source), map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(str(source), map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError):
+        obj = load_pickled_module_tensors(source)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     for key in ("state_dict", "model"):

@@ -135,6 +135,19 @@ REWARDS.register(
     "HPSv3: Qwen2-VL-7B + uncertainty head at <|Reward|>, score = mu (MizzenAI/HPSv3)",
 )
 REWARDS.register(
+    "mps",
+    "mmalign.rewards.mps:MPSReward.from_pretrained",
+    "MPS (Kwai-Kolors/MPS): CLIP-H + condition-masked fusion, logit_scale.exp() * cosine, overall condition",
+    dimension="overall",
+)
+for _dim in ("aesthetics", "detail", "semantic"):
+    REWARDS.register(
+        f"mps-{_dim}",
+        "mmalign.rewards.mps:MPSReward.from_pretrained",
+        f"MPS, overall checkpoint under the {_dim} word group of the overall condition (no per-dimension release)",
+        dimension=_dim,
+    )
+REWARDS.register(
     "videoreward",
     "mmalign.rewards.videoreward:VideoAlignReward.from_pretrained",
     "VideoReward (VideoAlign): Qwen2-VL-2B, VQ + MQ + TA normalised, 2 fps (KlingTeam/VideoReward)",

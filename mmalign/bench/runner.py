@@ -50,6 +50,10 @@ DEFAULT_LOGIT_SCALES: dict[str, float] = {
     "clipscore-tm": 1.0,  # 100 * cos
     "imagereward": 1.0,  # standardised; trained with BT on raw differences
     "aesthetic": 1.0,
+    "mps": 1.0,  # already logit_scale.exp() * cos, as PickScore
+    "mps-aesthetics": 1.0,
+    "mps-detail": 1.0,
+    "mps-semantic": 1.0,
 }
 """``a`` in the Bradley-Terry probability ``sigmoid(a * (s_a - s_b))`` (and Pick-a-Pic's softmax) per reward;
 1.0 for any other name. Override with ``logit_scale=`` / ``--logit-scale``."""
@@ -60,8 +64,10 @@ PUBLISHED: dict[str, dict[str, float]] = {
     "pickscore": {"imagereward": 0.629, "hpdv2": 0.798},
     "imagereward": {"imagereward": 0.651, "hpdv2": 0.740},
     "aesthetic": {"imagereward": 0.574, "hpdv2": 0.768},
+    "mps": {"imagereward": 0.675, "hpdv2": 0.835},
 }
-"""Published accuracies (HPSv2 README table: ImageReward test / HPDv2 test), by reward and protocol."""
+"""Published accuracies (HPSv2 README table: ImageReward test / HPDv2 test; MPS: its README table, measured by its
+``eval_overall_mps_on_*.py`` with the same two protocols), by reward and protocol."""
 
 PICKAPIC_SPLITS = ("validation_unique", "test_unique")
 
