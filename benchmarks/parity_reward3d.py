@@ -7,17 +7,18 @@
     PYTHONPATH=. .venv/bin/python benchmarks/parity_reward3d.py --reference-python /work/ref-r3d/bin/python \\
         --reference-src /work/ref-r3d/src
 
-Depth: ``--vision-depth`` ViT-L blocks (default 4 of 24) and ``--text-layers`` BERT layers (default 2 of 12),
-built by the reference's own classes (BLIP's ``VisionTransformer`` in place of ``create_vit('large')``, a copy of
+Depth: ``--vision-depth`` ViT-L blocks (default 4 of 24) and ``--text-layers`` BERT layers (default 2 of 12), built
+by the reference's own classes (BLIP's ``VisionTransformer`` in place of ``create_vit('large')``, a copy of
 DreamReward's med_config.json); every width is the published one. Two full-size checkpoints (1.8 GB each) did not
-fit this machine's disk; ``--vision-depth 24 --text-layers 12`` runs the published size where they do.
+fit this machine's disk (nor, in /dev/shm beside other jobs, its memory); ``--vision-depth 24 --text-layers 12``
+runs the published size where they do.
 
 The reference cannot share mmalign's environment: its BLIP (``models/BLIP/med.py``) imports
-``transformers.modeling_utils.apply_chunking_to_forward`` & co., gone from transformers 5, and ``vit.py`` needs timm
-0.6 and fairscale; DreamReward pins transformers 4.28.1. So it runs as a subprocess
-(``benchmarks/_reward3d_reference_side.py``): both published classes are built, every weight randomised (seeded),
-saved with ``torch.save`` as ``Reward3D_Scorer.pt`` / ``Reward3D_CrossViewFusion.pt``, and three view sets scored by
-the reference forward on CPU in float32. mmalign loads the same files through ``load_reward("reward3d" /
+``transformers.modeling_utils.apply_chunking_to_forward`` & co., gone from transformers 5, and ``vit.py`` imports
+timm-0.6-era modules (timm 0.6.13 here) and fairscale; DreamReward pins transformers 4.28.1. So it runs as a
+subprocess (``benchmarks/_reward3d_reference_side.py``): both published classes are built, every weight randomised
+(seeded), saved with ``torch.save`` as ``Reward3D_Scorer.pt`` / ``Reward3D_CrossViewFusion.pt``, and three view sets
+scored by the reference forward on CPU in float32. mmalign loads the same files through ``load_reward("reward3d" /
 "reward3d-cvf")`` (``torch.load(weights_only=True)``) and scores the same view folders: the file path
 (``score_files``: views read from each folder, per-view prompts made from its ``cameras.json``), set by set, and the
 tensor path (``score_tensor`` on the decoded views) against the guidance's tensor transform.
