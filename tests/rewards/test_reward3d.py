@@ -156,6 +156,15 @@ def set_pixels(folder: Path) -> torch.Tensor:
     return torch.stack([reference_transform(Image.open(folder / f"view_{v}.png"), IMAGE) for v in range(4)])
 
 
+def grid_of(views: list[Image.Image]) -> Image.Image:
+    """4 views tiled 2x2, row-major."""
+    width, height = views[0].size
+    grid = Image.new("RGB", (2 * width, 2 * height))
+    for v, image in enumerate(views):
+        grid.paste(image, ((v % 2) * width, (v // 2) * height))
+    return grid
+
+
 SET_PROMPTS = [
     [f"{PROMPT}, front view", f"{PROMPT}, side view", f"{PROMPT}, back view", f"{PROMPT}, overhead view"],
     [PROMPT] * 4,  # no cameras: the prompt as it is
@@ -245,10 +254,7 @@ def test_view_count_is_checked(rewards, assets: Assets, tmp_path: Path) -> None:
 def test_grid_images_score_as_their_views(rewards, assets: Assets) -> None:
     """``label`` scores Pillow images: read as 2x2 grids of views, row-major."""
     views = [Image.open(assets.sets[1] / f"view_{v}.png") for v in range(4)]
-    width, height = views[0].size
-    grid = Image.new("RGB", (2 * width, 2 * height))
-    for v, image in enumerate(views):
-        grid.paste(image, ((v % 2) * width, (v // 2) * height))
+    grid = grid_of(views)
     reward = rewards["scorer"].with_grid("2x2")
     from_grid = reward.score_images([grid], PROMPT)
     torch.testing.assert_close(from_grid, rewards["scorer"].score_images([views], PROMPT), atol=1e-6, rtol=0)
@@ -310,3 +316,15 @@ def test_mmalign_score_on_view_folders(rewards, assets: Assets, tmp_path: Path) 
     expected = rewards["scorer"].score([assets.sets[0]], PROMPT)
     assert record["reward"] == "reward3d" and record["view_prompts"] == SET_PROMPTS[0]
     assert abs(record["score"] - float(expected[0])) < 1e-5
+    assert record["modality"] == "multiview" and record["aggregate"] == "fused"
+    # --grid 2x2: each image is a set of 4 views, row-major
+    grid_of([Image.open(assets.sets[1] / f"view_{v}.png") for v in range(4)]).save(tmp_path / "grid.png")
+    code = main(
+        ["score", "--reward", "reward3d", "--weights", str(assets.folders["scorer"]), "--processor",
+         str(assets.tokenizer), "--prompt", PROMPT, "--grid", "2x2", "--no-progress", "--out", str(out),
+         str(tmp_path / "grid.png")]
+    )  # fmt: skip
+    assert code == 0
+    record = json.loads(out.read_text().splitlines()[1])
+    assert record["variant"] == "scorer/grid2x2"
+    assert abs(record["score"] - float(rewards["scorer"].score([assets.sets[1]], PROMPT)[0])) < 1e-5
