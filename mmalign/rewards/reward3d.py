@@ -23,13 +23,16 @@ view set's prompt is used as it is unless cameras are known (``azimuth`` / ``ele
 ``cameras.json`` beside the views on the file path) and ``view_dependent=True`` (the default), or the caller
 gives one prompt per view.
 
-Differences from the reference, none of which change a score: the model runs in eval mode (the reference leaves
-BLIP and the fusion in training mode inside its guidance, so its dropouts are active there), the checkpoint is
-loaded strictly (the reference uses ``strict=False``), and ``med_config.json`` falls back to a built-in copy of
-DreamReward's ``scripts/med_config.json`` when none is beside the weights. Preprocessing: the reference's
+Differences from the reference: the model always runs in eval mode, so scores are deterministic (inside
+DreamReward's training the reward is a submodule of the trained system and never set to eval, so its dropouts are
+active there; the parity benchmark compares both in eval mode); the checkpoint is loaded strictly (the reference
+uses ``strict=False``); ``med_config.json`` falls back to a built-in copy of DreamReward's
+``scripts/med_config.json`` when none is beside the weights. Preprocessing: the reference's
 ``_transform(224)`` (bicubic resize of the shorter side, centre crop, OpenAI mean/std) on files; on tensors the
-differentiable :func:`mmalign.rewards.preprocess.clip_tensor` (DreamReward applies torchvision's transforms to its
-renders as tensors).
+differentiable :func:`mmalign.rewards.preprocess.clip_tensor`, which is DreamReward's own tensor transform of its
+renders (torchvision ``Resize(224, bicubic)``, ``CenterCrop``, ``Normalize``) under torchvision >= 0.17; the
+torchvision 0.16 of DreamReward's install notes did not antialias tensor resizes by default, so renders larger
+than 224 px were resized slightly differently there.
 """
 
 from __future__ import annotations
