@@ -162,6 +162,20 @@ for _dim in ("VQ", "MQ", "TA"):
     )
 
 REWARDS.register(
+    "reward3d",
+    "mmalign.rewards.reward3d:Reward3D.from_pretrained",
+    "Reward3D (DreamReward) Scorer: ImageReward BLIP features of 4 views, 128-d intermediates concatenated -> "
+    "linear scorer (yejunliang23/Reward3D Reward3D_Scorer.pt); multiview",
+    variant="scorer",
+)
+REWARDS.register(
+    "reward3d-cvf",
+    "mmalign.rewards.reward3d:Reward3D.from_pretrained",
+    "Reward3D (DreamReward) CrossViewFusion: 4 views' BLIP features, cross-view attention with a sigmoid gate, "
+    "mean -> ImageReward head (Reward3D_CrossViewFusion.pt); multiview",
+    variant="crossviewfusion",
+)
+REWARDS.register(
     "vqascore",
     "mmalign.rewards.vqascore:VQAScoreReward.from_pretrained",
     'VQAScore (t2v_metrics): P("Yes") of Qwen2.5-VL-7B asked \'Does this figure show "{prompt}"?\', images, [0, 1]',

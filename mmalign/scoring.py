@@ -287,8 +287,9 @@ def media_scorers(reward: Reward, modalities: Iterable[str], options: MediaOptio
                 f"in the trainers, {modality} tensors (lifted member by member); score {modality} files with each "
                 "member and combine them"
             )
-        if reward.modality == modality == "video":  # a native video reward (VideoReward) scores files itself
-            scorers[modality] = reward
+        if reward.modality == modality and modality in ("video", "multiview"):  # a native video / multi-view
+            # reward (VideoReward, Reward3D) decodes and scores files itself
+            scorers[modality] = reward.with_grid(options.grid) if modality == "multiview" and options.grid else reward
             continue
         aggregate = options.aggregate or DEFAULT_AGGREGATE[modality]
         try:

@@ -253,7 +253,8 @@ def _resolve_weights(weights: str | os.PathLike | None, med_config: str | os.Pat
     return checkpoint, config
 
 
-def _read_med_config(path: Path) -> dict[str, Any]:
+def read_med_config(path: Path) -> dict[str, Any]:
+    """BLIP's ``med_config.json`` (BERT keys) as a dict; an unreadable file is a :class:`WeightsError`."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -341,7 +342,7 @@ class ImageReward(Reward):
         if ignored:
             warnings.warn(f"imagereward ignores {', '.join(sorted(ignored))}", stacklevel=2)
         checkpoint, config_path = _resolve_weights(weights, med_config)
-        med = _read_med_config(config_path)
+        med = read_med_config(config_path)
         state_dict = load_state_dict(checkpoint)
         vision_config = vision_config_from_state_dict(state_dict, str(checkpoint), heads=vision_heads)
         text_config = text_config_from_med_config(med, vision_config.hidden_size, str(config_path))
@@ -458,6 +459,7 @@ __all__ = [
     "load_tokenizer",
     "module_to_original_key",
     "original_to_module_key",
+    "read_med_config",
     "text_config_from_med_config",
     "vision_config_from_state_dict",
 ]

@@ -14,7 +14,8 @@ Video (InstructVideo, Yuan et al. 2024, arXiv:2312.12490; ali-vilab/VGen ``utils
 
 Multi-view: any image reward applied per view, aggregated by ``mean`` or ``min``, plus an optional cross-view
 consistency ``+ w * mean_{i<j} cos(f_i, f_j)``. (DreamReward's Reward3D, Ye et al. 2024, arXiv:2403.14613, and
-MVReward, Wang et al. 2025, arXiv:2412.06614, instead fuse the views with trained heads; not included here.)
+MVReward, Wang et al. 2025, arXiv:2412.06614, instead fuse the views with trained heads: Reward3D is the native
+multi-view reward :mod:`mmalign.rewards.reward3d`; MVReward is not included.)
 
 Both paths exist, as for images: ``score_tensor`` on canonical tensors is differentiable (the image reward's
 tensor preprocessing), and ``score_files`` decodes files and uses the image reward's reference preprocessing,
