@@ -1,19 +1,20 @@
 """Parity of :mod:`mmalign.rewards.audiobox` with the ``audiobox-aesthetics`` package (PyPI 0.0.4).
 
     python3 -m venv /work/ref-abx
-    /work/ref-abx/bin/pip install torch==2.14.1 torchvision==0.29.1 audiobox-aesthetics requests
+    /work/ref-abx/bin/pip install torch==2.14.1 torchvision==0.29.1 audiobox-aesthetics requests torchcodec
     PYTHONPATH=. .venv/bin/python benchmarks/parity_audiobox.py --reference-python /work/ref-abx/bin/python
 
 (``requests`` is imported by the package's ``utils.py`` but not declared as a dependency.) The reference runs in its
 own environment as a subprocess (``benchmarks/_audiobox_reference_side.py``). mmalign's side writes a model with
 every weight random (seeded) in both published layouts: the hub folder (``config.json`` + ``model.safetensors``)
-and the release ``checkpoint.pt``. Two sizes: ``base``, the package's own WavLM Base encoder (94.7 M parameters,
+and the release ``checkpoint.pt``. Two sizes: ``base``, the package's own WavLM Base encoder (94.4 M parameters,
 nothing patched), and ``tiny`` (tests/tiny.py sizes, patched into the package's fixed encoder config). The
-reference scores the exact samples of each WAV as tensors with ``AesPredictor.forward`` (its ``torchaudio`` file
-reader needs torchcodec + FFmpeg's shared libraries; if they are missing the JSON says so); mmalign scores the same
-tensors (``score_axes``) and the WAV files (``score_audio``: mono first, then resampling, as the package's file
-path does). Clips: 3 s 16 kHz mono, 12.5 s 44.1 kHz stereo, 7 s 22.05 kHz stereo, 25 s 48 kHz mono (1, 2, 1 and
-3 chunks of 10 s). CPU, float32.
+reference scores the exact samples of each WAV as tensors with ``AesPredictor.forward`` and the WAV files
+themselves (its ``torchaudio.load`` needs ``pip install torchcodec`` and FFmpeg's shared libraries, e.g. Debian's
+``libavutil57 libavcodec59 libavformat59 ...``; without them the JSON says why the file path did not run); mmalign
+scores the same tensors (``score_axes``) and the WAV files (``score_audio``: mono first, then resampling, as the
+package's file path does). Clips: 3 s 16 kHz mono, 12.5 s 44.1 kHz stereo, 7 s 22.05 kHz stereo, 25 s 48 kHz
+mono (1, 2, 1 and 3 chunks of 10 s). CPU, float32.
 
 Writes benchmarks/results/parity_audiobox.json; exits non-zero if any |difference| > --tol (1e-4).
 """
@@ -123,7 +124,7 @@ def run_size(size: str, work: Path, items: list[dict], reference_python: str) ->
         "reference_scores": reference["hub_folder"],
         "mmalign_tensor_scores": tensors,
         "mmalign_file_scores": files,
-        "reference_file_path": "ran" if reference.get("files") else reference.get("files_error"),
+        "reference_file_path": "ran" if reference.get("files") else str(reference.get("files_error")).splitlines()[0],
         "reference_info": reference["info"],
         "seconds": {"reference_incl_load": round(reference_seconds, 1), "mmalign_incl_load": round(ours_seconds, 1)},
     }

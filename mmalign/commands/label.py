@@ -258,8 +258,16 @@ def run(args: argparse.Namespace) -> int:
     from ..trainers.online import build_reward, read_prompts
 
     shard = current_shard()  # under torchrun / accelerate launch: this process's share of the prompts
+    reward = build_reward(args.reward, args.reward_weights)
+    for member in reward.rewards:  # refused before any sampling: label samples images from an image pipeline
+        if getattr(member, "modality", "image") != "image":
+            raise MMAlignError(
+                f"mmalign label samples images; {member.name} scores {member.modality}. Score generated "
+                f"{member.modality} files with `mmalign score --reward {member.name}`, or train an audio generator "
+                f"online with reward={member.name}"
+            )
     policy = DiffusionPolicy.from_pretrained(args.model, device=shard.device(args.device))
-    reward = build_reward(args.reward, args.reward_weights).to(policy.device)
+    reward = reward.to(policy.device)
     summary = label(
         policy,
         reward,
