@@ -209,6 +209,25 @@ REWARDS.register(
     name="clap-music",
     windows="cover",
 )
+REWARDS.register(
+    "audiobox-aesthetics",
+    "mmalign.rewards.audiobox:AudioboxAestheticsReward.from_pretrained",
+    "Audiobox Aesthetics (facebook/audiobox-aesthetics): mean of content enjoyment, content usefulness and "
+    "production quality, 16 kHz mono, length-weighted mean over 10 s chunks, 1-10 scale; no prompt",
+    axis="overall",
+)
+for _axis, _what in (
+    ("PQ", "production quality"),
+    ("PC", "production complexity (a description, not a quality)"),
+    ("CE", "content enjoyment"),
+    ("CU", "content usefulness"),
+):
+    REWARDS.register(
+        f"audiobox-{_axis.lower()}",
+        "mmalign.rewards.audiobox:AudioboxAestheticsReward.from_pretrained",
+        f"Audiobox Aesthetics {_axis}: {_what} alone, 1-10 scale; no prompt",
+        axis=_axis,
+    )
 TRAINERS.register("ddpo", "mmalign.trainers.online:DDPOTrainer", "DDPO: PPO-clip on the DDIM chain, any reward")
 TRAINERS.register("d3po", "mmalign.trainers.online:D3POTrainer", "D3PO: online pairs from the same x_T, per-step DPO")
 TRAINERS.register("refl", "mmalign.trainers.online:ReFLTrainer", "ReFL: one-step reward feedback (ImageReward)")

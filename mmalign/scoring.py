@@ -322,7 +322,8 @@ def media_scorers(reward: Reward, modalities: Iterable[str], options: MediaOptio
             else:
                 if reward.modality != "audio":
                     raise MMAlignError(
-                        f"{reward.name} scores {reward.modality}; {modality} needs an audio reward (clap, clap-music)"
+                        f"{reward.name} scores {reward.modality}; {modality} needs an audio reward "
+                        "(clap, clap-music, audiobox-aesthetics)"
                     )
                 scorers[modality] = reward.with_windows(
                     windows="cover" if modality == "music" else None,

@@ -165,3 +165,84 @@ def make_stable_audio_pipeline(folder: Path, seed: int = 0, **options) -> Path:
     from mmalign.models.builders import build_stable_audio_pipeline
 
     return build_stable_audio_pipeline(folder, seed, **options)
+
+
+TINY_AUDIOBOX_WAVLM = {
+    "conv_feature_layers": "[(16,10,5)] + [(16,3,2)] * 4 + [(16,2,2)] * 4",  # published: * 2 (320 samples a frame)
+    "encoder_layers": 2,
+    "encoder_embed_dim": 32,
+    "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 2,
+    "conv_pos": 16,
+    "conv_pos_groups": 4,
+    "num_buckets": 32,  # published 320 / 800: these reach the exact, log and clamped buckets within 124 frames
+    "max_distance": 64,
+}
+
+
+def make_audiobox_model(folder: Path, seed: int = 0, wavlm: dict | None = None, release: bool = False) -> Path:
+    """An Audiobox Aesthetics model with every weight random (seeded) in the published layout: the hub folder
+    (``config.json`` with ``AesMultiOutput``'s fields + ``model.safetensors``), or with ``release`` the
+    ``checkpoint.pt`` of the S3 release (``state_dict`` with a ``model.`` prefix, ``model_cfg``,
+    ``target_transform``). ``wavlm``: encoder sizes (default tiny; ``{}`` = the package's WavLM Base), written to
+    config.json's ``wavlm`` key, which the package ignores (it always builds WavLM Base)."""
+    from safetensors.torch import save_file
+
+    from mmalign.rewards.audiobox import AXES, AestheticsModel, HeadSettings, WavLMSettings
+
+    wavlm = dict(TINY_AUDIOBOX_WAVLM if wavlm is None else wavlm)
+    settings = WavLMSettings.from_dict(wavlm)
+    generator = torch.Generator().manual_seed(seed)
+    transform = {
+        axis: {
+            "mean": float(5.0 + torch.rand((), generator=generator)),
+            "std": float(1.0 + torch.rand((), generator=generator)),
+        }
+        for axis in AXES
+    }
+    head = HeadSettings(nth_layer=settings.encoder_layers + 1, target_transform=transform)
+    model = AestheticsModel(settings, head)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight") or ".2.weight" in name and "conv_layers.0" in name:
+                parameter.copy_(1.0 + 0.1 * torch.randn(parameter.shape, generator=generator))
+            elif name.endswith("weight_g"):
+                parameter.copy_(0.5 + torch.rand(parameter.shape, generator=generator))
+            elif "layer_weights" in name or name.endswith("grep_a"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+            else:
+                fan_in = parameter[0].numel() if parameter.ndim > 1 else 1
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / max(fan_in, 1) ** 0.5)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    config = {
+        "proj_num_layer": 1,
+        "proj_ln": False,
+        "proj_act_fn": "gelu",
+        "proj_dropout": 0,
+        "nth_layer": head.nth_layer,
+        "use_weighted_layer_sum": True,
+        "precision": "32",
+        "normalize_embed": True,
+        "output_dim": 1,
+        "target_transform": transform,
+        "freeze_encoder": True,
+    }
+    if wavlm:
+        config["wavlm"] = wavlm
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if release:
+        cfg = {k: v for k, v in config.items() if k != "target_transform"}
+        path = folder / "checkpoint.pt"
+        torch.save(
+            {
+                "state_dict": {f"model.{k}": v for k, v in state.items()},
+                "model_cfg": cfg,
+                "target_transform": transform,
+            },
+            path,
+        )
+        return path
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(state, str(folder / "model.safetensors"))
+    return folder

@@ -195,9 +195,9 @@ def generate(
 
 def for_generator(reward: Any, files: Any) -> Any:
     """A weighted reward spec made to score what the generator makes (:func:`~mmalign.trainers.online.for_modality`:
-    image rewards lifted to videos and view sets, audio rewards told the sample rate); images and plain callables
-    as they are."""
-    if files.modality == "image" or not (hasattr(reward, "rewards") and hasattr(reward, "weights")):
+    image rewards lifted to videos and view sets, audio rewards told the sample rate; a reward of another modality
+    refused by name); plain callables as they are."""
+    if not (hasattr(reward, "rewards") and hasattr(reward, "weights")):
         return reward
     from ..trainers.online import for_modality
 
