@@ -50,9 +50,8 @@ from torch import nn
 from ..errors import WeightsError
 from ..hub import load_into, load_state_dict, resolve_dir
 from ..modalities.audio import Audio, check_audio, load_audio, resample, to_mono
-from ..modalities.image import broadcast_prompts
 from .base import Reward, resolve_dtype
-from .lifted import MediaScore
+from .lifted import AudioFileScoring, MediaScore
 
 AUDIOBOX_REPO = "facebook/audiobox-aesthetics"
 AXES = ("CE", "CU", "PC", "PQ")  # the package's order
@@ -417,7 +416,7 @@ def chunk_batch(waves: Sequence[torch.Tensor], chunk: int = CHUNK_SAMPLES):
 
 
 # -- the reward --------------------------------------------------------------------------------------------------
-class AudioboxAestheticsReward(Reward):
+class AudioboxAestheticsReward(AudioFileScoring, Reward):
     """Audiobox Aesthetics as a reward; ``axis``: ``CE`` | ``CU`` | ``PC`` | ``PQ`` | ``overall`` (the mean of
     CE, CU and PQ). ``aggregate`` over chunks: ``mean`` (the package's length-weighted mean) | ``min`` | ``max``."""
 
@@ -622,28 +621,6 @@ class AudioboxAestheticsReward(Reward):
                 )
             )
         return results
-
-    def score_audio(
-        self,
-        sources: Sequence[str | os.PathLike | Audio],
-        prompts: str | Sequence[str] | None = None,
-        batch_size: int = 32,
-    ) -> list[MediaScore]:
-        """Scores of files (or decoded :class:`Audio`) with per-chunk scores and all four axes."""
-        broadcast_prompts(prompts, len(sources))
-        decoded = [s if isinstance(s, Audio) else self.decode(s) for s in sources]
-        return self.score_decoded(decoded, None, batch_size)
-
-    def score(self, media: Any, prompts: str | Sequence[str] | None = None, batch_size: int = 32) -> torch.Tensor:
-        """Scores ``[B]``: differentiable on 16 kHz tensors ``[B, C, S]``, the package's path on files."""
-        if isinstance(media, torch.Tensor):
-            return self.score_tensor(media, prompts)
-        if isinstance(media, (str, os.PathLike, Audio)):
-            media = [media]
-        return torch.tensor([r.total for r in self.score_audio(list(media), prompts, batch_size)])
-
-    def score_images(self, images: Any, prompts: Any = None, batch_size: int = 32) -> torch.Tensor:
-        raise TypeError("audiobox-aesthetics scores audio, not images: use score_audio")
 
 
 # -- checkpoint helpers ------------------------------------------------------------------------------------------

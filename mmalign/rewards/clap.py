@@ -30,7 +30,7 @@ from ..hub import resolve_dir
 from ..modalities.audio import WINDOW_MODES, Audio, check_audio, load_audio, pad_to, resample, to_mono, window_starts
 from ..modalities.image import broadcast_prompts
 from .base import TwoTowerReward, resolve_dtype
-from .lifted import MediaScore, aggregate_scores
+from .lifted import AudioFileScoring, MediaScore, aggregate_scores
 
 CLAP_REPO = "laion/clap-htsat-unfused"
 CLAP_MUSIC_REPO = "laion/larger_clap_music"
@@ -43,7 +43,7 @@ def _features(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class ClapReward(TwoTowerReward):
+class ClapReward(AudioFileScoring, TwoTowerReward):
     """CLAP text-audio cosine. ``windows``: ``center`` | ``first`` | ``cover``; ``window_seconds`` (at most the
     model's 10 s); ``hop_seconds`` for ``cover``; ``aggregate`` over windows: ``mean`` | ``min`` | ``max``."""
 
@@ -291,25 +291,3 @@ class ClapReward(TwoTowerReward):
                 )
             )
         return results
-
-    def score_audio(
-        self,
-        sources: Sequence[str | os.PathLike | Audio],
-        prompts: str | Sequence[str] | None = None,
-        batch_size: int = 32,
-    ) -> list[MediaScore]:
-        """Scores of files (or decoded :class:`Audio`) with per-window scores."""
-        prompts = broadcast_prompts(prompts, len(sources))
-        decoded = [s if isinstance(s, Audio) else self.decode(s) for s in sources]
-        return self.score_decoded(decoded, prompts, batch_size)
-
-    def score(self, media: Any, prompts: str | Sequence[str] | None = None, batch_size: int = 32) -> torch.Tensor:
-        """Totals ``[B]``: differentiable on 48 kHz tensors, the reference feature extractor on files."""
-        if isinstance(media, torch.Tensor):
-            return self.score_tensor(media, prompts)
-        if isinstance(media, (str, os.PathLike, Audio)):
-            media = [media]
-        return torch.tensor([r.total for r in self.score_audio(list(media), prompts, batch_size)])
-
-    def score_images(self, images: Any, prompts: Any = None, batch_size: int = 32) -> torch.Tensor:
-        raise TypeError("CLAP scores audio, not images: use score_audio")

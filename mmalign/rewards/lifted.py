@@ -126,6 +126,35 @@ class MediaScore:
         return row
 
 
+class AudioFileScoring:
+    """``score_audio`` / ``score`` of an audio reward that decodes its files itself (``decode(path) -> Audio``) and
+    scores decoded audio (``score_decoded(decoded, prompts, batch_size) -> [MediaScore]``): CLAP, Audiobox
+    Aesthetics. Prompts are passed on when the reward ``uses_prompt``."""
+
+    def score_audio(self, sources: Sequence[Any], prompts: str | Sequence[str] | None = None, batch_size: int = 32):
+        """Scores of files (or decoded :class:`~mmalign.modalities.audio.Audio`) as :class:`MediaScore`, with
+        each reward's per-window (per-chunk) scores."""
+        from ..modalities.audio import Audio
+
+        prompts = broadcast_prompts(prompts, len(sources))
+        decoded = [s if isinstance(s, Audio) else self.decode(s) for s in sources]
+        return self.score_decoded(decoded, prompts if self.uses_prompt else None, batch_size)
+
+    def score(self, media: Any, prompts: str | Sequence[str] | None = None, batch_size: int = 32) -> torch.Tensor:
+        """Totals ``[B]``: differentiable on waveform tensors (at the reward's own rate), the reference path on
+        files."""
+        from ..modalities.audio import Audio
+
+        if isinstance(media, torch.Tensor):
+            return self.score_tensor(media, prompts)
+        if isinstance(media, (str, os.PathLike, Audio)):
+            media = [media]
+        return torch.tensor([r.total for r in self.score_audio(list(media), prompts, batch_size)])
+
+    def score_images(self, images: Any, prompts: Any = None, batch_size: int = 32) -> torch.Tensor:
+        raise TypeError(f"{self.name} scores audio, not images: use score_audio")
+
+
 # -- unit scoring ------------------------------------------------------------------------------------------------
 def unit_scores(
     reward: Reward, pixels: torch.Tensor, prompts: list[str], features: bool = False
