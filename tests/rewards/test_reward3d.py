@@ -328,3 +328,27 @@ def test_mmalign_score_on_view_folders(rewards, assets: Assets, tmp_path: Path) 
     record = json.loads(out.read_text().splitlines()[1])
     assert record["variant"] == "scorer/grid2x2"
     assert abs(record["score"] - float(rewards["scorer"].score([assets.sets[1]], PROMPT)[0])) < 1e-5
+
+
+def test_label_scores_a_view_grid_generator_as_reward3d_scores_the_saved_views(rewards, tmp_path: Path) -> None:
+    """``label`` on an image generator read as 2x2 views (the shipped tiny flow pipeline): each grid PNG's score is
+    Reward3D's score of its 4 views as saved."""
+    from mmalign.commands.label import label
+    from mmalign.modalities.image import open_image, pil_to_tensor
+    from mmalign.modalities.multiview import split_grid
+    from mmalign.models.generator import configure_output, load_generator
+    from mmalign.toyworld.sampling import ASSETS
+    from mmalign.trainers.online import WeightedReward
+
+    if not (ASSETS / "flow_pipeline").is_dir():
+        pytest.skip("assets/toyworld not built")
+    generator = configure_output(load_generator(str(ASSETS / "flow_pipeline")), views_grid="2x2")
+    reward = rewards["scorer"]
+    prompt = "two red circles on the left"
+    label(generator, WeightedReward([reward], [1.0]), [prompt], 2, tmp_path, steps=2, guidance=1.0, resolution=32)
+    row = json.loads((tmp_path / "rankings.jsonl").read_text())
+    for name, score in zip(row["images"], row["scores"]):
+        views = torch.stack([pil_to_tensor(v) for v in split_grid(open_image(tmp_path / name), 2, 2)])
+        with torch.no_grad():
+            expected = reward.score_tensor(views[None], [prompt])
+        assert score == pytest.approx(float(expected[0]), abs=1e-5)
