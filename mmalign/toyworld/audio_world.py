@@ -207,7 +207,11 @@ class AudioVerdict:
 
     def scores(self) -> dict[str, float]:
         """Per-attribute, ``overall`` and ``exact`` scores."""
-        return {**{name: getattr(self, name) for name in AUDIO_ATTRIBUTES}, "overall": self.overall, "exact": self.exact}
+        return {
+            **{name: getattr(self, name) for name in AUDIO_ATTRIBUTES},
+            "overall": self.overall,
+            "exact": self.exact,
+        }
 
 
 def to_waveform(audio) -> np.ndarray:
