@@ -129,6 +129,14 @@ def spectrogram_figure(result: AudioEvaluation, title: str, path: Path, count: i
     return path
 
 
+def first_of_each(result: AudioEvaluation, stride: int) -> AudioEvaluation:
+    """Every ``stride``-th clip of ``result`` (the first of each prompt when ``stride`` is the clips per prompt)."""
+    return AudioEvaluation(
+        result.prompts[::stride], result.seeds[::stride], result.clips[::stride], result.verdicts[::stride],
+        result.sample_rate,
+    )  # fmt: skip
+
+
 def report_clips(before: AudioEvaluation, after: AudioEvaluation, out: Path, count: int = REPORT_CLIPS) -> list:
     """One clip of each of the first ``count`` held-out prompts, before and after (the same seed), as WAV files in
     ``out/audio``; rows of (prompt, before file, before score, after file, after score)."""
@@ -151,15 +159,12 @@ def write_audio_report(
     """``report.md``, ``report.json``, ``report.html`` (audio players), the WAV files and the spectrograms."""
     rows = ["overall", "exact", *AUDIO_ATTRIBUTES]
     training = report["training"]
-    first = max(1, len(before.clips) // max(1, report["heldout"]["prompts"]))
-    picks = lambda r: AudioEvaluation(
-        r.prompts[::first], r.seeds[::first], r.clips[::first], r.verdicts[::first], r.sample_rate
-    )  # noqa: E731
+    stride = max(1, len(before.clips) // max(1, report["heldout"]["prompts"]))
     files = {
-        "spectrogram_before": str(
-            spectrogram_figure(picks(before), "before (held-out)", out / "spectrogram_before.png")
-        ),
-        "spectrogram_after": str(spectrogram_figure(picks(after), "after (held-out)", out / "spectrogram_after.png")),
+        f"spectrogram_{name}": str(
+            spectrogram_figure(first_of_each(result, stride), f"{name} (held-out)", out / f"spectrogram_{name}.png")
+        )
+        for name, result in (("before", before), ("after", after))
     }
     clips = report_clips(before, after, out)
     summary = (

@@ -90,3 +90,16 @@ def test_silence_noise_and_canonical_tensors():
     clips = torch.from_numpy(np.stack([render_audio(prompt, s) for s in range(3)]))[:, None].repeat(1, 2, 1)
     verdicts = judge_audios(clips, [prompt] * 3)  # [B, C, S] stereo tensors
     assert mean_scores(verdicts)["overall"] == 1.0
+
+
+def test_the_judge_is_a_registered_audio_reward():
+    from mmalign import load_reward
+
+    reward = load_reward("toyworld-audio-judge")
+    assert reward.modality == "audio" and not reward.is_differentiable
+    prompts = ["two high beeps fast", "one deep beep slow"]
+    clips = torch.from_numpy(np.stack([render_audio(p, 0) for p in prompts]))[:, None]
+    assert reward.score_tensor(clips, prompts).tolist() == [1.0, 1.0]
+    assert reward.score_tensor(clips, prompts[::-1]).tolist() == [0.0, 0.0]  # every attribute differs
+    upsampled = torch.nn.functional.interpolate(clips, scale_factor=2, mode="linear")  # the same clips at 8 kHz
+    assert reward.score_tensor(upsampled, prompts, sample_rate=8000).tolist() == [1.0, 1.0]
