@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..models.stable_audio import STABLE_AUDIO_LORA_TARGETS
-from .audio_world import AUDIO_ATTRIBUTES, split_audio_prompts
+from .audio_world import AUDIO_ATTRIBUTES, PITCHES, split_audio_prompts
 from .config import DemoConfig
 from .flow_demo import demo_report, train_flow
 from .sampling import AudioEvaluation, asset_dir, evaluate_audio, threads
@@ -120,7 +120,7 @@ def spectrogram_figure(result: AudioEvaluation, title: str, path: Path, count: i
         ax.specgram(clip, NFFT=256, Fs=result.sample_rate, noverlap=192, cmap="magma")
         ax.set_title(f"{prompt.text}\njudge {verdict.overall:.2f}", fontsize=7)
         ax.set_xticks([])
-        ax.set_yticks([250, 400, 640, 1000])
+        ax.set_yticks(sorted(PITCHES.values()))
         ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

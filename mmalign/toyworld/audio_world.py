@@ -4,10 +4,14 @@ A prompt reads ``"<count> <pitch> beep[s] <tempo>"``, e.g. ``"two high beeps fas
 tempos = 24 prompts, split into train / held-out as the image and video worlds' are). A clip is mono,
 :data:`SAMPLES` samples at :data:`SAMPLE_RATE` Hz (1.024 s):
 
-* rendering (:func:`render_audio`): ``count`` sine beeps of the prompted pitch (:data:`PITCHES`: 250, 400, 640 and
-  1000 Hz, a factor 1.6 apart), each starting at phase 0 with 8 ms linear ramps, amplitude :data:`AMPLITUDE`;
-  ``fast`` beeps last ~64 ms with ~80 ms gaps, ``slow`` ones ~192 ms with ~112 ms gaps (lengths and gaps jittered,
-  the first onset random); the clip is a pure function of the prompt and the seed;
+* rendering (:func:`render_audio`): ``count`` sine beeps of the prompted pitch (:data:`PITCHES`: 250, 375, 625 and
+  1000 Hz, a factor 1.5-1.67 apart), each starting at phase 0 with 8 ms linear ramps, amplitude :data:`AMPLITUDE`;
+  ``fast`` beeps last 3-5 frames of :data:`FRAME` samples (48-80 ms) with 4-6 frame gaps, ``slow`` ones 11-13 frames
+  (176-208 ms) with 6-8 frame gaps, the first onset a random frame; the clip is a pure function of the prompt and
+  the seed. Beeps start on the 16 ms frame grid and every pitch is a whole number of cycles per frame (4, 6, 10,
+  16), so every frame of a beep holds the same waveform: a tiny autoencoder (hop 64) need not encode phase (with
+  onsets anywhere and other pitches the shipped one's first fit reproduced two of four pitches and drew silence for
+  the others, the mean of a waveform whose phase it could not predict);
 * judging (:func:`judge_audio`), exact and from the signal alone: the envelope is the RMS of :data:`FRAME`-sample
   frames (16 ms); a frame is on when its RMS is at least :data:`ON_FRACTION` of the loudest frame's (and at least
   :data:`SILENCE`); runs of on-frames, one-frame gaps bridged and one-frame runs dropped, are the beeps. ``count``
@@ -33,13 +37,12 @@ from .world import COUNT_WORDS, COUNTS
 
 SAMPLE_RATE = 4000
 SAMPLES = 4096
-#: pitch word -> frequency in Hz (a factor 1.6 apart: well separated for a spectrum judge)
-PITCHES: dict[str, float] = {"deep": 250.0, "low": 400.0, "high": 640.0, "shrill": 1000.0}
+#: pitch word -> frequency in Hz (1.5-1.67 apart: well separated for a spectrum judge; whole cycles per frame)
+PITCHES: dict[str, float] = {"deep": 250.0, "low": 375.0, "high": 625.0, "shrill": 1000.0}
 TEMPOS: tuple[str, ...] = ("fast", "slow")
 AUDIO_ATTRIBUTES: tuple[str, ...] = ("pitch", "count", "tempo")
-#: (beep length, gap) in samples per tempo, before jitter
-BEEP_TIMING: dict[str, tuple[int, int]] = {"fast": (256, 320), "slow": (768, 448)}
-JITTER = 0.1
+#: (beep length, gap) in frames per tempo, each jittered by up to one frame either way
+BEEP_TIMING: dict[str, tuple[int, int]] = {"fast": (4, 5), "slow": (12, 7)}
 AMPLITUDE = 0.8
 RAMP = 32
 FRAME = 64
@@ -155,13 +158,13 @@ def corrupt_audio(prompt: AudioPrompt, rng: random.Random, rate: float) -> Audio
 
 
 def beeps(prompt: AudioPrompt, rng: random.Random, samples: int = SAMPLES) -> list[tuple[int, int]]:
-    """``[(onset, length)]`` in samples of the prompt's beeps: jittered lengths and gaps, a random first onset, all
-    inside the clip."""
+    """``[(onset, length)]`` in samples of the prompt's beeps, on the frame grid: lengths and gaps jittered by up to
+    a frame, a random first onset, all inside the clip (a frame of silence at either end at least)."""
     length, gap = BEEP_TIMING[prompt.tempo]
-    lengths = [round(length * rng.uniform(1 - JITTER, 1 + JITTER)) for _ in range(prompt.count)]
-    gaps = [round(gap * rng.uniform(1 - JITTER, 1 + JITTER)) for _ in range(prompt.count - 1)]
-    spare = samples - sum(lengths) - sum(gaps) - 2 * FRAME
-    onset = FRAME + rng.randint(0, max(0, spare))
+    lengths = [FRAME * (length + rng.randint(-1, 1)) for _ in range(prompt.count)]
+    gaps = [FRAME * (gap + rng.randint(-1, 1)) for _ in range(prompt.count - 1)]
+    spare = (samples - sum(lengths) - sum(gaps)) // FRAME - 2
+    onset = FRAME * (1 + rng.randint(0, max(0, spare)))
     out = []
     for k, size in enumerate(lengths):
         out.append((onset, size))
