@@ -27,7 +27,12 @@ partly. Saved in fp16 safetensors (loaded back in fp32); the judge adherence
 (:func:`mmalign.toyworld.audio_world.judge_audio`) of DPM-Solver++ ODE samples (:func:`~mmalign.toyworld.sampling.
 evaluate_audio`, 10 steps) of the saved folder on the held-out prompts at guidance 1 and 3 is written to
 ``training.json`` beside it. A killed run resumes from its checkpoints (the VAE stage's and the DiT's) when rerun.
-Measured figures of the shipped folder: ``training.json`` and ``mmalign/toyworld/README.md``.
+
+The shipped folder (this recipe's defaults, seed 0; 1.0 MB): 10.8 CPU-minutes on one thread (VAE 4.2, DiT and pool
+6.5) and 18.6 minutes of wall clock on a shared 2-core Intel Xeon (AVX-512 and AVX2; load average 6-9 from other
+jobs). Held-out adherence (6 prompts x 8 seeds, DPM-Solver++ ODE, 10 steps) **0.514 at guidance 1 and 0.708 at
+guidance 3**; the VAE's reconstructions of renders score 0.698: it draws silence for the ``shrill`` pitch (1000 Hz)
+and reproduces the other three exactly (no held-out prompt is shrill). Details: ``mmalign/toyworld/README.md``.
 """
 
 from __future__ import annotations
