@@ -260,3 +260,9 @@ REWARDS.register(
     "Toy video world exact judge: mean of the colour, shape, count and direction-of-motion checks, in [0, 1] "
     "(videos; not differentiable)",
 )
+REWARDS.register(
+    "toyworld-audio-judge",
+    "mmalign.toyworld.reward:AudioJudgeReward.from_pretrained",
+    "Toy audio world exact judge: mean of the pitch (spectrum), beep count and tempo (envelope) checks, in [0, 1] "
+    "(audio; not differentiable)",
+)

@@ -6,6 +6,8 @@ LoRA, and measure the exact judge's adherence on held-out prompts before and aft
 the shipped flow-matching pipeline (DiffusionNFT by default, the exact judge as the reward on the training prompts,
 a CPU budget of 8 minutes; see ``mmalign.toyworld.flow_demo``). ``--world video``: the toy video world (moving
 shapes), Flow-GRPO on its tiny Wan pipeline with the exact video judge as the reward (``mmalign.toyworld.video_demo``).
+``--world audio``: the toy audio world (beeps), Flow-GRPO on its tiny Stable Audio pipeline with the exact audio
+judge as the reward (``mmalign.toyworld.audio_demo``).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--world",
-        choices=["image", "video"],
+        choices=["image", "video", "audio"],
         default="image",
-        help="image: the image toyworld (default); video: the toy video world on its tiny Wan pipeline (the GRPO "
-        "family; --generator does not apply)",
+        help="image: the image toyworld (default); video: the toy video world on its tiny Wan pipeline; audio: the "
+        "toy audio world on its tiny Stable Audio pipeline (video and audio: the GRPO family; --generator does not "
+        "apply)",
     )
     p.add_argument("--out", default=d.out, help=f"report folder (default {d.out}; runs/demo-flow for flow)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps of each round (default {d.steps})")
@@ -98,13 +101,27 @@ def flow_config(args: argparse.Namespace):
 def video_config(args: argparse.Namespace):
     """The video demo's config: :data:`~mmalign.toyworld.video_demo.VIDEO_DEMO_DEFAULTS` for every option left at
     the UNet demo's default."""
+    from ..toyworld.video_demo import VIDEO_DEMO_DEFAULTS
+
+    return world_config(args, VIDEO_DEMO_DEFAULTS)
+
+
+def audio_config(args: argparse.Namespace):
+    """The audio demo's config: :data:`~mmalign.toyworld.audio_demo.AUDIO_DEMO_DEFAULTS` for every option left at
+    the UNet demo's default."""
+    from ..toyworld.audio_demo import AUDIO_DEMO_DEFAULTS
+
+    return world_config(args, AUDIO_DEMO_DEFAULTS)
+
+
+def world_config(args: argparse.Namespace, defaults: dict):
+    """The command line's config with ``defaults`` for every option left at the UNet demo's default."""
     import dataclasses
 
     from ..toyworld.config import DemoConfig, config_from_args
-    from ..toyworld.video_demo import VIDEO_DEMO_DEFAULTS
 
     config, unet = config_from_args(args), DemoConfig()
-    changes = {k: v for k, v in VIDEO_DEMO_DEFAULTS.items() if getattr(config, k) == getattr(unet, k)}
+    changes = {k: v for k, v in defaults.items() if getattr(config, k) == getattr(unet, k)}
     return dataclasses.replace(config, **changes)
 
 
@@ -119,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
         config = video_config(args)
         report = run_video_demo(config, log=log)
         print_flow_report(report, ("overall", "exact", "color", "shape", "count", "direction"), config.out)
+        return 0
+    if getattr(args, "world", "image") == "audio":
+        from ..toyworld.audio_demo import run_audio_demo
+
+        config = audio_config(args)
+        report = run_audio_demo(config, log=log)
+        print_flow_report(report, ("overall", "exact", "pitch", "count", "tempo"), config.out)
         return 0
     if getattr(args, "generator", "unet") == "flow":
         from ..toyworld.flow_demo import run_flow_demo

@@ -45,7 +45,8 @@ Re-implemented from ``diffusers/pipelines/stable_audio/pipeline_stable_audio.py`
   (torchsde, seeded with ``generator.initial_seed()``: the pipeline's samples exactly), ``"gaussian"`` i.i.d.
   normal draws per step (the same distribution, no torchsde), ``"none"`` the deterministic DPM-Solver++(2M) ODE of
   the same schedule. :meth:`StableAudioGenerator.chain_step` is one differentiable step (reward backpropagation:
-  ReFL, DRaFT, AlignProp walk it; no GRPO-family SDE applies).
+  ReFL, DRaFT, AlignProp walk it). The GRPO family trains it through :class:`StableAudioFlowView`: the same
+  network seen as a rectified flow by a change of variables, sampled with the flow trainers' SDE.
 * LoRA: the DiT is not a diffusers ``PeftAdapterMixin`` model, and ``StableAudioPipeline`` has no LoRA loader.
   The loaded transformer is given the mixin (:func:`with_peft`: its class is a subclass that reports itself as
   ``StableAudioDiTModel``, so saved folders stay diffusers'), :meth:`StableAudioGenerator.save_lora` writes the
@@ -71,6 +72,7 @@ from .generator import Conditions, Schedule, attention_projections, read_model_i
 
 __all__ = [
     "STABLE_AUDIO_LORA_TARGETS",
+    "StableAudioFlowView",
     "StableAudioGenerator",
     "dpm_solver_step",
     "with_peft",
@@ -728,3 +730,96 @@ class StableAudioGenerator:
         if abs(self.audio_end_in_s - self.max_duration) > 1e-9:
             write_generator_config(folder, audio_end_in_s=self.audio_end_in_s)
         return Path(folder)
+
+
+class StableAudioFlowView:
+    """A :class:`StableAudioGenerator` seen as a flow-matching generator (parametrisation "flow"), so that the
+    trainers of flow models (Flow-GRPO and its variants: their SDE, log-probs and CPS) train it.
+
+    The change of variables: the v-diffusion state ``x_σ = x0 + σ·ε`` scaled by ``1/(1 + σ)`` is the rectified-flow
+    state ``x_s = (1 − s)·x0 + s·ε`` at ``s = σ/(1 + σ)`` (every Gaussian diffusion path is one of the others up to
+    a scaling of the state and a change of time; Kingma & Gao 2023, "Understanding Diffusion Objectives as the ELBO
+    with Simple Data Augmentation", sec. 2). From the network's output ``F`` at ``x_in = x_s/√(s² + σ_d²(1 − s)²)``
+    and model timestep ``(2/π)·atan2(s, 1 − s)`` (the same ``x_in`` and timestep as at ``x_σ``, σ), the denoised
+    estimate is ``x̂0 = σ_d²(1 − s)·x_s/D ∓ s·σ_d·F/√D`` (``D = s² + σ_d²(1 − s)²``; minus for v-prediction) and
+    the flow velocity ``v = ε̂ − x̂0 = (x_s − x̂0)/s`` (finite at s = 1 too: ``x_in = x_s``, ``x̂0 = ∓σ_d·F``).
+    Timesteps are ``s·1000`` as the flow families'. :meth:`sampling_schedule` is linear in ``s`` from 1 to 0 (after
+    ``shift`` as ``FlowMatchEulerDiscreteScheduler``'s), not the pipeline's σ schedule, which spends half its steps
+    at s > 0.95. Everything else (conditions, decoding, LoRA files, the pipeline itself) is the wrapped generator's,
+    :attr:`base`."""
+
+    parametrisation: ClassVar[str] = "flow"
+
+    def __init__(self, base: StableAudioGenerator, shift: float = 1.0):
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "shift", float(shift))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":  # not yet set (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.base, name, value)
+
+    def __repr__(self) -> str:
+        return f"StableAudioFlowView({self.base.folder})"
+
+    def to(self, device: str | torch.device) -> StableAudioFlowView:
+        self.base.to(device)
+        return self
+
+    def latent_frames(self) -> int:
+        """What the flow trainers ask a video generator (its latent frames, a memory estimate's factor): 1, the
+        audio latents being one sequence (the base's :attr:`StableAudioGenerator.latent_frames` is its length)."""
+        return 1
+
+    def _denoised(
+        self, model: torch.nn.Module, x: Tensor, t: Tensor | float, conditions: Conditions
+    ) -> tuple[Tensor, Tensor]:
+        """``(x̂0, s)`` at the flow state ``x`` and flow timesteps ``t = s·1000`` (``s`` shaped to broadcast)."""
+        s = torch.as_tensor(t, device=x.device, dtype=torch.float32).flatten() / 1000
+        s = s.expand(x.shape[0]) if s.numel() == 1 else s
+        data = self.base.sigma_data
+        d = (s**2 + data**2 * (1 - s) ** 2).view(-1, *([1] * (x.ndim - 1)))
+        output = self.base.predict(model, x / d.sqrt(), torch.atan2(s, 1 - s) / math.pi * 2, conditions)
+        s = s.view(-1, *([1] * (x.ndim - 1)))
+        sign = -1.0 if self.base.scheduler_config["prediction_type"] == "v_prediction" else 1.0
+        return data**2 * (1 - s) * x.float() / d + sign * s * data * output / d.sqrt(), s
+
+    def predict(self, model: torch.nn.Module, x_t: Tensor, t: Tensor | float, conditions: Conditions) -> Tensor:
+        """The flow velocity ``(x_s − x̂0)/s`` at flow timesteps ``t = s·1000`` (scalar or ``[B]``), float32."""
+        denoised, s = self._denoised(model, x_t, t, conditions)
+        return (x_t.float() - denoised) / s
+
+    def guided_velocity(
+        self,
+        model: torch.nn.Module,
+        x: Tensor,
+        t: Tensor | float,
+        conditions: Conditions,
+        uncond: Conditions | None,
+        guidance: float,
+    ) -> Tensor:
+        """``v_u + g·(v_c − v_u)`` from one batched call (the velocity is affine in the network's output, so this is
+        the pipeline's CFG on ``F``); plain :meth:`predict` at ``g <= 1``."""
+        if guidance <= 1.0:
+            return self.predict(model, x, t, conditions)
+        check_guidance(conditions, uncond, guidance)
+        v_uncond, v_cond = cfg_branches(self, model, x, t, conditions, uncond)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``(1 − s)·x0 + s·ε`` at ``t = s·1000``."""
+        s = left_broadcast(torch.as_tensor(t, device=x0.device, dtype=torch.float32) / 1000, x0.float(), "t")
+        return (1 - s) * x0 + s * noise
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The flow velocity ``ε − x0``."""
+        return noise - x0
+
+    def sampling_schedule(self, steps: int, latent_shape: Sequence[int] | None = None, device: Any = None) -> Schedule:
+        """``steps`` Euler steps linear in ``s`` from 1 to 0 (shifted by :attr:`shift`): ``timesteps = s·1000``."""
+        s = torch.linspace(1.0, 0.0, int(steps) + 1)
+        s = self.shift * s / (1 + (self.shift - 1) * s)
+        return Schedule((s[:-1] * 1000).to(device or self.base.device), s)

@@ -175,12 +175,14 @@ def train_flow(
     reward: str = "toyworld-judge",
     lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
     lr_scheduler: str = LR_SCHEDULER,
+    policy: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``config.trainer`` on the flow pipeline ``model`` with the judge as reward on ``train_prompts`` until
     ``config.cpu_budget`` CPU seconds (or ``config.steps``), evaluating ``heldout`` every ``eval_every`` steps;
     returns the final evaluation, the curve, the history, the trainer's config and its CPU and wall time.
     ``evaluate_fn``, ``reward``, ``lora_targets``, ``lr_scheduler``: the image world's by default (the video demo
-    passes its own)."""
+    passes its own). ``policy``: the generator the trainer trains, built from ``model`` (default: the trainer loads
+    ``model`` itself; the audio demo passes a flow view of its v-diffusion pipeline)."""
     from ..commands.train import resolve_trainer_config
 
     evaluate = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
@@ -203,7 +205,7 @@ def train_flow(
     trainer_class, trainer_config = resolve_trainer_config(None, overrides)
     log(f"training {config.trainer} for {config.cpu_budget:.0f} CPU s (LoRA rank {config.lora_rank})")
     hooked = hooked_trainer(trainer_class, hook, config.eval_every, config.cpu_budget)
-    trainer = budget_schedule(hooked, config.cpu_budget)(trainer_config)
+    trainer = budget_schedule(hooked, config.cpu_budget)(trainer_config, None if policy is None else policy(model))
     summary = trainer.train()
     return {
         "after": evaluate_trained(trainer, heldout, config.guidance, evaluate, evaluate_fn),

@@ -4,6 +4,7 @@
   :mod:`mmalign.toyworld.train_reward` to rank images of one prompt as the judge does; differentiable.
 * ``toyworld-judge``: the exact judge's ``overall`` adherence in [0, 1]; not differentiable (a verifiable reward).
 * ``toyworld-video-judge``: the toy video world's exact judge (:mod:`~mmalign.toyworld.video_world`) on videos.
+* ``toyworld-audio-judge``: the toy audio world's exact judge (:mod:`~mmalign.toyworld.audio_world`) on audio.
 """
 
 from __future__ import annotations
@@ -100,3 +101,41 @@ class VideoJudgeReward(Reward):
         if not isinstance(videos, torch.Tensor):
             raise TypeError("toyworld-video-judge scores video tensors [B, T, 3, H, W] in [0, 1]")
         return self.score_tensor(videos, prompts)
+
+
+class AudioJudgeReward(Reward):
+    """The exact judge of the toy audio world (:func:`mmalign.toyworld.audio_world.judge_audio`) as a reward of
+    audio ``[B, C, S]`` in [-1, 1]: ``overall`` adherence in [0, 1] (pitch from the spectrum, count and tempo of the
+    beeps from the envelope); not differentiable. Audio at another sample rate than the world's 4 kHz is resampled
+    (linear interpolation) first."""
+
+    name = "toyworld-audio-judge"
+    modality: ClassVar[str] = "audio"
+    is_differentiable: ClassVar[bool] = False
+    score_scale: ClassVar[str] = "mean of the pitch, count and tempo checks, in [0, 1]"
+
+    @classmethod
+    def from_pretrained(cls, **_: Any) -> AudioJudgeReward:
+        return cls()
+
+    def score_tensor(self, audio: torch.Tensor, prompts=None, sample_rate: int | None = None) -> torch.Tensor:
+        """Scores ``[B]`` of audio ``[B, C, S]`` (or ``[B, S]``) at ``sample_rate`` (default: the world's)."""
+        from ..rewards.base import broadcast_prompts
+        from .audio_world import SAMPLE_RATE, judge_audio
+
+        if audio.ndim == 2:
+            audio = audio[:, None]
+        if audio.ndim != 3:
+            raise ValueError(f"expected audio [B, C, S], got {tuple(audio.shape)}")
+        prompts = broadcast_prompts(prompts, audio.shape[0])
+        audio = audio.detach().float().mean(dim=1, keepdim=True)
+        rate = int(sample_rate or SAMPLE_RATE)
+        if rate != SAMPLE_RATE:
+            size = max(1, round(audio.shape[-1] * SAMPLE_RATE / rate))
+            audio = torch.nn.functional.interpolate(audio, size=size, mode="linear", align_corners=False)
+        return torch.tensor([judge_audio(clip[0], prompt).overall for clip, prompt in zip(audio, prompts)])
+
+    def score(self, audio, prompts=None, batch_size: int = 32, sample_rate: int | None = None) -> torch.Tensor:
+        if not isinstance(audio, torch.Tensor):
+            raise TypeError("toyworld-audio-judge scores audio tensors [B, C, S] in [-1, 1]")
+        return self.score_tensor(audio, prompts, sample_rate)

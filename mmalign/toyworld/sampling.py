@@ -240,3 +240,77 @@ def evaluate_video(
     seeds = [seed * 100_003 + i for i in range(len(expanded))]
     clips = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
     return VideoEvaluation(expanded, seeds, clips, [judge_clip(clip, p) for clip, p in zip(clips, expanded)])
+
+
+# -------------------------------------------------------------------------------- audio generators
+
+
+@torch.no_grad()
+def sample_audio(
+    generator: Any,
+    prompts: Sequence,
+    seeds: Sequence[int],
+    steps: int = 10,
+    guidance: float = GUIDANCE,
+    batch_size: int = 64,
+    model: torch.nn.Module | None = None,
+) -> np.ndarray:
+    """``float32 [N, S]`` mono waveforms (channels averaged) in [-1, 1] at the generator's sample rate: the
+    pipeline's own sampler (:meth:`mmalign.models.stable_audio.StableAudioGenerator.sample`) as its deterministic
+    DPM-Solver++(2M) ODE (``noise="none"``) over ``steps`` steps from ``torch.randn`` of the generator seeded with
+    ``seeds[i]`` (``model``: its transformer by default, or e.g. a LoRA-wrapped copy); clip ``i`` depends only on
+    ``prompts[i]``, ``seeds[i]`` and the model."""
+    texts = [getattr(p, "text", str(p)) for p in prompts]
+    if len(texts) != len(seeds):
+        raise ValueError(f"{len(texts)} prompts but {len(seeds)} seeds")
+    shape = generator.latent_shape()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        draws = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds[start:][: len(chunk)]
+        ]
+        conditions = generator.encode_conditions(chunk).to(generator.device)
+        latents = generator.sample(
+            conditions, steps=steps, guidance=guidance, latents=torch.stack(draws), noise="none", model=model
+        )
+        out.append(generator.decode(latents).mean(dim=1).cpu().numpy().astype(np.float32))
+    return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
+
+
+@dataclass
+class AudioEvaluation:
+    """Judge scores (:func:`mmalign.toyworld.audio_world.judge_audio`) of ``clips`` (``float32 [N, S]`` at
+    ``sample_rate``) sampled for ``prompts``."""
+
+    prompts: list
+    seeds: list[int]
+    clips: np.ndarray
+    verdicts: list
+    sample_rate: int
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return mean_scores(self.verdicts)
+
+
+def evaluate_audio(
+    generator: Any,
+    prompts: Sequence,
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = 10,
+    guidance: float = GUIDANCE,
+    model: torch.nn.Module | None = None,
+) -> AudioEvaluation:
+    """:func:`evaluate_video` for an audio generator (the toy audio pipeline) and prompts of the toy audio world:
+    the same seeds, :func:`sample_audio`, then the audio judge."""
+    from .audio_world import judge_audio
+
+    base = getattr(generator, "base", generator)  # a flow view (StableAudioFlowView) samples with its base
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    clips = sample_audio(base, expanded, seeds, steps=steps, guidance=guidance, model=model)
+    rate = int(base.sample_rate)
+    verdicts = [judge_audio(clip, p, rate) for clip, p in zip(clips, expanded)]
+    return AudioEvaluation(expanded, seeds, clips, verdicts, rate)
