@@ -281,6 +281,7 @@ FAMILIES: dict[str, str] = {
     "WanPipeline": "mmalign.models.wan:WanGenerator",
     "AnimateDiffPipeline": "mmalign.models.animatediff:AnimateDiffPolicy",
     "StableAudioPipeline": "mmalign.models.stable_audio:StableAudioGenerator",
+    "AudioLDM2Pipeline": "mmalign.models.audioldm2:AudioLDM2Policy",
 }
 
 
@@ -292,7 +293,9 @@ def attention_projections(*attentions: str) -> tuple[str, ...]:
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
 PARAMETRISATIONS: dict[str, str] = {
-    "diffusion": "a DDPM-schedule UNet (SD 1.x/2.x, SDXL, AnimateDiff: epsilon or v prediction, DDIM chains)",
+    "diffusion": (
+        "a DDPM-schedule UNet (SD 1.x/2.x, SDXL, AnimateDiff, AudioLDM 2: epsilon or v prediction, DDIM chains)"
+    ),
     "flow": "a flow-matching transformer (SD3/3.5, FLUX, Qwen-Image, Z-Image, Wan: velocity on σ, Euler/SDE chains)",
     "v-diffusion": (
         "a v-objective diffusion model on continuous noise levels (Stable Audio: EDM-preconditioned v-prediction, "
