@@ -169,9 +169,7 @@ class AudioLDM2Policy(DiffusionPolicy):
         for module in self.text_encoders or []:
             module.to(device)
         if self._empty is not None:
-            empty = self._empty
-            extra = {name: tensor.to(device) for name, tensor in empty.extra.items()}
-            self._empty = PromptEmbeds(empty.hidden.to(device), None, extra)
+            self._empty = self._empty.to(device)
         return self
 
     @property

@@ -51,6 +51,14 @@ class PromptEmbeds:
 
     tile = repeat  # the name :class:`mmalign.models.generator.Conditions` gives it
 
+    def to(self, device: str | torch.device) -> PromptEmbeds:
+        """Every tensor moved to ``device``."""
+        return PromptEmbeds(
+            self.hidden.to(device),
+            None if self.pooled is None else self.pooled.to(device),
+            {name: tensor.to(device) for name, tensor in self.extra.items()},
+        )
+
     @classmethod
     def cat(cls, parts: list[PromptEmbeds]) -> PromptEmbeds:
         """Concatenated along the batch (every part with the same fields)."""
