@@ -216,7 +216,7 @@ class AudioLDM2Policy(DiffusionPolicy):
         seconds = float(seconds)
         shortest = self.vae_scale_factor * self.hop_length / self.sample_rate
         if seconds < shortest:
-            raise ValueError(f"audio_length_in_s must be at least {shortest:g} seconds (one latent row), got {seconds:g}")
+            raise ValueError(f"audio_length_in_s must be at least {shortest:g} s (one latent row), got {seconds:g}")
         self._audio_length_in_s = seconds
 
     audio_end_in_s = audio_length_in_s  # the name the trainers' ``duration`` option sets (Stable Audio's)
@@ -236,7 +236,8 @@ class AudioLDM2Policy(DiffusionPolicy):
         """``(C, T', M')`` of one latent: the UNet's channels, the mel frames and the vocoder's mel bins over the VAE
         factor (the protocol's ``height`` / ``width`` do not apply to audio and are ignored)."""
         factor = self.vae_scale_factor
-        return int(self.unet.config.in_channels), self.mel_frames // factor, int(self.vocoder.config.model_in_dim) // factor
+        bins = int(self.vocoder.config.model_in_dim)
+        return int(self.unet.config.in_channels), self.mel_frames // factor, bins // factor
 
     # -- conditioning --------------------------------------------------------------------------------------
     def _generate(self, embeds: Tensor, mask: Tensor) -> Tensor:
@@ -303,7 +304,12 @@ class AudioLDM2Policy(DiffusionPolicy):
 
     # -- the network ---------------------------------------------------------------------------------------
     def predict(
-        self, unet: torch.nn.Module, noisy: Tensor, timesteps: Tensor, embeds: PromptEmbeds, time_ids: Tensor | None = None
+        self,
+        unet: torch.nn.Module,
+        noisy: Tensor,
+        timesteps: Tensor,
+        embeds: PromptEmbeds,
+        time_ids: Tensor | None = None,
     ) -> Tensor:
         """The UNet's output at ``noisy [B, C, T', M']`` with the GPT-2 states as ``encoder_hidden_states`` and the
         T5 states (masked) as ``encoder_hidden_states_1``, in float32."""
@@ -434,4 +440,3 @@ class AudioLDM2Policy(DiffusionPolicy):
         if abs(self.audio_length_in_s - self.default_duration) > 1e-9:
             write_generator_config(folder, audio_length_in_s=self.audio_length_in_s)
         return Path(folder)
-
