@@ -32,6 +32,9 @@ Re-implemented from ``diffusers/pipelines/audioldm2/pipeline_audioldm2.py`` (dif
 * Offline pairs (Diffusion-DPO, SFT) are not supported: the pipeline has no audio → mel path, and the mel
   settings the VAE was trained on (FFT size, window, frequency range) are not in the checkpoint's configs;
   :meth:`AudioLDM2Policy.latent_distribution` refuses with a :class:`~mmalign.errors.ConfigError`.
+* Gradient checkpointing: diffusers 0.42.1's ``AudioLDM2UNet2DConditionModel`` passes its blocks' arguments in the
+  wrong order under checkpointing (the T5 mask becomes the self-attention mask and the call fails): the loaded UNet
+  checkpoints them with :func:`checkpoint_block`, which passes them by name (:func:`with_block_checkpointing`).
 * LoRA: on the UNet's attention projections (``to_q/to_k/to_v/to_out.0`` of every self- and cross-attention).
   ``AudioLDM2UNet2DConditionModel`` lacks diffusers' ``PeftAdapterMixin`` and ``AudioLDM2Pipeline`` has no LoRA
   loader: the UNet is given the mixin (:func:`mmalign.models.stable_audio.with_peft`, the class keeps its name),
@@ -59,6 +62,53 @@ NEEDED = (
     "unet", "vae", "vocoder", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "projection_model",
     "language_model", "scheduler",
 )  # fmt: skip
+
+
+def checkpoint_block(module: torch.nn.Module, *args: Any) -> Any:
+    """The gradient-checkpointing function of :func:`with_block_checkpointing`: a ``Transformer2DModel`` called as
+    ``AudioLDM2UNet2DConditionModel``'s blocks call it under checkpointing (diffusers 0.42.1,
+    ``modeling_audioldm2.py``: ``hidden_states, encoder_hidden_states, None, None, cross_attention_kwargs,
+    attention_mask, encoder_attention_mask`` positionally, one place off ``Transformer2DModel.forward``'s order, so
+    the T5 mask lands on ``attention_mask`` and the call fails) is called with those arguments by name; any other
+    module as diffusers' default does (``torch.utils.checkpoint``, non-reentrant)."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    if isinstance(module, Transformer2DModel) and len(args) == 7:
+        hidden, encoder, _timestep, _labels, cross_kwargs, mask, encoder_mask = args
+
+        def run(hidden: Tensor, encoder: Tensor | None, encoder_mask: Tensor | None) -> Any:
+            return module(
+                hidden, encoder_hidden_states=encoder, cross_attention_kwargs=cross_kwargs, attention_mask=mask,
+                encoder_attention_mask=encoder_mask, return_dict=False,
+            )  # fmt: skip
+
+        return torch.utils.checkpoint.checkpoint(run, hidden, encoder, encoder_mask, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+_CHECKPOINTING_CLASSES: dict[type, type] = {}
+
+
+def with_block_checkpointing(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` whose ``enable_gradient_checkpointing()`` uses :func:`checkpoint_block` (its class becomes a
+    subclass of the same name and module, as :func:`~mmalign.models.stable_audio.with_peft` does)."""
+    base = type(unet)
+    if getattr(base, "_mmalign_block_checkpointing", False):
+        return unet
+    if base not in _CHECKPOINTING_CLASSES:
+
+        def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+            base.enable_gradient_checkpointing(self, gradient_checkpointing_func or checkpoint_block)
+
+        namespace = {
+            "__module__": base.__module__,
+            "_mmalign_block_checkpointing": True,
+            "enable_gradient_checkpointing": enable_gradient_checkpointing,
+        }
+        _CHECKPOINTING_CLASSES[base] = type(base.__name__, (base,), namespace)
+        _CHECKPOINTING_CLASSES[base].__qualname__ = base.__qualname__
+    unet.__class__ = _CHECKPOINTING_CLASSES[base]
+    return unet
 
 
 def load_lora_into_unet(unet: torch.nn.Module, folder: str | Path, adapter_name: str | None = None) -> None:
@@ -91,7 +141,7 @@ class AudioLDM2Policy(DiffusionPolicy):
         if missing:
             raise WeightsError(f"{folder}: AudioLDM 2 components without {', '.join(missing)}")
         self.folder = folder
-        self.unet = with_peft(components["unet"])
+        self.unet = with_block_checkpointing(with_peft(components["unet"]))
         self.vae = components["vae"]
         self.vocoder = components["vocoder"]
         self.clap = components["text_encoder"]
@@ -122,11 +172,15 @@ class AudioLDM2Policy(DiffusionPolicy):
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, model: str | Path, device: str | torch.device = "cpu", audio_length_in_s: float | None = None, **_: Any
+        cls,
+        model: str | Path,
+        device: str | torch.device = "cpu",
+        audio_length_in_s: float | None = None,
+        dtype: torch.dtype | None = None,
     ) -> AudioLDM2Policy:
         """An ``AudioLDM2Pipeline`` folder or hub id (``save_pretrained`` layout), every component through its own
-        class's ``from_pretrained``; ``audio_length_in_s`` default: the folder's ``mmalign_generator.json``, else
-        the pipeline's default."""
+        class's ``from_pretrained`` (then cast to ``dtype`` when given); ``audio_length_in_s`` default: the folder's
+        ``mmalign_generator.json``, else the pipeline's default."""
         import diffusers
         import transformers
         from diffusers.pipelines.audioldm2 import AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel
@@ -160,6 +214,17 @@ class AudioLDM2Policy(DiffusionPolicy):
             components[name] = transformers.AutoTokenizer.from_pretrained(str(folder / name))
         if audio_length_in_s is None and "audio_length_in_s" in (settings := read_generator_config(folder)):
             audio_length_in_s = float(settings["audio_length_in_s"])
+        if dtype is not None:
+            for name in (
+                "unet",
+                "projection_model",
+                "vae",
+                "vocoder",
+                "text_encoder",
+                "text_encoder_2",
+                "language_model",
+            ):
+                components[name].to(dtype)
         return cls(components, folder, audio_length_in_s=audio_length_in_s).to(device)
 
     def to(self, device: str | torch.device) -> AudioLDM2Policy:

@@ -211,9 +211,15 @@ def test_reward_gradient_reaches_every_lora_parameter(folder, prompt_file, tmp_p
     assert not dead, dead
 
 
-@pytest.mark.parametrize("name", ["draft", "ddpo"])
+@pytest.mark.parametrize("name", ["draft", "ddpo", "refl", "alignprop", "d3po"])
 def test_online_trainers_change_every_lora_parameter(name, folder, prompt_file, tmp_path):
-    extra = ["sample_steps=2", "guidance=2.0", "eta=0" if name == "draft" else "eta=1.0"]
+    extra = {
+        "draft": ["eta=0"],
+        "ddpo": ["eta=1.0"],
+        "refl": ["refl_min_step=1", "gradient_checkpointing=true"],  # diffusers' block checkpointing, repaired
+        "alignprop": ["eta=0"],
+        "d3po": ["eta=1.0"],
+    }[name] + ["sample_steps=2", "guidance=2.0"]
     trainer = make(name, folder, prompt_file, tmp_path, *extra, "sample_every=2", "validation_prompts=[a dog barks]",
                    reward=Loudness())  # fmt: skip
     assert_all_changed(trainer)
