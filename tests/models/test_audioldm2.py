@@ -6,6 +6,7 @@ with an exact resume; offline pairs are refused."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -249,3 +250,24 @@ def test_offline_pairs_and_image_rewards_are_refused(folder, policy, prompt_file
         policy.latent_distribution(torch.zeros(1, 1, 64))
     with pytest.raises(ConfigError, match="reward brightness scores images; the generator makes audio"):
         make("draft", folder, prompt_file, tmp_path, "sample_steps=2", "eta=0", reward=Brightness())
+
+
+def test_label_samples_scores_and_writes_mono_wavs(policy, tmp_path):
+    """``mmalign label``'s sampler (DDIM η = 0 from candidate seeds) is the policy's sampler, and the K samples are
+    written as 16 kHz mono WAVs, scored as read back."""
+    from mmalign.commands.label import label
+    from mmalign.modalities.audio import read_audio
+    from mmalign.models.noise_opt import NoiseSampler, initial_noise
+    from mmalign.trainers.online import WeightedReward
+
+    sampler = NoiseSampler(policy, 3, 2.5, 0)
+    x_T = initial_noise(sampler.latent_shape, [5, 6])
+    expected = policy.sample(policy.encode_prompt(["a dog barks"] * 2), steps=3, guidance=2.5, latents=x_T)
+    torch.testing.assert_close(sampler.latents(x_T, "a dog barks"), expected, atol=1e-6, rtol=1e-5)
+    out = tmp_path / "labels"
+    summary = label(policy, WeightedReward([Loudness()], [1.0]), ["a dog barks"], 3, out, steps=2, guidance=2.5)
+    assert summary == {"prompts": 1, "images": 3, "pairs": 3}
+    row = json.loads((out / "rankings.jsonl").read_text())
+    waves = [read_audio(out / name) for name in row["images"]]
+    assert all(rate == 16000 and wave.shape == (1, 64) for wave, rate in waves)
+    assert row["scores"] == pytest.approx([float(np.mean(wave)) * 100 for wave, _ in waves], abs=1e-5)
