@@ -212,6 +212,10 @@ class AudioLDM2Policy(DiffusionPolicy):
             components[name] = library_class(name).from_pretrained(str(folder / name))
         for name in ("tokenizer", "tokenizer_2"):
             components[name] = transformers.AutoTokenizer.from_pretrained(str(folder / name))
+        if (index.get("feature_extractor") or [None, None])[1] is not None:  # kept for the pipelines it saves
+            components["feature_extractor"] = library_class("feature_extractor").from_pretrained(
+                str(folder / "feature_extractor")
+            )
         if audio_length_in_s is None and "audio_length_in_s" in (settings := read_generator_config(folder)):
             audio_length_in_s = float(settings["audio_length_in_s"])
         if dtype is not None:

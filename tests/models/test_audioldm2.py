@@ -271,3 +271,20 @@ def test_label_samples_scores_and_writes_mono_wavs(policy, tmp_path):
     waves = [read_audio(out / name) for name in row["images"]]
     assert all(rate == 16000 and wave.shape == (1, 64) for wave, rate in waves)
     assert row["scores"] == pytest.approx([float(np.mean(wave)) * 100 for wave, _ in waves], abs=1e-5)
+
+
+def test_saved_pipeline_reloads_with_its_duration(folder, tmp_path):
+    """A full fine-tuning's output: :meth:`save_pipeline` writes an ``AudioLDM2Pipeline`` folder (and the duration
+    when it is not the default) that diffusers and ``load_generator`` load back."""
+    from diffusers import AudioLDM2Pipeline
+
+    policy = load_generator(str(folder), audio_length_in_s=0.005)
+    policy.save_pipeline(tmp_path / "saved")
+    again = load_generator(str(tmp_path / "saved"))
+    assert again.audio_length_in_s == 0.005 and again.latent_shape() == (4, 10, 4)
+    assert (
+        type(AudioLDM2Pipeline.from_pretrained(str(tmp_path / "saved")).unet).__name__
+        == "AudioLDM2UNet2DConditionModel"
+    )
+    for name, tensor in policy.unet.state_dict().items():
+        assert torch.equal(again.unet.state_dict()[name], tensor), name
