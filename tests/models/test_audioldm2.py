@@ -116,6 +116,12 @@ def test_duration_sets_the_latent_rows_and_the_crop(folder):
     assert latents.grad is not None and latents.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="at least"):
         policy.audio_end_in_s = 0.0001
+    from mmalign.models.generator import configure_output
+
+    assert configure_output(policy, duration=0.003) is policy  # the trainers' duration= option
+    assert policy.audio_length_in_s == 0.003 and policy.latent_shape() == (4, 6, 4) and policy.num_samples == 48
+    with pytest.raises(ConfigError, match="duration=0.0001"):
+        configure_output(policy, duration=0.0001)
     with pytest.raises(ValueError, match=r"\[B, C, T', M'\]"):
         policy.decode(torch.randn(1, 4, 8))
 
