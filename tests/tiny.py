@@ -246,3 +246,11 @@ def make_audiobox_model(folder: Path, seed: int = 0, wavlm: dict | None = None, 
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state, str(folder / "model.safetensors"))
     return folder
+
+
+def make_audioldm2_pipeline(folder: Path, seed: int = 0, **options) -> Path:
+    """A tiny AudioLDM2Pipeline folder (``save_pretrained``): real classes, random weights, a 16 kHz vocoder of hop
+    4 on 8 mel bins, latents [4, 8, 4] (0.004 s), 12 text tokens, 8 generated GPT-2 states."""
+    from mmalign.models.builders import build_audioldm2_pipeline
+
+    return build_audioldm2_pipeline(folder, seed, **options)

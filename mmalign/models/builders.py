@@ -1064,3 +1064,169 @@ def build_stable_audio_pipeline(
     if audio_end_in_s is not None:
         write_generator_config(folder, audio_end_in_s=float(audio_end_in_s))
     return folder
+
+
+# -- AudioLDM 2 ------------------------------------------------------------------------------------------------
+def roberta_tokenizer(folder: str | Path | None = None, words: tuple[str, ...] = (), model_max_length: int = 12):
+    """A byte-level BPE tokenizer in RoBERTa's format (CLAP's text tokenizer), built offline: the special tokens
+    ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the 256 byte symbols of the GPT-2 byte-to-unicode table, the
+    word-start merges of ``words`` (``Ġ`` + each letter, then the letters joined) and ``<mask>``; any text
+    tokenises. Written into ``folder`` (default: a temporary folder) as ``vocab.json`` + ``merges.txt``."""
+    import json
+
+    from transformers import RobertaTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    table.update({byte: chr(256 + n) for n, byte in enumerate(b for b in range(256) if b not in table)})
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbol = "Ġ"
+        for char in word:
+            pair = (symbol, char)
+            if pair not in merges:
+                merges.append(pair)
+            symbol += char
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", *(table[b] for b in range(256))]
+    vocab += list(dict.fromkeys("".join(m) for m in merges if "".join(m) not in vocab)) + ["<mask>"]
+
+    def write(target: Path):
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+        (target / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+        )
+        return RobertaTokenizer.from_pretrained(str(target), model_max_length=model_max_length)
+
+    if folder is not None:
+        return write(Path(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        return write(Path(tmp) / "tokenizer")
+
+
+AUDIOLDM2_WORDS = ("a", "dog", "barks", "rain", "piano", "drum", "loop", "bird", "sings")
+
+#: a tiny AudioLDM 2: 16 kHz vocoder of hop 4 (2·2) on 8 mel bins, a 2-level VAE (latents [4, T/2, 4]), a UNet of
+#: two levels whose attention blocks hold a self-attention and two cross-attentions (GPT-2 states, then T5 states:
+#: ``cross_attention_dim [[None, 16, 32], ...]``, the layout of cvssp/audioldm2), 8 latent rows (0.004 s)
+TINY_AUDIOLDM2: dict[str, dict[str, Any]] = dict(
+    unet=dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=[[None, 16, 32], [None, 16, 32]],
+    ),
+    vae=dict(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        norm_num_groups=8,
+        layers_per_block=1,
+    ),
+    clap_text=dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
+    clap_audio=dict(
+        window_size=4,
+        num_mel_bins=8,
+        spec_size=8,
+        patch_size=2,
+        patch_stride=[2, 2],
+        hidden_size=16,
+        patch_embeds_hidden_size=8,
+        depths=[1, 1],
+        num_attention_heads=[1, 1],
+    ),
+    clap=dict(projection_dim=16),
+    t5=dict(d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8),
+    gpt2=dict(n_embd=16, n_head=2, n_layer=1, vocab_size=16, n_positions=64, bos_token_id=0, eos_token_id=0),
+    projection=dict(text_encoder_dim=16, text_encoder_1_dim=32, langauge_model_dim=16),
+    vocoder=dict(
+        model_in_dim=8,
+        sampling_rate=16000,
+        upsample_initial_channel=16,
+        upsample_rates=[2, 2],
+        upsample_kernel_sizes=[4, 4],
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]],
+        normalize_before=False,
+    ),
+    scheduler=sd_scheduler_config(set_alpha_to_one=False),
+)
+
+
+def build_audioldm2_pipeline(
+    folder: str | Path,
+    seed: int = 0,
+    config: dict[str, dict[str, Any]] | None = None,
+    max_length: int = 12,
+    max_new_tokens: int = 8,
+) -> Path:
+    """A random-weight ``AudioLDM2Pipeline`` from :data:`TINY_AUDIOLDM2`-shaped ``config``: ``ClapModel`` with
+    :func:`roberta_tokenizer`, ``T5EncoderModel`` with :func:`t5_tokenizer` (both of ``model_max_length``
+    ``max_length``), ``GPT2LMHeadModel`` (``max_new_tokens`` in its config, the pipeline's default),
+    ``AudioLDM2ProjectionModel``, ``AudioLDM2UNet2DConditionModel``, ``AutoencoderKL``, ``SpeechT5HifiGan``, a
+    default ``ClapFeatureExtractor`` and ``DDIMScheduler``, saved with ``save_pretrained`` into ``folder``."""
+    import torch
+    from diffusers import AudioLDM2Pipeline, AutoencoderKL, DDIMScheduler
+    from diffusers.pipelines.audioldm2 import AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel
+    from transformers import (
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    config = config or TINY_AUDIOLDM2
+    folder = Path(folder)
+    tokenizer = roberta_tokenizer(words=AUDIOLDM2_WORDS, model_max_length=max_length)
+    tokenizer_2 = t5_tokenizer(AUDIOLDM2_WORDS)
+    tokenizer_2.model_max_length = int(max_length)
+    torch.manual_seed(seed)
+    clap = ClapConfig(
+        text_config=dict(vocab_size=len(tokenizer), **config["clap_text"]),
+        audio_config=dict(config["clap_audio"]),
+        **config["clap"],
+    )
+    language_model = GPT2LMHeadModel(GPT2Config(**config["gpt2"])).eval()
+    language_model.config.max_new_tokens = int(max_new_tokens)
+    pipe = AudioLDM2Pipeline(
+        vae=AutoencoderKL(**config["vae"]).eval(),
+        text_encoder=ClapModel(clap).eval(),
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **config["t5"])).eval(),
+        projection_model=AudioLDM2ProjectionModel(**config["projection"]).eval(),
+        language_model=language_model,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        feature_extractor=ClapFeatureExtractor(),
+        unet=AudioLDM2UNet2DConditionModel(**config["unet"]),
+        scheduler=DDIMScheduler(**config["scheduler"]),
+        vocoder=SpeechT5HifiGan(SpeechT5HifiGanConfig(**config["vocoder"])).eval(),
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+__all__ += ["AUDIOLDM2_WORDS", "TINY_AUDIOLDM2", "build_audioldm2_pipeline", "roberta_tokenizer"]

@@ -24,6 +24,9 @@ How the UNet :class:`mmalign.models.policy.DiffusionPolicy` maps onto this proto
 (:class:`mmalign.models.animatediff.AnimateDiffPolicy`) is a video subclass of it: ``modality`` "video",
 ``num_frames``, latents ``[B, C, F, h, w]``, ``decode`` to ``[B, T, 3, H, W]``; the DDIM chains and the UNet
 trainers take its latent shape (``latent_shape``) and decoding (``decode(latents, grad=...)``) from the policy.
+AudioLDM 2 (:class:`mmalign.models.audioldm2.AudioLDM2Policy`) is an audio subclass: ``modality`` "audio", mel
+latents ``[B, C, T', M']``, ``decode`` to mono audio ``[B, 1, S]`` in [-1, 1], its second cross-attention input (T5
+states and mask) in ``PromptEmbeds.extra``; no offline pairs (no waveform → latent path).
 
 Families register in :data:`FAMILIES` under the diffusers pipeline class that ``model_index.json`` names, as
 ``"module:Class"`` strings imported on first use (``import mmalign`` stays light).
@@ -281,6 +284,7 @@ FAMILIES: dict[str, str] = {
     "WanPipeline": "mmalign.models.wan:WanGenerator",
     "AnimateDiffPipeline": "mmalign.models.animatediff:AnimateDiffPolicy",
     "StableAudioPipeline": "mmalign.models.stable_audio:StableAudioGenerator",
+    "AudioLDM2Pipeline": "mmalign.models.audioldm2:AudioLDM2Policy",
 }
 
 
@@ -292,7 +296,9 @@ def attention_projections(*attentions: str) -> tuple[str, ...]:
 
 #: what each parametrisation means for the trainers (the messages of :func:`check_parametrisation`)
 PARAMETRISATIONS: dict[str, str] = {
-    "diffusion": "a DDPM-schedule UNet (SD 1.x/2.x, SDXL, AnimateDiff: epsilon or v prediction, DDIM chains)",
+    "diffusion": (
+        "a DDPM-schedule UNet (SD 1.x/2.x, SDXL, AnimateDiff, AudioLDM 2: epsilon or v prediction, DDIM chains)"
+    ),
     "flow": "a flow-matching transformer (SD3/3.5, FLUX, Qwen-Image, Z-Image, Wan: velocity on σ, Euler/SDE chains)",
     "v-diffusion": (
         "a v-objective diffusion model on continuous noise levels (Stable Audio: EDM-preconditioned v-prediction, "

@@ -10,7 +10,7 @@ predict with the UNet, decode. These follow diffusers' training scripts (``train
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +22,49 @@ from ..hub import resolve_dir
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning of a batch: ``hidden [B, L, D]`` and, for SDXL, ``pooled [B, D2]``."""
+    """Text conditioning of a batch: ``hidden [B, L, D]`` and, for SDXL, ``pooled [B, D2]``; ``extra``: further
+    named batch-first tensors a family's UNet takes (AudioLDM 2: its second cross-attention's T5 states and their
+    attention mask), carried through batching, tiling and guidance as they are."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def select(self, index: torch.Tensor | slice) -> PromptEmbeds:
-        return PromptEmbeds(self.hidden[index], None if self.pooled is None else self.pooled[index])
+        return PromptEmbeds(
+            self.hidden[index],
+            None if self.pooled is None else self.pooled[index],
+            {name: tensor[index] for name, tensor in self.extra.items()},
+        )
 
     def repeat(self, times: int) -> PromptEmbeds:
         """The batch tiled ``times`` times (``[a, b, a, b]``)."""
+
+        def tiled(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.repeat(times, *([1] * (tensor.ndim - 1)))
+
         return PromptEmbeds(
-            self.hidden.repeat(times, 1, 1), None if self.pooled is None else self.pooled.repeat(times, 1)
+            tiled(self.hidden),
+            None if self.pooled is None else tiled(self.pooled),
+            {name: tiled(tensor) for name, tensor in self.extra.items()},
         )
 
     tile = repeat  # the name :class:`mmalign.models.generator.Conditions` gives it
+
+    def to(self, device: str | torch.device) -> PromptEmbeds:
+        """Every tensor moved to ``device``."""
+        return PromptEmbeds(
+            self.hidden.to(device),
+            None if self.pooled is None else self.pooled.to(device),
+            {name: tensor.to(device) for name, tensor in self.extra.items()},
+        )
+
+    @classmethod
+    def cat(cls, parts: list[PromptEmbeds]) -> PromptEmbeds:
+        """Concatenated along the batch (every part with the same fields)."""
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        extra = {name: torch.cat([p.extra[name] for p in parts]) for name in parts[0].extra}
+        return cls(torch.cat([p.hidden for p in parts]), pooled, extra)
 
 
 class DiffusionPolicy:

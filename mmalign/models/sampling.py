@@ -193,10 +193,7 @@ def guided_eps(
     if uncond is None or guidance == 1.0:
         out = predict(x_t, timesteps, embeds, time_ids)
         return model_output_to_eps(out, x_t, alpha_bar_t, prediction_type)
-    both = PromptEmbeds(
-        torch.cat([uncond.hidden, embeds.hidden]),
-        None if embeds.pooled is None else torch.cat([uncond.pooled, embeds.pooled]),
-    )
+    both = PromptEmbeds.cat([uncond, embeds])
     ids = None if time_ids is None else torch.cat([time_ids, time_ids])
     alpha = torch.as_tensor(alpha_bar_t)
     alpha = torch.cat([alpha, alpha]) if alpha.ndim else alpha  # per-sample ᾱ: one per row of both halves

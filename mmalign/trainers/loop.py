@@ -500,8 +500,7 @@ class Trainer:
             return Conditions.cat(parts)
         from ..models.policy import PromptEmbeds
 
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return PromptEmbeds(torch.cat([p.hidden for p in parts]), pooled)
+        return PromptEmbeds.cat(parts)
 
     def _encode_one(self, prompts: list[str]):
         """One prompt's :class:`~mmalign.models.generator.Conditions`, read from ``conditions_cache`` when it has
