@@ -140,10 +140,11 @@ class WanExperts(torch.nn.Module):
 
     With gradients on, a batch whose rows all go to frozen parameters still leaves a graph through a trained one
     (its sum times 0 is added: zero gradients, so a loss never lacks a ``grad_fn``). ``sync_experts`` (the training
-    loop sets it under several processes): with gradients on, an expert without rows runs on the batch's first row
-    and its output, times 0, is added, so that every process calls both experts in the same order (FSDP gathers
-    each expert's shards collectively) and DDP sees every trained parameter take part; it costs one row of the idle
-    expert per training forward."""
+    loop sets it under several processes): every forward calls both experts, high then low, an expert without rows
+    on the batch's first row with its output added times 0, so that every process gathers the same expert's shards
+    at the same time (FSDP and ZeRO-3 gather collectively: with rows routed apart, two processes would otherwise
+    gather different experts of the same shapes and compute with mixed weights) and DDP sees every trained parameter
+    take part; it costs one row of the idle expert per forward."""
 
     def __init__(
         self,
@@ -206,38 +207,32 @@ class WanExperts(torch.nn.Module):
             timestep = timestep.expand(hidden_states.shape[0])
         high = self.is_high(timestep)
         grad = torch.is_grad_enabled()
-        if bool(high.all()) or not bool(high.any()):
-            expert, idle = (self.high, self.low) if bool(high.all()) else (self.low, self.high)
-            sample = expert(
-                hidden_states=hidden_states,
-                timestep=timestep,
-                encoder_hidden_states=encoder_hidden_states,
+
+        def call(expert: torch.nn.Module, rows: Tensor | slice) -> Tensor:
+            return expert(
+                hidden_states=hidden_states[rows],
+                timestep=timestep[rows],
+                encoder_hidden_states=encoder_hidden_states[rows],
                 return_dict=False,
                 **kwargs,
             )[0]
-            if grad and self.sync_experts:
-                first = idle(
-                    hidden_states=hidden_states[:1],
-                    timestep=timestep[:1],
-                    encoder_hidden_states=encoder_hidden_states[:1],
-                    return_dict=False,
-                    **kwargs,
-                )[0]
-                sample = torch.cat([sample[:1] + 0 * first, sample[1:]])
-        else:
-            sample = None
+
+        if not self.sync_experts and (bool(high.all()) or not bool(high.any())):
+            sample = call(self.high if bool(high.all()) else self.low, slice(None))
+        else:  # each expert on its rows, high then low (sync_experts: an idle one on row 0, times 0)
+            sample, idle = None, []
             for mask, expert in ((high, self.high), (~high, self.low)):
                 rows = torch.nonzero(mask).flatten()
-                part = expert(
-                    hidden_states=hidden_states[rows],
-                    timestep=timestep[rows],
-                    encoder_hidden_states=encoder_hidden_states[rows],
-                    return_dict=False,
-                    **kwargs,
-                )[0]
+                if rows.numel() == 0:
+                    if self.sync_experts:
+                        idle.append(call(expert, slice(0, 1)))
+                    continue
+                part = call(expert, rows)
                 if sample is None:
                     sample = part.new_zeros((hidden_states.shape[0], *part.shape[1:]))
                 sample = sample.index_copy(0, rows, part)
+            for part in idle:
+                sample = torch.cat([sample[:1] + 0 * part, sample[1:]])
         if grad and not sample.requires_grad:  # every row went to a frozen expert: a zero-gradient graph
             trained = next((p for p in self.parameters() if p.requires_grad), None)
             if trained is not None:

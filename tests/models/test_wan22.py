@@ -221,3 +221,25 @@ def test_save_pipeline_writes_both_experts_and_the_boundary(a14b, tmp_path):
     again = load_generator(str(tmp_path / "saved"))
     assert again.two_experts and again.guidance_2 == 3.0
     assert torch.equal(again.transformer_2.proj_out.weight, a14b.transformer_2.proj_out.weight)
+
+
+@pytest.mark.slow  # two torchrun processes per engine, about 40 s each on a loaded machine: MMALIGN_SLOW=1
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_with_rows_routed_apart(a14b_folder, trained, engine, tmp_path):
+    """One pair per process: the processes' rows go to different experts. ``sync_experts`` makes both call both
+    experts in the same order (FSDP2 would otherwise gather different experts' shards of the same shapes and mix
+    them), and the run equals one process (plain SGD, as tests/trainers/distributed.py compares runs)."""
+    from safetensors.torch import load_file
+
+    from tests.trainers import distributed
+
+    args = [
+        f"model={a14b_folder}", f"data={trained[0].config.data}", "trainer=dpo", "resolution=32", "max_steps=2",
+        "lora_rank=4", "tracker=none", "progress=false", "log_every=1", "lr=1e-2", "beta=100", "optimizer=sgd",
+        f"distributed={engine}",
+    ]  # fmt: skip
+    runs = {"one": distributed.train(args, tmp_path / "one", 0), "two": distributed.train(args, tmp_path / "two", 2)}
+    torch.testing.assert_close(torch.tensor(runs["two"]["grad_norm"]), torch.tensor(runs["one"]["grad_norm"]))
+    for name in ("pytorch_lora_weights.safetensors", "transformer_2/pytorch_lora_weights.safetensors"):
+        one, two = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-6
