@@ -178,6 +178,15 @@ class WanExperts(torch.nn.Module):
     def experts(self) -> dict[str, torch.nn.Module]:
         return {"high": self.high, "low": self.low}
 
+    @classmethod
+    def from_config(cls, config: Any) -> WanExperts:
+        """Not wired: the training loop's unsharded copy of an FSDP full fine-tuning rebuilds one diffusers model
+        from its config; train the experts with LoRA (or without FSDP) instead."""
+        raise NotImplementedError(
+            "FSDP full fine-tuning (lora_rank=0) of Wan 2.2 A14B's two experts is not supported: use LoRA "
+            "(lora_rank > 0) or DDP"
+        )
+
     @property
     def config(self) -> Any:
         """The high-noise expert's config (both experts share the architecture: ``patch_size``...)."""
