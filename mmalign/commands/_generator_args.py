@@ -23,6 +23,12 @@ def add_generator_args(p: argparse.ArgumentParser, steps_help: str) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=50, help=steps_help)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--guidance-2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: the low-noise expert's guidance scale (guidance_scale_2; default --guidance)",
+    )
     p.add_argument("--resolution", type=int, default=512, help="image / video side in pixels (not used for audio)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -39,8 +45,16 @@ def add_generator_args(p: argparse.ArgumentParser, steps_help: str) -> None:
 
 
 def load_generator_from_args(args: argparse.Namespace, device: Any) -> Any:
-    """The ``--model`` generator on ``device``, set up as ``--frames`` / ``--duration`` / ``--views-grid`` say."""
+    """The ``--model`` generator on ``device``, set up as ``--frames`` / ``--duration`` / ``--views-grid`` (and
+    ``--guidance-2`` for Wan 2.2 A14B) say."""
     from ..models.generator import configure_output, load_generator
 
     generator = load_generator(args.model, device=device)
-    return configure_output(generator, args.frames, args.duration, args.views_grid, where=f"--model {args.model}")
+    return configure_output(
+        generator,
+        args.frames,
+        args.duration,
+        args.views_grid,
+        where=f"--model {args.model}",
+        guidance_2=getattr(args, "guidance_2", None),
+    )

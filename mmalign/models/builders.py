@@ -838,13 +838,16 @@ def build_wan_pipeline(
     num_frames: int | None = 5,
     euler: bool = False,
     expand_timesteps: bool = False,
+    boundary_ratio: float | None = None,
 ) -> Path:
     """A random-weight ``WanPipeline`` (``WanTransformer3DModel``, ``UMT5EncoderModel`` with :func:`t5_tokenizer`,
     ``AutoencoderKLWan``, ``UniPCMultistepScheduler`` with flow sigmas as shipped, or ``euler``:
     ``FlowMatchEulerDiscreteScheduler`` of the same shift) from :data:`TINY_WAN`-shaped ``config``, saved with
     ``WanPipeline.save_pretrained`` into ``folder``; ``max_sequence_length`` and ``num_frames`` (when given) are
     recorded in the folder's generator config (:func:`mmalign.models.sd3.write_generator_config`);
-    ``expand_timesteps``: Wan 2.2 TI2V's per-token timesteps."""
+    ``expand_timesteps``: Wan 2.2 TI2V's per-token timesteps; ``boundary_ratio``: Wan 2.2 A14B's layout, a second
+    transformer of the same config (``transformer_2``, the low-noise expert, with other random weights) switched to
+    below ``boundary_ratio·1000``."""
     import torch
     from diffusers import (
         AutoencoderKLWan,
@@ -861,6 +864,7 @@ def build_wan_pipeline(
     tokenizer = t5_tokenizer(("a", "red", "apple", "blue", "sky", "green", "field", "cat", "video"))
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**config["transformer"])
+    transformer_2 = None if boundary_ratio is None else WanTransformer3DModel(**config["transformer"])
     vae = AutoencoderKLWan(**config["vae"]).eval()
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **config["text"])).eval()
     if euler:
@@ -875,6 +879,8 @@ def build_wan_pipeline(
         scheduler=scheduler,
         transformer=transformer,
         expand_timesteps=expand_timesteps,
+        transformer_2=transformer_2,
+        boundary_ratio=boundary_ratio,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     settings = {}

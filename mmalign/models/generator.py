@@ -400,15 +400,34 @@ def load_generator(model: str | Path, device: str | torch.device = "cpu", **kwar
 
 
 def configure_output(
-    generator: Any, frames: int = 0, duration: float = 0.0, views_grid: str = "", where: str = "model"
+    generator: Any,
+    frames: int = 0,
+    duration: float = 0.0,
+    views_grid: str = "",
+    where: str = "model",
+    experts: str = "",
+    guidance_2: float | None = None,
 ) -> Any:
     """What a generator makes, set as the trainers' ``frames`` / ``duration`` / ``views_grid`` keys (and ``mmalign
     label`` / ``generate``'s flags) say: ``frames`` (0: the generator's own) onto a video generator's
     ``num_frames``, ``duration`` seconds (0: its own) onto an audio generator's ``audio_end_in_s``, and an image
     generator read as a ``views_grid`` ``"RxC"`` grid of views (:class:`~mmalign.models.view_grid.ViewGridGenerator`,
     returned in its place). A setting the generator cannot take raises :class:`~mmalign.errors.ConfigError` naming
-    the setting and ``where`` (the model)."""
+    the setting and ``where`` (the model).
+
+    ``experts`` ("both", "high", "low"; empty: the generator's own) and ``guidance_2`` (the low-noise stage's guidance
+    scale; ``None``: the generator's own) apply to Wan 2.2 A14B's two experts (:mod:`mmalign.models.wan`) only."""
     from ..errors import ConfigError
+
+    two_experts = bool(getattr(generator, "two_experts", False))
+    for name, value in (("experts", experts), ("guidance_2", guidance_2)):
+        if value not in ("", None):
+            if not two_experts:
+                raise ConfigError(f"{name}={value}: {where} is not a two-expert (Wan 2.2 A14B) pipeline")
+            try:
+                setattr(generator, "trained_experts" if name == "experts" else name, value)
+            except ValueError as error:
+                raise ConfigError(f"{name}={value}: {error}") from None
 
     modality = getattr(generator, "modality", "image")
     if duration:

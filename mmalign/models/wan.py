@@ -1,5 +1,5 @@
-"""Wan 2.1 (and Wan 2.2 TI2V-5B as text-to-video) as a :class:`mmalign.models.generator.Generator` (flow
-matching, video).
+"""Wan 2.1, Wan 2.2 TI2V-5B (as text-to-video) and Wan 2.2 A14B (two experts) as a
+:class:`mmalign.models.generator.Generator` (flow matching, video).
 
 Components, as diffusers' ``WanPipeline`` holds them: ``WanTransformer3DModel`` (trainable: 3D patches of
 ``patch_size`` (1, 2, 2), self-attention ``attn1``, cross-attention ``attn2`` on the text, a GELU ``ffn`` in every
@@ -37,10 +37,28 @@ Re-implemented from ``diffusers/pipelines/wan/pipeline_wan.py`` (diffusers 0.42.
   transitions; UniPC's multistep corrector itself is not reproduced. :meth:`WanGenerator.save_pipeline` keeps the
   shipped scheduler.
 
-Not supported (refused with a :class:`~mmalign.errors.WeightsError` naming it): Wan 2.2 A14B's two experts
-(``transformer_2`` with ``boundary_ratio``: a high-noise transformer for ``t ≥ boundary_ratio·1000`` and a low-noise
-one below, each with its own guidance scale) — the protocol trains one network; image-conditioned transformers
-(``image_dim``: Wan 2.1 I2V, which is ``WanImageToVideoPipeline`` anyway).
+Wan 2.2 A14B's two experts (``transformer_2`` with ``boundary_ratio`` in ``model_index.json``), as ``WanPipeline``
+runs them: the high-noise ``transformer`` at model timesteps ``t ≥ boundary_ratio·num_train_timesteps`` (inclusive,
+the pipeline's ``t >= boundary_timestep``), the low-noise ``transformer_2`` below, and the low-noise stage guided at
+:attr:`WanGenerator.guidance_2` (the pipeline's ``guidance_scale_2``; ``None``: the guidance of the high-noise stage,
+the pipeline's default). The trainable network is then :class:`WanExperts`, one module over both experts that routes
+each batch row to the expert of that row's timestep (training batches mix timesteps), so that
+:meth:`WanGenerator.predict`, the samplers and every trainer (Flow-DPO and the DPO family, the GRPO family, reward
+backprop) run unchanged, and peft LoRA targets wrap both experts' projections (``high.blocks.0.attn1.to_q``,
+``low.blocks.0.attn1.to_q``, ...). :attr:`WanGenerator.trained_experts` (the trainers' ``experts`` key: "both",
+"high" or "low") trains one expert only: the other gets no adapter and no gradient. Guidance switches per row by
+``t`` (:meth:`WanGenerator.combine_guidance`), so Flow-GRPO's detached-unconditional training, the rollouts and
+reward backprop all guide as the pipeline does. A LoRA is saved as diffusers loads it: the high-noise expert's in
+the folder (``pipe.load_lora_weights(folder)``), the low-noise expert's in its ``transformer_2/`` subfolder
+(``pipe.load_lora_weights(folder / "transformer_2", load_into_transformer_2=True)``: diffusers' Wan LoRA saver has
+no second transformer, and its loader reads ``transformer.``-prefixed keys into ``transformer_2``);
+:meth:`WanGenerator.save_pipeline` writes both experts and ``boundary_ratio``. Memory: both experts are held (two
+14B transformers, ~28 GB each in bf16) on the generator's device; nothing offloads the idle expert.
+
+Not supported (refused with a :class:`~mmalign.errors.WeightsError` naming it): a ``transformer_2`` without
+``boundary_ratio`` or the reverse (the pipeline would never, or could not, switch); image-conditioned transformers
+(``image_dim``: Wan 2.1 I2V, which is ``WanImageToVideoPipeline`` anyway). FSDP full fine-tuning (``lora_rank=0``
+under FSDP) of the two experts is not wired: the gathered copy rebuilds one diffusers model.
 """
 
 from __future__ import annotations
@@ -58,7 +76,15 @@ from ..errors import WeightsError
 from .flow_generator import FlowMatchingGenerator, PerChannelLatentStats
 from .generator import Conditions, attention_projections
 
-__all__ = ["DEFAULT_NUM_FRAMES", "WAN_LORA_TARGETS", "WanGenerator", "check_num_frames", "prompt_clean"]
+__all__ = [
+    "DEFAULT_NUM_FRAMES",
+    "EXPERTS",
+    "WAN_LORA_TARGETS",
+    "WanExperts",
+    "WanGenerator",
+    "check_num_frames",
+    "prompt_clean",
+]
 
 DEFAULT_NUM_FRAMES = 81  # WanPipeline.__call__'s num_frames
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s max_sequence_length
@@ -66,6 +92,9 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s max_sequence_length
 #: every WanTransformerBlock's self-attention (attn1) and text cross-attention (attn2) q/k/v/out projections and
 #: its feed-forward layers: DiffSynth-Studio's Wan LoRA default ``q,k,v,o,ffn.0,ffn.2`` in diffusers' names
 WAN_LORA_TARGETS: tuple[str, ...] = (*attention_projections("attn1", "attn2"), "ffn.net.0.proj", "ffn.net.2")
+
+#: which of Wan 2.2 A14B's experts train: both, the high-noise ``transformer`` or the low-noise ``transformer_2``
+EXPERTS: tuple[str, ...] = ("both", "high", "low")
 
 #: flow-matching schedulers a Wan folder may ship (their flow shift key), replaced by the Euler schedule of that shift
 _FLOW_SIGMA_SCHEDULERS = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
@@ -97,6 +126,178 @@ def check_num_frames(frames: int, temporal: int = 4) -> int:
     return frames
 
 
+class WanExperts(torch.nn.Module):
+    """Wan 2.2 A14B's two experts as one trainable module: ``high`` (the pipeline's ``transformer``) for rows at
+    model timesteps ``t ≥ boundary_timestep`` and ``low`` (``transformer_2``) below, as ``WanPipeline`` switches
+    (``t >= boundary_ratio·num_train_timesteps``: the boundary belongs to the high-noise expert). :meth:`forward`
+    takes the transformer's arguments and routes each ROW by its own timestep (``[B]``, or ``[B, tokens]`` with
+    ``expand_timesteps``: the row's largest), calling each expert once on its rows, so a batch that mixes noise
+    levels (DPO draws ``t`` per row) gives what each expert gives alone.
+
+    ``trained``: the experts that train (``("high", "low")``, or one of them): :meth:`add_adapter` wraps only
+    those (peft target names then carry the prefix, ``high.blocks.0.attn1.to_q``), :meth:`requires_grad_` never
+    unfreezes the other. Both experts are held in memory (2×14B parameters for A14B).
+
+    With gradients on, a batch whose rows all go to frozen parameters still leaves a graph through a trained one
+    (its sum times 0 is added: zero gradients, so a loss never lacks a ``grad_fn``). ``sync_experts`` (the training
+    loop sets it under several processes): every forward calls both experts, high then low, an expert without rows
+    on the batch's first row with its output added times 0, so that every process gathers the same expert's shards
+    at the same time (FSDP and ZeRO-3 gather collectively: with rows routed apart, two processes would otherwise
+    gather different experts of the same shapes and compute with mixed weights) and DDP sees every trained parameter
+    take part; it costs one row of the idle expert per forward."""
+
+    def __init__(
+        self,
+        high: torch.nn.Module,
+        low: torch.nn.Module,
+        boundary_timestep: float,
+        trained: Sequence[str] = ("high", "low"),
+    ):
+        super().__init__()
+        self.high = high
+        self.low = low
+        self.boundary_timestep = float(boundary_timestep)
+        self.trained = tuple(trained)
+        self.sync_experts = False
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The experts that train: ``("high", "low")``, ``("high",)`` or ``("low",)``."""
+        return self._trained
+
+    @trained.setter
+    def trained(self, names: Sequence[str]) -> None:
+        names = tuple(names)
+        if not names or any(name not in ("high", "low") for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"trained experts must be 'high' and/or 'low', got {names}")
+        if any(getattr(expert, "peft_config", None) for expert in self.experts.values()):
+            raise ValueError("the trained experts are fixed once an adapter is added")
+        self._trained = names
+
+    @property
+    def experts(self) -> dict[str, torch.nn.Module]:
+        return {"high": self.high, "low": self.low}
+
+    @classmethod
+    def from_config(cls, config: Any) -> WanExperts:
+        """Not wired: the training loop's unsharded copy of an FSDP full fine-tuning rebuilds one diffusers model
+        from its config; train the experts with LoRA (or without FSDP) instead."""
+        raise NotImplementedError(
+            "FSDP full fine-tuning (lora_rank=0) of Wan 2.2 A14B's two experts is not supported: use LoRA "
+            "(lora_rank > 0) or DDP"
+        )
+
+    @property
+    def config(self) -> Any:
+        """The high-noise expert's config (both experts share the architecture: ``patch_size``...)."""
+        return self.high.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def is_high(self, timestep: Tensor) -> Tensor:
+        """``[B]`` bool: the rows the high-noise expert takes (``t ≥ boundary_timestep``)."""
+        row = timestep if timestep.ndim <= 1 else timestep.flatten(1).amax(dim=1)
+        return row >= self.boundary_timestep
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor,
+        encoder_hidden_states: Tensor,
+        return_dict: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """The experts' output ``(sample,)`` (``return_dict``: diffusers' ``Transformer2DModelOutput``): each row
+        from the expert of its timestep."""
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(hidden_states.shape[0])
+        high = self.is_high(timestep)
+        grad = torch.is_grad_enabled()
+
+        def call(expert: torch.nn.Module, rows: Tensor | slice) -> Tensor:
+            return expert(
+                hidden_states=hidden_states[rows],
+                timestep=timestep[rows],
+                encoder_hidden_states=encoder_hidden_states[rows],
+                return_dict=False,
+                **kwargs,
+            )[0]
+
+        if not self.sync_experts and (bool(high.all()) or not bool(high.any())):
+            sample = call(self.high if bool(high.all()) else self.low, slice(None))
+        else:  # each expert on its rows, high then low (sync_experts: an idle one on row 0, times 0)
+            sample, idle = None, []
+            for mask, expert in ((high, self.high), (~high, self.low)):
+                rows = torch.nonzero(mask).flatten()
+                if rows.numel() == 0:
+                    if self.sync_experts:
+                        idle.append(call(expert, slice(0, 1)))
+                    continue
+                part = call(expert, rows)
+                if sample is None:
+                    sample = part.new_zeros((hidden_states.shape[0], *part.shape[1:]))
+                sample = sample.index_copy(0, rows, part)
+            for part in idle:
+                sample = torch.cat([sample[:1] + 0 * part, sample[1:]])
+        if grad and not sample.requires_grad:  # every row went to a frozen expert: a zero-gradient graph
+            trained = next((p for p in self.parameters() if p.requires_grad), None)
+            if trained is not None:
+                local = trained.to_local() if hasattr(trained, "to_local") else trained
+                sample = sample + 0 * local.sum().to(sample.dtype)
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=sample)
+        return (sample,)
+
+    # -- what the training loop asks of a diffusers model (peft, checkpointing, attention) ------------------
+    def requires_grad_(self, requires_grad: bool = True) -> WanExperts:
+        """Gradients for the trained experts only (the other stays frozen whatever is asked)."""
+        for name, expert in self.experts.items():
+            expert.requires_grad_(bool(requires_grad) and name in self.trained)
+        return self
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
+        """diffusers' ``add_adapter`` on each trained expert (the frozen one gets no LoRA)."""
+        for name in self.trained:
+            self.experts[name].add_adapter(adapter_config, adapter_name=adapter_name)
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        """The trained experts' peft configs (the same for both: :meth:`add_adapter` gives them one)."""
+        return self.experts[self.trained[0]].peft_config
+
+    def _adapted(self) -> list[torch.nn.Module]:
+        return [self.experts[name] for name in self.trained if getattr(self.experts[name], "peft_config", None)]
+
+    def disable_adapters(self) -> None:
+        for expert in self._adapted():
+            expert.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        for expert in self._adapted():
+            expert.enable_adapters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Both experts (the frozen one too: reward backprop differentiates through it to the latents)."""
+        for expert in self.experts.values():
+            expert.enable_gradient_checkpointing()
+
+    def enable_xformers_memory_efficient_attention(self) -> None:
+        for expert in self.experts.values():
+            expert.enable_xformers_memory_efficient_attention()
+
+    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
+        """``high`` into ``folder`` and ``low`` into its sibling ``<folder>_2`` (``transformer`` →
+        ``transformer_2``: the pipeline's layout)."""
+        folder = Path(folder)
+        self.high.save_pretrained(str(folder), **kwargs)
+        self.low.save_pretrained(str(folder.with_name(folder.name + "_2")), **kwargs)
+
+
 class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
     """Wan text-to-video components behind the generator protocol (see :mod:`mmalign.models.generator`,
     :class:`~mmalign.models.flow_generator.FlowMatchingGenerator` and this module). Latents are 5-D
@@ -121,14 +322,21 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         num_frames: int = DEFAULT_NUM_FRAMES,
         expand_timesteps: bool = False,
+        boundary_ratio: float | None = None,
+        experts: str = "both",
+        guidance_2: float | None = None,
     ):
-        if components.get("transformer_2") is not None:
+        second = components.get("transformer_2")
+        if (second is None) != (boundary_ratio is None):
             raise WeightsError(
-                f"{folder}: Wan 2.2 two-expert pipelines (transformer_2 with boundary_ratio) are not supported: "
-                "the generator trains one transformer"
+                f"{folder}: Wan 2.2 two-expert pipelines need both transformer_2 and boundary_ratio (got "
+                f"transformer_2={'set' if second is not None else None}, boundary_ratio={boundary_ratio})"
             )
-        if components["transformer"].config.get("image_dim") is not None:
-            raise WeightsError(f"{folder}: an image-conditioned Wan transformer (image_dim): not text-to-video")
+        if boundary_ratio is not None and not 0.0 < float(boundary_ratio) < 1.0:
+            raise WeightsError(f"{folder}: boundary_ratio must be in (0, 1), got {boundary_ratio}")
+        for transformer in (components["transformer"], second):
+            if transformer is not None and transformer.config.get("image_dim") is not None:
+                raise WeightsError(f"{folder}: an image-conditioned Wan transformer (image_dim): not text-to-video")
         if not 0 < int(max_sequence_length) <= 4096:
             raise ValueError(f"max_sequence_length must be in 1..4096, got {max_sequence_length}")
         super().__init__(components, folder)
@@ -136,6 +344,68 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
         self.max_sequence_length = int(max_sequence_length)
         self.expand_timesteps = bool(expand_timesteps)
         self.num_frames = num_frames
+        self.transformer_2 = second
+        self.boundary_ratio = None if boundary_ratio is None else float(boundary_ratio)
+        self.experts: WanExperts | None = None
+        if second is not None:
+            self.experts = WanExperts(self.transformer, second, self.boundary_timestep)
+            self.trained_experts = experts
+        elif experts != "both":
+            raise ValueError(f"experts={experts}: {folder} has one transformer (not Wan 2.2 A14B's two experts)")
+        self.guidance_2 = guidance_2
+
+    # -- Wan 2.2 A14B's two experts --------------------------------------------------------------------------
+    @property
+    def two_experts(self) -> bool:
+        """Whether this is a two-expert (Wan 2.2 A14B) pipeline."""
+        return self.experts is not None
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        """``boundary_ratio·num_train_timesteps`` (the pipeline's ``boundary_timestep``), ``None`` for one expert."""
+        return None if self.boundary_ratio is None else self.boundary_ratio * self.num_train_timesteps
+
+    @property
+    def trained_experts(self) -> str:
+        """Which experts train: "both", "high" (``transformer``) or "low" (``transformer_2``); set before LoRA is
+        added (the trainers' ``experts`` key)."""
+        if self.experts is None:
+            return "both"
+        trained = self.experts.trained
+        return "both" if len(trained) == 2 else trained[0]
+
+    @trained_experts.setter
+    def trained_experts(self, experts: str) -> None:
+        if experts not in EXPERTS:
+            raise ValueError(f"experts must be one of {EXPERTS}, got {experts!r}")
+        if self.experts is None:
+            if experts != "both":
+                raise ValueError(f"experts={experts}: {self.folder} has one transformer (not Wan 2.2 A14B's experts)")
+            return
+        self.experts.trained = ("high", "low") if experts == "both" else (experts,)
+
+    @property
+    def guidance_2(self) -> float | None:
+        """The low-noise stage's guidance scale (``WanPipeline``'s ``guidance_scale_2``): used where ``t <
+        boundary_timestep`` whenever guidance is on; ``None``: the same scale as the high-noise stage."""
+        return self._guidance_2
+
+    @guidance_2.setter
+    def guidance_2(self, scale: float | None) -> None:
+        if scale is not None and self.experts is None:
+            raise ValueError(f"guidance_2={scale}: only a two-expert (Wan 2.2 A14B) pipeline has a low-noise stage")
+        self._guidance_2 = None if scale is None else float(scale)
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        """The transformer, or for two experts the :class:`WanExperts` over both."""
+        return self.experts if self.experts is not None else self.transformer
+
+    def to(self, device: str | torch.device) -> WanGenerator:
+        super().to(device)
+        if self.transformer_2 is not None:
+            self.transformer_2.to(device)
+        return self
 
     @property
     def num_frames(self) -> int:
@@ -147,15 +417,18 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
         self._num_frames = check_num_frames(frames, self.vae_scale_factor_temporal)
 
     # -- loading -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _has_second(index: dict[str, Any]) -> bool:
+        second = index.get("transformer_2")
+        return bool(second) and second[0] is not None
+
     @classmethod
     def check_index(cls, folder: Path, index: dict[str, Any]) -> None:
-        """Refuse Wan 2.2's two experts (``transformer_2``, ``boundary_ratio``) before any weight loads."""
-        second = index.get("transformer_2")
-        if (second and second[0] is not None) or index.get("boundary_ratio") is not None:
+        """Refuse, before any weight loads, a ``transformer_2`` without ``boundary_ratio`` or the reverse."""
+        if cls._has_second(index) != (index.get("boundary_ratio") is not None):
             raise WeightsError(
-                f"{folder}: Wan 2.2 two-expert pipelines (transformer_2, boundary_ratio="
-                f"{index.get('boundary_ratio')}) are not supported: the generator trains one transformer (Wan 2.1 "
-                "and Wan 2.2 TI2V-5B are)"
+                f"{folder}: Wan 2.2 two-expert pipelines need both transformer_2 and boundary_ratio (model_index.json: "
+                f"transformer_2={index.get('transformer_2')}, boundary_ratio={index.get('boundary_ratio')})"
             )
         super().check_index(folder, index)
 
@@ -168,8 +441,15 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
     def load_components(cls, folder: Path, index: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
         """The pipeline's components, the scheduler as :meth:`load_scheduler` converts it and the shipped one as
         ``shipped_scheduler`` (what :meth:`save_pipeline` writes back)."""
+        import diffusers
+
         components = super().load_components(folder, index, dtype)
         components["shipped_scheduler"] = cls._shipped_scheduler(folder, index)
+        if cls._has_second(index):
+            typed = {} if dtype is None else {"torch_dtype": dtype}
+            components["transformer_2"] = getattr(diffusers, cls.transformer_class).from_pretrained(
+                folder, subfolder="transformer_2", **typed
+            )
         return components
 
     @staticmethod
@@ -204,15 +484,20 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
 
     @classmethod
     def index_options(cls, folder: Path, index: dict[str, Any]) -> dict[str, Any]:
-        """``expand_timesteps`` from ``model_index.json``; ``max_sequence_length`` and ``num_frames`` from the
-        folder's ``mmalign_generator.json`` when it has them."""
+        """``expand_timesteps`` and ``boundary_ratio`` from ``model_index.json``; ``max_sequence_length``,
+        ``num_frames`` and ``guidance_2`` from the folder's ``mmalign_generator.json`` when it has them."""
         from .sd3 import read_generator_config
 
         config = read_generator_config(folder)
-        options: dict[str, Any] = {"expand_timesteps": bool(index.get("expand_timesteps", False))}
+        options: dict[str, Any] = {
+            "expand_timesteps": bool(index.get("expand_timesteps", False)),
+            "boundary_ratio": index.get("boundary_ratio"),
+        }
         for key in ("max_sequence_length", "num_frames"):
             if key in config:
                 options[key] = int(config[key])
+        if config.get("guidance_2") is not None:
+            options["guidance_2"] = float(config["guidance_2"])
         return options
 
     # -- conditioning ----------------------------------------------------------------------------------
@@ -316,6 +601,24 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
         )[0]
         return out.float()
 
+    def guidance_scale(self, guidance: float, t: Tensor | float, like: Tensor) -> float | Tensor:
+        """The guidance scale at model timesteps ``t``: ``guidance``, or for two experts with :attr:`guidance_2` set
+        that scale at ``t < boundary_timestep`` (``WanPipeline``'s ``current_guidance_scale``): a float when every
+        row is on one side, else a per-row tensor broadcastable to ``like``."""
+        if self.guidance_2 is None or self.boundary_timestep is None:
+            return guidance
+        low = self.batch_timesteps(t, like) < self.boundary_timestep
+        if low.ndim > 1:
+            low = low.flatten(1).all(dim=1)
+        if bool(low.all()) or not bool(low.any()):
+            return self.guidance_2 if bool(low.all()) else guidance
+        scales = torch.where(low, self.guidance_2, guidance).to(like.device, like.dtype)
+        return scales.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def combine_guidance(self, v_uncond: Tensor, v_cond: Tensor, guidance: float, t: Tensor | float) -> Tensor:
+        """``v_u + g·(v_c − v_u)`` with ``g`` from :meth:`guidance_scale` (per row by its timestep)."""
+        return v_uncond + self.guidance_scale(guidance, t, v_cond) * (v_cond - v_uncond)
+
     def schedule_sigmas(self, steps: int) -> None:
         """The scheduler's own σ (``WanPipeline`` calls ``set_timesteps(steps)``)."""
         return None
@@ -323,14 +626,63 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
     # -- pipelines ------------------------------------------------------------------------------------------
     def pipeline_call_options(self) -> dict[str, Any]:
         """Keyword arguments of ``WanPipeline.__call__`` that make it sample what this generator samples."""
-        return {"num_frames": self.num_frames, "max_sequence_length": self.max_sequence_length}
+        options: dict[str, Any] = {"num_frames": self.num_frames, "max_sequence_length": self.max_sequence_length}
+        if self.guidance_2 is not None:
+            options["guidance_scale_2"] = self.guidance_2
+        return options
 
     def pipeline_options(self) -> dict[str, Any]:
-        return {"expand_timesteps": True} if self.expand_timesteps else {}
+        options: dict[str, Any] = {"expand_timesteps": True} if self.expand_timesteps else {}
+        if self.boundary_ratio is not None:
+            options["boundary_ratio"] = self.boundary_ratio
+        return options
+
+    def pipeline(self, transformer: torch.nn.Module | None = None):
+        """The ``WanPipeline`` over these components; ``transformer`` (default :attr:`trainable`) may be a
+        :class:`WanExperts`, whose experts become ``transformer`` and ``transformer_2``."""
+        model = self.trainable if transformer is None else transformer
+        high, low = (model.high, model.low) if isinstance(model, WanExperts) else (model, None)
+        if self.two_experts and low is None:
+            low = self.transformer_2
+        pipe = super().pipeline(high)
+        if low is not None:
+            pipe.register_modules(transformer_2=low)
+        return pipe
+
+    def save_lora(self, folder: str | Path, layers: dict[str, Tensor], metadata: dict[str, Any] | None) -> Path:
+        """peft LoRA ``layers`` of :attr:`trainable` as ``WanPipeline.save_lora_weights`` writes them
+        (``pytorch_lora_weights.safetensors``). Two experts: the ``high.``-prefixed layers (``transformer``) into
+        ``folder`` (``pipe.load_lora_weights(folder)``), the ``low.`` ones (``transformer_2``) into
+        ``folder/transformer_2`` (``pipe.load_lora_weights(folder / "transformer_2", load_into_transformer_2=True)``);
+        an expert that did not train writes nothing."""
+        from diffusers import WanPipeline
+
+        def write(target: Path, state: dict[str, Tensor]) -> None:
+            kwargs: dict[str, Any] = {"transformer_lora_layers": state}
+            if metadata is not None:
+                kwargs["transformer_lora_adapter_metadata"] = dict(metadata)
+            WanPipeline.save_lora_weights(str(target), **kwargs)
+
+        folder = Path(folder)
+        if not self.two_experts:
+            write(folder, layers)
+            return folder
+        parts: dict[str, dict[str, Tensor]] = {"high": {}, "low": {}}
+        for key, value in layers.items():
+            expert, dot, rest = key.partition(".")
+            if expert not in parts or not dot:
+                raise ValueError(f"LoRA key {key!r} belongs to neither expert (high. / low.)")
+            parts[expert][rest] = value
+        for expert, target in (("high", folder), ("low", folder / "transformer_2")):
+            if parts[expert]:
+                write(target, parts[expert])
+        return folder
 
     def save_pipeline(self, folder: str | Path, transformer: torch.nn.Module | None = None) -> Path:
-        """The pipeline folder with the scheduler it shipped with (UniPC for the published checkpoints), and
-        ``mmalign_generator.json`` when ``max_sequence_length`` or ``num_frames`` are not the pipeline's."""
+        """The pipeline folder with the scheduler it shipped with (UniPC for the published checkpoints), both
+        experts and ``boundary_ratio`` for Wan 2.2 A14B (``transformer`` a :class:`WanExperts` or the high-noise
+        expert), and ``mmalign_generator.json`` when ``max_sequence_length`` or ``num_frames`` are not the
+        pipeline's or :attr:`guidance_2` is set."""
         from .sd3 import write_generator_config
 
         pipe = self.pipeline(transformer)
@@ -341,6 +693,8 @@ class WanGenerator(PerChannelLatentStats, FlowMatchingGenerator):
             settings["max_sequence_length"] = self.max_sequence_length
         if self.num_frames != DEFAULT_NUM_FRAMES:
             settings["num_frames"] = self.num_frames
+        if self.guidance_2 is not None:
+            settings["guidance_2"] = self.guidance_2
         if settings:
             write_generator_config(folder, **settings)
         return Path(folder)

@@ -98,6 +98,11 @@ class TrainConfig:
     # generator whose images are read as views (:mod:`mmalign.models.view_grid`); image rewards are lifted to
     # multi-view (per view, with cross-view consistency); empty: images
     views_grid: str = ""
+    # Wan 2.2 A14B (two experts, :mod:`mmalign.models.wan`): which experts train ("both", "high": the high-noise
+    # transformer, "low": transformer_2; empty: both) and the low-noise stage's guidance scale (the pipeline's
+    # guidance_scale_2; null: the same as guidance) wherever the trainer guides (sampling, rollouts, training steps)
+    experts: Literal["", "both", "high", "low"] = ""
+    guidance_2: float | None = None
     # the scripts' --random_crop (off: a centre crop after resizing the shorter side) and --no_hflip (off: flips)
     random_crop: bool = False
     hflip: bool = True
@@ -284,7 +289,13 @@ class Trainer:
             with loading_context(self.accelerator):
                 policy = load_generator(config.model)
         self.policy = configure_output(
-            policy, config.frames, config.duration, config.views_grid, where=f"model={config.model}"
+            policy,
+            config.frames,
+            config.duration,
+            config.views_grid,
+            where=f"model={config.model}",
+            experts=config.experts,
+            guidance_2=config.guidance_2,
         )
         self.policy.to(self.accelerator.device)
         self._setup_model()
@@ -364,6 +375,8 @@ class Trainer:
                 unet.enable_xformers_memory_efficient_attention()
             except Exception as error:
                 raise ConfigError(f"attention=xformers: {error}; install the gpu extra or use sdpa") from error
+        if hasattr(unet, "sync_experts"):  # Wan 2.2 A14B: every process calls both experts (FSDP, DDP)
+            unet.sync_experts = self.accelerator.num_processes > 1
         unet.train()
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]

@@ -1,7 +1,8 @@
 """The Wan generator against diffusers' WanPipeline on a tiny pipeline of the real classes (UMT5, the Wan DiT, the
 causal 3D VAE, the UniPC flow-sigma scheduler as Wan 2.1 ships it; 5 frames of 32x32, 16 text tokens): prompt
 encoding, the Euler schedule and chain (max |Δ| printed), decoding to the canonical video tensor, the LoRA it
-writes, Wan 2.2 TI2V's per-token timesteps, and the frame counts and Wan 2.2 layouts it refuses."""
+writes, Wan 2.2 TI2V's per-token timesteps, and the frame counts and layouts it refuses (Wan 2.2 A14B's two experts:
+test_wan22.py)."""
 
 from __future__ import annotations
 
@@ -140,14 +141,17 @@ def test_unsupported_frame_counts_and_sizes_are_refused(wan):
         wan.latent_shape(40, 32)
 
 
-def test_wan22_two_experts_are_refused_before_loading(wan_folder, tmp_path):
+def test_a_second_transformer_without_boundary_ratio_is_refused_before_loading(wan_folder, tmp_path):
+    """Wan 2.2 A14B's two experts load (tests/models/test_wan22.py); a transformer_2 the pipeline would never switch
+    to (no boundary_ratio) is refused."""
     folder = tmp_path / "a14b"
     shutil.copytree(wan_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
+    index.update(transformer_2=["diffusers", "WanTransformer3DModel"])
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(WeightsError, match="two-expert.*boundary_ratio=0.875.*not supported"):
+    with pytest.raises(WeightsError, match="need both transformer_2 and boundary_ratio"):
         load_generator(str(folder))
+    assert not load_generator(str(wan_folder)).two_experts
 
 
 def test_lora_written_by_mmalign_loads_into_wan_pipeline(wan_folder, tmp_path):
