@@ -12,8 +12,8 @@ folder unless ``--out`` is given). Never a test: nothing here asserts. The rows,
 
 The model (``--size stable-audio-open``): ``StableAudioDiTModel`` with diffusers' default config, which is Stable
 Audio Open 1.0's (24 layers, 24 heads × 64, 12 key/value heads, 64 latent channels in and out, cross-attention 768,
-global states 1536, ``sample_size`` 1024 latent frames; 1.05 B parameters), ``AutoencoderOobleck`` with its default
-config (Stable Audio Open's: stereo, 44.1 kHz, hop 2 · 4 · 4 · 8 · 8 = 2048; 157 M parameters), a
+global states 1536, ``sample_size`` 1024 latent frames; 1.06 B parameters), ``AutoencoderOobleck`` with its default
+config (Stable Audio Open's: stereo, 44.1 kHz, hop 2 · 4 · 4 · 8 · 8 = 2048; 156 M parameters), a
 ``StableAudioProjectionModel`` of T5-base's width (768 → 768, seconds in [0, 512]) and a ``T5EncoderModel`` of
 T5-base's shape (d_model 768, 12 layers, d_ff 3072, 12 heads; prompts padded to 128 tokens as Stable Audio Open
 does), random weights, fp32. Shrunk: only the T5 vocabulary (:func:`mmalign.models.builders.t5_tokenizer`, letters
@@ -21,8 +21,9 @@ and digits, 94 entries instead of T5's 32 128), since the tokenizer is built off
 parameters (94 MiB in fp32) from the straightforward row, which keeps T5 in memory, and nothing from mmalign's step,
 which works from cached conditions and frees T5. Unlike the video benchmark, the pipeline is not saved: each row
 builds it in memory (:func:`mmalign.models.builders.stable_audio_components`, seed 0: both rows get the same weights;
-the building time is part of the set-up, not of the steps), since its 5.3 GB in fp32 did not fit on the disk of the
-machine this ran on; mmalign's trainer is handed it as its ``policy`` (``StableAudioGenerator`` over the components).
+the building time is part of the set-up, not of the steps), since its 5.2 GB in fp32 did not fit in the 2.4 GB left
+on the disk of the machine this ran on; mmalign's trainer is handed it as its ``policy`` (``StableAudioGenerator``
+over the components).
 
 The data: 2 pairs of random 10 s stereo 44.1 kHz WAV files (a few tones plus noise, 16-bit), each pair with its own
 prompt, as mmalign's JSONL of audio pairs. One pair per step; the pairs alternate. As ``StableAudioPipeline`` does,
