@@ -1015,29 +1015,19 @@ TINY_STABLE_AUDIO: dict[str, dict[str, Any]] = dict(
 )
 
 
-def build_stable_audio_pipeline(
-    folder: str | Path,
-    seed: int = 0,
-    config: dict[str, dict[str, Any]] | None = None,
-    max_length: int = 12,
-    audio_end_in_s: float | None = None,
-) -> Path:
-    """A random-weight ``StableAudioPipeline`` (``StableAudioDiTModel``, ``T5EncoderModel`` with
-    :func:`t5_tokenizer` of ``model_max_length`` ``max_length``, ``StableAudioProjectionModel``,
-    ``AutoencoderOobleck``, ``CosineDPMSolverMultistepScheduler``) from :data:`TINY_STABLE_AUDIO`-shaped
-    ``config``, saved with ``save_pretrained`` into ``folder`` (the scheduler as its config file: writing it needs no
-    torchsde); ``audio_end_in_s`` (when given) is recorded in the folder's generator config."""
-    import json
-
+def stable_audio_components(
+    seed: int = 0, config: dict[str, dict[str, Any]] | None = None, max_length: int = 12
+) -> dict[str, Any]:
+    """Random-weight ``StableAudioPipeline`` components in memory, seeded with ``seed``: ``StableAudioDiTModel``,
+    ``AutoencoderOobleck``, ``T5EncoderModel`` with :func:`t5_tokenizer` of ``model_max_length`` ``max_length``,
+    ``StableAudioProjectionModel``, from :data:`TINY_STABLE_AUDIO`-shaped ``config`` (its ``scheduler`` entry is
+    not used here)."""
     import torch
     from diffusers import AutoencoderOobleck, StableAudioDiTModel
     from diffusers.pipelines.stable_audio import StableAudioProjectionModel
     from transformers import T5Config, T5EncoderModel
 
-    from .sd3 import write_generator_config
-
     config = config or TINY_STABLE_AUDIO
-    folder = Path(folder)
     tokenizer = t5_tokenizer(("a", "dog", "barks", "rain", "piano", "drum", "loop", "bird", "sings"))
     tokenizer.model_max_length = int(max_length)
     torch.manual_seed(seed)
@@ -1045,13 +1035,33 @@ def build_stable_audio_pipeline(
     vae = AutoencoderOobleck(**config["vae"]).eval()
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **config["text"])).eval()
     projection = StableAudioProjectionModel(**config["projection"]).eval()
-    components = {
+    return {
         "transformer": transformer,
         "vae": vae,
         "text_encoder": text_encoder,
         "projection_model": projection,
         "tokenizer": tokenizer,
     }
+
+
+def build_stable_audio_pipeline(
+    folder: str | Path,
+    seed: int = 0,
+    config: dict[str, dict[str, Any]] | None = None,
+    max_length: int = 12,
+    audio_end_in_s: float | None = None,
+) -> Path:
+    """A random-weight ``StableAudioPipeline`` (:func:`stable_audio_components` of ``seed``, ``config`` and
+    ``max_length``, and a ``CosineDPMSolverMultistepScheduler``), saved with ``save_pretrained`` into ``folder`` (the
+    scheduler as its config file: writing it needs no torchsde); ``audio_end_in_s`` (when given) is recorded in the
+    folder's generator config."""
+    import json
+
+    from .sd3 import write_generator_config
+
+    config = config or TINY_STABLE_AUDIO
+    folder = Path(folder)
+    components = stable_audio_components(seed, config, max_length)
     for name, component in components.items():
         component.save_pretrained(str(folder / name))
     scheduler = {"_class_name": "CosineDPMSolverMultistepScheduler", **config["scheduler"]}
@@ -1063,7 +1073,7 @@ def build_stable_audio_pipeline(
         "vae": ["diffusers", "AutoencoderOobleck"],
         "text_encoder": ["transformers", "T5EncoderModel"],
         "projection_model": ["stable_audio", "StableAudioProjectionModel"],
-        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "tokenizer": ["transformers", type(components["tokenizer"]).__name__],
         "scheduler": ["diffusers", "CosineDPMSolverMultistepScheduler"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
