@@ -66,6 +66,33 @@ def write_summary(out: Path, recipe: Any, started: float, cpu: float, **figures:
     return summary
 
 
+def folder_bytes(out: Path) -> int:
+    """Bytes of a saved model folder, its ``training.json`` excluded."""
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "training.json")
+
+
+def judge_saved(
+    out: Path,
+    evaluate: Callable[..., Any],
+    groups: dict[str, tuple[list[str], int]],
+    steps: int,
+    guidances: tuple[float, ...],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The judge's adherence of a saved pipeline folder as shipped (fp16 weights loaded back in fp32 by the trainers'
+    loader): for each named group ``(prompts, samples per prompt)`` and each guidance, ``evaluate(generator, prompts,
+    samples, seed=12345, steps=steps, guidance=g).scores`` under ``"guidance_G"``."""
+    from ..models.generator import load_generator
+
+    shipped = load_generator(str(out))
+    return {
+        name: {
+            f"guidance_{g:g}": evaluate(shipped, prompts, samples, seed=12345, steps=steps, guidance=g).scores
+            for g in guidances
+        }
+        for name, (prompts, samples) in groups.items()
+    }
+
+
 def recipe_main(
     recipe_class: type, train: Callable[..., Any], default_out: str, description: str, argv: list[str] | None
 ) -> int:

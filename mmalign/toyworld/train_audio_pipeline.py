@@ -60,7 +60,7 @@ from .audio_world import (
     render_audio,
     split_audio_prompts,
 )
-from .save import recipe_main, save_fp16, write_summary
+from .save import folder_bytes, judge_saved, recipe_main, save_fp16, write_summary
 from .train_pipeline import TokenCache, train_rectified_flow, warmup_cosine
 
 #: guidance scales of ``training.json``'s held-out evaluation (DPM-Solver++ ODE, :data:`EVAL_STEPS` steps)
@@ -330,7 +330,6 @@ def train(recipe: AudioPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
     """Build, train and save the pipeline folder ``out``; returns the summary written to training.json."""
     from diffusers import AutoencoderOobleck
 
-    from ..models.generator import load_generator
     from .sampling import evaluate_audio, threads
 
     started, cpu = time.time(), time.process_time()
@@ -368,23 +367,12 @@ def train(recipe: AudioPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         trained_seconds, trained_cpu = time.time() - started, time.process_time() - cpu
         save_pipeline(parts, out)
         (out / ".dit-checkpoint.pt").unlink(missing_ok=True)
-        # judged as shipped: the saved folder (fp16 weights) loaded back in fp32 by the trainers' loader
-        shipped = load_generator(str(out))
-        adherence = {
-            f"guidance_{g:g}": evaluate_audio(
-                shipped, heldout, recipe.eval_samples, seed=12345, steps=EVAL_STEPS, guidance=g
-            ).scores
-            for g in EVAL_GUIDANCE
-        }
         train_prompts = sorted(set(all_audio_prompts()) - set(heldout))
-        adherence_train = {
-            f"guidance_{g:g}": evaluate_audio(
-                shipped, train_prompts, 4, seed=12345, steps=EVAL_STEPS, guidance=g
-            ).scores
-            for g in EVAL_GUIDANCE
-        }
+        groups = {"heldout": (heldout, recipe.eval_samples), "train": (train_prompts, 4)}
+        judged = judge_saved(out, evaluate_audio, groups, EVAL_STEPS, EVAL_GUIDANCE)
+        adherence, adherence_train = judged["heldout"], judged["train"]
     shutil.rmtree(stage, ignore_errors=True)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "training.json")
+    size = folder_bytes(out)
     summary = write_summary(
         out,
         recipe,

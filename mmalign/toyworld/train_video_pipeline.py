@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .save import recipe_main, save_fp16, write_summary
+from .save import folder_bytes, judge_saved, recipe_main, save_fp16, write_summary
 from .train_pipeline import TokenCache, train_rectified_flow, warmup_cosine
 from .video_world import (
     DIRECTIONS,
@@ -323,7 +323,6 @@ def train(recipe: VideoPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
     """Build, train and save the pipeline folder ``out``; returns the summary written to training.json."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    from ..models.generator import load_generator
     from ..models.sd3 import write_generator_config
     from .sampling import evaluate_video, threads
 
@@ -384,25 +383,14 @@ def train(recipe: VideoPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         save_fp16(pipe, out)
         write_generator_config(out, max_sequence_length=recipe.max_sequence_length, num_frames=FRAMES)
         (out / ".flow-checkpoint.pt").unlink(missing_ok=True)
-        # judged as shipped: the saved folder (fp16 weights) loaded back in fp32 by the trainers' loader
-        shipped = load_generator(str(out))
-        adherence = {
-            f"guidance_{g:g}": evaluate_video(
-                shipped, heldout, recipe.eval_samples, seed=12345, steps=EVAL_STEPS, guidance=g
-            ).scores
-            for g in EVAL_GUIDANCE
-        }
         train_prompts = sorted(set(all_video_prompts()) - set(heldout))[:32]
-        adherence_train = {
-            f"guidance_{g:g}": evaluate_video(
-                shipped, train_prompts, 2, seed=12345, steps=EVAL_STEPS, guidance=g
-            ).scores
-            for g in EVAL_GUIDANCE
-        }
+        groups = {"heldout": (heldout, recipe.eval_samples), "train": (train_prompts, 2)}
+        judged = judge_saved(out, evaluate_video, groups, EVAL_STEPS, EVAL_GUIDANCE)
+        adherence, adherence_train = judged["heldout"], judged["train"]
     import shutil
 
     shutil.rmtree(stage, ignore_errors=True)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "training.json")
+    size = folder_bytes(out)
     summary = write_summary(
         out,
         recipe,
