@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import html
 import json
-import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..models.stable_audio import STABLE_AUDIO_LORA_TARGETS
 from .audio_world import AUDIO_ATTRIBUTES, PITCHES, split_audio_prompts
 from .config import DemoConfig
-from .flow_demo import demo_report, train_flow
-from .sampling import AudioEvaluation, asset_dir, evaluate_audio, threads
+from .flow_demo import run_world_demo
+from .sampling import AudioEvaluation, evaluate_audio
 
 #: the audio demo's defaults where they differ from the UNet demo's (``mmalign demo --world audio``): the video demo's
 #: (constant lr 5e-4, groups of 8, 4 prompts a step) with all 6 held-out prompts x 8 clips. Measured (seed 0, one
@@ -70,38 +67,19 @@ def flow_policy(model: Path):
 
 def run_audio_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate on the audio world; write the report; return the ``report.json`` content."""
-    from ..models.generator import load_generator
-
+    report, before, after, _ = run_world_demo(
+        config,
+        log,
+        "audio",
+        split_audio_prompts,
+        evaluate_audio,
+        "clips",
+        policy=flow_policy,
+        reward="toyworld-audio-judge",
+        lora_targets=AUDIO_LORA_TARGETS,
+        lr_scheduler=AUDIO_LR_SCHEDULER,
+    )
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started, cpu0 = time.time(), time.process_time()
-    with threads(config.threads):
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        model = Path(config.pipeline) if config.pipeline else asset_dir("audio_pipeline")
-        train_prompts, heldout = split_audio_prompts(config.heldout, seed=0)
-        if 0 < config.train_prompts < len(train_prompts):
-            train_prompts = sorted(random.Random(config.seed).sample(train_prompts, config.train_prompts))
-        options = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
-        before = evaluate_audio(load_generator(str(model)), heldout, guidance=config.guidance, **options)
-        log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} clips)")
-        run = train_flow(
-            config,
-            model,
-            train_prompts,
-            heldout,
-            out,
-            log,
-            evaluate_fn=evaluate_audio,
-            reward="toyworld-audio-judge",
-            lora_targets=AUDIO_LORA_TARGETS,
-            lr_scheduler=AUDIO_LR_SCHEDULER,
-            policy=flow_policy,
-        )
-        after = run["after"]
-        gain = after.scores["overall"] - before.scores["overall"]
-        log(f"after: held-out adherence {after.scores['overall']:.3f} ({gain:+.3f})")
-    report = demo_report({"world": "audio"}, before, after, run, config, len(heldout), started, cpu0)
     report["files"] = write_audio_report(report, before, after, config, out)
     return report
 

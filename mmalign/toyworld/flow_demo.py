@@ -326,6 +326,46 @@ def write_flow_report(report: dict[str, Any], before: Evaluation, after: Evaluat
     return files
 
 
+def run_world_demo(
+    config: DemoConfig,
+    log: Callable[[str], None],
+    world: str,
+    split: Callable[..., tuple[list[Any], list[Any]]],
+    evaluate_fn: Callable[..., Any],
+    unit: str,
+    policy: Callable[[Path], Any] | None = None,
+    **train_options: Any,
+) -> tuple[dict[str, Any], Any, Any, list[Any]]:
+    """The video and audio worlds' demo: held-out adherence of the shipped ``assets/toyworld/<world>_pipeline``
+    (``evaluate_fn``), :func:`train_flow` on the training prompts of ``split`` (its exact judge as the reward,
+    ``train_options``: reward, LoRA targets, lr schedule), adherence after; returns the ``report.json`` content
+    (:func:`demo_report`, not written yet), the two evaluations and the held-out prompts."""
+    from ..models.generator import load_generator
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, cpu0 = time.time(), time.process_time()
+    with threads(config.threads):
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        model = Path(config.pipeline) if config.pipeline else asset_dir(f"{world}_pipeline")
+        train_prompts, heldout = split(config.heldout, seed=0)
+        if 0 < config.train_prompts < len(train_prompts):
+            train_prompts = sorted(random.Random(config.seed).sample(train_prompts, config.train_prompts))
+        options = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
+        before = evaluate_fn(load_generator(str(model)), heldout, guidance=config.guidance, **options)
+        log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} {unit})")
+        extra = {} if policy is None else {"policy": policy}
+        run = train_flow(
+            config, model, train_prompts, heldout, out, log, evaluate_fn=evaluate_fn, **extra, **train_options
+        )
+        after = run["after"]
+        gain = after.scores["overall"] - before.scores["overall"]
+        log(f"after: held-out adherence {after.scores['overall']:.3f} ({gain:+.3f})")
+    report = demo_report({"world": world}, before, after, run, config, len(heldout), started, cpu0)
+    return report, before, after, heldout
+
+
 __all__ = [
     "FLOW_DEMO_DEFAULTS",
     "FLOW_LORA_TARGETS",

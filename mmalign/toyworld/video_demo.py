@@ -13,18 +13,14 @@ adherence 0.283 -> 0.391 (+0.107) in 358-374 CPU s of training (two runs, the sa
 from __future__ import annotations
 
 import json
-import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..models.wan import WAN_LORA_TARGETS
 from .config import DemoConfig
-from .flow_demo import demo_report, train_flow
-from .sampling import asset_dir, evaluate_video, threads
+from .flow_demo import run_world_demo
+from .sampling import evaluate_video
 from .video_world import VIDEO_ATTRIBUTES, split_video_prompts
 
 #: the video demo's defaults where they differ from the UNet demo's (``mmalign demo --world video``). Measured on the
@@ -52,37 +48,18 @@ VIDEO_LR_SCHEDULER = "constant"
 
 def run_video_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate on the video world; write the report; return the ``report.json`` content."""
-    from ..models.generator import load_generator
-
+    report, _, _, heldout = run_world_demo(
+        config,
+        log,
+        "video",
+        split_video_prompts,
+        evaluate_video,
+        "videos",
+        reward="toyworld-video-judge",
+        lora_targets=VIDEO_LORA_TARGETS,
+        lr_scheduler=VIDEO_LR_SCHEDULER,
+    )
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started, cpu0 = time.time(), time.process_time()
-    with threads(config.threads):
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        model = Path(config.pipeline) if config.pipeline else asset_dir("video_pipeline")
-        train_prompts, heldout = split_video_prompts(config.heldout, seed=0)
-        if 0 < config.train_prompts < len(train_prompts):
-            train_prompts = sorted(random.Random(config.seed).sample(train_prompts, config.train_prompts))
-        options = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
-        before = evaluate_video(load_generator(str(model)), heldout, guidance=config.guidance, **options)
-        log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} videos)")
-        run = train_flow(
-            config,
-            model,
-            train_prompts,
-            heldout,
-            out,
-            log,
-            evaluate_fn=evaluate_video,
-            reward="toyworld-video-judge",
-            lora_targets=VIDEO_LORA_TARGETS,
-            lr_scheduler=VIDEO_LR_SCHEDULER,
-        )
-        after = run["after"]
-        gain = after.scores["overall"] - before.scores["overall"]
-        log(f"after: held-out adherence {after.scores['overall']:.3f} ({gain:+.3f})")
-    report = demo_report({"world": "video"}, before, after, run, config, len(heldout), started, cpu0)
     rows = ["overall", "exact", *VIDEO_ATTRIBUTES]
     training = report["training"]
     lines = [
