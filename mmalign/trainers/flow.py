@@ -247,9 +247,20 @@ class FlowOnlineTrainer(OnlineTrainer):
     sampled (:meth:`sample_micro`) and how it becomes a loss (:meth:`loss_parts`)."""
 
     config_class: ClassVar[type[TrainConfig]] = FlowOnlineConfig
-    parametrisations: ClassVar[tuple[str, ...]] = ("flow",)
+    # "v-diffusion" (Stable Audio) is trained as the flow it is up to a change of variables (trained_view)
+    parametrisations: ClassVar[tuple[str, ...]] = ("flow", "v-diffusion")
     uses_reference: ClassVar[bool] = False
     checkpoint_blocks: ClassVar[bool] = True  # one transformer call per backward: its blocks are checkpointed
+
+    def trained_view(self, policy: Any) -> Any:
+        """A v-diffusion generator (Stable Audio) seen as a flow-matching one
+        (:class:`~mmalign.models.stable_audio.StableAudioFlowView`): the same network, its states and times changed
+        of variables, so the flow SDE, log-probs and losses apply unchanged."""
+        if getattr(policy, "parametrisation", None) != "v-diffusion":
+            return policy
+        from ..models.stable_audio import StableAudioFlowView
+
+        return StableAudioFlowView(policy)
 
     def __init__(self, config: FlowOnlineConfig, policy: Any = None, reward: Any = None):
         if config.checkpoint_every % config.sample_batches:

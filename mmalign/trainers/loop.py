@@ -289,7 +289,7 @@ class Trainer:
             with loading_context(self.accelerator):
                 policy = load_generator(config.model)
         self.policy = configure_output(
-            policy,
+            self.trained_view(policy),
             config.frames,
             config.duration,
             config.views_grid,
@@ -310,6 +310,10 @@ class Trainer:
         self._reference_table: dict[str, torch.Tensor] = {}
 
     # -- set-up ---------------------------------------------------------------------------------------------
+    def trained_view(self, policy: Any) -> Any:
+        """The generator as this trainer trains it (as it is here; the flow trainers see Stable Audio as a flow)."""
+        return policy
+
     def check_generator(self, parametrisation: str, model: object) -> None:
         """Fail before any weight loads when this trainer (with this config) does not apply to a generator of
         ``parametrisation``; subclasses add their own conditions."""

@@ -290,10 +290,24 @@ def test_reward_backpropagation_trains(name, folder, prompt_file, tmp_path):
     assert_all_changed(trainer)
 
 
-@pytest.mark.parametrize("name", ["flow-grpo", "dance-grpo", "diffusionnft", "ddpo"])
-def test_grpo_family_and_ddim_trainers_are_refused(name, folder, prompt_file, tmp_path):
+@pytest.mark.parametrize("name", ["ddpo", "d3po"])
+def test_ddim_trainers_are_refused(name, folder, prompt_file, tmp_path):
     with pytest.raises(ConfigError, match=rf"{name} does not apply.*v-objective diffusion model.*needs"):
         make(name, folder, prompt_file, tmp_path, reward=Loudness())
+
+
+@pytest.mark.parametrize("name", ["flow-grpo", "diffusionnft"])
+def test_the_grpo_family_trains_it_as_a_flow(name, folder, prompt_file, tmp_path):
+    """``mmalign train`` of a GRPO-family trainer on Stable Audio goes through the flow view
+    (:class:`~mmalign.models.stable_audio.StableAudioFlowView`): every LoRA parameter changes, and the LoRA is saved
+    for the Stable Audio pipeline."""
+    from mmalign.models.stable_audio import StableAudioFlowView
+
+    extra = ["sample_steps=3", "group_size=2", "sample_batches=1", "checkpoint_every=2"]
+    trainer = make(name, folder, prompt_file, tmp_path, *extra, reward=Loudness())
+    assert isinstance(trainer.policy, StableAudioFlowView) and trainer.policy.parametrisation == "flow"
+    assert_all_changed(trainer)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_image_rewards_are_refused_on_audio(folder, prompt_file, tmp_path):
