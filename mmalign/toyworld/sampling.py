@@ -108,6 +108,13 @@ def sample(
     return np.concatenate(out) if out else np.empty((0, 0, 0, 3), dtype=np.uint8)
 
 
+def evaluation_seeds(prompts: Sequence, samples_per_prompt: int, seed: int) -> tuple[list, list[int]]:
+    """Every prompt ``samples_per_prompt`` times, and the fixed seed ``seed * 100003 + i`` of sample ``i``: what
+    every evaluation of the toy worlds samples."""
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    return expanded, [seed * 100_003 + i for i in range(len(expanded))]
+
+
 @dataclass
 class Evaluation:
     """Judge scores of ``images`` (``uint8 [N, H, W, 3]``) sampled for ``prompts``."""
@@ -131,8 +138,7 @@ def evaluate(
     guidance: float = GUIDANCE,
 ) -> Evaluation:
     """Sample every prompt ``samples_per_prompt`` times with fixed seeds (``seed * 100003 + i``) and judge."""
-    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
-    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
     images = sample(pipe, expanded, seeds, steps=steps, guidance=guidance)
     return Evaluation(expanded, seeds, images, [judge(image, p) for image, p in zip(images, expanded)])
 
@@ -202,16 +208,14 @@ def evaluate_flow(
     model: torch.nn.Module | None = None,
 ) -> Evaluation:
     """:func:`evaluate` for a flow-matching generator: :func:`sample_flow` with the same seeds, then the judge."""
-    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
-    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
     images = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
     return Evaluation(expanded, seeds, images, [judge(image, p) for image, p in zip(images, expanded)])
 
 
 @dataclass
-class VideoEvaluation:
-    """Judge scores (:func:`mmalign.toyworld.video_world.judge_clip`) of ``clips`` (``uint8 [N, T, H, W, 3]``)
-    sampled for ``prompts``."""
+class ClipEvaluation:
+    """Judge verdicts of ``clips`` sampled for ``prompts`` with ``seeds``; :attr:`scores` their means."""
 
     prompts: list
     seeds: list[int]
@@ -221,6 +225,12 @@ class VideoEvaluation:
     @property
     def scores(self) -> dict[str, float]:
         return mean_scores(self.verdicts)
+
+
+@dataclass
+class VideoEvaluation(ClipEvaluation):
+    """Judge scores (:func:`mmalign.toyworld.video_world.judge_clip`) of ``clips`` (``uint8 [N, T, H, W, 3]``)
+    sampled for ``prompts``."""
 
 
 def evaluate_video(
@@ -236,8 +246,7 @@ def evaluate_video(
     same seeds, :func:`sample_flow`, then the video judge."""
     from .video_world import judge_clip
 
-    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
-    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
     clips = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
     return VideoEvaluation(expanded, seeds, clips, [judge_clip(clip, p) for clip, p in zip(clips, expanded)])
 
@@ -279,19 +288,11 @@ def sample_audio(
 
 
 @dataclass
-class AudioEvaluation:
+class AudioEvaluation(ClipEvaluation):
     """Judge scores (:func:`mmalign.toyworld.audio_world.judge_audio`) of ``clips`` (``float32 [N, S]`` at
     ``sample_rate``) sampled for ``prompts``."""
 
-    prompts: list
-    seeds: list[int]
-    clips: np.ndarray
-    verdicts: list
     sample_rate: int
-
-    @property
-    def scores(self) -> dict[str, float]:
-        return mean_scores(self.verdicts)
 
 
 def evaluate_audio(
@@ -308,8 +309,7 @@ def evaluate_audio(
     from .audio_world import judge_audio
 
     base = getattr(generator, "base", generator)  # a flow view (StableAudioFlowView) samples with its base
-    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
-    seeds = [seed * 100_003 + i for i in range(len(expanded))]
+    expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
     clips = sample_audio(base, expanded, seeds, steps=steps, guidance=guidance, model=model)
     rate = int(base.sample_rate)
     verdicts = [judge_audio(clip, p, rate) for clip, p in zip(clips, expanded)]
