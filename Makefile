@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-kernels browser-deps test-browser postgres-deps test-postgres lint format demo demo-flow demo-video demo-audio bench clean
+.PHONY: install test test-kernels browser-deps test-browser postgres-deps test-postgres lint format demo demo-flow demo-video demo-audio demo-multiview bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ demo-video: $(STAMP)
 
 demo-audio: $(STAMP)
 	$(BIN)/mmalign demo --world audio
+
+demo-multiview: $(STAMP)
+	$(BIN)/mmalign demo --world multiview
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rewards.py

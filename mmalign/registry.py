@@ -261,6 +261,12 @@ REWARDS.register(
     "(videos; not differentiable)",
 )
 REWARDS.register(
+    "toyworld-multiview-judge",
+    "mmalign.toyworld.reward:MultiViewJudgeReward.from_pretrained",
+    "Toy multi-view world exact judge: mean of the body colour and shape, the dot seen from each azimuth and the "
+    "body's agreement across the 4 views, in [0, 1] (view sets; not differentiable)",
+)
+REWARDS.register(
     "toyworld-audio-judge",
     "mmalign.toyworld.reward:AudioJudgeReward.from_pretrained",
     "Toy audio world exact judge: mean of the pitch (spectrum), beep count and tempo (envelope) checks, in [0, 1] "

@@ -7,7 +7,9 @@ the shipped flow-matching pipeline (DiffusionNFT by default, the exact judge as 
 a CPU budget of 8 minutes; see ``mmalign.toyworld.flow_demo``). ``--world video``: the toy video world (moving
 shapes), Flow-GRPO on its tiny Wan pipeline with the exact video judge as the reward (``mmalign.toyworld.video_demo``).
 ``--world audio``: the toy audio world (beeps), Flow-GRPO on its tiny Stable Audio pipeline with the exact audio
-judge as the reward (``mmalign.toyworld.audio_demo``).
+judge as the reward (``mmalign.toyworld.audio_demo``). ``--world multiview``: the toy multi-view world (an object
+seen from four azimuths), Flow-GRPO on its tiny 2x2-grid SD3 pipeline with the exact multi-view judge as the reward
+(``mmalign.toyworld.multiview_demo``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--world",
-        choices=["image", "video", "audio"],
+        choices=["image", "video", "audio", "multiview"],
         default="image",
         help="image: the image toyworld (default); video: the toy video world on its tiny Wan pipeline; audio: the "
-        "toy audio world on its tiny Stable Audio pipeline (video and audio: the GRPO family; --generator does not "
+        "toy audio world on its tiny Stable Audio pipeline; multiview: the toy multi-view world (4 views of an object "
+        "as a 2x2 grid) on its tiny SD3 pipeline (video, audio and multiview: the GRPO family; --generator does not "
         "apply)",
     )
     p.add_argument("--out", default=d.out, help=f"report folder (default {d.out}; runs/demo-flow for flow)")
@@ -114,6 +117,14 @@ def audio_config(args: argparse.Namespace):
     return world_config(args, AUDIO_DEMO_DEFAULTS)
 
 
+def multiview_config(args: argparse.Namespace):
+    """The multi-view demo's config: :data:`~mmalign.toyworld.multiview_demo.MULTIVIEW_DEMO_DEFAULTS` for every
+    option left at the UNet demo's default."""
+    from ..toyworld.multiview_demo import MULTIVIEW_DEMO_DEFAULTS
+
+    return world_config(args, MULTIVIEW_DEMO_DEFAULTS)
+
+
 def world_config(args: argparse.Namespace, defaults: dict):
     """The command line's config with ``defaults`` for every option left at the UNet demo's default."""
     import dataclasses
@@ -143,6 +154,13 @@ def run(args: argparse.Namespace) -> int:
         config = audio_config(args)
         report = run_audio_demo(config, log=log)
         print_flow_report(report, ("overall", "exact", "pitch", "count", "tempo"), config.out)
+        return 0
+    if getattr(args, "world", "image") == "multiview":
+        from ..toyworld.multiview_demo import run_multiview_demo
+
+        config = multiview_config(args)
+        report = run_multiview_demo(config, log=log)
+        print_flow_report(report, ("overall", "exact", "color", "shape", "dot", "consistency"), config.out)
         return 0
     if getattr(args, "generator", "unet") == "flow":
         from ..toyworld.flow_demo import run_flow_demo

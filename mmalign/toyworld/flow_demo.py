@@ -74,20 +74,22 @@ def flow_overrides(
     reward: str = "toyworld-judge",
     lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
     lr_scheduler: str = LR_SCHEDULER,
+    output: tuple[str, ...] = ("resolution=32",),
 ) -> list[str]:
     """``key=value`` options of the flow trainer: groups of 8 samples per prompt, one optimizer step per round, no
     CFG (the judge is computed on guidance-1 samples), the exact judge as the reward, 30 % of the steps trained
     (Flow-GRPO: the first 3 of 10, the noisiest, where colour, shape, count and position are decided;
     DiffusionNFT: 3 random ones per sample), an EMA of the weights (decay 0.95: what is evaluated and saved) and
     the lr's warm-up and cosine decay to 0 over ``steps`` (:data:`LR_SCHEDULER`; by the CPU budget when that ends
-    first: :func:`budget_schedule`). ``reward`` and ``lora_targets``: the image world's judge and the SD3
-    projections by default (the video demo, :mod:`mmalign.toyworld.video_demo`, passes its own)."""
+    first: :func:`budget_schedule`). ``reward``, ``lora_targets`` and ``output`` (what the generator makes: its
+    ``resolution``, ``views_grid``, ...): the image world's judge, the SD3 projections and 32 px by default (the
+    video, audio and multi-view demos pass their own)."""
     return [
         f"trainer={config.trainer}",
         f"model={model}",
         f"data={prompts}",
         f"output_dir={output_dir}",
-        "resolution=32",
+        *output,
         f"sample_steps={config.sample_steps}",
         f"guidance={config.guidance}",
         f"group_size={GROUP_SIZE}",
@@ -176,13 +178,14 @@ def train_flow(
     lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
     lr_scheduler: str = LR_SCHEDULER,
     policy: Callable[[Path], Any] | None = None,
+    output: tuple[str, ...] = ("resolution=32",),
 ) -> dict[str, Any]:
     """Train ``config.trainer`` on the flow pipeline ``model`` with the judge as reward on ``train_prompts`` until
     ``config.cpu_budget`` CPU seconds (or ``config.steps``), evaluating ``heldout`` every ``eval_every`` steps;
     returns the final evaluation, the curve, the history, the trainer's config and its CPU and wall time.
-    ``evaluate_fn``, ``reward``, ``lora_targets``, ``lr_scheduler``: the image world's by default (the video demo
-    passes its own). ``policy``: the generator the trainer trains, built from ``model`` (default: the trainer loads
-    ``model`` itself; the audio demo passes a flow view of its v-diffusion pipeline)."""
+    ``evaluate_fn``, ``reward``, ``lora_targets``, ``lr_scheduler``, ``output``: the image world's by default (the
+    other worlds' demos pass their own). ``policy``: the generator the trainer trains, built from ``model``
+    (default: the trainer loads ``model`` itself; the audio demo passes a flow view of its v-diffusion pipeline)."""
     from ..commands.train import resolve_trainer_config
 
     evaluate = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
@@ -201,7 +204,9 @@ def train_flow(
         log(f"  step {step}: held-out adherence {result.scores['overall']:.3f}, training reward {reward:.3f}")
 
     held_out = validation if held else None
-    overrides = flow_overrides(config, model, prompts, out / "lora", held_out, reward, lora_targets, lr_scheduler)
+    overrides = flow_overrides(
+        config, model, prompts, out / "lora", held_out, reward, lora_targets, lr_scheduler, output
+    )
     trainer_class, trainer_config = resolve_trainer_config(None, overrides)
     log(f"training {config.trainer} for {config.cpu_budget:.0f} CPU s (LoRA rank {config.lora_rank})")
     hooked = hooked_trainer(trainer_class, hook, config.eval_every, config.cpu_budget)
@@ -366,6 +371,37 @@ def run_world_demo(
     return report, before, after, heldout
 
 
+def write_world_markdown(
+    report: dict[str, Any],
+    config: DemoConfig,
+    heldout: int,
+    title: str,
+    unit: str,
+    reward: str,
+    attributes: tuple[str, ...],
+) -> None:
+    """``report.md`` and ``report.json`` of a world demo (video, multi-view) in ``config.out``: held-out scores
+    before / after / gain for ``overall``, ``exact`` and ``attributes``."""
+    out = Path(config.out)
+    training = report["training"]
+    lines = [
+        title,
+        "",
+        f"Held-out judge adherence, {heldout} prompts x {config.eval_samples} {unit} (seed {config.seed}); training "
+        f"{training['steps']} steps in {training['train_cpu_seconds']:.0f} CPU s; reward: {reward} on the training "
+        f"prompts; weights kept: step {training.get('best_step')}.",
+        "",
+        "| | before | after | gain |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {name} | {report['before'][name]:.3f} | {report['after'][name]:.3f} | {report['gain'][name]:+.3f} |"
+            for name in ("overall", "exact", *attributes)
+        ],
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 __all__ = [
     "FLOW_DEMO_DEFAULTS",
     "FLOW_LORA_TARGETS",
@@ -376,4 +412,5 @@ __all__ = [
     "train_flow",
     "training_reward_gain",
     "write_flow_report",
+    "write_world_markdown",
 ]

@@ -103,6 +103,40 @@ class VideoJudgeReward(Reward):
         return self.score_tensor(videos, prompts)
 
 
+class MultiViewJudgeReward(Reward):
+    """The exact judge of the toy multi-view world (:func:`mmalign.toyworld.multiview_world.judge_views`) as a reward
+    of view sets ``[B, 4, 3, H, W]`` in [0, 1] (views at azimuths 0°, 90°, 180°, 270°): ``overall`` adherence in
+    [0, 1] (body colour and shape per view, the dot where the prompt's side and each view's azimuth put it, and
+    agreement of the body across views); not differentiable."""
+
+    name = "toyworld-multiview-judge"
+    modality: ClassVar[str] = "multiview"
+    is_differentiable: ClassVar[bool] = False
+    score_scale: ClassVar[str] = "mean of colour, shape, dot and cross-view consistency (fractions of views), in [0, 1]"
+
+    @classmethod
+    def from_pretrained(cls, **_: Any) -> MultiViewJudgeReward:
+        return cls()
+
+    def score_tensor(self, views: torch.Tensor, prompts=None) -> torch.Tensor:
+        """Scores ``[B]`` of view sets ``[B, V, 3, H, W]`` in [0, 1] (views resized to 32 px when they are not)."""
+        from ..rewards.base import broadcast_prompts
+        from .multiview_world import judge_views
+
+        if views.ndim != 5:
+            raise ValueError(f"expected view sets [B, V, 3, H, W], got {tuple(views.shape)}")
+        prompts = broadcast_prompts(prompts, views.shape[0])
+        if views.shape[-2:] != (CANVAS, CANVAS):
+            flat = torch.nn.functional.interpolate(views.flatten(0, 1), size=(CANVAS, CANVAS), mode="nearest")
+            views = flat.view(*views.shape[:2], 3, CANVAS, CANVAS)
+        return torch.tensor([judge_views(v, prompt).overall for v, prompt in zip(views.detach(), prompts)])
+
+    def score(self, views, prompts=None, batch_size: int = 32) -> torch.Tensor:
+        if not isinstance(views, torch.Tensor):
+            raise TypeError("toyworld-multiview-judge scores view-set tensors [B, V, 3, H, W] in [0, 1]")
+        return self.score_tensor(views, prompts)
+
+
 class AudioJudgeReward(Reward):
     """The exact judge of the toy audio world (:func:`mmalign.toyworld.audio_world.judge_audio`) as a reward of
     audio ``[B, C, S]`` in [-1, 1]: ``overall`` adherence in [0, 1] (pitch from the spectrum, count and tempo of the

@@ -179,7 +179,8 @@ def sample_flow(
     if len(texts) != len(seeds):
         raise ValueError(f"{len(texts)} prompts but {len(seeds)} seeds")
     model = generator.trainable if model is None else model
-    shape = generator.latent_shape(CANVAS, CANVAS)
+    # a view-grid generator (ViewGridGenerator) draws rows x cols views of the canvas as one image
+    shape = generator.latent_shape(CANVAS * getattr(generator, "rows", 1), CANVAS * getattr(generator, "cols", 1))
     schedule = generator.sampling_schedule(steps)
     out = []
     for start in range(0, len(texts), batch_size):
@@ -193,7 +194,8 @@ def sample_flow(
         for j, t in enumerate(schedule.timesteps):
             v = guided_velocity(generator, model, x, t, conditions, uncond, guidance)
             x = flow_ode_step(x, v, schedule.sigmas[j], schedule.sigmas[j + 1])
-        images = generator.decode(x).movedim(-3, -1).cpu().numpy()  # images [N, H, W, 3], videos [N, T, H, W, 3]
+        # images [N, H, W, 3], videos [N, T, H, W, 3], view sets [N, V, h, w, 3]
+        images = generator.decode(x).movedim(-3, -1).cpu().numpy()
         out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out) if out else np.empty((0, 0, 0, 3), dtype=np.uint8)
 
@@ -249,6 +251,41 @@ def evaluate_video(
     expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
     clips = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
     return VideoEvaluation(expanded, seeds, clips, [judge_clip(clip, p) for clip, p in zip(clips, expanded)])
+
+
+@dataclass
+class MultiViewEvaluation(ClipEvaluation):
+    """Judge scores (:func:`mmalign.toyworld.multiview_world.judge_views`) of view sets (``clips``: ``uint8 [N, V,
+    h, w, 3]``) sampled for ``prompts``."""
+
+    @property
+    def images(self) -> np.ndarray:
+        """The view sets as the 2x2 grid images the generator drew (``uint8 [N, 2h, 2w, 3]``: report figures)."""
+        from .multiview_world import join_grid
+
+        return np.stack([join_grid(views) for views in self.clips])
+
+
+def evaluate_multiview(
+    generator: Any,
+    prompts: Sequence,
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = 10,
+    guidance: float = GUIDANCE,
+    model: torch.nn.Module | None = None,
+) -> MultiViewEvaluation:
+    """:func:`evaluate_flow` for the toy multi-view world: the generator's images read as its 2x2 grid of views (an
+    image generator is wrapped in a :class:`~mmalign.models.view_grid.ViewGridGenerator`), the same seeds,
+    :func:`sample_flow`, then the multi-view judge."""
+    from ..models.view_grid import ViewGridGenerator
+    from .multiview_world import GRID, judge_views
+
+    if getattr(generator, "modality", "image") == "image":
+        generator = ViewGridGenerator(generator, GRID)
+    expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
+    views = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
+    return MultiViewEvaluation(expanded, seeds, views, [judge_views(v, p) for v, p in zip(views, expanded)])
 
 
 # -------------------------------------------------------------------------------- audio generators

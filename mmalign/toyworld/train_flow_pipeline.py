@@ -44,6 +44,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,15 @@ import torch
 import torch.nn.functional as F
 
 from .save import recipe_main, save_fp16, write_summary
-from .train_pipeline import MAX_TOKENS, TokenCache, latent_pool, train_rectified_flow, write_tokenizer
+from .train_pipeline import (
+    MAX_TOKENS,
+    TokenCache,
+    latent_pool,
+    render_batch,
+    train_rectified_flow,
+    train_vae,
+    write_tokenizer,
+)
 from .world import COLORS, COUNT_WORDS, POSITION_PHRASES, SHAPES, all_prompts, corrupt, split_prompts
 
 #: evaluation grid of ``training.json``: guidance scales x Euler steps, on the demo's held-out prompts
@@ -85,6 +94,50 @@ class FlowPipelineRecipe:
     eval_samples: int = 8
     checkpoint_every: int = 250
     threads: int = 0
+    world: str = "image"  # the world drawn (:data:`WORLDS`): "image" or "multiview" (2x2 view grids)
+    vae_steps: int = 0  # 0: the base pipeline's VAE as it is; N: a VAE of its architecture fitted N steps here
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class FlowWorld:
+    """What the pipeline is trained to draw: the prompts, their noisy captions, the ground-truth renders (one uint8
+    ``[H, W, 3]`` image each: a 2x2 grid of views for the multi-view world), the words its small tokenizer keeps,
+    and the judged evaluation of samples (:mod:`mmalign.toyworld.sampling`)."""
+
+    all_prompts: Callable[[], list]
+    split: Callable[..., tuple[list, list]]
+    random_prompt: Callable[[random.Random], Any]
+    corrupt: Callable[[Any, random.Random, float], Any]
+    render: Callable[[Any, random.Random], Any]
+    words: Callable[[], list[str]]
+    judge: Callable[[Any, Any], Any]  # (image, prompt) -> verdict with .scores()
+    evaluate: Callable[..., Any]
+    size: int  # pixels per side of what the generator draws
+
+
+def flow_world(name: str) -> FlowWorld:
+    """The :class:`FlowWorld` of ``name`` (``"image"``: :mod:`~mmalign.toyworld.world`; ``"multiview"``:
+    :mod:`~mmalign.toyworld.multiview_world`)."""
+    from . import multiview_world as mv
+    from .judge import judge
+    from .render import render
+    from .sampling import evaluate_flow, evaluate_multiview
+    from .world import CANVAS, random_prompt
+
+    worlds = {
+        "image": FlowWorld(all_prompts, split_prompts, random_prompt, corrupt, render, toyworld_words, judge,
+                           evaluate_flow,
+                           CANVAS),
+        "multiview": FlowWorld(mv.all_multiview_prompts, mv.split_multiview_prompts, mv.random_multiview_prompt,
+                               mv.corrupt_multiview, mv.render_grid, mv.multiview_words, mv.judge_views,
+                               evaluate_multiview,
+                               2 * CANVAS),
+    }  # fmt: skip
+    if name not in worlds:
+        raise ValueError(f"unknown world {name!r}; known: {', '.join(worlds)}")
+    return worlds[name]
 
 
 def toyworld_words() -> list[str]:
@@ -165,6 +218,10 @@ def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae", dtype=torch.float32)
     vae.register_to_config(_name_or_path=recipe.base or "assets/toyworld/pipeline")  # no absolute path in config
+    if recipe.vae_steps:  # the same architecture, fresh weights (fitted to the world's renders by train)
+        vae = AutoencoderKL.from_config(vae.config)
+    world = flow_world(recipe.world)
+    latent = world.size // 2 ** (len(vae.config.block_out_channels) - 1)
     clip = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder", dtype=torch.float32)
     config = CLIPTextConfig(**{**clip.config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
     text_encoder = CLIPTextModelWithProjection(config)
@@ -186,7 +243,7 @@ def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
     )
     text_width = text_encoder.config.hidden_size + width2
     transformer = SD3Transformer2DModel(
-        sample_size=8,
+        sample_size=latent,
         patch_size=recipe.patch_size,
         in_channels=vae.config.latent_channels,
         out_channels=vae.config.latent_channels,
@@ -196,7 +253,7 @@ def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
         joint_attention_dim=text_width,
         caption_projection_dim=recipe.width,
         pooled_projection_dim=text_encoder.config.projection_dim + width2,
-        pos_embed_max_size=8 // recipe.patch_size,
+        pos_embed_max_size=latent // recipe.patch_size,
         qk_norm="rms_norm",
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.shift)
@@ -240,6 +297,7 @@ def train_flow(
     log,
     evaluate=None,
     checkpoint: Path | None = None,
+    corrupt: Callable[[Any, random.Random, float], Any] = corrupt,
 ) -> list[dict[str, float]]:
     """Rectified flow on noisy captions; the transformer and both text encoders keep EMA weights (copied in at
     the end). With ``checkpoint``, the whole state is written there every ``checkpoint_every`` steps and a run
@@ -294,15 +352,31 @@ def generator_of(parts: dict[str, Any], tokenizers: list[Any], recipe: FlowPipel
     return SD3Generator(components, max_sequence_length=recipe.max_sequence_length)
 
 
-def adherence_grid(generator: Any, prompts: list, samples: int, seed: int) -> dict[str, dict[str, float]]:
-    """Judge scores of Euler-ODE samples at every guidance of :data:`EVAL_GUIDANCE` x steps of :data:`EVAL_STEPS`."""
+def adherence_grid(
+    generator: Any, prompts: list, samples: int, seed: int, evaluate: Callable[..., Any] | None = None
+) -> dict[str, dict[str, float]]:
+    """Judge scores of Euler-ODE samples at every guidance of :data:`EVAL_GUIDANCE` x steps of :data:`EVAL_STEPS`
+    (``evaluate``: :func:`~mmalign.toyworld.sampling.evaluate_flow` by default)."""
     from .sampling import evaluate_flow
 
+    evaluate = evaluate or evaluate_flow
     return {
-        f"guidance_{g:g}_steps_{n}": evaluate_flow(generator, prompts, samples, seed=seed, steps=n, guidance=g).scores
+        f"guidance_{g:g}_steps_{n}": evaluate(generator, prompts, samples, seed=seed, steps=n, guidance=g).scores
         for g in EVAL_GUIDANCE
         for n in EVAL_STEPS
     }
+
+
+@torch.no_grad()
+def reconstruction_scores(vae: torch.nn.Module, world: FlowWorld, seed: int, count: int = 128) -> dict[str, float]:
+    """Judge scores of VAE reconstructions of ``count`` renders: the ceiling a pipeline on this VAE can reach."""
+    rng = random.Random(f"reconstruction:{seed}")
+    prompts = [world.random_prompt(rng) for _ in range(count)]
+    decoded = vae.decode(vae.encode(render_batch(prompts, rng, world.render)).latent_dist.mean).sample
+    images = ((decoded.clamp(-1, 1) + 1) / 2).movedim(1, -1).numpy()
+    from .judge import mean_scores
+
+    return mean_scores([world.judge(image, p) for image, p in zip(images, prompts)])
 
 
 def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
@@ -312,17 +386,26 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
 
     from ..models.generator import load_generator
     from ..models.sd3 import write_generator_config
-    from .sampling import evaluate_flow, threads
+    from .sampling import threads
 
     started, cpu = time.time(), time.process_time()
-    _, heldout = split_prompts(32, seed=0)
+    world = flow_world(recipe.world)
+    evaluate_world = world.evaluate
+    _, heldout = world.split(32, seed=0)
     with threads(recipe.threads):
         source = base_dir(recipe) / "tokenizer"
+        words = world.words()
         tokenizer = CLIPTokenizer.from_pretrained(str(source))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_small_tokenizer(out / "tokenizer_2", source)))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_small_tokenizer(out / "tokenizer_2", source, words)))
         parts = build_parts(recipe, tokenizer_2)
         vae = parts["vae"]
-        latents, prompts = latent_pool(vae, recipe.pool, recipe.seed)  # scaled latent means, shift 0
+        if recipe.vae_steps:
+            train_vae(vae, recipe, log, world.random_prompt, world.render)
+        vae.requires_grad_(False).eval()
+        reconstruction = reconstruction_scores(vae, world, recipe.seed)
+        log(f"judge of the VAE's reconstructions of renders: {json.dumps(reconstruction)}")
+        # scaled latent means, shift 0
+        latents, prompts = latent_pool(vae, recipe.pool, recipe.seed, world.random_prompt, world.render)
         shift = float(latents.mean())
         vae.register_to_config(shift_factor=shift / vae.config.scaling_factor)
         latents = latents - shift
@@ -336,7 +419,7 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         def evaluate(ema, step):
             trial = generator_of(parts, tokenizers, recipe, modules=list(ema))
             for guidance in (1.0, 3.0):
-                scores = evaluate_flow(trial, heldout, 2, seed=1, steps=10, guidance=guidance).scores
+                scores = evaluate_world(trial, heldout, 2, seed=1, steps=10, guidance=guidance).scores
                 history.append({"step": step, "guidance": guidance, **scores})
                 log(f"eval step {step} guidance {guidance}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
 
@@ -349,6 +432,7 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
             log,
             evaluate,
             checkpoint=out / ".flow-checkpoint.pt",
+            corrupt=world.corrupt,
         )
         trained_seconds = time.time() - started
         pipe = StableDiffusion3Pipeline(
@@ -367,14 +451,14 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         shutil.rmtree(out / "tokenizer")
         write_tokenizer(out / "tokenizer")
         shutil.rmtree(out / "tokenizer_2")
-        write_small_tokenizer(out / "tokenizer_2", source)
+        write_small_tokenizer(out / "tokenizer_2", source, words)
         write_generator_config(out, max_sequence_length=recipe.max_sequence_length)
         (out / ".flow-checkpoint.pt").unlink(missing_ok=True)
         # judged as shipped: the saved folder (fp16 weights) loaded back in fp32 by the trainers' loader
         shipped = load_generator(str(out))
-        grid = adherence_grid(shipped, heldout, recipe.eval_samples, seed=12345)
+        grid = adherence_grid(shipped, heldout, recipe.eval_samples, seed=12345, evaluate=evaluate_world)
         everything = {
-            f"guidance_{g:g}": evaluate_flow(shipped, all_prompts(), 2, seed=12345, steps=20, guidance=g).scores
+            f"guidance_{g:g}": evaluate_world(shipped, world.all_prompts(), 2, seed=12345, steps=20, guidance=g).scores
             for g in (1.0, 3.0)
         }
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -385,8 +469,10 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         cpu,
         adherence_heldout=grid,
         adherence_all_prompts=everything,
-        evaluation="judge of Euler-ODE samples (sampling.evaluate_flow): heldout = the demo's 32 held-out prompts "
-        f"(split_prompts(32, seed=0)) x {recipe.eval_samples} seeds; all_prompts = 144 x 2 seeds, 20 steps",
+        reconstruction=reconstruction,
+        evaluation=f"judge of Euler-ODE samples (sampling.{evaluate_world.__name__}): heldout = the demo's 32 "
+        f"held-out prompts ({world.split.__name__}(32, seed=0)) x {recipe.eval_samples} seeds; all_prompts = "
+        f"{len(world.all_prompts())} x 2 seeds, 20 steps",
         loss_curve=curve,
         history=history,
         training_seconds=round(trained_seconds, 1),

@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from .render import render
 from .save import recipe_main, save_fp16, write_summary
-from .world import Prompt, all_prompts, corrupt, random_prompt
+from .world import all_prompts, corrupt, random_prompt
 
 LATENT_CHANNELS = 8
 MAX_TOKENS = 16
@@ -154,21 +155,29 @@ def step_with_ema(loss, params, optimizer, schedule, ema: torch.nn.Module, modul
             e.lerp_(p, 1 - decay)
 
 
-def render_batch(prompts: list[Prompt], rng: random.Random) -> torch.Tensor:
-    """Ground-truth renders of ``prompts`` as ``[B, 3, H, W]`` in [-1, 1]."""
-    array = np.stack([render(p, rng) for p in prompts])
+def render_batch(prompts: list, rng: random.Random, draw: Callable[..., np.ndarray] = render) -> torch.Tensor:
+    """Ground-truth renders (``draw(prompt, rng)``: uint8 ``[H, W, 3]``; the image world's :func:`render` by
+    default) of ``prompts`` as ``[B, 3, H, W]`` in [-1, 1]."""
+    array = np.stack([draw(p, rng) for p in prompts])
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(vae: torch.nn.Module, recipe: PipelineRecipe, log) -> None:
-    """Fit the VAE to random renders; set its ``scaling_factor`` to 1 / std of the latent means."""
+def train_vae(
+    vae: torch.nn.Module,
+    recipe: Any,
+    log,
+    draw_prompt: Callable[[random.Random], Any] = random_prompt,
+    draw: Callable[..., np.ndarray] = render,
+) -> None:
+    """Fit the VAE to renders of random prompts (the image world's by default; ``recipe``: ``seed``,
+    ``vae_steps``, ``vae_batch``, ``vae_lr``); set its ``scaling_factor`` to 1 / std of the latent means."""
     rng = random.Random(f"vae:{recipe.seed}")
     torch.manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, recipe.vae_steps)
     vae.train()
     for step in range(recipe.vae_steps):
-        pixels = render_batch([random_prompt(rng) for _ in range(recipe.vae_batch)], rng)
+        pixels = render_batch([draw_prompt(rng) for _ in range(recipe.vae_batch)], rng, draw)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = (recon - pixels).abs().mean() + 2 * (recon - pixels).pow(2).mean() + 1e-5 * posterior.kl().mean()
@@ -180,19 +189,26 @@ def train_vae(vae: torch.nn.Module, recipe: PipelineRecipe, log) -> None:
             log(f"vae step {step + 1}/{recipe.vae_steps} loss {loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        pixels = render_batch([random_prompt(rng) for _ in range(512)], rng)
+        pixels = render_batch([draw_prompt(rng) for _ in range(512)], rng, draw)
         std = float(vae.encode(pixels).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
 
 
 @torch.no_grad()
-def latent_pool(vae: torch.nn.Module, size: int, seed: int) -> tuple[torch.Tensor, list[Prompt]]:
-    """``size`` renders of random prompts as scaled VAE latent means, with their (true) prompts."""
+def latent_pool(
+    vae: torch.nn.Module,
+    size: int,
+    seed: int,
+    draw_prompt: Callable[[random.Random], Any] = random_prompt,
+    draw: Callable[..., np.ndarray] = render,
+) -> tuple[torch.Tensor, list]:
+    """``size`` renders of random prompts (the image world's by default) as scaled VAE latent means, with their
+    (true) prompts."""
     rng = random.Random(f"pool:{seed}")
-    prompts = [random_prompt(rng) for _ in range(size)]
+    prompts = [draw_prompt(rng) for _ in range(size)]
     latents = []
     for start in range(0, size, 256):
-        pixels = render_batch(prompts[start : start + 256], rng)
+        pixels = render_batch(prompts[start : start + 256], rng, draw)
         latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
     return torch.cat(latents), prompts
 

@@ -12,14 +12,12 @@ adherence 0.283 -> 0.391 (+0.107) in 358-374 CPU s of training (two runs, the sa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..models.wan import WAN_LORA_TARGETS
 from .config import DemoConfig
-from .flow_demo import run_world_demo
+from .flow_demo import run_world_demo, write_world_markdown
 from .sampling import evaluate_video
 from .video_world import VIDEO_ATTRIBUTES, split_video_prompts
 
@@ -59,25 +57,8 @@ def run_video_demo(config: DemoConfig, log: Callable[[str], None] = print) -> di
         lora_targets=VIDEO_LORA_TARGETS,
         lr_scheduler=VIDEO_LR_SCHEDULER,
     )
-    out = Path(config.out)
-    rows = ["overall", "exact", *VIDEO_ATTRIBUTES]
-    training = report["training"]
-    lines = [
-        f"# Toy video demo: {config.trainer} on the tiny Wan pipeline",
-        "",
-        f"Held-out judge adherence, {len(heldout)} prompts x {config.eval_samples} videos (seed {config.seed}); "
-        f"training {training['steps']} steps in {training['train_cpu_seconds']:.0f} CPU s; reward: the exact video "
-        f"judge on the training prompts; weights kept: step {training.get('best_step')}.",
-        "",
-        "| | before | after | gain |",
-        "|---|---:|---:|---:|",
-        *[
-            f"| {name} | {report['before'][name]:.3f} | {report['after'][name]:.3f} | {report['gain'][name]:+.3f} |"
-            for name in rows
-        ],
-    ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    title = f"# Toy video demo: {config.trainer} on the tiny Wan pipeline"
+    write_world_markdown(report, config, len(heldout), title, "videos", "the exact video judge", VIDEO_ATTRIBUTES)
     return report
 
 

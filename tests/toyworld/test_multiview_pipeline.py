@@ -1,0 +1,124 @@
+"""The shipped toy multi-view pipeline (``assets/toyworld/multiview_pipeline``, a T5-less ``StableDiffusion3Pipeline``
+drawing 2x2 grids of 32 px views): loads through the trainers' loader, its 64 px images split into the world's four
+views as the trainers split them, the multi-view judge scores them; the multi-view world in the flow pipeline's
+training script (latent grids, the transformer's size); the demo trains and reports."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mmalign.toyworld.multiview_world import MULTIVIEW_ATTRIBUTES, MultiViewPrompt, render_views
+from mmalign.toyworld.sampling import ASSETS, evaluate_multiview, sample_flow
+
+MULTIVIEW = ASSETS / "multiview_pipeline"
+needs_multiview = pytest.mark.skipif(
+    not (MULTIVIEW / "model_index.json").is_file(), reason="assets/toyworld/multiview_pipeline not built"
+)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def generator():
+    from mmalign.models.generator import load_generator
+
+    return load_generator(str(MULTIVIEW))
+
+
+@needs_multiview
+def test_samples_split_into_the_judged_views(generator):
+    from mmalign.models.generator import configure_output
+    from mmalign.models.sd3 import SD3Generator
+    from mmalign.rewards import load_reward
+
+    assert isinstance(generator, SD3Generator) and generator.latent_shape(64, 64) == (8, 16, 16)
+    summary = json.loads((MULTIVIEW / "training.json").read_text())
+    assert summary["recipe"]["world"] == "multiview" and "reconstruction" in summary
+    views = configure_output(generator, views_grid="2x2")
+    prompts = ["a red circle with a blue dot on its left", "a green square with a yellow dot on its front"]
+    sets = sample_flow(views, prompts, [3, 4], steps=3)
+    assert sets.shape == (2, 4, 32, 32, 3) and sets.dtype == np.uint8
+    result = evaluate_multiview(generator, [MultiViewPrompt("red", "circle", "blue", "left")], 2, seed=0, steps=3)
+    assert result.clips.shape == (2, 4, 32, 32, 3) and result.images.shape == (2, 64, 64, 3)
+    assert set(result.scores) == {*MULTIVIEW_ATTRIBUTES, "overall", "exact"}
+    # the registered judge reward scores the trainers' view tensors as the evaluation's judge does
+    tensor = torch.from_numpy(result.clips).permute(0, 1, 4, 2, 3).float() / 255
+    judged = load_reward("toyworld-multiview-judge").score(tensor, [p.text for p in result.prompts])
+    assert judged.tolist() == [v.overall for v in result.verdicts]
+
+
+def test_training_script_draws_the_multiview_world(tmp_path):
+    """The flow pipeline script with ``world=multiview``: latents of 2x2 grid renders, a transformer of the latent
+    grid's size that trains on them, noisy captions of the world's grammar, reconstructions judged."""
+    from transformers import CLIPTokenizer
+
+    from mmalign.toyworld.multiview_world import parse_multiview_prompt
+    from mmalign.toyworld.train_flow_pipeline import (
+        FlowPipelineRecipe,
+        build_parts,
+        flow_world,
+        reconstruction_scores,
+        train_flow,
+        write_small_tokenizer,
+    )
+    from mmalign.toyworld.train_pipeline import TokenCache, latent_pool
+
+    world = flow_world("multiview")
+    source = ASSETS / "pipeline" / "tokenizer"
+    if not source.is_dir():
+        pytest.skip("assets/toyworld not built")
+    tokenizers = [CLIPTokenizer.from_pretrained(str(source))]
+    tokenizers.append(CLIPTokenizer.from_pretrained(str(write_small_tokenizer(tmp_path / "t2", source, world.words()))))
+    for text in ("a red circle with a blue dot on its back", "a yellow triangle with a green dot on its right"):
+        assert tokenizers[1].unk_token_id not in tokenizers[1](text).input_ids[1:-1]
+    recipe = FlowPipelineRecipe(
+        world="multiview", steps=2, batch=4, width=32, layers=1, patch_size=2, vae_steps=1, vae_batch=2
+    )
+    parts = build_parts(recipe, tokenizers[1])
+    assert parts["transformer"].config.sample_size == 16 and parts["transformer"].config.pos_embed_max_size == 8
+    vae = parts["vae"].eval()
+    latents, prompts = latent_pool(vae, 6, 0, world.random_prompt, world.render)
+    assert latents.shape == (6, 8, 16, 16) and all(isinstance(p, MultiViewPrompt) for p in prompts)
+    captions = []
+    corrupt = lambda p, rng, rate: captions.append(world.corrupt(p, rng, rate)) or captions[-1]  # noqa: E731
+    before = parts["transformer"].proj_out.weight.clone()
+    train_flow(parts, [TokenCache(t) for t in tokenizers], latents, prompts, recipe, lambda m: None, corrupt=corrupt)
+    assert not torch.equal(before, parts["transformer"].proj_out.weight)
+    assert captions and all(parse_multiview_prompt(c.text) == c for c in captions)
+    scores = reconstruction_scores(vae, world, seed=0, count=2)
+    assert set(scores) == {*MULTIVIEW_ATTRIBUTES, "overall", "exact"}
+    assert world.judge(world.render(prompts[0], random.Random(0)), prompts[0]).exact == 1.0
+
+
+@needs_multiview
+def test_multiview_demo_trains_and_reports(tmp_path):
+    from mmalign.toyworld.config import DemoConfig
+    from mmalign.toyworld.multiview_demo import run_multiview_demo
+
+    config = DemoConfig(
+        out=str(tmp_path), trainer="flow-grpo", heldout=2, train_prompts=2, eval_samples=1, sample_steps=3, steps=2,
+        batch_size=8, lr=1e-4, lora_rank=4, eval_every=2, progress=False,
+    )  # fmt: skip
+    report = run_multiview_demo(config, log=lambda message: None)
+    assert report["training"]["steps"] == 2 and report["trainer_config"]["reward"] == "toyworld-multiview-judge"
+    assert report["trainer_config"]["views_grid"] == "2x2" and report["trainer_config"]["resolution"] == 64
+    assert set(report["after"]) == {*MULTIVIEW_ATTRIBUTES, "overall", "exact"}
+    for name in ("report.md", "report.json", "grid_before.png", "lora/pytorch_lora_weights.safetensors"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_demo_world_multiview_takes_its_defaults():
+    from mmalign.cli import build_parser
+    from mmalign.commands.demo import multiview_config
+    from mmalign.toyworld.multiview_demo import MULTIVIEW_DEMO_DEFAULTS
+
+    parser = build_parser()
+    config = multiview_config(parser.parse_args(["demo", "--world", "multiview"]))
+    assert all(getattr(config, key) == value for key, value in MULTIVIEW_DEMO_DEFAULTS.items())
+    config = multiview_config(parser.parse_args(["demo", "--world", "multiview", "--trainer", "diffusionnft"]))
+    assert (config.trainer, config.out) == ("diffusionnft", "runs/demo-multiview")
+    assert render_views(MultiViewPrompt("red", "circle", "blue", "left"), 0).shape == (4, 32, 32, 3)
