@@ -255,6 +255,24 @@ REWARDS.register(
     "Toyworld exact judge: mean of the colour, shape, count and position checks, in [0, 1] (not differentiable)",
 )
 REWARDS.register(
+    "toyworld-video",
+    "mmalign.toyworld.media_reward:VideoMediaReward.from_pretrained",
+    "Toy video world learned reward: tiny CLIP cosine over stacked frames, trained to rank videos as the world's "
+    "judge does (assets/toyworld/video_reward)",
+)
+REWARDS.register(
+    "toyworld-audio",
+    "mmalign.toyworld.media_reward:AudioMediaReward.from_pretrained",
+    "Toy audio world learned reward: tiny CLIP cosine over the spectrogram, trained to rank clips as the world's "
+    "judge does (assets/toyworld/audio_reward)",
+)
+REWARDS.register(
+    "toyworld-multiview",
+    "mmalign.toyworld.media_reward:MultiViewMediaReward.from_pretrained",
+    "Toy multi-view world learned reward: tiny CLIP cosine over stacked views, trained to rank view sets as the "
+    "world's judge does (assets/toyworld/multiview_reward)",
+)
+REWARDS.register(
     "toyworld-video-judge",
     "mmalign.toyworld.reward:VideoJudgeReward.from_pretrained",
     "Toy video world exact judge: mean of the colour, shape, count and direction-of-motion checks, in [0, 1] "

@@ -64,6 +64,7 @@ __all__ = [
     "mean_scores",
     "multiview_words",
     "parse_multiview_prompt",
+    "perturb_multiview",
     "random_multiview_prompt",
     "render_grid",
     "render_views",
@@ -130,6 +131,22 @@ def random_multiview_prompt(rng: random.Random) -> MultiViewPrompt:
     color = rng.choice(list(COLORS))
     dot = rng.choice([c for c in COLORS if c != color])
     return MultiViewPrompt(color, rng.choice(SHAPES), dot, rng.choice(list(SIDES)))
+
+
+def perturb_multiview(
+    prompt: MultiViewPrompt, rng: random.Random, attributes: tuple[str, ...] | list[str]
+) -> MultiViewPrompt:
+    """``prompt`` with each named attribute replaced by a different random value; the dot keeps a colour other than
+    the body's (a body that takes the dot's colour moves the dot to a colour neither had)."""
+    choices = {"color": tuple(COLORS), "shape": SHAPES, "dot": tuple(COLORS), "side": tuple(SIDES)}
+    for name in attributes:
+        taken = {prompt.color} if name == "dot" else set()
+        value = rng.choice([v for v in choices[name] if v != getattr(prompt, name) and v not in taken])
+        if name == "color" and value == prompt.dot:
+            prompt = replace(prompt, color=value, dot=rng.choice([c for c in COLORS if c not in (value, prompt.color)]))
+        else:
+            prompt = replace(prompt, **{name: value})
+    return prompt
 
 
 def corrupt_multiview(prompt: MultiViewPrompt, rng: random.Random, rate: float) -> MultiViewPrompt:
