@@ -82,7 +82,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cpu-budget", type=float, default=d.cpu_budget, help="stop training after this many CPU s")
     p.add_argument("--pipeline", help="pipeline folder (default assets/toyworld/pipeline)")
-    p.add_argument("--reward", help="learned reward folder (default assets/toyworld/reward)")
+    p.add_argument(
+        "--reward",
+        help="learned reward folder (default assets/toyworld/reward); with --world video/audio/multiview: the "
+        "training reward's registered name (default the world's exact judge; e.g. toyworld-video, the world's "
+        "learned reward; held-out adherence is always judged exactly)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more trainer options, e.g. loss_type=hinge")
     p.set_defaults(func=run)

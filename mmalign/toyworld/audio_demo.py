@@ -155,8 +155,8 @@ def write_audio_report(
     summary = (
         f"Held-out judge adherence, {report['heldout']['prompts']} prompts x {config.eval_samples} clips (seed "
         f"{config.seed}); training {training['steps']} steps in {training['train_cpu_seconds']:.0f} CPU s "
-        f"({report['torch_threads']} thread(s)); reward: the exact audio judge on the training prompts; weights "
-        f"kept: {kept}."
+        f"({report['torch_threads']} thread(s)); reward: {report['trainer_config']['reward']} on the training "
+        f"prompts; weights kept: {kept}."
     )
     table = [f"| {n} | {report['before'][n]:.3f} | {report['after'][n]:.3f} | {report['gain'][n]:+.3f} |" for n in rows]
     lines = [

@@ -342,8 +342,9 @@ def run_world_demo(
     **train_options: Any,
 ) -> tuple[dict[str, Any], Any, Any, list[Any]]:
     """The video and audio worlds' demo: held-out adherence of the shipped ``assets/toyworld/<world>_pipeline``
-    (``evaluate_fn``), :func:`train_flow` on the training prompts of ``split`` (its exact judge as the reward,
-    ``train_options``: reward, LoRA targets, lr schedule), adherence after; returns the ``report.json`` content
+    (``evaluate_fn``), :func:`train_flow` on the training prompts of ``split`` (``train_options``: reward, LoRA
+    targets, lr schedule; the reward is the world's exact judge unless ``config.reward`` names another, such as the
+    world's learned reward), adherence after; returns the ``report.json`` content
     (:func:`demo_report`, not written yet), the two evaluations and the held-out prompts."""
     from ..models.generator import load_generator
 
@@ -361,6 +362,8 @@ def run_world_demo(
         before = evaluate_fn(load_generator(str(model)), heldout, guidance=config.guidance, **options)
         log(f"before: held-out adherence {before.scores['overall']:.3f} ({len(before.verdicts)} {unit})")
         extra = {} if policy is None else {"policy": policy}
+        if config.reward:  # e.g. the world's learned reward instead of its judge (held-out: still the judge)
+            train_options = {**train_options, "reward": config.reward}
         run = train_flow(
             config, model, train_prompts, heldout, out, log, evaluate_fn=evaluate_fn, **extra, **train_options
         )
@@ -377,7 +380,6 @@ def write_world_markdown(
     heldout: int,
     title: str,
     unit: str,
-    reward: str,
     attributes: tuple[str, ...],
 ) -> None:
     """``report.md`` and ``report.json`` of a world demo (video, multi-view) in ``config.out``: held-out scores
@@ -388,8 +390,9 @@ def write_world_markdown(
         title,
         "",
         f"Held-out judge adherence, {heldout} prompts x {config.eval_samples} {unit} (seed {config.seed}); training "
-        f"{training['steps']} steps in {training['train_cpu_seconds']:.0f} CPU s; reward: {reward} on the training "
-        f"prompts; weights kept: step {training.get('best_step')}.",
+        f"{training['steps']} steps in {training['train_cpu_seconds']:.0f} CPU s; reward: "
+        f"`{report['trainer_config']['reward']}` on the training prompts; weights kept: step "
+        f"{training.get('best_step')}.",
         "",
         "| | before | after | gain |",
         "|---|---:|---:|---:|",

@@ -62,8 +62,7 @@ def run_multiview_demo(config: DemoConfig, log: Callable[[str], None] = print) -
         "json": str(out / "report.json"),
     }
     title = f"# Toy multi-view demo: {config.trainer} on the tiny 2x2-grid pipeline"
-    reward = "the exact multi-view judge"
-    write_world_markdown(report, config, len(heldout), title, "view sets", reward, MULTIVIEW_ATTRIBUTES)
+    write_world_markdown(report, config, len(heldout), title, "view sets", MULTIVIEW_ATTRIBUTES)
     return report
 
 

@@ -44,6 +44,8 @@ GRID = "2x2"
 AZIMUTHS: tuple[int, ...] = (0, 90, 180, 270)
 SIDES: dict[str, int] = {"front": 0, "right": 90, "back": 180, "left": 270}
 MULTIVIEW_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "dot", "consistency")
+#: what a prompt states (the judge's ``consistency`` is no part of it)
+PROMPT_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "dot", "side")
 BODY_SIZES = (10, 11, 12)
 DOT = 4
 AREA_TOLERANCE = 0.25
@@ -52,6 +54,7 @@ __all__ = [
     "AZIMUTHS",
     "GRID",
     "MULTIVIEW_ATTRIBUTES",
+    "PROMPT_ATTRIBUTES",
     "SIDES",
     "VIEWS",
     "MultiViewPrompt",
@@ -138,7 +141,7 @@ def perturb_multiview(
 ) -> MultiViewPrompt:
     """``prompt`` with each named attribute replaced by a different random value; the dot keeps a colour other than
     the body's (a body that takes the dot's colour moves the dot to a colour neither had)."""
-    choices = {"color": tuple(COLORS), "shape": SHAPES, "dot": tuple(COLORS), "side": tuple(SIDES)}
+    choices = dict(zip(PROMPT_ATTRIBUTES, (tuple(COLORS), SHAPES, tuple(COLORS), tuple(SIDES))))
     for name in attributes:
         taken = {prompt.color} if name == "dot" else set()
         value = rng.choice([v for v in choices[name] if v != getattr(prompt, name) and v not in taken])

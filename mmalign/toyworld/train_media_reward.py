@@ -112,7 +112,7 @@ def reward_world(name: str) -> RewardWorld:
             {"input": "stack", "count": vw.FRAMES},
         ),
         "multiview": RewardWorld(
-            mv.all_multiview_prompts, mv.random_multiview_prompt, mv.perturb_multiview, mv.MULTIVIEW_ATTRIBUTES,
+            mv.all_multiview_prompts, mv.random_multiview_prompt, mv.perturb_multiview, mv.PROMPT_ATTRIBUTES,
             mv.render_views, mv.judge_views, evaluate_multiview, _frames, join,
             lambda x: _uint8_frames(split_views(x, 2, 2)), {"input": "stack", "count": mv.VIEWS},
         ),

@@ -58,7 +58,7 @@ def run_video_demo(config: DemoConfig, log: Callable[[str], None] = print) -> di
         lr_scheduler=VIDEO_LR_SCHEDULER,
     )
     title = f"# Toy video demo: {config.trainer} on the tiny Wan pipeline"
-    write_world_markdown(report, config, len(heldout), title, "videos", "the exact video judge", VIDEO_ATTRIBUTES)
+    write_world_markdown(report, config, len(heldout), title, "videos", VIDEO_ATTRIBUTES)
     return report
 
 
