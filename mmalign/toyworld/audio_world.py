@@ -29,10 +29,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 from itertools import product
+from typing import ClassVar
 
 import numpy as np
 
-from .judge import mean_scores
+from .judge import AttributeScores, mean_scores
 from .world import COUNT_WORDS, COUNTS
 
 SAMPLE_RATE = 4000
@@ -190,31 +191,17 @@ def render_audio(
 
 
 @dataclass(frozen=True)
-class AudioVerdict:
+class AudioVerdict(AttributeScores):
     """The judge's scores of one clip for one prompt, with what it found: the beeps as ``(first, last)`` frames
     and the dominant pitch word (``None``: no pitch band dominates)."""
+
+    attributes: ClassVar[tuple[str, ...]] = AUDIO_ATTRIBUTES
 
     pitch: float
     count: float
     tempo: float
     segments: tuple[tuple[int, int], ...]
     heard_pitch: str | None
-
-    @property
-    def overall(self) -> float:
-        return (self.pitch + self.count + self.tempo) / 3
-
-    @property
-    def exact(self) -> float:
-        return float(self.pitch == self.count == self.tempo == 1.0)
-
-    def scores(self) -> dict[str, float]:
-        """Per-attribute, ``overall`` and ``exact`` scores."""
-        return {
-            **{name: getattr(self, name) for name in AUDIO_ATTRIBUTES},
-            "overall": self.overall,
-            "exact": self.exact,
-        }
 
 
 def to_waveform(audio) -> np.ndarray:

@@ -21,6 +21,7 @@ Attributes are judged on all objects whatever their colour, so "two blue circles
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -46,27 +47,36 @@ class Detection:
     iou: float
 
 
+class AttributeScores:
+    """What every toy world's verdict derives from its :attr:`attributes` (each in [0, 1]): ``overall`` (their
+    mean), ``exact`` (1 when all are 1) and :meth:`scores`."""
+
+    attributes: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def overall(self) -> float:
+        return sum(getattr(self, name) for name in self.attributes) / len(self.attributes)
+
+    @property
+    def exact(self) -> float:
+        return float(all(getattr(self, name) == 1.0 for name in self.attributes))
+
+    def scores(self) -> dict[str, float]:
+        """Per-attribute, ``overall`` and ``exact`` scores."""
+        return {**{name: getattr(self, name) for name in self.attributes}, "overall": self.overall, "exact": self.exact}
+
+
 @dataclass(frozen=True)
-class Verdict:
+class Verdict(AttributeScores):
     """The judge's scores of one image for one prompt."""
+
+    attributes: ClassVar[tuple[str, ...]] = ATTRIBUTES
 
     color: float
     shape: float
     count: float
     position: float
     objects: tuple[Detection, ...]
-
-    @property
-    def overall(self) -> float:
-        return (self.color + self.shape + self.count + self.position) / 4
-
-    @property
-    def exact(self) -> float:
-        return float(self.color == self.shape == self.count == self.position == 1.0)
-
-    def scores(self) -> dict[str, float]:
-        """Per-attribute, ``overall`` and ``exact`` scores."""
-        return {**{name: getattr(self, name) for name in ATTRIBUTES}, "overall": self.overall, "exact": self.exact}
 
 
 def to_uint8(image) -> np.ndarray:

@@ -32,10 +32,11 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import product
+from typing import ClassVar
 
 import numpy as np
 
-from .judge import Detection, detect, mean_scores, to_uint8
+from .judge import AttributeScores, Detection, detect, mean_scores, to_uint8
 from .render import GAP, MARGIN, Item, draw
 from .world import CANVAS, COLORS, SHAPES
 
@@ -228,30 +229,16 @@ def render_grid(prompt: MultiViewPrompt | str, seed: int | random.Random = 0, ca
 
 
 @dataclass(frozen=True)
-class MultiViewVerdict:
+class MultiViewVerdict(AttributeScores):
     """The judge's scores of one view set for one prompt (each a fraction of views)."""
+
+    attributes: ClassVar[tuple[str, ...]] = MULTIVIEW_ATTRIBUTES
 
     color: float
     shape: float
     dot: float
     consistency: float
     objects: tuple[tuple[Detection, ...], ...]  # per view
-
-    @property
-    def overall(self) -> float:
-        return (self.color + self.shape + self.dot + self.consistency) / 4
-
-    @property
-    def exact(self) -> float:
-        return float(self.color == self.shape == self.dot == self.consistency == 1.0)
-
-    def scores(self) -> dict[str, float]:
-        """Per-attribute, ``overall`` and ``exact`` scores."""
-        return {
-            **{name: getattr(self, name) for name in MULTIVIEW_ATTRIBUTES},
-            "overall": self.overall,
-            "exact": self.exact,
-        }
 
 
 def to_views(views) -> np.ndarray:

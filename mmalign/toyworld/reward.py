@@ -70,40 +70,56 @@ class JudgeReward(Reward):
         return torch.tensor([judge(image, prompt).overall for image, prompt in zip(pixels, prompts)])
 
 
-class VideoJudgeReward(Reward):
+class FramesJudgeReward(Reward):
+    """An exact judge of sequences of 32 px images (video frames, views) as a reward of ``[B, N, 3, H, W]`` in
+    [0, 1]: :meth:`judge_one` (a world's judge) on each item, images resized to 32 px when they are not; not
+    differentiable."""
+
+    modality: ClassVar[str] = "video"
+    is_differentiable: ClassVar[bool] = False
+    layout: ClassVar[str] = "videos [B, T, 3, H, W]"
+
+    @classmethod
+    def from_pretrained(cls, **_: Any) -> FramesJudgeReward:
+        return cls()
+
+    @staticmethod
+    def judge_one(item: torch.Tensor, prompt: str) -> Any: ...
+
+    def score_tensor(self, media: torch.Tensor, prompts=None) -> torch.Tensor:
+        """Scores ``[B]`` of ``[B, N, 3, H, W]`` in [0, 1]."""
+        from ..rewards.base import broadcast_prompts
+
+        if media.ndim != 5:
+            raise ValueError(f"expected {self.layout}, got {tuple(media.shape)}")
+        prompts = broadcast_prompts(prompts, media.shape[0])
+        if media.shape[-2:] != (CANVAS, CANVAS):
+            flat = torch.nn.functional.interpolate(media.flatten(0, 1), size=(CANVAS, CANVAS), mode="nearest")
+            media = flat.view(*media.shape[:2], 3, CANVAS, CANVAS)
+        return torch.tensor([self.judge_one(item, prompt).overall for item, prompt in zip(media.detach(), prompts)])
+
+    def score(self, media, prompts=None, batch_size: int = 32) -> torch.Tensor:
+        if not isinstance(media, torch.Tensor):
+            raise TypeError(f"{self.name} scores tensors: {self.layout} in [0, 1]")
+        return self.score_tensor(media, prompts)
+
+
+class VideoJudgeReward(FramesJudgeReward):
     """The exact judge of the toy video world (:func:`mmalign.toyworld.video_world.judge_clip`) as a reward of
     videos ``[B, T, 3, H, W]`` in [0, 1]: ``overall`` adherence in [0, 1] (colour, shape and count per frame,
     direction of motion from the first frame to the last); not differentiable."""
 
     name = "toyworld-video-judge"
-    modality: ClassVar[str] = "video"
-    is_differentiable: ClassVar[bool] = False
     score_scale: ClassVar[str] = "mean of colour, shape, count (fractions of frames) and direction checks, in [0, 1]"
 
-    @classmethod
-    def from_pretrained(cls, **_: Any) -> VideoJudgeReward:
-        return cls()
-
-    def score_tensor(self, videos: torch.Tensor, prompts=None) -> torch.Tensor:
-        """Scores ``[B]`` of videos ``[B, T, 3, H, W]`` in [0, 1] (frames resized to 32 px when they are not)."""
-        from ..rewards.base import broadcast_prompts
+    @staticmethod
+    def judge_one(item: torch.Tensor, prompt: str) -> Any:
         from .video_world import judge_clip
 
-        if videos.ndim != 5:
-            raise ValueError(f"expected videos [B, T, 3, H, W], got {tuple(videos.shape)}")
-        prompts = broadcast_prompts(prompts, videos.shape[0])
-        if videos.shape[-2:] != (CANVAS, CANVAS):
-            flat = torch.nn.functional.interpolate(videos.flatten(0, 1), size=(CANVAS, CANVAS), mode="nearest")
-            videos = flat.view(*videos.shape[:2], 3, CANVAS, CANVAS)
-        return torch.tensor([judge_clip(clip, prompt).overall for clip, prompt in zip(videos.detach(), prompts)])
-
-    def score(self, videos, prompts=None, batch_size: int = 32) -> torch.Tensor:
-        if not isinstance(videos, torch.Tensor):
-            raise TypeError("toyworld-video-judge scores video tensors [B, T, 3, H, W] in [0, 1]")
-        return self.score_tensor(videos, prompts)
+        return judge_clip(item, prompt)
 
 
-class MultiViewJudgeReward(Reward):
+class MultiViewJudgeReward(FramesJudgeReward):
     """The exact judge of the toy multi-view world (:func:`mmalign.toyworld.multiview_world.judge_views`) as a reward
     of view sets ``[B, 4, 3, H, W]`` in [0, 1] (views at azimuths 0°, 90°, 180°, 270°): ``overall`` adherence in
     [0, 1] (body colour and shape per view, the dot where the prompt's side and each view's azimuth put it, and
@@ -111,30 +127,14 @@ class MultiViewJudgeReward(Reward):
 
     name = "toyworld-multiview-judge"
     modality: ClassVar[str] = "multiview"
-    is_differentiable: ClassVar[bool] = False
+    layout: ClassVar[str] = "view sets [B, V, 3, H, W]"
     score_scale: ClassVar[str] = "mean of colour, shape, dot and cross-view consistency (fractions of views), in [0, 1]"
 
-    @classmethod
-    def from_pretrained(cls, **_: Any) -> MultiViewJudgeReward:
-        return cls()
-
-    def score_tensor(self, views: torch.Tensor, prompts=None) -> torch.Tensor:
-        """Scores ``[B]`` of view sets ``[B, V, 3, H, W]`` in [0, 1] (views resized to 32 px when they are not)."""
-        from ..rewards.base import broadcast_prompts
+    @staticmethod
+    def judge_one(item: torch.Tensor, prompt: str) -> Any:
         from .multiview_world import judge_views
 
-        if views.ndim != 5:
-            raise ValueError(f"expected view sets [B, V, 3, H, W], got {tuple(views.shape)}")
-        prompts = broadcast_prompts(prompts, views.shape[0])
-        if views.shape[-2:] != (CANVAS, CANVAS):
-            flat = torch.nn.functional.interpolate(views.flatten(0, 1), size=(CANVAS, CANVAS), mode="nearest")
-            views = flat.view(*views.shape[:2], 3, CANVAS, CANVAS)
-        return torch.tensor([judge_views(v, prompt).overall for v, prompt in zip(views.detach(), prompts)])
-
-    def score(self, views, prompts=None, batch_size: int = 32) -> torch.Tensor:
-        if not isinstance(views, torch.Tensor):
-            raise TypeError("toyworld-multiview-judge scores view-set tensors [B, V, 3, H, W] in [0, 1]")
-        return self.score_tensor(views, prompts)
+        return judge_views(item, prompt)
 
 
 class AudioJudgeReward(Reward):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,9 +210,26 @@ def evaluate_flow(
     model: torch.nn.Module | None = None,
 ) -> Evaluation:
     """:func:`evaluate` for a flow-matching generator: :func:`sample_flow` with the same seeds, then the judge."""
+    return judged_samples(generator, prompts, samples_per_prompt, seed, steps, guidance, model, judge, Evaluation)
+
+
+def judged_samples(
+    generator: Any,
+    prompts: Sequence,
+    samples_per_prompt: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    model: torch.nn.Module | None,
+    judge_one: Callable[[Any, Any], Any],
+    result: type,
+) -> Any:
+    """The flow generators' evaluation: every prompt ``samples_per_prompt`` times with the fixed seeds of
+    :func:`evaluation_seeds`, :func:`sample_flow`, ``judge_one(sample, prompt)`` on each; returned as
+    ``result(prompts, seeds, samples, verdicts)``."""
     expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
-    images = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
-    return Evaluation(expanded, seeds, images, [judge(image, p) for image, p in zip(images, expanded)])
+    samples = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
+    return result(expanded, seeds, samples, [judge_one(s, p) for s, p in zip(samples, expanded)])
 
 
 @dataclass
@@ -248,9 +265,9 @@ def evaluate_video(
     same seeds, :func:`sample_flow`, then the video judge."""
     from .video_world import judge_clip
 
-    expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
-    clips = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
-    return VideoEvaluation(expanded, seeds, clips, [judge_clip(clip, p) for clip, p in zip(clips, expanded)])
+    return judged_samples(
+        generator, prompts, samples_per_prompt, seed, steps, guidance, model, judge_clip, VideoEvaluation
+    )
 
 
 @dataclass
@@ -283,9 +300,9 @@ def evaluate_multiview(
 
     if getattr(generator, "modality", "image") == "image":
         generator = ViewGridGenerator(generator, GRID)
-    expanded, seeds = evaluation_seeds(prompts, samples_per_prompt, seed)
-    views = sample_flow(generator, expanded, seeds, steps=steps, guidance=guidance, model=model)
-    return MultiViewEvaluation(expanded, seeds, views, [judge_views(v, p) for v, p in zip(views, expanded)])
+    return judged_samples(
+        generator, prompts, samples_per_prompt, seed, steps, guidance, model, judge_views, MultiViewEvaluation
+    )
 
 
 # -------------------------------------------------------------------------------- audio generators

@@ -26,10 +26,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 from itertools import product
+from typing import ClassVar
 
 import numpy as np
 
-from .judge import Detection, detect, mean_scores, score_objects, to_uint8
+from .judge import AttributeScores, Detection, detect, mean_scores, score_objects, to_uint8
 from .render import GAP, MARGIN, Item, _apart, draw
 from .world import CANVAS, COLORS, COUNT_WORDS, COUNTS, SHAPES, Prompt
 
@@ -192,30 +193,16 @@ def render_clip(
 
 
 @dataclass(frozen=True)
-class VideoVerdict:
+class VideoVerdict(AttributeScores):
     """The judge's scores of one clip for one prompt (``color``, ``shape``, ``count``: fractions of frames)."""
+
+    attributes: ClassVar[tuple[str, ...]] = VIDEO_ATTRIBUTES
 
     color: float
     shape: float
     count: float
     direction: float
     objects: tuple[tuple[Detection, ...], ...]  # per frame
-
-    @property
-    def overall(self) -> float:
-        return (self.color + self.shape + self.count + self.direction) / 4
-
-    @property
-    def exact(self) -> float:
-        return float(self.color == self.shape == self.count == self.direction == 1.0)
-
-    def scores(self) -> dict[str, float]:
-        """Per-attribute, ``overall`` and ``exact`` scores."""
-        return {
-            **{name: getattr(self, name) for name in VIDEO_ATTRIBUTES},
-            "overall": self.overall,
-            "exact": self.exact,
-        }
 
 
 def to_frames(clip) -> np.ndarray:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (ASSETS / "pipeline").is_dir(), reason="asse
 
 def test_assets_are_small_safetensors():
     files = [p for p in ASSETS.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 28 * 1024 * 1024
+    assert sum(p.stat().st_size for p in files) <= 40 * 1024 * 1024  # the issue's cap on all toy assets
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
     for config in ASSETS.rglob("config.json"):
