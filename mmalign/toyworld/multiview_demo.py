@@ -18,23 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import DemoConfig
-from .flow_demo import FLOW_LORA_TARGETS, run_world_demo, write_world_markdown
+from .flow_demo import FLOW_DEMO_DEFAULTS, FLOW_LORA_TARGETS, run_world_demo, write_world_markdown
 from .multiview_world import GRID, MULTIVIEW_ATTRIBUTES, split_multiview_prompts
 from .sampling import evaluate_multiview
 from .world import CANVAS
 
-#: the multi-view demo's defaults where they differ from the UNet demo's (``mmalign demo --world multiview``)
-MULTIVIEW_DEMO_DEFAULTS: dict[str, Any] = {
-    "trainer": "flow-grpo",
-    "out": "runs/demo-multiview",
-    "steps": 160,
-    "cpu_budget": 480.0,
-    "batch_size": 96,
-    "lr": 1e-3,
-    "lora_rank": 16,
-    "sample_steps": 10,
-    "eval_every": 20,
-}
+#: the multi-view demo's defaults where they differ from the UNet demo's (``mmalign demo --world multiview``): the
+#: image flow demo's (the two pipelines are alike: 64 tokens of width 64, 4 blocks)
+MULTIVIEW_DEMO_DEFAULTS: dict[str, Any] = {**FLOW_DEMO_DEFAULTS, "out": "runs/demo-multiview"}
 #: what the trainer's generator makes: the 2x2 grid of 32 px views, read as a view set
 MULTIVIEW_OUTPUT = (f"resolution={2 * CANVAS}", f"views_grid={GRID}")
 

@@ -220,6 +220,7 @@ def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
     vae.register_to_config(_name_or_path=recipe.base or "assets/toyworld/pipeline")  # no absolute path in config
     if recipe.vae_steps:  # the same architecture, fresh weights (fitted to the world's renders by train)
         vae = AutoencoderKL.from_config(vae.config)
+        vae.register_to_config(_name_or_path="")  # not the base pipeline's VAE any more
     world = flow_world(recipe.world)
     latent = world.size // 2 ** (len(vae.config.block_out_channels) - 1)
     clip = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder", dtype=torch.float32)
