@@ -38,7 +38,7 @@ import torch
 from .config import GUIDANCE
 from .media_reward import CONFIG_NAME, media_pixels
 from .save import recipe_main, save_fp16, write_summary
-from .train_reward import GROUP, agreement, ranking_loss
+from .train_reward import GROUP, agreement, ranking_loss, reward_step
 
 #: the vision tower of every toy media reward (32 px input of ``3·N`` or 1 channels, patch 4)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, patch_size=4)
@@ -270,13 +270,7 @@ def train(recipe: MediaRewardRecipe, out: Path, log=print) -> dict[str, Any]:
                 + pair_loss(recon_cos[:, :, 0], recon_judged[:, :, 0], scale)
                 + 0.5 * pair_loss(recon_cos.flatten(0, 1), recon_judged.flatten(0, 1), scale)
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            if step % 100 == 0 or step == recipe.steps - 1:
-                log(f"reward step {step + 1}/{recipe.steps} loss {loss.item():.4f} scale {scale.item():.1f}")
+            reward_step(loss, model, optimizer, schedule, step, recipe.steps, scale, log)
         model.eval()
         save_fp16(model, out)
         write_small_tokenizer(out, source, world_words(world))

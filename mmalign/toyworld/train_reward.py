@@ -149,6 +149,18 @@ def group_loss(cosine: torch.Tensor, judged: torch.Tensor, groups: list[tuple[in
     return torch.stack(terms).mean()
 
 
+def reward_step(loss, model, optimizer, schedule, step: int, steps: int, scale: torch.Tensor, log) -> None:
+    """One optimizer step of a toy reward (gradients clipped to norm 1, the lr schedule stepped), logged every 100
+    steps (:mod:`~mmalign.toyworld.train_reward`, :mod:`~mmalign.toyworld.train_media_reward`)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    if step % 100 == 0 or step == steps - 1:
+        log(f"reward step {step + 1}/{steps} loss {loss.item():.4f} scale {scale.item():.1f}")
+
+
 def agreement(scores: np.ndarray, judged: np.ndarray, groups: list[int]) -> dict[str, float]:
     """Pairwise agreement within groups (one prompt's samples), over pairs the judge scores differently."""
     agree = total = 0
@@ -258,13 +270,7 @@ def train(recipe: RewardRecipe, out: Path, log=print) -> dict[str, Any]:
             scale = model.logit_scale.exp().clamp(max=100.0)
             cosine = image_features @ text_features.T
             loss = group_loss(cosine, judged[index], local, scale) + 0.5 * ranking_loss(cosine, judged[index], scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            if step % 100 == 0 or step == recipe.steps - 1:
-                log(f"reward step {step + 1}/{recipe.steps} loss {loss.item():.4f} scale {scale.item():.1f}")
+            reward_step(loss, model, optimizer, schedule, step, recipe.steps, scale, log)
         model.eval()
         with torch.no_grad():
             image_features, text_features = features(model, to_pixels(heldout), tokens.input_ids, tokens.attention_mask)
