@@ -100,7 +100,7 @@ def test_multiview_demo_trains_and_reports(tmp_path):
     from mmalign.toyworld.multiview_demo import run_multiview_demo
 
     config = DemoConfig(
-        out=str(tmp_path), trainer="flow-grpo", heldout=2, train_prompts=2, eval_samples=1, sample_steps=3, steps=2,
+        out=str(tmp_path), trainer="flow-grpo", heldout=2, train_prompts=2, eval_samples=1, sample_steps=4, steps=2,
         batch_size=8, lr=1e-4, lora_rank=4, eval_every=2, progress=False,
     )  # fmt: skip
     report = run_multiview_demo(config, log=lambda message: None)
