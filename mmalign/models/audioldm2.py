@@ -29,9 +29,11 @@ Re-implemented from ``diffusers/pipelines/audioldm2/pipeline_audioldm2.py`` (dif
 * Decoding (:meth:`AudioLDM2Policy.decode`): ``latents / scaling_factor`` → VAE → mel ``[B, 1, T, M]`` →
   vocoder → waveform, cropped, clamped to the canonical [-1, 1] and returned as mono audio ``[B, 1, S]`` at the
   vocoder's ``sampling_rate`` (16 kHz for cvssp/audioldm2); differentiable with ``grad=True``.
-* Offline pairs (Diffusion-DPO, SFT) are not supported: the pipeline has no audio → mel path, and the mel
-  settings the VAE was trained on (FFT size, window, frequency range) are not in the checkpoint's configs;
-  :meth:`AudioLDM2Policy.latent_distribution` refuses with a :class:`~mmalign.errors.ConfigError`.
+* Offline pairs (Diffusion-DPO, SFT, ...): the pipeline has no audio → mel path, so
+  :meth:`AudioLDM2Policy.latent_distribution` applies the reference's training front end
+  (:mod:`mmalign.models.audioldm_mel`: peak-normalised mono, magnitude STFT, Slaney mel, log; the settings the
+  checkpoint does not record derived from its vocoder so that they equal the published ones) and encodes the
+  mel spectrogram with the VAE.
 * Gradient checkpointing: diffusers 0.42.1's ``AudioLDM2UNet2DConditionModel`` passes its blocks' arguments in the
   wrong order under checkpointing (the T5 mask becomes the self-attention mask and the call fails): the loaded UNet
   checkpoints them with :func:`checkpoint_block`, which passes them by name (:func:`with_block_checkpointing`).
@@ -53,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, WeightsError
+from ..errors import WeightsError
 from .policy import DiffusionPolicy, PromptEmbeds
 
 __all__ = ["AudioLDM2Policy", "load_lora_into_unet"]
@@ -396,13 +398,35 @@ class AudioLDM2Policy(DiffusionPolicy):
         )[0].float()
 
     # -- latents and audio ---------------------------------------------------------------------------------
+    @property
+    def mel_settings(self):
+        """The waveform → mel front end of the VAE's training (:mod:`mmalign.models.audioldm_mel`)."""
+        from .audioldm_mel import mel_settings_for
+
+        return mel_settings_for(self.vocoder.config)
+
+    def fit_audio(self, audio: Tensor) -> Tensor:
+        """Canonical audio ``[B, C, S]`` at :attr:`sample_rate` → mono ``[B, num_samples]`` as the reference trains
+        on it: channels averaged, centred and peak-normalised to 0.5, zero-padded or cropped at the end."""
+        from .audioldm_mel import normalize_waveform
+
+        if audio.ndim == 2:
+            audio = audio.unsqueeze(1)
+        if audio.ndim != 3:
+            raise ValueError(f"expected audio [B, C, S], got {tuple(audio.shape)}")
+        mono = normalize_waveform(audio.float().mean(1))
+        length = self.num_samples
+        return torch.nn.functional.pad(mono, (0, max(0, length - mono.shape[-1])))[:, :length]
+
+    @torch.no_grad()
     def latent_distribution(self, audio: Tensor) -> tuple[Tensor, Tensor]:
-        """Refused: no audio → latent path (see this module)."""
-        raise ConfigError(
-            "AudioLDM 2 takes no offline audio (Diffusion-DPO / SFT pairs): its pipeline has no waveform -> mel "
-            "path and the mel settings its VAE was trained on are not in the checkpoint; use an online trainer "
-            "(ddpo, d3po, draft, refl, alignprop) with an audio reward"
-        )
+        """The VAE posterior ``(mean, std)`` (float32, ``[B, C, T', M']``) of canonical audio ``[B, C, S]`` at
+        :attr:`sample_rate`: :meth:`fit_audio`, the reference's log-mel of :attr:`mel_frames` frames, encoded."""
+        from .audioldm_mel import audioldm_log_mel
+
+        mel = audioldm_log_mel(self.fit_audio(audio).to(self.vae.device), self.mel_settings, self.mel_frames)
+        dist = self.vae.encode(mel.to(self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
 
     def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
         """Latents ``[B, C, T', M']`` → mono audio ``[B, 1, S]`` in [-1, 1] at :attr:`sample_rate`, ``S =

@@ -26,7 +26,8 @@ How the UNet :class:`mmalign.models.policy.DiffusionPolicy` maps onto this proto
 trainers take its latent shape (``latent_shape``) and decoding (``decode(latents, grad=...)``) from the policy.
 AudioLDM 2 (:class:`mmalign.models.audioldm2.AudioLDM2Policy`) is an audio subclass: ``modality`` "audio", mel
 latents ``[B, C, T', M']``, ``decode`` to mono audio ``[B, 1, S]`` in [-1, 1], its second cross-attention input (T5
-states and mask) in ``PromptEmbeds.extra``; no offline pairs (no waveform → latent path).
+states and mask) in ``PromptEmbeds.extra``; offline audio is encoded through the reference's log-mel front end
+(:mod:`mmalign.models.audioldm_mel`).
 
 Families register in :data:`FAMILIES` under the diffusers pipeline class that ``model_index.json`` names, as
 ``"module:Class"`` strings imported on first use (``import mmalign`` stays light).

@@ -2,7 +2,8 @@
 ``save_pretrained`` and loaded back: prompt encoding equal to the pipeline's ``encode_prompt``, DDIM sampling and
 decoding equal to the pipeline's (``output_type="latent"``, ``"pt"``, ``"np"``), mono audio of the documented shape
 and range, LoRA files that load into diffusers' pipeline, and the online trainers (DRaFT, DDPO) on an audio reward,
-with an exact resume; offline pairs are refused."""
+with an exact resume; offline audio pairs encoded through the reference's waveform -> log-mel front end (tested
+against its formula) for the DPO family."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ from tests import tiny
 
 PROMPTS = ["a dog barks", "rain on a piano loop"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # the tiny vocoder's 8 mel bins over a 16-point FFT leave some filters empty (not so at real sizes)
+    pytest.mark.filterwarnings("ignore:At least one mel filter has all zero values"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +196,7 @@ def make(name, folder, data, out, *overrides, reward=None):
         "tracker=none", "progress=false", "log_every=1", "max_steps=2", "lora_rank=4", "lr=1e-2",
     ]  # fmt: skip
     cls, config = resolve_trainer_config(None, base + list(overrides))
-    return cls(config, reward=reward)
+    return cls(config) if reward is None else cls(config, reward=reward)
 
 
 def assert_all_changed(trainer):
@@ -249,13 +254,122 @@ def test_draft_resumes_exactly(folder, prompt_file, tmp_path, monkeypatch):
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_offline_pairs_and_image_rewards_are_refused(folder, policy, prompt_file, tmp_path):
+def test_image_rewards_are_refused(folder, prompt_file, tmp_path):
     from tests.trainers.conftest import Brightness
 
-    with pytest.raises(ConfigError, match="AudioLDM 2 takes no offline audio"):
-        policy.latent_distribution(torch.zeros(1, 1, 64))
     with pytest.raises(ConfigError, match="reward brightness scores images; the generator makes audio"):
         make("draft", folder, prompt_file, tmp_path, "sample_steps=2", "eta=0", reward=Brightness())
+
+
+def slaney_filters(rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """librosa's ``filters.mel`` defaults written out: the Slaney mel scale (linear, 200/3 Hz per mel, below 1 kHz;
+    logarithmic, ln(6.4)/27 per mel, above), triangles between ``n_mels + 2`` equally spaced mel points over the
+    FFT bin frequencies, each scaled by ``2 / (upper − lower)`` Hz (equal area)."""
+
+    def to_mel(hz):
+        hz = np.asarray(hz, dtype=np.float64)
+        linear = hz / (200.0 / 3)
+        return np.where(hz >= 1000.0, 15.0 + np.log(np.maximum(hz, 1e-9) / 1000.0) / (np.log(6.4) / 27), linear)
+
+    def to_hz(mel):
+        mel = np.asarray(mel, dtype=np.float64)
+        return np.where(mel >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27) * (mel - 15.0)), mel * 200.0 / 3)
+
+    points = to_hz(np.linspace(to_mel(fmin), to_mel(fmax), n_mels + 2))
+    bins = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    filters = np.zeros((n_mels, len(bins)))
+    for m in range(n_mels):
+        lower, centre, upper = points[m], points[m + 1], points[m + 2]
+        rising = (bins - lower) / (centre - lower)
+        falling = (upper - bins) / (upper - centre)
+        filters[m] = np.maximum(0, np.minimum(rising, falling)) * 2.0 / (upper - lower)
+    return filters
+
+
+def reference_log_mel(wave: np.ndarray, rate: int, n_fft: int, hop: int, n_mels: int, fmax: float) -> np.ndarray:
+    """The AudioLDM front end from its formula, one frame at a time: reflect-pad by n_fft / 2, periodic Hann,
+    |DFT| of each hop, Slaney mel, log(max(·, 1e-5)); ``[frames, n_mels]``."""
+    padded = np.pad(wave.astype(np.float64), n_fft // 2, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    frames = 1 + (len(padded) - n_fft) // hop
+    k = np.arange(n_fft // 2 + 1)[:, None]
+    basis = np.exp(-2j * np.pi * k * np.arange(n_fft)[None] / n_fft)
+    magnitude = np.stack([np.abs(basis @ (padded[i * hop : i * hop + n_fft] * window)) for i in range(frames)], 1)
+    mel = slaney_filters(rate, n_fft, n_mels, 0.0, fmax) @ magnitude
+    return np.log(np.maximum(mel, 1e-5)).T
+
+
+def test_mel_settings_are_the_published_ones():
+    """From the vocoder config alone: AudioLDM 2's 16 kHz front end (n_fft 1024, hop 160, 64 bins, 0-8 kHz) and
+    AudioLDM 48k's (2048, 480, 256 bins, 0-24 kHz), as the reference training configs give them."""
+    from types import SimpleNamespace
+
+    from mmalign.models.audioldm_mel import MelSettings, mel_settings_for
+
+    audioldm2 = SimpleNamespace(sampling_rate=16000, upsample_rates=[5, 4, 2, 2, 2], model_in_dim=64)
+    assert mel_settings_for(audioldm2) == MelSettings(16000, 1024, 160, 1024, 64, 0.0, 8000.0)
+    audioldm_48k = SimpleNamespace(sampling_rate=48000, upsample_rates=[6, 5, 4, 2, 2], model_in_dim=256)
+    assert mel_settings_for(audioldm_48k) == MelSettings(48000, 2048, 480, 2048, 256, 0.0, 24000.0)
+
+
+def test_log_mel_equals_the_published_front_end():
+    """At AudioLDM 2's settings, on noise plus a 440 Hz tone: the torch front end equals the formula computed frame
+    by frame in float64 (1e-4 in log units, where the mel energy is above the floor), and the tone's mel bin is
+    the loudest."""
+    from mmalign.models.audioldm_mel import MelSettings, audioldm_log_mel
+
+    settings = MelSettings(16000, 1024, 160, 1024, 64, 0.0, 8000.0)
+    rng = np.random.default_rng(0)
+    wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(3200) / 16000) + 0.01 * rng.standard_normal(3200)
+    got = audioldm_log_mel(torch.tensor(wave, dtype=torch.float32)[None], settings, frames=20)
+    assert got.shape == (1, 1, 20, 64)
+    expected = reference_log_mel(wave, 16000, 1024, 160, 64, 8000.0)[:20]
+    np.testing.assert_allclose(got[0, 0].double().numpy(), expected, atol=1e-4, rtol=0)
+    filters = slaney_filters(16000, 1024, 64, 0, 8000)
+    centre_hz = filters @ np.linspace(0, 8000, 513) / filters.sum(1)
+    assert abs(centre_hz[int(got[0, 0, 10].argmax())] - 440) < 60
+    # frames beyond the clip see silence: the floor
+    padded = audioldm_log_mel(torch.zeros(1, 100), settings, frames=4)
+    assert torch.equal(padded, torch.full_like(padded, math.log(1e-5)))
+
+
+def test_offline_audio_is_encoded_through_the_mel_front_end(policy):
+    """``latent_distribution``: channels averaged, peak-normalised to 0.5 (so loudness does not change the latent),
+    padded or cropped to the sample's length, the reference's log-mel, the VAE posterior of the latent shape."""
+    from mmalign.models.audioldm_mel import audioldm_log_mel, normalize_waveform
+
+    rng = torch.Generator().manual_seed(0)
+    audio = torch.rand(2, 2, 50, generator=rng) - 0.5  # stereo, shorter than the 64 samples of a tiny sample
+    mean, std = policy.latent_distribution(audio)
+    assert mean.shape == std.shape == (2, *policy.latent_shape())
+    mono = torch.nn.functional.pad(normalize_waveform(audio.mean(1)), (0, 14))
+    mel = audioldm_log_mel(mono, policy.mel_settings, policy.mel_frames)
+    expected = policy.vae.encode(mel).latent_dist
+    torch.testing.assert_close(mean, expected.mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(std, expected.std, atol=1e-6, rtol=1e-5)
+    louder, _ = policy.latent_distribution(3 * audio)
+    torch.testing.assert_close(louder, mean, atol=1e-5, rtol=1e-4)
+    longer, _ = policy.latent_distribution(torch.cat([audio, audio, audio], -1))
+    assert longer.shape == mean.shape
+
+
+@pytest.mark.parametrize("name", ["dpo", "sft"])
+def test_offline_trainers_change_every_lora_parameter_on_audio_pairs(name, folder, tmp_path):
+    """Diffusion-DPO and SFT on a JSONL of wav pairs of another rate, length and channel count than the model's."""
+    import soundfile as sf
+
+    from tests.modalities.tiny_media import sine
+
+    rows = []
+    for i, prompt in enumerate(PROMPTS):
+        sf.write(str(tmp_path / f"c{i}.wav"), sine(300 + 100 * i, 0.01, 8000).T, 8000)
+        sf.write(str(tmp_path / f"r{i}.wav"), sine(2000, 0.002, 22050, channels=2).T, 22050)
+        rows.append({"prompt": prompt, "chosen": f"c{i}.wav", "rejected": f"r{i}.wav"})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trainer = make(name, folder, pairs, tmp_path / "out", "beta=100")
+    assert trainer.make_batch(0)["latents_w"].shape == (2, *trainer.policy.latent_shape())
+    assert_all_changed(trainer)
 
 
 def test_label_samples_scores_and_writes_mono_wavs(policy, tmp_path):
