@@ -314,5 +314,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_line(threads: int) -> str:
+    """The CPU, its AVX/AMX flags and the torch threads, for a result file's ``machine``."""
+    flags = " ".join(f for f in cpu_flags().split() if f.startswith(("avx", "amx"))) or "no AVX"
+    return f"{cpu_model()} ({flags}), {threads} torch thread{'s' * (threads != 1)} (a shared 2-core machine)"
+
+
 def fmt(value, spec: str = ".2f", none: str = "–") -> str:
     return none if value is None else format(value, spec)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -57,16 +56,6 @@ def make_clips(folder: Path) -> list[dict]:
         np.save(npy, sf.read(wav, dtype="float32", always_2d=True)[0].T.copy())
         items.append({"name": name, "wav": str(wav), "npy": str(npy), "sample_rate": rate})
     return items
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def max_diff(ours: dict, theirs: dict) -> dict[str, float]:
@@ -138,6 +127,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/parity_audiobox.json"))
     args = parser.parse_args()
     import transformers
+    from harness import machine_line
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +141,7 @@ def main() -> int:
         "reference": "audiobox-aesthetics 0.0.4 (PyPI), AesPredictor.forward, CPU fp32",
         "mmalign": f"mmalign.rewards.audiobox, torch {torch.__version__}, transformers {transformers.__version__}, "
         "CPU fp32",
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads (a shared 2-core machine)",
+        "machine": machine_line(torch.get_num_threads()),
         "clips": [f"{name}: {seconds:g} s, {rate} Hz, {channels} ch" for name, rate, seconds, channels in CLIPS],
         "sizes": results,
         "worst_abs_diff": worst,

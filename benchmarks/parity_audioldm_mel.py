@@ -254,16 +254,6 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-python", default="/work/ref-audioldm2/venv/bin/python")
@@ -275,6 +265,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import torch
     import transformers
+    from harness import machine_line
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,7 +322,7 @@ def main() -> int:
         "mmalign": f"mmalign.models.audioldm_mel (normalize_waveform, audioldm_log_mel, MelSettings(16000, 1024, "
         f"160, 1024, 64, 0, 8000)), torch {torch.__version__}, numpy {np.__version__}, transformers "
         f"{transformers.__version__} (filter bank), CPU fp32",
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} torch thread (a shared 2-core machine)",
+        "machine": machine_line(torch.get_num_threads()),
         "floor": "log(1e-5); 'above floor' = entries where the reference log-mel > log(1e-5) + 1",
         "filter_bank_max_abs_diff": float(bank_diff.max()),
         "filter_bank_max_value": float(np.abs(reference["filter_bank"]).max()),
