@@ -21,6 +21,7 @@ the smallest power of two of at least four hops, which gives both published sett
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class MelSettings:
     fmin: float
     fmax: float
 
+    @functools.cache  # noqa: B019 - frozen settings, a handful per process: built once, not once per clip
     def filter_bank(self) -> Tensor:
         """``[n_mels, n_fft // 2 + 1]`` Slaney filters (librosa's ``filters.mel`` defaults), float32."""
         from transformers.audio_utils import mel_filter_bank
