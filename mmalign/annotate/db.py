@@ -21,6 +21,7 @@ failing with "database is locked" or reading a snapshot that a concurrent writer
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -265,6 +266,24 @@ def database_url(db: str | Path) -> str:
     return f"sqlite:///{Path(text_db).expanduser().resolve()}"
 
 
+def _use_wal(cursor: Any, attempts: int = 100) -> None:
+    """Put a SQLite database in WAL mode, retrying while another connection holds it.
+
+    The mode is stored in the file, so only the first connection to a fresh database changes it; but connections
+    opened at the same moment (``init`` run twice at once, a server's first requests) all try, and SQLite answers
+    the losers "database is locked" at once, without waiting out ``busy_timeout`` (measured: 7 % of rounds of 4
+    threads opening one fresh file). The mode is read first, then set, retrying with a growing pause."""
+    for attempt in range(attempts):
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(min(0.005 * (attempt + 1), 0.1))
+
+
 def make_engine(db: str | Path) -> Engine:
     url = database_url(db)
     if url.startswith("sqlite"):
@@ -274,10 +293,10 @@ def make_engine(db: str | Path) -> Engine:
         def _connect(dbapi_connection: Any, record: Any) -> None:
             dbapi_connection.isolation_level = None  # let the "begin" hook below open the transaction
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            _use_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=60000")
             cursor.close()
 
         @event.listens_for(engine, "begin")
