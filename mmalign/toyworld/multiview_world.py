@@ -71,6 +71,7 @@ __all__ = [
     "perturb_multiview",
     "random_multiview_prompt",
     "render_grid",
+    "dot_mask_grid",
     "render_views",
     "split_grid_views",
     "split_multiview_prompts",
@@ -192,13 +193,29 @@ def render_views(prompt: MultiViewPrompt | str, seed: int | random.Random = 0, c
     """The :data:`VIEWS` ground-truth views of ``prompt`` (``uint8 [V, canvas, canvas, 3]``), the same for the same
     seed: one body size and place for all views (the object does not change as the camera moves)."""
     prompt = parse_multiview_prompt(prompt) if isinstance(prompt, str) else prompt
+    size, x, y = _placement(seed, canvas)
+    return np.stack([draw(view_items(prompt, size, x, y, azimuth), canvas) for azimuth in AZIMUTHS])
+
+
+def _placement(seed: int | random.Random, canvas: int) -> tuple[int, int, int]:
+    """The body's size and top-left corner, drawn from ``seed`` (one draw per view set)."""
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     size = rng.choice(BODY_SIZES)
     half = size // 2
     # room for the dot over either edge (half a body width out) and above the body
     x = rng.randint(MARGIN + half, canvas - MARGIN - size - half)
     y = rng.randint(MARGIN + DOT + GAP + 4, canvas - MARGIN - size)
-    return np.stack([draw(view_items(prompt, size, x, y, azimuth), canvas) for azimuth in AZIMUTHS])
+    return size, x, y
+
+
+def dot_mask_grid(prompt: MultiViewPrompt | str, seed: int | random.Random = 0, canvas: int = CANVAS) -> np.ndarray:
+    """``bool [2·canvas, 2·canvas]``: the dot's pixels in :func:`render_grid` of the same prompt and seed (the
+    same draws from ``seed``) -- the small feature a pipeline's training loss can weigh up
+    (:mod:`mmalign.toyworld.train_flow_pipeline`, ``feature_weight``)."""
+    prompt = parse_multiview_prompt(prompt) if isinstance(prompt, str) else prompt
+    size, x, y = _placement(seed, canvas)
+    views = [draw(view_items(prompt, size, x, y, azimuth)[1:], canvas) for azimuth in AZIMUTHS]
+    return (join_grid(np.stack(views)) != draw([], canvas)[0, 0]).any(-1)
 
 
 def join_grid(views: np.ndarray, rows: int = 2, cols: int = 2) -> np.ndarray:

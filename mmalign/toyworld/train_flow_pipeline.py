@@ -31,10 +31,13 @@ The transformer and both text encoders learn together (EMA weights kept), on the
 captions are noisy exactly as for the UNet pipeline: each attribute replaced by a wrong value with probability
 ``caption_noise``, and 10 % of captions dropped (encoded ``""``, the pipeline's unconditional prompt) for
 classifier-free guidance; the model then follows prompts only partly, which leaves room for preference training.
-The pipeline is saved in fp16 safetensors (loaded back in fp32), and the judge adherence of Euler-ODE samples
-(:func:`mmalign.toyworld.sampling.evaluate_flow`) on the held-out prompts of the demo's split, at several
-guidance scales and step counts, is written to ``training.json`` beside it. A killed run resumes from its
-checkpoint when rerun.
+``feature_weight`` w > 0 (a world with small features: the multi-view dot, 4 px, one latent cell) weighs the squared
+error of the latent cells over those features (1 + w)-fold, so that a pipeline learns to place them rather than
+spend its capacity on the large body; ``init`` continues training a saved pipeline (its parts, with a fresh
+optimiser and warm-up) instead of building one. The pipeline is saved in fp16 safetensors (loaded back in fp32), and
+the judge adherence of Euler-ODE samples (:func:`mmalign.toyworld.sampling.evaluate_flow`) on the held-out prompts
+of the demo's split, at several guidance scales and step counts, is written to ``training.json`` beside it. A killed
+run resumes from its checkpoint when rerun.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .train_pipeline import (
     MAX_TOKENS,
     TokenCache,
     latent_pool,
+    pool_masks,
     render_batch,
     train_rectified_flow,
     train_vae,
@@ -98,6 +102,8 @@ class FlowPipelineRecipe:
     vae_steps: int = 0  # 0: the base pipeline's VAE as it is; N: a VAE of its architecture fitted N steps here
     vae_batch: int = 32
     vae_lr: float = 2e-3
+    feature_weight: float = 0.0  # extra loss weight on latent cells over the world's small features (its mask)
+    init: str = ""  # a saved flow pipeline of the same world to continue training ("": build a fresh one)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class FlowWorld:
     judge: Callable[[Any, Any], Any]  # (image, prompt) -> verdict with .scores()
     evaluate: Callable[..., Any]
     size: int  # pixels per side of what the generator draws
+    feature_mask: Callable[[Any, Any], Any] | None = None  # (prompt, rng) -> bool [H, W] of the small features
 
 
 def flow_world(name: str) -> FlowWorld:
@@ -133,7 +140,7 @@ def flow_world(name: str) -> FlowWorld:
         "multiview": FlowWorld(mv.all_multiview_prompts, mv.split_multiview_prompts, mv.random_multiview_prompt,
                                mv.corrupt_multiview, mv.render_grid, mv.multiview_words, mv.judge_views,
                                evaluate_multiview,
-                               2 * CANVAS),
+                               2 * CANVAS, feature_mask=mv.dot_mask_grid),
     }  # fmt: skip
     if name not in worlds:
         raise ValueError(f"unknown world {name!r}; known: {', '.join(worlds)}")
@@ -206,14 +213,37 @@ def base_dir(recipe: FlowPipelineRecipe) -> Path:
     return Path(recipe.base) if recipe.base else asset_dir("pipeline")
 
 
+def load_parts(folder: str | Path) -> dict[str, Any]:
+    """The parts of a saved flow pipeline (fp16 on disk) in fp32, to continue training them (``init``)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    folder = str(folder)
+    parts = {
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=torch.float32),
+        "text_encoder": CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder", dtype=torch.float32
+        ),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", dtype=torch.float32
+        ),
+        "transformer": SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=torch.float32),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+    }
+    parts["vae"].register_to_config(_name_or_path="")  # no path in the saved config
+    return parts
+
+
 def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
     """The reused VAE and text encoder (with a fresh projection), a fresh second CLIP, transformer and scheduler
-    (seeded)."""
+    (seeded); with ``init``, the parts of that saved pipeline instead."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ..models.builders import clip_text_config
 
+    if recipe.init:
+        return load_parts(recipe.init)
     base = base_dir(recipe)
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae", dtype=torch.float32)
@@ -299,10 +329,13 @@ def train_flow(
     evaluate=None,
     checkpoint: Path | None = None,
     corrupt: Callable[[Any, random.Random, float], Any] = corrupt,
+    weights: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
     """Rectified flow on noisy captions; the transformer and both text encoders keep EMA weights (copied in at
-    the end). With ``checkpoint``, the whole state is written there every ``checkpoint_every`` steps and a run
-    resumes from it exactly. Returns the loss curve (mean loss per 100 steps)."""
+    the end). ``weights`` (``[N, 1, h, w]``, one per latent cell of each latent): the squared error weighted by
+    them (:func:`feature_weights`). With ``checkpoint``, the whole state is written there every
+    ``checkpoint_every`` steps and a run resumes from it exactly. Returns the loss curve (mean loss per 100
+    steps)."""
     transformer = parts["transformer"]
     encoders = [parts["text_encoder"], parts["text_encoder_2"]]
     width = int(transformer.config.joint_attention_dim)
@@ -327,9 +360,25 @@ def train_flow(
             pooled_projections=pooled,
             return_dict=False,
         )[0]
-        return F.mse_loss(pred, noise - x0)
+        return rectified_flow_loss(pred, noise, x0, None if weights is None else weights[index])
 
     return train_rectified_flow(modules, recipe, log, batch_loss, evaluate, checkpoint)
+
+
+def rectified_flow_loss(
+    pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The velocity loss mean((v̂ − (ε − x0))²), each latent cell's squared error times its weight when given
+    (``[B, 1, h, w]``, broadcast over channels)."""
+    error = (pred - (noise - x0)).square()
+    return error.mean() if weights is None else (weights * error).mean()
+
+
+def feature_weights(masks: torch.Tensor, latent_size: int, weight: float) -> torch.Tensor:
+    """``[N, 1, h, w]`` loss weights from pixel masks ``bool [N, H, W]``: 1 + ``weight`` on every latent cell whose
+    pixels (``H / h`` square) touch the mask, 1 elsewhere."""
+    cells = F.adaptive_max_pool2d(masks[:, None].float(), latent_size)
+    return 1.0 + weight * cells
 
 
 def generator_of(parts: dict[str, Any], tokenizers: list[Any], recipe: FlowPipelineRecipe, modules=None):
@@ -400,7 +449,7 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_small_tokenizer(out / "tokenizer_2", source, words)))
         parts = build_parts(recipe, tokenizer_2)
         vae = parts["vae"]
-        if recipe.vae_steps:
+        if recipe.vae_steps and not recipe.init:
             train_vae(vae, recipe, log, world.random_prompt, world.render)
         vae.requires_grad_(False).eval()
         reconstruction = reconstruction_scores(vae, world, recipe.seed)
@@ -410,6 +459,15 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
         shift = float(latents.mean())
         vae.register_to_config(shift_factor=shift / vae.config.scaling_factor)
         latents = latents - shift
+        weights = None
+        if recipe.feature_weight:
+            if world.feature_mask is None:
+                raise ValueError(f"feature_weight: the {recipe.world!r} world marks no small features")
+            masks = pool_masks(recipe.pool, recipe.seed, world.random_prompt, world.feature_mask)
+            weights = feature_weights(masks, latents.shape[-1], recipe.feature_weight)
+            log(
+                f"feature weight {recipe.feature_weight:g} on {float((weights > 1).float().mean()):.1%} of latent cells"
+            )
         log(
             f"latent pool {tuple(latents.shape)}: shift_factor {vae.config.shift_factor:.4f}, scaling_factor "
             f"{vae.config.scaling_factor:.4f}, std {float(latents.std()):.3f}, {time.time() - started:.0f} s"
@@ -434,6 +492,7 @@ def train(recipe: FlowPipelineRecipe, out: Path, log=print) -> dict[str, Any]:
             evaluate,
             checkpoint=out / ".flow-checkpoint.pt",
             corrupt=world.corrupt,
+            weights=weights,
         )
         trained_seconds = time.time() - started
         pipe = StableDiffusion3Pipeline(

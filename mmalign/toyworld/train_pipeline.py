@@ -204,13 +204,27 @@ def latent_pool(
 ) -> tuple[torch.Tensor, list]:
     """``size`` renders of random prompts (the image world's by default) as scaled VAE latent means, with their
     (true) prompts."""
-    rng = random.Random(f"pool:{seed}")
-    prompts = [draw_prompt(rng) for _ in range(size)]
+    rng, prompts = _pool_prompts(size, seed, draw_prompt)
     latents = []
     for start in range(0, size, 256):
         pixels = render_batch(prompts[start : start + 256], rng, draw)
         latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
     return torch.cat(latents), prompts
+
+
+def _pool_prompts(size: int, seed: int, draw_prompt: Callable[[random.Random], Any]) -> tuple[random.Random, list]:
+    """The pool's prompts and the generator, drawn that far, that its renders then draw from (one per prompt)."""
+    rng = random.Random(f"pool:{seed}")
+    return rng, [draw_prompt(rng) for _ in range(size)]
+
+
+def pool_masks(
+    size: int, seed: int, draw_prompt: Callable[[random.Random], Any], mask: Callable[..., np.ndarray]
+) -> torch.Tensor:
+    """``bool [size, H, W]``: ``mask(prompt, rng)`` of every render of :func:`latent_pool` (same size and seed; the
+    same draws, so each mask lies over its render: e.g. the multi-view dot's pixels)."""
+    rng, prompts = _pool_prompts(size, seed, draw_prompt)
+    return torch.from_numpy(np.stack([mask(p, rng) for p in prompts]))
 
 
 class TokenCache:

@@ -122,3 +122,63 @@ def test_demo_world_multiview_takes_its_defaults():
     config = multiview_config(parser.parse_args(["demo", "--world", "multiview", "--trainer", "diffusionnft"]))
     assert (config.trainer, config.out) == ("diffusionnft", "runs/demo-multiview")
     assert render_views(MultiViewPrompt("red", "circle", "blue", "left"), 0).shape == (4, 32, 32, 3)
+
+
+def test_dot_masks_lie_over_the_pool_renders():
+    """``pool_masks`` with the world's ``dot_mask_grid`` marks exactly the dot-coloured pixels of the renders that
+    ``latent_pool`` encodes (same prompts, same draws); the loss weights cover those pixels' latent cells."""
+    from mmalign.toyworld.train_flow_pipeline import feature_weights, flow_world
+    from mmalign.toyworld.train_pipeline import latent_pool, pool_masks
+    from mmalign.toyworld.world import COLORS
+
+    class Recorder:  # a VAE stand-in that keeps what latent_pool encodes
+        config = type("Config", (), {"scaling_factor": 1.0})
+        pixels: list = []
+
+        def encode(self, pixels):
+            self.pixels.append(pixels)
+            return type("Out", (), {"latent_dist": type("Dist", (), {"mean": pixels[:, :, ::4, ::4]})})
+
+    world = flow_world("multiview")
+    _, prompts = latent_pool(Recorder(), 12, 3, world.random_prompt, world.render)
+    renders = ((torch.cat(Recorder.pixels) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    masks = pool_masks(12, 3, world.random_prompt, world.feature_mask)
+    assert masks.shape == (12, 64, 64) and masks.dtype == torch.bool
+    for render, mask, prompt in zip(renders, masks.numpy(), prompts):
+        dot = (render == np.array(COLORS[prompt.dot])).all(-1)
+        assert dot.sum() == 3 * 16 and np.array_equal(mask, dot)  # three views show the 4x4 dot
+    weights = feature_weights(masks, 16, 8.0)
+    assert weights.shape == (12, 1, 16, 16) and set(weights.unique().tolist()) == {1.0, 9.0}
+    cells = torch.nn.functional.interpolate(weights, scale_factor=4)[:, 0] == 9.0  # each cell's 4x4 pixels
+    assert bool(cells[masks].all())  # every dot pixel lies in a weighted cell ...
+    assert int(cells.sum()) <= 4 * 16 * int(masks.sum()) // 16  # ... and no more cells than the dots touch
+
+
+def test_feature_weighted_loss_is_the_weighted_mean_square():
+    """The loss of ``feature_weight``: mean over cells and channels of w · (v̂ − (ε − x0))², written out per
+    element; no weights is the plain MSE."""
+    from mmalign.toyworld.train_flow_pipeline import rectified_flow_loss
+
+    gen = torch.Generator().manual_seed(0)
+    pred, noise, x0 = (torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    weights = 1 + 5 * (torch.rand(2, 1, 4, 4, generator=gen, dtype=torch.float64) > 0.8)
+    total = 0.0
+    for b, c, y, x in np.ndindex(2, 3, 4, 4):
+        total += float(weights[b, 0, y, x]) * float(pred[b, c, y, x] - (noise[b, c, y, x] - x0[b, c, y, x])) ** 2
+    assert float(rectified_flow_loss(pred, noise, x0, weights)) == pytest.approx(total / 96, rel=1e-12)
+    plain = sum(float(pred[i] - (noise[i] - x0[i])) ** 2 for i in np.ndindex(2, 3, 4, 4)) / 96
+    assert float(rectified_flow_loss(pred, noise, x0)) == pytest.approx(plain, rel=1e-12)
+
+
+@needs_multiview
+def test_init_continues_from_the_saved_pipeline(generator):
+    """``init``: the parts are the saved pipeline's, in fp32 (its fp16 weights exactly), and train."""
+    from mmalign.toyworld.train_flow_pipeline import FlowPipelineRecipe, build_parts
+
+    parts = build_parts(FlowPipelineRecipe(world="multiview", init=str(MULTIVIEW)), tokenizer_2=None)
+    for name, module in (("transformer", generator.transformer), ("text_encoder_2", generator.text_encoders[1])):
+        saved = module.state_dict()
+        assert all(
+            v.dtype == torch.float32 and torch.equal(v, saved[k]) for k, v in parts[name].state_dict().items()
+        ), name
+    assert parts["vae"].config.shift_factor == generator.vae.config.shift_factor
