@@ -243,7 +243,15 @@ def build_parts(recipe: FlowPipelineRecipe, tokenizer_2: Any) -> dict[str, Any]:
     from ..models.builders import clip_text_config
 
     if recipe.init:
-        return load_parts(recipe.init)
+        parts = load_parts(recipe.init)
+        config = parts["transformer"].config
+        saved = {"width": config.num_attention_heads * config.attention_head_dim, "layers": config.num_layers,
+                 "patch_size": config.patch_size}  # fmt: skip
+        wrong = [f"{k} {getattr(recipe, k)} (the saved transformer's: {v})" for k, v in saved.items()
+                 if getattr(recipe, k) != v]  # fmt: skip
+        if wrong:  # training.json records the recipe: it must describe what is trained
+            raise ValueError(f"init={recipe.init}: the recipe says " + ", ".join(wrong))
+        return parts
     base = base_dir(recipe)
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae", dtype=torch.float32)

@@ -172,13 +172,16 @@ def test_feature_weighted_loss_is_the_weighted_mean_square():
 
 @needs_multiview
 def test_init_continues_from_the_saved_pipeline(generator):
-    """``init``: the parts are the saved pipeline's, in fp32 (its fp16 weights exactly), and train."""
+    """``init``: the parts are the saved pipeline's, in fp32 (its fp16 weights exactly); a recipe that does not
+    describe the saved transformer is refused (training.json records it)."""
     from mmalign.toyworld.train_flow_pipeline import FlowPipelineRecipe, build_parts
 
-    parts = build_parts(FlowPipelineRecipe(world="multiview", init=str(MULTIVIEW)), tokenizer_2=None)
+    parts = build_parts(FlowPipelineRecipe(world="multiview", init=str(MULTIVIEW), patch_size=2), tokenizer_2=None)
     for name, module in (("transformer", generator.transformer), ("text_encoder_2", generator.text_encoders[1])):
         saved = module.state_dict()
         assert all(
             v.dtype == torch.float32 and torch.equal(v, saved[k]) for k, v in parts[name].state_dict().items()
         ), name
     assert parts["vae"].config.shift_factor == generator.vae.config.shift_factor
+    with pytest.raises(ValueError, match="patch_size 1 .the saved transformer's: 2."):
+        build_parts(FlowPipelineRecipe(world="multiview", init=str(MULTIVIEW), patch_size=1), tokenizer_2=None)
