@@ -61,6 +61,7 @@ from .train_pipeline import (
     TokenCache,
     latent_pool,
     pool_masks,
+    rectified_flow_loss,
     render_batch,
     train_rectified_flow,
     train_vae,
@@ -215,20 +216,13 @@ def base_dir(recipe: FlowPipelineRecipe) -> Path:
 
 def load_parts(folder: str | Path) -> dict[str, Any]:
     """The parts of a saved flow pipeline (fp16 on disk) in fp32, to continue training them (``init``)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection
+    from diffusers import StableDiffusion3Pipeline
 
-    folder = str(folder)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(folder), dtype=torch.float32, text_encoder_3=None, tokenizer_3=None
+    )
     parts = {
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=torch.float32),
-        "text_encoder": CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder="text_encoder", dtype=torch.float32
-        ),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder="text_encoder_2", dtype=torch.float32
-        ),
-        "transformer": SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=torch.float32),
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+        name: getattr(pipe, name) for name in ("vae", "text_encoder", "text_encoder_2", "transformer", "scheduler")
     }
     parts["vae"].register_to_config(_name_or_path="")  # no path in the saved config
     return parts
@@ -371,15 +365,6 @@ def train_flow(
         return rectified_flow_loss(pred, noise, x0, None if weights is None else weights[index])
 
     return train_rectified_flow(modules, recipe, log, batch_loss, evaluate, checkpoint)
-
-
-def rectified_flow_loss(
-    pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The velocity loss mean((v̂ − (ε − x0))²), each latent cell's squared error times its weight when given
-    (``[B, 1, h, w]``, broadcast over channels)."""
-    error = (pred - (noise - x0)).square()
-    return error.mean() if weights is None else (weights * error).mean()
 
 
 def feature_weights(masks: torch.Tensor, latent_size: int, weight: float) -> torch.Tensor:

@@ -327,6 +327,16 @@ def train_unet(
     adopt_ema(modules, ema)
 
 
+def rectified_flow_loss(
+    pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The velocity loss of :func:`train_rectified_flow`'s batches, mean((v̂ − (ε − x0))²); with ``weights``
+    (``[B, 1, h, w]``, broadcast over channels) each latent cell's squared error times its weight."""
+    if weights is None:
+        return F.mse_loss(pred, noise - x0)
+    return (weights * (pred - (noise - x0)).square()).mean()
+
+
 def train_rectified_flow(
     modules: torch.nn.ModuleList,
     recipe: Any,

@@ -53,10 +53,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .save import folder_bytes, judge_saved, recipe_main, save_fp16, write_summary
-from .train_pipeline import TokenCache, train_rectified_flow, warmup_cosine
+from .train_pipeline import TokenCache, rectified_flow_loss, train_rectified_flow, warmup_cosine
 from .video_world import (
     DIRECTIONS,
     FRAMES,
@@ -304,7 +303,7 @@ def train_flow(
             encoder_hidden_states=encode(text_encoder, tokens(captions), pad_id),
             return_dict=False,
         )[0]
-        return F.mse_loss(pred, noise - x0)
+        return rectified_flow_loss(pred, noise, x0)
 
     return train_rectified_flow(modules, recipe, log, batch_loss, evaluate, checkpoint)
 

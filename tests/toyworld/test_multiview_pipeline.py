@@ -157,7 +157,7 @@ def test_dot_masks_lie_over_the_pool_renders():
 def test_feature_weighted_loss_is_the_weighted_mean_square():
     """The loss of ``feature_weight``: mean over cells and channels of w · (v̂ − (ε − x0))², written out per
     element; no weights is the plain MSE."""
-    from mmalign.toyworld.train_flow_pipeline import rectified_flow_loss
+    from mmalign.toyworld.train_pipeline import rectified_flow_loss
 
     gen = torch.Generator().manual_seed(0)
     pred, noise, x0 = (torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
