@@ -38,6 +38,8 @@ def test_samples_split_into_the_judged_views(generator):
     assert isinstance(generator, SD3Generator) and generator.latent_shape(64, 64) == (8, 16, 16)
     summary = json.loads((MULTIVIEW / "training.json").read_text())
     assert summary["recipe"]["world"] == "multiview" and "reconstruction" in summary
+    # sampling uses the σ shift it was trained with (the dot is decided above σ 0.9: mmalign/toyworld/README.md)
+    assert generator.scheduler.config.shift == summary["recipe"]["shift"] > 1
     views = configure_output(generator, views_grid="2x2")
     prompts = ["a red circle with a blue dot on its left", "a green square with a yellow dot on its front"]
     sets = sample_flow(views, prompts, [3, 4], steps=3)
