@@ -26,7 +26,8 @@ from .world import CANVAS
 #: the multi-view demo's defaults where they differ from the UNet demo's (``mmalign demo --world multiview``): the
 #: video demo's batch and steps (4 prompts x 8 samples a step, 400 steps, lr 5e-4) with the flow demo's cosine decay.
 #: Measured on the shipped pipeline (σ shift 6; one thread; mmalign/toyworld/README.md): 0.539 -> 0.633 (+0.094,
-#: seed 0) and 0.544 -> 0.623 (+0.079, seed 1) in ~405 CPU s; lr 7.5e-4 or the SDE's noise level 0.4 gained less.
+#: seed 0) and 0.544 -> 0.623 (+0.079, seed 1) in ~405 CPU s (seeds 2 / 3: +0.035 / +0.092); lr 7.5e-4, the SDE's
+#: noise level 0.4 or 1.0 and the four noisiest steps trained gained no more on average.
 #: On the pipeline shipped before (shift 1): these settings +0.090; the flow demo's (12 prompts a step, lr 1e-3,
 #: 140 steps in the budget) +0.070; lr 2e-3 +0.092 with seed 0 but -0.015 with seed 1
 MULTIVIEW_DEMO_DEFAULTS: dict[str, Any] = {
