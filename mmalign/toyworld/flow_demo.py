@@ -13,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ def flow_overrides(
     lora_targets: tuple[str, ...] = FLOW_LORA_TARGETS,
     lr_scheduler: str = LR_SCHEDULER,
     output: tuple[str, ...] = ("resolution=32",),
+    sde_steps: int | None = None,
 ) -> list[str]:
     """``key=value`` options of the flow trainer: groups of 8 samples per prompt, one optimizer step per round, no
     CFG (the judge is computed on guidance-1 samples), the exact judge as the reward, 30 % of the steps trained
@@ -83,7 +84,7 @@ def flow_overrides(
     the lr's warm-up and cosine decay to 0 over ``steps`` (:data:`LR_SCHEDULER`; by the CPU budget when that ends
     first: :func:`budget_schedule`). ``reward``, ``lora_targets`` and ``output`` (what the generator makes: its
     ``resolution``, ``views_grid``, ...): the image world's judge, the SD3 projections and 32 px by default (the
-    video, audio and multi-view demos pass their own)."""
+    video, audio and multi-view demos pass their own). ``sde_steps``: see :func:`trained_step_options`."""
     return [
         f"trainer={config.trainer}",
         f"model={model}",
@@ -95,7 +96,7 @@ def flow_overrides(
         f"group_size={GROUP_SIZE}",
         f"batch_size={config.batch_size}",
         "sample_batches=1",
-        "timestep_fraction=0.3",
+        *trained_step_options(config.trainer, sde_steps),
         "ema_decay=0.95",
         f"lr={config.lr}",
         f"lr_scheduler={lr_scheduler}",
@@ -118,6 +119,22 @@ def flow_overrides(
         ),
         *config.overrides,
     ]
+
+
+def trained_step_options(trainer: str, sde_steps: int | None = None) -> list[str]:
+    """Which sampling steps are stochastic and trained: by default the SDE on every step and the first 30 % trained
+    (``timestep_fraction=0.3``). ``sde_steps`` n, for a trainer with a fixed SDE window (Flow-GRPO): the SDE on the
+    first n steps only, the deterministic ODE after them, and all n trained (``sde_window=[0,n]``,
+    ``timestep_fraction=1.0``) — MixGRPO's mixed sampler (Li et al. 2025) with its window held at the start, as
+    Flow-GRPO-Fast's ``train_sd3_fast.py`` does in a random place. A group's rewards then differ only by the noise
+    of the trained steps (the ODE adds none after them), so their advantages credit those steps alone."""
+    if sde_steps is not None:
+        from ..registry import TRAINERS
+
+        config_class = TRAINERS.entry(trainer).load().config_class
+        if {f.name: f.default for f in fields(config_class)}.get("window") == "fixed":
+            return [f"sde_window=[0,{sde_steps}]", "timestep_fraction=1.0"]
+    return ["timestep_fraction=0.3"]
 
 
 def budget_schedule(trainer_class: type, cpu_budget: float) -> type:
@@ -179,13 +196,15 @@ def train_flow(
     lr_scheduler: str = LR_SCHEDULER,
     policy: Callable[[Path], Any] | None = None,
     output: tuple[str, ...] = ("resolution=32",),
+    sde_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train ``config.trainer`` on the flow pipeline ``model`` with the judge as reward on ``train_prompts`` until
     ``config.cpu_budget`` CPU seconds (or ``config.steps``), evaluating ``heldout`` every ``eval_every`` steps;
     returns the final evaluation, the curve, the history, the trainer's config and its CPU and wall time.
-    ``evaluate_fn``, ``reward``, ``lora_targets``, ``lr_scheduler``, ``output``: the image world's by default (the
-    other worlds' demos pass their own). ``policy``: the generator the trainer trains, built from ``model``
-    (default: the trainer loads ``model`` itself; the audio demo passes a flow view of its v-diffusion pipeline)."""
+    ``evaluate_fn``, ``reward``, ``lora_targets``, ``lr_scheduler``, ``output``, ``sde_steps``: the image world's
+    by default (the other worlds' demos pass their own). ``policy``: the generator the trainer trains, built from
+    ``model`` (default: the trainer loads ``model`` itself; the audio demo passes a flow view of its v-diffusion
+    pipeline)."""
     from ..commands.train import resolve_trainer_config
 
     evaluate = dict(samples_per_prompt=config.eval_samples, seed=config.seed, steps=config.sample_steps)
@@ -205,7 +224,7 @@ def train_flow(
 
     held_out = validation if held else None
     overrides = flow_overrides(
-        config, model, prompts, out / "lora", held_out, reward, lora_targets, lr_scheduler, output
+        config, model, prompts, out / "lora", held_out, reward, lora_targets, lr_scheduler, output, sde_steps
     )
     trainer_class, trainer_config = resolve_trainer_config(None, overrides)
     log(f"training {config.trainer} for {config.cpu_budget:.0f} CPU s (LoRA rank {config.lora_rank})")

@@ -108,8 +108,8 @@ class FlowGRPOConfig(FlowOnlineConfig):
     """Flow-GRPO (Liu et al. 2025; yifan123/flow_grpo ``scripts/train_sd3.py``, ``config/grpo.py``): the SDE
     sampler (``sampler`` "sde" with ``noise_level`` 0.7, or "cps"), PPO clip 1e-4 on the per-step ratio,
     advantages clipped to ±5, KL to the reference (``beta``, 0 in ``config/base.py``, 0.04 in the SD3 GenEval
-    recipe) and the first ``int(sample_steps · timestep_fraction)`` SDE steps trained, in order, one backward
-    each.
+    recipe) and the first ``max(1, int(n · timestep_fraction))`` of the n SDE steps trained (n = ``sample_steps``
+    without a window; a window of 3 at fraction 0.3 trains 1), in order, one backward each.
 
     Which steps are stochastic (ODE elsewhere), by ``window``: "fixed" (``sde_window`` ``[start, end)``, default
     every step), "fast" (Flow-GRPO-Fast: a window of ``window_size`` steps drawn in ``window_range`` for each

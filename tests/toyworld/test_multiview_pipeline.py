@@ -108,6 +108,8 @@ def test_multiview_demo_trains_and_reports(tmp_path):
     report = run_multiview_demo(config, log=lambda message: None)
     assert report["training"]["steps"] == 2 and report["trainer_config"]["reward"] == "toyworld-multiview-judge"
     assert report["trainer_config"]["views_grid"] == "2x2" and report["trainer_config"]["resolution"] == 64
+    # the SDE on the first 3 steps, the ODE after them, all 3 trained
+    assert report["trainer_config"]["sde_window"] == [0, 3] and report["trainer_config"]["timestep_fraction"] == 1.0
     assert set(report["after"]) == {*MULTIVIEW_ATTRIBUTES, "overall", "exact"}
     for name in ("report.md", "report.json", "grid_before.png", "lora/pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).is_file(), name
@@ -124,6 +126,17 @@ def test_demo_world_multiview_takes_its_defaults():
     config = multiview_config(parser.parse_args(["demo", "--world", "multiview", "--trainer", "diffusionnft"]))
     assert (config.trainer, config.out) == ("diffusionnft", "runs/demo-multiview")
     assert render_views(MultiViewPrompt("red", "circle", "blue", "left"), 0).shape == (4, 32, 32, 3)
+
+
+def test_trained_step_options_window_only_where_the_trainer_has_a_fixed_one():
+    """``sde_steps`` gives Flow-GRPO a fixed SDE window, every step of it trained (``timestep_fraction`` 1: with 0.3
+    a 3-step window would train int(0.9) -> 1 step); trainers without a fixed window keep the noisiest 30 %."""
+    from mmalign.toyworld.flow_demo import trained_step_options
+
+    assert trained_step_options("flow-grpo", 3) == ["sde_window=[0,3]", "timestep_fraction=1.0"]
+    assert trained_step_options("flow-grpo") == ["timestep_fraction=0.3"]
+    for trainer in ("diffusionnft", "flow-grpo-fast", "mix-grpo"):
+        assert trained_step_options(trainer, 3) == ["timestep_fraction=0.3"], trainer
 
 
 def test_dot_masks_lie_over_the_pool_renders():
