@@ -21,6 +21,7 @@ from .readers import (
     read_imagereward_db,
     read_jsonl,
     read_pairs_json,
+    read_pairs_parquet,
     read_pickapic,
 )
 from .records import (
@@ -76,5 +77,6 @@ __all__ = [
     "read_imagereward_db",
     "read_jsonl",
     "read_pairs_json",
+    "read_pairs_parquet",
     "read_pickapic",
 ]

@@ -207,11 +207,11 @@ class PreferenceDataset(Dataset):
 
 
 class AudioPairTransform:
-    """Decode one pair of audio files (wav/flac/ogg by soundfile, compressed formats by PyAV) into canonical
-    waveforms ``[C, S]`` in [-1, 1] at ``sample_rate`` with ``channels`` channels (mono duplicated, stereo mixed
-    down), the shorter one zero-padded to the longer one's length so that the two stack. No augmentation. A file
-    that fails to decode raises :class:`~mmalign.errors.MediaError` naming the pair's ``source`` (file and line)
-    and the file."""
+    """Decode one pair of audio files or encoded bytes (Audio-Alpaca's parquet; wav/flac/ogg by soundfile,
+    compressed formats by PyAV) into canonical waveforms ``[C, S]`` in [-1, 1] at ``sample_rate`` with
+    ``channels`` channels (mono duplicated, stereo mixed down), the shorter one zero-padded to the longer one's
+    length so that the two stack. No augmentation. Audio that fails to decode raises
+    :class:`~mmalign.errors.MediaError` naming the pair's ``source`` (file and line or row) and the file."""
 
     def __init__(self, sample_rate: int, channels: int):
         self.sample_rate, self.channels = int(sample_rate), int(channels)
@@ -219,8 +219,8 @@ class AudioPairTransform:
     def _load(self, media: Any, where: str) -> torch.Tensor:
         from ..modalities.audio import load_audio
 
-        if not isinstance(media, str):
-            raise MediaError(where, f"audio pairs hold file paths, got {type(media).__name__}")
+        if not isinstance(media, (str, bytes)):
+            raise MediaError(where, f"audio pairs hold file paths or encoded bytes, got {type(media).__name__}")
         try:
             waveform = load_audio(media, sample_rate=self.sample_rate).waveform
         except MediaError as error:
@@ -248,10 +248,10 @@ class AudioPairTransform:
 
 class AudioPreferenceDataset(PreferenceDataset):
     """:class:`PreferenceDataset` over pairs of audio files (JSONL ``{"prompt", "chosen": "a.wav", "rejected":
-    "b.wav"}``, paths relative to the file): items hold waveforms ``[C, S]`` in [-1, 1] (under the image keys
-    ``chosen_pixels`` / ``rejected_pixels`` that the training loop reads) at the generator's ``sample_rate`` and
-    ``channels`` (:class:`AudioPairTransform`). Unreadable files are reported and replaced as for images: a warning
-    and ``failed`` name the pair's file and line."""
+    "b.wav"}``, paths relative to the file) or of encoded audio (Audio-Alpaca's parquet): items hold waveforms
+    ``[C, S]`` in [-1, 1] (under the image keys ``chosen_pixels`` / ``rejected_pixels`` that the training loop
+    reads) at the generator's ``sample_rate`` and ``channels`` (:class:`AudioPairTransform`). Unreadable audio is
+    reported and replaced as for images: a warning and ``failed`` name the pair's file and line or row."""
 
     def __init__(self, pairs: Sequence[PreferencePair], sample_rate: int, channels: int):
         self.pairs = pairs

@@ -18,6 +18,11 @@ Formats (what each reader assumes; anything else is a bad row, reported with its
   folder; the published archives unpack to ``train/`` and ``test/``, so pass that folder).
 - ImageRewardDB (Xu et al. 2023, ``THUDM/ImageReward``): a JSON list of ``{id, prompt, generations[],
   ranking[]}`` (1 = best; equal ranks are ties), images relative to ``image_root``.
+- Pairs parquet (Audio-Alpaca, Majumder et al. 2024 "Tango 2", ``declare-lab/audio-alpaca``): parquet with
+  ``prompt``, ``chosen``, ``rejected`` (the winner first; ``datasets`` Audio / Image columns, stored as
+  ``{"bytes", "path"}`` structs, or plain bytes or paths) and other columns kept in ``meta`` (Audio-Alpaca's
+  ``strategy``). A folder or file of parquet is this format when its first file has those three columns, else
+  Pick-a-Pic. Audio bytes (WAV, FLAC, Ogg, AIFF, MP3) decode at training time like audio files.
 - Hugging Face ``datasets``: a ``save_to_disk`` folder, a local data folder, or a Hub name (online only),
   with a column mapping (Pick-a-Pic names by default).
 
@@ -73,7 +78,9 @@ PICKAPIC_META_COLUMNS = (
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "label", "score_chosen", "score_rejected")
-FORMATS = ("jsonl", "pairs-json", "pickapic", "hpdv2", "imagereward", "hf")
+#: field -> column of an ordered (one-sided) source whose columns are named as the fields
+ORDERED_COLUMNS: dict[str, str] = {field: field for field in PAIR_FIELDS}
+FORMATS = ("jsonl", "pairs-json", "pickapic", "pairs-parquet", "hpdv2", "imagereward", "hf")
 
 Result = PreferenceList | PreferenceStream
 
@@ -266,7 +273,7 @@ def _drive(
 
 
 def _check_images(pairs: list[PreferencePair], where: str, decode: bool, check_files: bool) -> None:
-    from ..modalities.audio import is_audio_file
+    from ..modalities.audio import is_audio_bytes, is_audio_file
     from ..modalities.video import is_video_file
 
     seen: set[Any] = set()
@@ -281,6 +288,9 @@ def _check_images(pairs: list[PreferencePair], where: str, decode: bool, check_f
                 _check_video(image, name, check_files or decode)
             elif isinstance(image, str) and is_audio_file(image):
                 _check_audio(image, name, check_files, decode)
+            elif isinstance(image, bytes) and is_audio_bytes(image):
+                if decode:
+                    _decode_audio_bytes(image, name)
             elif decode:
                 decode_image(image, f"{where} {name}")
             elif check_files and isinstance(image, str) and not os.path.isfile(image):
@@ -312,6 +322,17 @@ def _check_audio(path: str, name: str, check_files: bool, decode: bool) -> None:
         read_audio(path)
     elif check_files and not os.path.isfile(path):
         raise _BadRow(f"{name!r} audio not found: {path}")
+
+
+def _decode_audio_bytes(data: bytes, name: str) -> None:
+    """Encoded audio in a pair (Audio-Alpaca's columns), decoded with ``decode``: unreadable, empty or non-finite
+    audio is a bad row named by its file and row."""
+    from ..modalities.audio import read_audio
+
+    try:
+        read_audio(data, f"{name!r} audio bytes")
+    except MediaError as error:
+        raise _BadRow(str(error)) from error
 
 
 def _result(name: str, make_rows: Callable[[], Iterable], parse: Callable, stream: bool, **options) -> Result:
@@ -368,7 +389,7 @@ def read_jsonl(
     """
     path = _existing(path)
     root = Path(image_root) if image_root is not None else path.parent
-    cols = {k: k for k in PAIR_FIELDS}
+    cols = ORDERED_COLUMNS
 
     def rows() -> Iterator[tuple[str, Any]]:
         with open(path, encoding="utf-8") as handle:
@@ -393,8 +414,7 @@ def _json_parser(kind: str, root: Path) -> Callable[[Any], list[PreferencePair]]
         return lambda row: _hpdv2(row, root)
     if kind == "imagereward":
         return lambda row: _imagereward(row, root)
-    cols = {k: k for k in PAIR_FIELDS}
-    return lambda row: _one_sided(row, cols, root, extra_meta=True)
+    return lambda row: _one_sided(row, ORDERED_COLUMNS, root, extra_meta=True)
 
 
 def _read_json(
@@ -493,13 +513,8 @@ def read_pickapic(
     cols = PICKAPIC_COLUMNS
 
     def rows() -> Iterator[tuple[str, Any]]:
-        import pyarrow.parquet as pq
-
         for file in files:
-            try:
-                parquet = pq.ParquetFile(file)
-            except Exception as error:  # pyarrow raises several types for a file that is not parquet
-                raise DataError(str(file), f"not a readable parquet file ({error})") from error
+            parquet = _open_parquet(file)
             names = set(parquet.schema_arrow.names)
             needed = [cols[k] for k in ("prompt", "image_0", "image_1", "label_0", "label_1")]
             missing = [name for name in needed if name not in names]
@@ -523,6 +538,63 @@ def read_pickapic(
         decode=decode,
         check_files=False,
     )
+
+
+def read_pairs_parquet(
+    path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    tie_policy: str = "drop",
+    strict: bool = False,
+    decode: bool = False,
+    stream: bool = True,
+    batch_size: int = 16,
+) -> Result:
+    """Ordered pairs in parquet, as Audio-Alpaca (Tango 2, ``declare-lab/audio-alpaca``) ships them: a file, or a
+    folder of them (``split`` picks ``train-*``...), with ``prompt``, ``chosen`` and ``rejected`` (the winner first)
+    and any other columns kept in ``meta`` (``strategy``). The media columns hold ``datasets`` Audio or Image
+    structs ``{"bytes", "path"}`` (the bytes are kept, encoded; without bytes the path, relative to the file's
+    folder), bytes or paths. Read with pyarrow ``batch_size`` rows at a time; a :class:`PreferenceStream` by default
+    (Audio-Alpaca's 15k pairs are 9.7 GB of WAV), ``stream=False`` for a list. With ``decode`` each side is decoded
+    once, so that unreadable audio is a bad row named by its file and row."""
+    files = _parquet_files(_existing(path), split)
+
+    def rows() -> Iterator[tuple[str, Any]]:
+        for file in files:
+            parquet = _open_parquet(file)
+            names = set(parquet.schema_arrow.names)
+            missing = [name for name in ("prompt", "chosen", "rejected") if name not in names]
+            if missing:
+                raise DataError(str(file), f"missing pair column(s) {missing}; it has {sorted(names)}")
+            offset = 0
+            for batch in parquet.iter_batches(batch_size=batch_size):
+                for i, row in enumerate(batch.to_pylist()):
+                    yield f"{file} row {offset + i}", (row, file.parent)
+                offset += batch.num_rows
+
+    def parse(item: tuple[dict, Path]) -> list[PreferencePair]:
+        row, root = item
+        return _one_sided(row, ORDERED_COLUMNS, root, extra_meta=True)
+
+    name = str(files[0]) if len(files) == 1 else f"{path} ({len(files)} parquet files)"
+    return _result(name, rows, parse, stream, tie_policy=tie_policy, strict=strict, decode=decode, check_files=True)
+
+
+def _open_parquet(file: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file)
+    except Exception as error:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(str(file), f"not a readable parquet file ({error})") from error
+
+
+def _parquet_kind(path: Path) -> str:
+    """``pairs-parquet`` when the first parquet file under ``path`` has ``prompt``, ``chosen`` and ``rejected``,
+    else ``pickapic`` (whose reader names the columns it misses)."""
+    first = path if path.is_file() else next(iter(sorted(p for p in path.rglob("*.parquet") if p.is_file())))
+    names = set(_open_parquet(first).schema_arrow.names)
+    return "pairs-parquet" if {"prompt", "chosen", "rejected"} <= names else "pickapic"
 
 
 def _load_hf(name_or_path: str | os.PathLike, split: str, stream: bool, load_kwargs: dict) -> tuple[Any, Path]:
@@ -593,9 +665,11 @@ def read_hf_dataset(
     features = getattr(loaded, "features", None) or {}
     import datasets
 
-    for field in image_fields:
+    for field in image_fields:  # media read undecoded: encoded bytes (or paths), decoded when trained on
         if isinstance(features.get(cols[field]), datasets.Image):
             loaded = loaded.cast_column(cols[field], datasets.Image(decode=False))
+        elif isinstance(features.get(cols[field]), datasets.Audio):
+            loaded = loaded.cast_column(cols[field], datasets.Audio(decode=False))
 
     def rows() -> Iterator[tuple[str, Any]]:
         return ((f"{name} row {i}", row) for i, row in enumerate(loaded))
@@ -643,13 +717,13 @@ def _detect(spec: str | os.PathLike) -> tuple[str, list[Any] | None]:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "hf", None
         if any(path.rglob("*.parquet")):
-            return "pickapic", None
+            return _parquet_kind(path), None
         raise DataError(str(path), f"cannot tell the format of this folder; pass format= one of {FORMATS}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return "jsonl", None
     if suffix == ".parquet":
-        return "pickapic", None
+        return _parquet_kind(path), None
     if suffix == ".json":
         rows = _json_rows(path)
         return _json_kind(path, rows), rows
@@ -668,11 +742,12 @@ def load_preferences(
 ) -> Result:
     """Read preference pairs from ``spec`` with the reader chosen by ``format`` or :func:`detect_format`.
 
-    ``.jsonl`` -> JSONL; ``.parquet`` or a folder of them -> Pick-a-Pic; ``.json`` -> HPDv2, ImageRewardDB
+    ``.jsonl`` -> JSONL; ``.parquet`` or a folder of them -> pairs parquet (Audio-Alpaca) when it has ``prompt``,
+    ``chosen`` and ``rejected`` columns, else Pick-a-Pic; ``.json`` -> HPDv2, ImageRewardDB
     or a pairs list by its first row's keys; a ``save_to_disk`` folder or ``owner/name`` -> Hugging Face.
     Other keyword arguments go to the reader (``image_root``, ``split``, ``columns``, ``check_files``...).
     The result is a :class:`PreferenceList` (JSON formats always; JSONL and Hugging Face unless
-    ``stream=True``) or a :class:`PreferenceStream` (Pick-a-Pic unless ``stream=False``); both carry
+    ``stream=True``) or a :class:`PreferenceStream` (the parquet formats unless ``stream=False``); both carry
     ``skipped`` and ``report``.
     """
     check_tie_policy(tie_policy)
@@ -682,6 +757,8 @@ def load_preferences(
     options = {"tie_policy": tie_policy, "strict": strict, "decode": decode, **kwargs}
     if kind == "pickapic":
         return read_pickapic(spec, stream=True if stream is None else stream, **options)
+    if kind == "pairs-parquet":
+        return read_pairs_parquet(spec, stream=True if stream is None else stream, **options)
     if kind == "hf":
         return read_hf_dataset(spec, stream=bool(stream), **options)
     if kind == "jsonl":

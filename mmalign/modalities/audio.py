@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -55,22 +56,41 @@ def is_audio_file(path: str | os.PathLike) -> bool:
 
 
 # -- decoding ----------------------------------------------------------------------------------------------
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
+def is_audio_bytes(data: bytes) -> bool:
+    """Whether encoded bytes (a dataset's audio column, such as Audio-Alpaca's) start as an audio container does:
+    WAV (``RIFF``…``WAVE``), FLAC, Ogg, AIFF, or MP3 (an ID3 tag or a frame sync)."""
+    head = bytes(data[:12])
+    return (
+        (head[:4] == b"RIFF" and head[8:12] == b"WAVE")
+        or head[:4] in (b"fLaC", b"OggS")
+        or (head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"))
+        or head[:3] == b"ID3"
+        or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+    )
+
+
+def _soundfile_bytes(data: bytes) -> bool:
+    """Bytes libsndfile reads (WAV, FLAC, Ogg, AIFF); MP3 and the rest go to PyAV."""
+    head = bytes(data[:12])
+    return head[:4] in (b"RIFF", b"fLaC", b"OggS", b"FORM")
+
+
+def _read_soundfile(source: Path | io.BytesIO, name: str | Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(source if isinstance(source, io.BytesIO) else str(source), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError) as error:
-        raise MediaError(path, f"cannot decode audio ({error}); the file may be truncated or corrupt") from error
+        raise MediaError(name, f"cannot decode audio ({error}); the file may be truncated or corrupt") from error
     return np.ascontiguousarray(data.T), int(rate)
 
 
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+def _read_pyav(source: Path | io.BytesIO, path: str | Path) -> tuple[np.ndarray, int]:
     import av
 
     errors = (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError)
     try:
-        container = av.open(str(path))
+        container = av.open(source if isinstance(source, io.BytesIO) else str(source))
     except errors as error:
         raise MediaError(path, f"cannot open as audio ({error}); the file may be truncated or corrupt") from error
     chunks: list[np.ndarray] = []
@@ -93,15 +113,25 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), rate
 
 
-def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decode a file into float32 ``[C, S]`` (values as stored, nominally [-1, 1]) and its sample rate."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(path, "no such file" if not path.exists() else "not a regular file")
-    if path.stat().st_size == 0:
-        raise MediaError(path, "empty file (0 bytes)")
-    reader = _read_soundfile if path.suffix.lower() in SOUNDFILE_EXTENSIONS else _read_pyav
-    data, rate = reader(path)
+def read_audio(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Decode a file, or encoded bytes (a dataset's audio column: WAV, FLAC, Ogg or AIFF by soundfile, the rest by
+    PyAV), into float32 ``[C, S]`` (values as stored, nominally [-1, 1]) and its sample rate. Errors name the
+    file, or ``name`` (e.g. the dataset row) for bytes."""
+    path: str | Path
+    if isinstance(source, (bytes, bytearray)):
+        path = name or f"audio bytes ({len(source)} B)"
+        if not source:
+            raise MediaError(path, "empty audio bytes")
+        reader = _read_soundfile if _soundfile_bytes(source) else _read_pyav
+        data, rate = reader(io.BytesIO(bytes(source)), path)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MediaError(path, "no such file" if not path.exists() else "not a regular file")
+        if path.stat().st_size == 0:
+            raise MediaError(path, "empty file (0 bytes)")
+        reader = _read_soundfile if path.suffix.lower() in SOUNDFILE_EXTENSIONS else _read_pyav
+        data, rate = reader(path, path)
     if data.shape[-1] == 0 or data.shape[0] == 0:
         raise MediaError(path, "no audio samples (an empty or header-only file)")
     if rate <= 0:
@@ -304,21 +334,26 @@ def check_audio(audio: torch.Tensor, name: str = "audio") -> torch.Tensor:
 
 
 def load_audio(
-    source: str | os.PathLike | torch.Tensor,
+    source: str | os.PathLike | bytes | torch.Tensor,
     *,
     sample_rate: int | None = None,
     mono: bool = False,
     normalize: str | None = None,
     level: float | None = None,
     source_rate: int | None = None,
+    name: str | None = None,
 ) -> Audio:
-    """A canonical :class:`Audio` from a file or a ``[C, S]`` tensor (at ``source_rate``), resampled to
-    ``sample_rate`` (default: keep), mixed to mono if asked, and normalised (``peak`` / ``rms`` / ``lufs``)."""
+    """A canonical :class:`Audio` from a file, encoded bytes (``name``: what errors call them) or a ``[C, S]``
+    tensor (at ``source_rate``), resampled to ``sample_rate`` (default: keep), mixed to mono if asked, and
+    normalised (``peak`` / ``rms`` / ``lufs``)."""
     path: str | None = None
     if isinstance(source, torch.Tensor):
         if source_rate is None:
             raise ValueError("a tensor needs its source_rate")
         waveform, rate = check_audio(source)[0], int(source_rate)
+    elif isinstance(source, (bytes, bytearray)):
+        data, rate = read_audio(source, name)
+        waveform = torch.from_numpy(data)
     else:
         data, rate = read_audio(source)
         waveform, path = torch.from_numpy(data), str(source)

@@ -99,3 +99,94 @@ def test_bad_audio_is_a_row_named_by_its_line(tmp_path):
     decoded = load_preferences(path, decode=True)
     assert [pair.source for pair in decoded] == [f"{path} line 1"]
     assert "broken.wav" in dict(decoded.skipped)[f"{path} line 3"]
+
+
+def encoded_audio(wave: np.ndarray, rate: int, fmt: str) -> bytes:
+    import io
+
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, rate, format=fmt)
+    return buffer.getvalue()
+
+
+def write_audio_alpaca(folder, rows):
+    """Audio-Alpaca's layout (``declare-lab/audio-alpaca``): parquet shards under ``data/`` with ``prompt``,
+    ``chosen`` and ``rejected`` as ``datasets`` Audio structs ``{bytes, path}`` and ``strategy``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    audio = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("prompt", pa.string()), ("chosen", audio), ("rejected", audio), ("strategy", pa.string())])
+    path = folder / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def test_audio_alpaca_parquet_pairs_hold_encoded_audio_and_bad_rows_are_named(tmp_path):
+    """Audio-Alpaca (Tango 2) pairs: detected from the parquet's columns, the encoded audio kept as bytes (or the
+    struct's path where it has no bytes), ``strategy`` in meta; broken audio is a bad row named by file and row when
+    decoded, and replaced and named by the dataset when not; the bytes decode to what the same audio read from a
+    file gives."""
+    from mmalign.data import AudioPreferenceDataset, detect_format
+    from mmalign.modalities.audio import load_audio
+
+    rate = 16000
+    time = np.arange(rate // 10, dtype=np.float32) / rate
+    tone, low = 0.3 * np.sin(2 * np.pi * 440 * time), 0.2 * np.sin(2 * np.pi * 110 * time)
+    import soundfile
+
+    soundfile.write(tmp_path / "tone.wav", tone, rate)
+    (tmp_path / "data").mkdir()
+    soundfile.write(tmp_path / "data" / "low.flac", low, rate)
+    wav, flac = encoded_audio(tone, rate, "WAV"), encoded_audio(low, rate, "FLAC")
+    broken = b"RIFF\x10\x00\x00\x00WAVEfmt " + b"\x00" * 8
+    rows = [
+        {"prompt": "a beep", "chosen": {"bytes": wav, "path": "x.wav"}, "rejected": {"bytes": flac, "path": None},
+         "strategy": "inverse"},
+        {"prompt": "a hum", "chosen": {"bytes": None, "path": "low.flac"}, "rejected": {"bytes": wav, "path": None},
+         "strategy": "random"},
+        {"prompt": "a click", "chosen": {"bytes": broken, "path": None}, "rejected": {"bytes": wav, "path": None},
+         "strategy": "random"},
+    ]  # fmt: skip
+    file = write_audio_alpaca(tmp_path, rows)
+    assert detect_format(tmp_path) == "pairs-parquet" and detect_format(file) == "pairs-parquet"
+
+    pairs = load_preferences(tmp_path, stream=False)
+    assert [pair.source for pair in pairs] == [f"{file} row {i}" for i in range(3)]
+    assert pairs[0].chosen == wav and pairs[0].rejected == flac and pairs[0].meta == {"strategy": "inverse"}
+    assert pairs[1].chosen == str(tmp_path / "data" / "low.flac")
+    decoded = load_preferences(tmp_path, decode=True, stream=False)
+    assert len(decoded) == 2 and f"{file} row 2" in dict(decoded.skipped)
+    assert "'chosen' audio bytes" in dict(decoded.skipped)[f"{file} row 2"]
+
+    dataset = AudioPreferenceDataset(list(pairs), 8000, 2)
+    item = dataset[0]
+    from_file = load_audio(tmp_path / "tone.wav", sample_rate=8000).waveform.repeat(2, 1)
+    assert item["chosen_pixels"].shape == (2, 800) and item["prompt"] == "a beep"
+    torch.testing.assert_close(item["chosen_pixels"], from_file.clamp(-1, 1))
+    torch.testing.assert_close(
+        dataset[1]["chosen_pixels"], load_audio(tmp_path / "data" / "low.flac", sample_rate=8000).waveform.repeat(2, 1)
+    )
+    assert dataset[2]["index"] == 0 and f"{file} row 2 chosen" in dataset.failed[2]
+
+
+def test_a_datasets_audio_column_is_read_undecoded(tmp_path):
+    """A ``save_to_disk`` folder with ``datasets.Audio`` columns (Audio-Alpaca loaded by ``datasets``): mapped with
+    ``columns``, its sides stay encoded bytes (no decoding backend needed to read it)."""
+    import datasets
+
+    rate = 8000
+    wave = 0.1 * np.sin(np.linspace(0, 200 * 2 * np.pi, rate // 10, dtype=np.float32))
+    wav = encoded_audio(wave, rate, "WAV")
+    struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({"prompt": datasets.Value("string"), "chosen": struct, "rejected": struct})
+    side = {"bytes": wav, "path": None}
+    data = datasets.Dataset.from_dict({"prompt": ["a tone"], "chosen": [side], "rejected": [side]}, features=features)
+    data = data.cast_column("chosen", datasets.Audio()).cast_column("rejected", datasets.Audio())
+    assert isinstance(data.features["chosen"], datasets.Audio)
+    data.save_to_disk(str(tmp_path / "alpaca"))
+    pairs = load_preferences(tmp_path / "alpaca", columns={"chosen": "chosen", "rejected": "rejected"})
+    assert len(pairs) == 1 and pairs[0].chosen == wav and pairs[0].rejected == wav

@@ -268,6 +268,24 @@ def test_diffusion_dpo_trains_on_audio_pairs(folder, audio_pairs, tmp_path):
     assert rate == 4000 and data.shape == (64, 2)
 
 
+def test_diffusion_dpo_reads_audio_alpaca_parquet(folder, audio_pairs, tmp_path):
+    """The same pairs in Audio-Alpaca's layout (parquet, the audio as ``datasets`` structs of encoded bytes): the
+    trainer detects it, decodes the bytes at the model's rate and encodes the batch as from the JSONL's files."""
+    from tests.data.test_media_pairs import write_audio_alpaca
+
+    rows = []
+    for line in audio_pairs.read_text().splitlines():
+        row = json.loads(line)
+        sides = {k: {"bytes": (audio_pairs.parent / row[k]).read_bytes(), "path": None} for k in ("chosen", "rejected")}
+        rows.append({"prompt": row["prompt"], **sides, "strategy": "test"})
+    write_audio_alpaca(tmp_path / "alpaca", rows)
+    from_files = make("dpo", folder, audio_pairs, tmp_path / "a", "beta=100").make_batch(0)
+    from_bytes = make("dpo", folder, tmp_path / "alpaca", tmp_path / "b", "beta=100").make_batch(0)
+    assert from_bytes["prompts"] == from_files["prompts"]
+    torch.testing.assert_close(from_bytes["latents_w"], from_files["latents_w"])
+    torch.testing.assert_close(from_bytes["latents_l"], from_files["latents_l"])
+
+
 def test_unreadable_audio_is_reported_with_its_line(folder, audio_pairs, tmp_path):
     from mmalign.data import AudioPreferenceDataset, load_preferences
 
