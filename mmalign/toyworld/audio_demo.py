@@ -4,15 +4,15 @@ the shipped tiny ``StableAudioPipeline`` (``assets/toyworld/audio_pipeline``) on
 measures held-out adherence before and after.
 
 ``mmalign demo --world audio`` (``make demo-audio``) runs it: the flow demo's loop (:mod:`mmalign.toyworld.flow_demo`:
-groups of 8, the noisiest 30 % of 10 steps trained, EMA, the best weights on the validation prompts kept) with
-:data:`AUDIO_DEMO_DEFAULTS`. Stable Audio is a v-diffusion generator; the flow trainers train it through
-:class:`~mmalign.models.stable_audio.StableAudioFlowView` (the same network seen as a rectified flow), and the
-held-out evaluation samples with the pipeline's own DPM-Solver++ (:func:`~mmalign.toyworld.sampling.evaluate_audio`).
-The report (``report.json``, ``report.md``, ``report.html`` with audio players, the WAV files beside it and
-before/after spectrograms) goes to ``--out``. Training stops after ``cpu_budget`` CPU seconds (evaluation excluded).
-Measured (seed 0, one thread, the defaults; a shared 2-core Intel Xeon with AVX-512 and AVX2, load average 5.5-9 from
-other jobs): held-out adherence 0.438 -> 0.569 (+0.132; pitch +0.31, tempo +0.23, count -0.15) after 340 steps in
-480 CPU s of training (1253 s of wall clock, 1295 s in all); one run.
+groups of 8, the SDE on the first 3 of 10 steps, all trained, the ODE after them, EMA, the best weights on the
+validation prompts kept) with :data:`AUDIO_DEMO_DEFAULTS`. Stable Audio is a v-diffusion generator; the flow trainers
+train it through :class:`~mmalign.models.stable_audio.StableAudioFlowView` (the same network seen as a rectified flow),
+and the held-out evaluation samples with the pipeline's own DPM-Solver++
+(:func:`~mmalign.toyworld.sampling.evaluate_audio`). The report (``report.json``, ``report.md``, ``report.html`` with
+audio players, the WAV files beside it and before/after spectrograms) goes to ``--out``. Training stops after
+``cpu_budget`` CPU seconds (evaluation excluded). Measured (one thread, two or three runs at once on a 2-core Intel
+Xeon, AVX2 + AVX-512 incl. bf16 + AMX): held-out adherence 0.438 -> 0.625 (+0.187; pitch +0.35, tempo +0.44, count
+-0.23) with seed 0, +0.229 and +0.132 with seeds 1 and 2, each in 400 steps, ~395 CPU s.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from .flow_demo import run_world_demo
 from .sampling import AudioEvaluation, evaluate_audio
 
 #: the audio demo's defaults where they differ from the UNet demo's (``mmalign demo --world audio``): the video demo's
-#: (constant lr 5e-4, groups of 8, 4 prompts a step) with all 6 held-out prompts x 8 clips. Measured (seed 0, one
-#: thread): 0.438 -> 0.569 held-out (+0.132) at the CPU budget (step 340); the curve peaked at step 40 (0.618) and
-#: stayed at 0.56-0.59 from step 80 on. With 18 training prompts no validation prompts are set aside (the flow demo
-#: keeps 16 only when there are more than 32), so the final EMA weights are the ones evaluated
+#: (constant lr 5e-4, groups of 8, 4 prompts a step) with all 6 held-out prompts x 8 clips. Measured (one thread)
+#: with the SDE on the first 3 steps (:data:`~mmalign.toyworld.flow_demo.WORLD_SDE_STEPS`): +0.187 / +0.229 / +0.132
+#: held-out (seeds 0 / 1 / 2) in ~395 CPU s; with the SDE on every step: +0.132 / +0.097 / +0.104 (seed 0: 0.438 ->
+#: 0.569 at the CPU budget, step 340; the curve peaked at step 40, 0.618). With 18 training prompts no validation
+#: prompts are set aside (the flow demo keeps 16 only when there are more than 32), so the final EMA weights are the
+#: ones evaluated
 AUDIO_DEMO_DEFAULTS: dict[str, Any] = {
     "trainer": "flow-grpo",
     "out": "runs/demo-audio",

@@ -7,9 +7,10 @@ views), and the judge measures held-out adherence before and after.
 
 ``mmalign demo --world multiview`` (``make demo-multiview``) runs it: the flow demo's loop
 (:mod:`mmalign.toyworld.flow_demo`: groups of 8, EMA, the best weights on 16 validation prompts kept) with
-:data:`MULTIVIEW_DEMO_DEFAULTS`, the SDE on the first :data:`MULTIVIEW_SDE_STEPS` of 10 steps (all trained) and the
-ODE after them; the report (``report.md``, ``report.json`` and the before / after grids) goes to ``--out``. Training
-stops after ``cpu_budget`` CPU seconds (evaluation excluded).
+:data:`MULTIVIEW_DEMO_DEFAULTS`, the SDE on the first 3 of 10 steps (all trained;
+:data:`~mmalign.toyworld.flow_demo.WORLD_SDE_STEPS`) and the ODE after them; the report (``report.md``,
+``report.json`` and the before / after grids) goes to ``--out``. Training stops after ``cpu_budget`` CPU seconds
+(evaluation excluded).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from .world import CANVAS
 
 #: the multi-view demo's defaults where they differ from the UNet demo's (``mmalign demo --world multiview``): the
 #: video demo's batch and steps (4 prompts x 8 samples a step, 400 steps, lr 5e-4) with the flow demo's cosine decay,
-#: the SDE on the first :data:`MULTIVIEW_SDE_STEPS` steps. Measured on the shipped pipeline (σ shift 6; one thread;
-#: mmalign/toyworld/README.md): +0.118 / +0.098 / +0.121 / +0.138 / +0.116 / +0.111 held-out (seeds 0-5, mean
-#: +0.117) in ~405 CPU s; with the SDE on every step (3 trained) +0.094 / +0.079 / +0.035 / +0.092 / +0.066, and
-#: there lr 7.5e-4, the SDE's noise level 0.4 or 1.0 and the four noisiest steps trained gained no more on average.
-#: On the pipeline shipped before (shift 1): these settings (SDE on every step) +0.090; the flow demo's (12 prompts
-#: a step, lr 1e-3, 140 steps in the budget) +0.070; lr 2e-3 +0.092 with seed 0 but -0.015 with seed 1
+#: the SDE on the first 3 steps (:data:`~mmalign.toyworld.flow_demo.WORLD_SDE_STEPS`). Measured on the shipped
+#: pipeline (σ shift 6; one thread; mmalign/toyworld/README.md): +0.118 / +0.098 / +0.121 / +0.138 / +0.116 /
+#: +0.111 held-out (seeds 0-5, mean +0.117) in ~405 CPU s; with the SDE on every step (3 trained) +0.094 / +0.079 /
+#: +0.035 / +0.092 / +0.066, and there lr 7.5e-4, the SDE's noise level 0.4 or 1.0 and the four noisiest steps
+#: trained gained no more on average. On the pipeline shipped before (shift 1): these settings (SDE on every step)
+#: +0.090; the flow demo's (12 prompts a step, lr 1e-3, 140 steps in the budget) +0.070; lr 2e-3 +0.092 with seed 0
+#: but -0.015 with seed 1
 MULTIVIEW_DEMO_DEFAULTS: dict[str, Any] = {
     "trainer": "flow-grpo",
     "out": "runs/demo-multiview",
@@ -45,10 +47,6 @@ MULTIVIEW_DEMO_DEFAULTS: dict[str, Any] = {
 }
 #: what the trainer's generator makes: the 2x2 grid of 32 px views, read as a view set
 MULTIVIEW_OUTPUT = (f"resolution={2 * CANVAS}", f"views_grid={GRID}")
-#: Flow-GRPO's SDE on the first 3 of the 10 sampling steps only (σ 1 to 0.96 under the pipeline's shift 6), the ODE
-#: after them, all 3 trained (:func:`~mmalign.toyworld.flow_demo.trained_step_options`): with the SDE on every step
-#: the 7 untrained steps' noise made up much of a group's reward spread
-MULTIVIEW_SDE_STEPS = 3
 
 
 def run_multiview_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -65,7 +63,6 @@ def run_multiview_demo(config: DemoConfig, log: Callable[[str], None] = print) -
         reward="toyworld-multiview-judge",
         lora_targets=FLOW_LORA_TARGETS,
         output=MULTIVIEW_OUTPUT,
-        sde_steps=MULTIVIEW_SDE_STEPS,
     )
     out = Path(config.out)
     report["files"] = {
@@ -79,4 +76,4 @@ def run_multiview_demo(config: DemoConfig, log: Callable[[str], None] = print) -
     return report
 
 
-__all__ = ["MULTIVIEW_DEMO_DEFAULTS", "MULTIVIEW_OUTPUT", "MULTIVIEW_SDE_STEPS", "run_multiview_demo"]
+__all__ = ["MULTIVIEW_DEMO_DEFAULTS", "MULTIVIEW_OUTPUT", "run_multiview_demo"]

@@ -4,10 +4,11 @@ prompts of :mod:`mmalign.toyworld.video_world` with its exact judge as the rewar
 the judge measures held-out adherence before and after.
 
 ``mmalign demo --world video`` (``make demo-video``) runs it: the flow demo's loop (:mod:`mmalign.toyworld.flow_demo`:
-groups of 8, the noisiest 30 % of 10 Euler steps trained, EMA, the best weights on 16 validation prompts kept) with
-Wan's LoRA targets and :data:`VIDEO_DEMO_DEFAULTS`; the report (``report.json``, ``report.md``) goes to ``--out``.
-Training stops after ``cpu_budget`` CPU seconds (evaluation excluded). Measured (seed 0, one thread): held-out
-adherence 0.283 -> 0.391 (+0.107) in 358-374 CPU s of training (two runs, the same figures).
+groups of 8, the SDE on the first 3 of 10 Euler steps, all trained, the ODE after them, EMA, the best weights on 16
+validation prompts kept) with Wan's LoRA targets and :data:`VIDEO_DEMO_DEFAULTS`; the report (``report.json``,
+``report.md``) goes to ``--out``. Training stops after ``cpu_budget`` CPU seconds (evaluation excluded). Measured
+(seeds 0 / 1 / 2, one thread): held-out adherence +0.103 / +0.198 / +0.136 in ~325 CPU s of training (with the SDE
+on every step, 3 trained: +0.107 / +0.140 / +0.091, seed 2's final weights collapsed to 0.204).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from .sampling import evaluate_video
 from .video_world import VIDEO_ATTRIBUTES, split_video_prompts
 
 #: the video demo's defaults where they differ from the UNet demo's (``mmalign demo --world video``). Measured on the
-#: shipped video pipeline (seed 0, one thread): these settings 0.283 -> 0.391 held-out (+0.107, best validation
-#: weights of step 340) in 358-374 CPU s; the flow demo's (160 steps, lr 1e-3) 0.283 -> 0.336 (+0.052) in 145 CPU s
+#: shipped video pipeline (one thread), with the SDE on every step (3 trained): these settings 0.283 -> 0.391
+#: held-out (+0.107, seed 0, best validation weights of step 340) in 358-374 CPU s; the flow demo's (160 steps, lr
+#: 1e-3) 0.283 -> 0.336 (+0.052) in 145 CPU s. With the SDE on the first 3 steps
+#: (:data:`~mmalign.toyworld.flow_demo.WORLD_SDE_STEPS`) +0.103 / +0.198 / +0.136 (seeds 0 / 1 / 2)
 VIDEO_DEMO_DEFAULTS: dict[str, Any] = {
     "trainer": "flow-grpo",
     "out": "runs/demo-video",

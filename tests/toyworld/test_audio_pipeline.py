@@ -177,6 +177,7 @@ def test_audio_demo_trains_and_reports(tmp_path):
     )
     report = run_audio_demo(config, log=lambda message: None)
     assert report["training"]["steps"] == 2 and report["trainer_config"]["reward"] == "toyworld-audio-judge"
+    assert report["trainer_config"]["sde_window"] == [0, 3] and report["trainer_config"]["timestep_fraction"] == 1.0
     assert set(report["after"]) == {*AUDIO_ATTRIBUTES, "overall", "exact"}
     for name in ("report.md", "report.json", "report.html", "spectrogram_before.png", "spectrogram_after.png"):
         assert (tmp_path / name).is_file(), name

@@ -156,6 +156,7 @@ def test_video_demo_trains_and_reports(tmp_path):
     )
     report = run_video_demo(config, log=lambda message: None)
     assert report["training"]["steps"] == 2 and report["trainer_config"]["reward"] == "toyworld-video-judge"
+    assert report["trainer_config"]["sde_window"] == [0, 3] and report["trainer_config"]["timestep_fraction"] == 1.0
     assert set(report["after"]) == {*VIDEO_ATTRIBUTES, "overall", "exact"}
     assert (tmp_path / "report.md").is_file() and (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
