@@ -512,20 +512,12 @@ def read_pickapic(
     files = _parquet_files(_existing(path), split)
     cols = PICKAPIC_COLUMNS
 
+    needed = [cols[k] for k in ("prompt", "image_0", "image_1", "label_0", "label_1")]
+    optional = (cols["has_label"], *PICKAPIC_META_COLUMNS)
+
     def rows() -> Iterator[tuple[str, Any]]:
-        for file in files:
-            parquet = _open_parquet(file)
-            names = set(parquet.schema_arrow.names)
-            needed = [cols[k] for k in ("prompt", "image_0", "image_1", "label_0", "label_1")]
-            missing = [name for name in needed if name not in names]
-            if missing:
-                raise DataError(str(file), f"missing Pick-a-Pic column(s) {missing}; it has {sorted(names)}")
-            wanted = needed + [c for c in (cols["has_label"], *PICKAPIC_META_COLUMNS) if c in names]
-            offset = 0
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted):
-                for i, row in enumerate(batch.to_pylist()):
-                    yield f"{file} row {offset + i}", row
-                offset += batch.num_rows
+        for where, row, _ in _parquet_rows(files, needed, "Pick-a-Pic", batch_size, optional):
+            yield where, row
 
     name = str(files[0]) if len(files) == 1 else f"{path} ({len(files)} parquet files)"
     return _result(
@@ -560,17 +552,8 @@ def read_pairs_parquet(
     files = _parquet_files(_existing(path), split)
 
     def rows() -> Iterator[tuple[str, Any]]:
-        for file in files:
-            parquet = _open_parquet(file)
-            names = set(parquet.schema_arrow.names)
-            missing = [name for name in ("prompt", "chosen", "rejected") if name not in names]
-            if missing:
-                raise DataError(str(file), f"missing pair column(s) {missing}; it has {sorted(names)}")
-            offset = 0
-            for batch in parquet.iter_batches(batch_size=batch_size):
-                for i, row in enumerate(batch.to_pylist()):
-                    yield f"{file} row {offset + i}", (row, file.parent)
-                offset += batch.num_rows
+        for where, row, file in _parquet_rows(files, ("prompt", "chosen", "rejected"), "pair", batch_size, None):
+            yield where, (row, file.parent)
 
     def parse(item: tuple[dict, Path]) -> list[PreferencePair]:
         row, root = item
@@ -578,6 +561,27 @@ def read_pairs_parquet(
 
     name = str(files[0]) if len(files) == 1 else f"{path} ({len(files)} parquet files)"
     return _result(name, rows, parse, stream, tie_policy=tie_policy, strict=strict, decode=decode, check_files=True)
+
+
+def _parquet_rows(
+    files: list[Path], needed: Iterable[str], what: str, batch_size: int, optional: Iterable[str] | None
+) -> Iterator[tuple[str, dict[str, Any], Path]]:
+    """``(where, row, file)`` for every row of ``files``, read with pyarrow ``batch_size`` rows at a time: the
+    ``needed`` columns (a file without one raises, naming the ``what`` columns it misses) and those of ``optional``
+    it has (None: every column)."""
+    needed = list(needed)
+    for file in files:
+        parquet = _open_parquet(file)
+        names = set(parquet.schema_arrow.names)
+        missing = [name for name in needed if name not in names]
+        if missing:
+            raise DataError(str(file), f"missing {what} column(s) {missing}; it has {sorted(names)}")
+        columns = None if optional is None else needed + [c for c in optional if c in names]
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+            for i, row in enumerate(batch.to_pylist()):
+                yield f"{file} row {offset + i}", row, file
+            offset += batch.num_rows
 
 
 def _open_parquet(file: Path) -> Any:
