@@ -75,13 +75,13 @@ def _soundfile_bytes(data: bytes) -> bool:
     return head[:4] in (b"RIFF", b"fLaC", b"OggS", b"FORM")
 
 
-def _read_soundfile(source: Path | io.BytesIO, name: str | Path) -> tuple[np.ndarray, int]:
+def _read_soundfile(source: Path | io.BytesIO, path: str | Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
         data, rate = sf.read(source if isinstance(source, io.BytesIO) else str(source), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError) as error:
-        raise MediaError(name, f"cannot decode audio ({error}); the file may be truncated or corrupt") from error
+        raise MediaError(path, f"cannot decode audio ({error}); the file may be truncated or corrupt") from error
     return np.ascontiguousarray(data.T), int(rate)
 
 
