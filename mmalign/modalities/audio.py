@@ -341,18 +341,16 @@ def load_audio(
     normalize: str | None = None,
     level: float | None = None,
     source_rate: int | None = None,
-    name: str | None = None,
 ) -> Audio:
-    """A canonical :class:`Audio` from a file, encoded bytes (``name``: what errors call them) or a ``[C, S]``
-    tensor (at ``source_rate``), resampled to ``sample_rate`` (default: keep), mixed to mono if asked, and
-    normalised (``peak`` / ``rms`` / ``lufs``)."""
+    """A canonical :class:`Audio` from a file, encoded bytes or a ``[C, S]`` tensor (at ``source_rate``), resampled
+    to ``sample_rate`` (default: keep), mixed to mono if asked, and normalised (``peak`` / ``rms`` / ``lufs``)."""
     path: str | None = None
     if isinstance(source, torch.Tensor):
         if source_rate is None:
             raise ValueError("a tensor needs its source_rate")
         waveform, rate = check_audio(source)[0], int(source_rate)
     elif isinstance(source, (bytes, bytearray)):
-        data, rate = read_audio(source, name)
+        data, rate = read_audio(source)
         waveform = torch.from_numpy(data)
     else:
         data, rate = read_audio(source)
